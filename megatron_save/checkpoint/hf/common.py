@@ -1,0 +1,162 @@
+"""What every Llama-like decoder family shares: config checks and the HF <-> Megatron weight mapping.
+
+A mapping works on full (TP=1, PP=1) tensors and Megatron-Core local-spec parameter names. The conversion
+tools use it through a world-of-one model, and dist_checkpointing reshards the result to any TP / PP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+class UnsupportedModelError(ValueError):
+    """A Hugging Face model this package cannot represent exactly; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """A Hugging Face decoder family that maps onto Megatron-Core's GPTModel."""
+
+    name: str
+    """Short name, used in checkpoint metadata (``llama``, ``qwen2``, ``qwen3``)."""
+    model_types: tuple[str, ...]
+    """Values of ``config.model_type`` that belong to the family."""
+    causal_lm_architecture: str
+    """transformers class of the causal LM, e.g. ``LlamaForCausalLM``."""
+    reward_model_architecture: str
+    """transformers class of the single-label reward model, e.g. ``LlamaForSequenceClassification``."""
+    qkv_bias: bool
+    """Biases on the q, k and v projections only (Qwen2)."""
+    qk_norm: bool
+    """RMSNorm on each query and key head before RoPE (Qwen3)."""
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """One Megatron parameter and the Hugging Face tensors it is made of."""
+
+    megatron: str
+    """Parameter name in the Megatron model's state dict at TP=1, PP=1 (local spec)."""
+    hf: tuple[str, ...]
+    """Hugging Face tensor names, in the order ``merge`` takes them."""
+    merge: Callable[[list[torch.Tensor]], torch.Tensor]
+    """HF tensors -> Megatron tensor."""
+    split: Callable[[torch.Tensor], list[torch.Tensor]]
+    """Megatron tensor -> HF tensors (inverse of ``merge``)."""
+
+
+def _identity(name_megatron: str, name_hf: str) -> ParamMapping:
+    return ParamMapping(name_megatron, (name_hf,), merge=lambda ts: ts[0], split=lambda t: [t])
+
+
+def _qkv(name_megatron: str, hf_names: tuple[str, str, str], heads: int, groups: int, head_dim: int) -> ParamMapping:
+    """Megatron fuses q, k, v group by group: [q heads of group 0, k0, v0, q heads of group 1, k1, v1, ...]."""
+    heads_per_group = heads // groups
+
+    def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
+        q, k, v = tensors  # [heads*d, ...], [groups*d, ...], [groups*d, ...]
+        rest = q.shape[1:]
+        q = q.reshape(groups, heads_per_group * head_dim, *rest)
+        k = k.reshape(groups, head_dim, *rest)
+        v = v.reshape(groups, head_dim, *rest)
+        return torch.cat([q, k, v], dim=1).reshape((heads + 2 * groups) * head_dim, *rest)
+
+    def split(fused: torch.Tensor) -> list[torch.Tensor]:
+        rest = fused.shape[1:]
+        grouped = fused.reshape(groups, (heads_per_group + 2) * head_dim, *rest)
+        q, k, v = torch.split(grouped, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
+        return [
+            q.reshape(heads * head_dim, *rest).contiguous(),
+            k.reshape(groups * head_dim, *rest).contiguous(),
+            v.reshape(groups * head_dim, *rest).contiguous(),
+        ]
+
+    return ParamMapping(name_megatron, hf_names, merge=merge, split=split)
+
+
+def _gate_up(name_megatron: str, hf_names: tuple[str, str]) -> ParamMapping:
+    """Megatron's SwiGLU fc1 is [gate; up] stacked on the output dimension."""
+    return ParamMapping(
+        name_megatron,
+        hf_names,
+        merge=lambda ts: torch.cat(ts, dim=0),
+        split=lambda t: [c.contiguous() for c in torch.chunk(t, 2, dim=0)],
+    )
+
+
+def head_dim_of(hf_config: Any) -> int:
+    """Per-head width: ``config.head_dim`` when set (Qwen3), else hidden / heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def rope_parameters(hf_config: Any) -> dict:
+    """RoPE settings as one dict, from transformers 5 (``rope_parameters``) or 4 (``rope_theta`` + ``rope_scaling``)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    return {"rope_type": "default", **(getattr(hf_config, "rope_scaling", None) or {}),
+            "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+
+
+# Megatron-Core 0.16 implements Llama-3 RoPE scaling with these constants fixed; only ``factor`` is free.
+_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def check_supported(family: DecoderFamily, hf_config: Any) -> None:
+    """Raises UnsupportedModelError naming the first setting the Megatron model cannot reproduce exactly."""
+
+    def refuse(setting: str) -> None:
+        raise UnsupportedModelError(f"{family.name} model ({hf_config.model_type}): unsupported setting {setting}")
+
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        refuse(f"hidden_act={hf_config.hidden_act!r} (only SwiGLU with silu)")
+    if getattr(hf_config, "mlp_bias", False):
+        refuse("mlp_bias=True")
+    if not family.qkv_bias and getattr(hf_config, "attention_bias", False):
+        refuse("attention_bias=True (biases on q/k/v/o projections)")
+    if getattr(hf_config, "use_sliding_window", False):
+        refuse("use_sliding_window=True")
+    if hf_config.num_attention_heads % hf_config.num_key_value_heads != 0:
+        refuse(f"num_attention_heads={hf_config.num_attention_heads} not a multiple of "
+               f"num_key_value_heads={hf_config.num_key_value_heads}")
+    rope = rope_parameters(hf_config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        for key, value in _MEGATRON_LLAMA3_ROPE.items():
+            if float(rope.get(key, value)) != value:
+                refuse(f"rope {key}={rope[key]} (Megatron-Core's Llama-3 RoPE scaling fixes it to {value})")
+    elif rope_type != "default":
+        refuse(f"rope_type={rope_type!r} (supported: default, llama3)")
+
+
+def param_mappings(family: DecoderFamily, hf_config: Any, reward_model: bool) -> list[ParamMapping]:
+    """Every Megatron parameter of the model with the HF tensors it maps to, in model order."""
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = head_dim_of(hf_config)
+    mappings = [_identity("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
+    for i in range(hf_config.num_hidden_layers):
+        mg, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+        attn = f"{hf}self_attn."
+        mappings.append(_identity(f"{mg}input_layernorm.weight", f"{hf}input_layernorm.weight"))
+        qkv_names = (f"{attn}q_proj.weight", f"{attn}k_proj.weight", f"{attn}v_proj.weight")
+        mappings.append(_qkv(f"{mg}self_attention.linear_qkv.weight", qkv_names, heads, groups, head_dim))
+        if family.qkv_bias:
+            bias_names = (f"{attn}q_proj.bias", f"{attn}k_proj.bias", f"{attn}v_proj.bias")
+            mappings.append(_qkv(f"{mg}self_attention.linear_qkv.bias", bias_names, heads, groups, head_dim))
+        if family.qk_norm:
+            mappings.append(_identity(f"{mg}self_attention.q_layernorm.weight", f"{attn}q_norm.weight"))
+            mappings.append(_identity(f"{mg}self_attention.k_layernorm.weight", f"{attn}k_norm.weight"))
+        mappings.append(_identity(f"{mg}self_attention.linear_proj.weight", f"{attn}o_proj.weight"))
+        mappings.append(_identity(f"{mg}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight"))
+        gate_up = (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight")
+        mappings.append(_gate_up(f"{mg}mlp.linear_fc1.weight", gate_up))
+        mappings.append(_identity(f"{mg}mlp.linear_fc2.weight", f"{hf}mlp.down_proj.weight"))
+    mappings.append(_identity("decoder.final_layernorm.weight", "model.norm.weight"))
+    if reward_model:
+        mappings.append(_identity("output_layer.reward_head.weight", "score.weight"))
+    elif not hf_config.tie_word_embeddings:
+        mappings.append(_identity("output_layer.weight", "lm_head.weight"))
+    return mappings

@@ -1,0 +1,111 @@
+"""A model checkpoint: Megatron dist_checkpointing weights (load at any TP / PP) plus the HF config they came from.
+
+Layout of ``CKPT_DIR``::
+
+    megatron_save.json   CheckpointMeta: family, kind, dtype, value head
+    hf/                  the Hugging Face config, tokenizer and generation files
+    weights/             torch_dist checkpoint written by megatron.core.dist_checkpointing
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from transformers import AutoConfig
+
+from megatron_save.models.builder import build_model
+from megatron_save.models.spec import SpecBackend
+
+META_FILE = "megatron_save.json"
+HF_SUBDIR = "hf"
+WEIGHTS_SUBDIR = "weights"
+FORMAT_VERSION = 1
+# Everything of an HF model directory except its weights: config, tokenizer, chat template, generation config.
+HF_SIDE_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
+HF_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint holds, enough to rebuild the model at any parallel layout."""
+
+    family: str
+    """Decoder family (llama, qwen2, qwen3)."""
+    kind: str
+    """``causal_lm`` or ``reward_model``."""
+    dtype: str
+    """Parameter dtype the weights were saved in (fp32 or bf16)."""
+    value_head: bool = False
+    """Reward model carries a value head beside the reward head."""
+    format_version: int = FORMAT_VERSION
+    """Layout version of this directory."""
+
+
+def copy_hf_side_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copies config / tokenizer / generation files (not weights or weight indices); returns their names."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for pattern in HF_SIDE_FILE_PATTERNS:
+        for path in sorted(src_dir.glob(pattern)):
+            if path.name not in HF_WEIGHT_INDEX_FILES and path.is_file():
+                shutil.copy2(path, dst_dir / path.name)
+                copied.append(path.name)
+    return copied
+
+
+def ensure_new_dir(path: str | Path) -> Path:
+    """Creates ``path``; refuses one that exists and is not empty, so nothing is overwritten."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_model_checkpoint(model: Any, ckpt_dir: str | Path, meta: CheckpointMeta, hf_dir: str | Path) -> None:
+    """Collective: every rank writes its shards; rank 0 writes the metadata and copies the HF side files."""
+    ckpt_dir = Path(ckpt_dir)
+    weights_dir = ckpt_dir / WEIGHTS_SUBDIR
+    if dist.get_rank() == 0:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        copy_hf_side_files(hf_dir, ckpt_dir / HF_SUBDIR)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(weights_dir))
+    if dist.get_rank() == 0:
+        (ckpt_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    dist.barrier()
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, Any]:
+    """The checkpoint's metadata and its transformers config."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE}; not a megatron-save model checkpoint")
+    meta = CheckpointMeta(**json.loads(meta_path.read_text()))
+    if meta.format_version != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.format_version}, this package reads {FORMAT_VERSION}")
+    return meta, AutoConfig.from_pretrained(ckpt_dir / HF_SUBDIR)
+
+
+def load_model_checkpoint(model: Any, ckpt_dir: str | Path) -> None:
+    """Collective: loads the weights into this rank's (TP / PP sharded) model, resharding as needed."""
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / WEIGHTS_SUBDIR))
+    model.load_state_dict(state)
+
+
+def build_model_from_checkpoint(
+    ckpt_dir: str | Path, dtype: str | None = None, spec_backend: SpecBackend | str = SpecBackend.AUTO
+) -> tuple[Any, CheckpointMeta, Any]:
+    """Builds this rank's stage under the current parallel state and loads the checkpoint into it."""
+    meta, hf_config = read_checkpoint_meta(ckpt_dir)
+    model = build_model(hf_config, meta.kind, dtype or meta.dtype, spec_backend, value_head=meta.value_head)
+    load_model_checkpoint(model, ckpt_dir)
+    return model, meta, hf_config

@@ -1,0 +1,87 @@
+"""Streaming reads and sharded writes of Hugging Face safetensors checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a (possibly sharded) safetensors checkpoint directory."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / INDEX_FILE
+        if index.exists():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.model_dir / SINGLE_FILE).exists():
+            with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as handle:
+                self.weight_map = {name: SINGLE_FILE for name in handle.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)"
+            )
+        self._open: dict[str, object] = {}
+
+    def names(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
+        return set(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard (shards are opened lazily, memory-mapped)."""
+        if name not in self.weight_map:
+            raise KeyError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+        shard = self.weight_map[name]
+        if shard not in self._open:
+            self._open[shard] = safe_open(self.model_dir / shard, framework="pt")
+        return self._open[shard].get_tensor(name)
+
+
+def write_sharded_safetensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, max_shard_bytes: int = 5 * 2**30
+) -> list[Path]:
+    """Writes named tensors in arrival order into shards of at most ``max_shard_bytes`` plus the index file.
+
+    Shards are written as they fill, so at most one shard is held beyond what the caller holds.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_names: list[list[str]] = []
+    total_bytes = 0
+    for shard in _pack(tensors, max_shard_bytes):
+        shard_names.append(list(shard))
+        total_bytes += sum(t.numel() * t.element_size() for t in shard.values())
+        save_file(shard, out_dir / f"shard-{len(shard_names):05d}.tmp", metadata={"format": "pt"})
+    count = len(shard_names)
+    weight_map, paths = {}, []
+    for i, names in enumerate(shard_names, start=1):
+        final = out_dir / (SINGLE_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors")
+        (out_dir / f"shard-{i:05d}.tmp").rename(final)
+        paths.append(final)
+        weight_map.update({name: final.name for name in names})
+    if count > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def _pack(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor.contiguous()
+        size += nbytes
+    if shard:
+        yield shard

@@ -1,0 +1,21 @@
+"""How a job is laid out over processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor / pipeline parallel layout; the data-parallel size is what the world size leaves."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size: ranks that split every weight matrix of a layer."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size: ranks that each hold a contiguous slice of the layers."""
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
+    seed: int = 1234
+    """Seed of Megatron's model-parallel RNG tracker (dropout and initialisation)."""
+    timeout_minutes: int = 30
+    """Collective timeout of the process groups."""

@@ -1,0 +1,19 @@
+"""torchrun start-up, Megatron process groups and the CPU compatibility layer."""
+
+from megatron_save.distributed.init import (
+    ModelShape,
+    ParallelLayoutError,
+    check_parallel_layout,
+    init_distributed,
+    set_model_parallel,
+    shutdown_distributed,
+)
+
+__all__ = [
+    "ModelShape",
+    "ParallelLayoutError",
+    "check_parallel_layout",
+    "init_distributed",
+    "set_model_parallel",
+    "shutdown_distributed",
+]

@@ -1,0 +1,152 @@
+"""The one CPU compatibility layer of megatron-save.
+
+Megatron-Core 0.16 hard-codes CUDA in a handful of places that sit on the code paths we need on a CPU-only
+machine (tensor-parallel layers, pipeline schedules and p2p, DDP buffers, the optimizer, dist_checkpointing).
+``install()`` redirects exactly those uses to the CPU so that the real Megatron-Core TP/PP code runs on gloo in
+tests and CI. It is the only place in the package that patches third-party behaviour, and it does nothing when
+CUDA is available.
+
+Each redirection names the Megatron-Core 0.16.1 call sites it serves:
+
+* ``device=`` arguments that name CUDA (``"cuda"``, ``torch.device("cuda")`` or a device index) are rewritten
+  to ``"cpu"`` by a global :class:`torch.overrides.TorchFunctionMode`. Serves the literal ``device="cuda"`` in
+  transformer/utils.py:35, pipeline_parallel/schedules.py:596,2138, optimizer/clip_grads.py:103,
+  optimizer/optimizer.py:481,485,907, utils.py:1207, and every ``device=torch.cuda.current_device()``.
+  A torch-function mode is used instead of wrapping ``torch.zeros`` and friends because wrappers broke
+  transformers' RoPE buffers.
+* ``torch.cuda.current_device`` returns device index 0, which the mode above maps to the CPU:
+  rotary_pos_embedding.py:162, p2p_communication.py:313,321, utils.py:631, tensor_parallel/mappings.py:91,
+  transformer/attention.py:430, param_and_grad_buffer.py:800,806, distrib_optimizer.py:1077,
+  dist_checkpointing/strategies/state_dict_saver.py:252, text_generation_controller.py.
+* ``torch.cuda.synchronize`` is a no-op: p2p_communication.py:398,
+  dist_checkpointing/strategies/filesystem_async.py:230.
+* ``torch.cuda.Event`` is a wall-clock event: timers and p2p.
+* ``Tensor.cuda()`` returns the tensor: distrib_optimizer.py:1089.
+* ``Tensor.type()`` without arguments reports ``torch.cuda.*`` names for CPU tensors, because the optimizer
+  asserts on them: clip_grads.py:167, distrib_optimizer.py:361,420,582, optimizer.py:671,690.
+* The CUDA RNG state is the CPU default generator, so ``model_parallel_cuda_manual_seed`` and the RNG
+  tracker's ``fork()`` work: tensor_parallel/random.py:41-110 (``_get/_set_cuda_rng_state``), 235-277, 422.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def _names_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer device argument is a CUDA device index.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Rewrites CUDA ``device`` arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _names_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        # Tensor.to("cuda") / Tensor.to(0) / Tensor.to(torch.device("cuda"), dtype)
+        if func is torch.Tensor.to and len(args) > 1 and _names_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _WallClockEvent:
+    """Stand-in for ``torch.cuda.Event``: records wall-clock time."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._time: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._time = time.perf_counter()
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event: "_WallClockEvent") -> float:
+        return (end_event._time - self._time) * 1000.0
+
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all itself.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def is_active() -> bool:
+    """True when the redirections are in place in this process."""
+    return _installed
+
+
+def install() -> bool:
+    """Installs the redirections when CUDA is unavailable; returns whether they are active. Idempotent."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return _installed
+
+    _CudaDeviceToCpu().__enter__()
+
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.Event = _WallClockEvent
+    torch.cuda.get_rng_state = _cpu_rng_state
+    torch.cuda.random.get_rng_state = _cpu_rng_state
+    torch.cuda.set_rng_state = _set_cpu_rng_state
+    torch.cuda.manual_seed = _cpu_manual_seed
+
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    original_type = torch.Tensor.type
+
+    def _type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):
+        if dtype is None and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = _type
+
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = _cpu_rng_state
+    tp_random._set_cuda_rng_state = _set_cpu_rng_state
+    # The RNG tracker warns whenever the CPU generator moves inside fork(); on CPU that generator *is* the
+    # forked CUDA state, so the warning is expected and only noise.
+    logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)
+
+    _installed = True
+    return True

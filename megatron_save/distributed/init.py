@@ -1,0 +1,130 @@
+"""Process-group start-up for ``torchrun`` launches (NCCL on GPU, gloo on CPU) and Megatron parallel state."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_save.config.parallel import ParallelConfig
+from megatron_save.distributed import cpu_compat
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that cannot split the model or the world; raised before any process group exists."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model dimensions a parallel layout has to divide."""
+
+    num_layers: int
+    """Transformer layers, split over pipeline stages."""
+    num_attention_heads: int
+    """Query heads, split over tensor-parallel ranks."""
+    num_query_groups: int
+    """Key/value heads (GQA groups), split over tensor-parallel ranks."""
+    vocab_size: int
+    """Rows of the embedding table, split over tensor-parallel ranks."""
+
+
+def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: ModelShape | None = None) -> None:
+    """Raises ParallelLayoutError naming the setting when TP / PP cannot lay the model over ``world_size``."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ParallelLayoutError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1")
+    if world_size % (tp * pp) != 0:
+        raise ParallelLayoutError(
+            f"world size {world_size} is not a multiple of tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
+        )
+    if shape is None:
+        return
+    if shape.num_attention_heads % tp != 0:
+        raise ParallelLayoutError(
+            f"tensor_model_parallel_size={tp} does not divide the {shape.num_attention_heads} attention heads"
+        )
+    if shape.num_query_groups % tp != 0:
+        raise ParallelLayoutError(
+            f"tensor_model_parallel_size={tp} does not divide the {shape.num_query_groups} query groups "
+            "(key/value heads)"
+        )
+    if shape.vocab_size % tp != 0:
+        raise ParallelLayoutError(
+            f"tensor_model_parallel_size={tp} does not divide the vocabulary size {shape.vocab_size}"
+        )
+    if shape.num_layers % pp != 0:
+        raise ParallelLayoutError(f"pipeline_model_parallel_size={pp} does not divide the {shape.num_layers} layers")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, shape: ModelShape | None = None) -> None:
+    """Starts torch.distributed from torchrun's environment (or as a world of one) and Megatron's groups.
+
+    The layout is checked before any process group is created, so a bad layout fails fast on every rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_parallel_layout(parallel, world_size, shape)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        cpu_compat.install()
+    if not dist.is_initialized():
+        backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        rank = int(os.environ.get("RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=parallel.timeout_minutes),
+        )
+    set_model_parallel(parallel)
+
+
+def set_model_parallel(parallel: ParallelConfig) -> None:
+    """(Re)creates Megatron's TP / PP / DP groups over the running world and seeds the model-parallel RNG."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    check_parallel_layout(parallel, dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(parallel.seed)
+    logger.info(
+        "parallel layout: world %d = TP %d x PP %d x DP %d (%s)",
+        dist.get_world_size(),
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel_state.get_data_parallel_world_size(),
+        dist.get_backend(),
+    )
+
+
+def shutdown_distributed() -> None:
+    """Destroys Megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,51 @@
+"""Builds the Megatron-Core model for this rank's pipeline stage from a Hugging Face config."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_save.checkpoint.hf import family_for
+from megatron_save.models.gpt_config import gpt_args_from_hf
+from megatron_save.models.reward_model import RewardGPTModel
+from megatron_save.models.spec import SpecBackend, layer_spec
+
+
+class ModelKind(str, Enum):
+    """What sits on the last pipeline stage."""
+
+    CAUSAL_LM = "causal_lm"
+    REWARD_MODEL = "reward_model"
+
+
+def build_model(
+    hf_config: Any,
+    kind: ModelKind | str,
+    dtype: str = "fp32",
+    spec_backend: SpecBackend | str = SpecBackend.AUTO,
+    value_head: bool = False,
+) -> GPTModel:
+    """This rank's stage of the model under the current Megatron parallel state (randomly initialised)."""
+    kind = ModelKind(kind)
+    family = family_for(hf_config)
+    args = gpt_args_from_hf(hf_config, dtype)
+    common = dict(
+        config=args.config,
+        transformer_layer_spec=layer_spec(spec_backend, qk_layernorm=family.qk_norm),
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        position_embedding_type="rope",
+        rotary_base=args.rotary_base,
+        rope_scaling=args.rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+    )
+    if kind is ModelKind.REWARD_MODEL:
+        return RewardGPTModel(**common, value_head=value_head)
+    if value_head:
+        raise ValueError("value_head=True is only meaningful for a reward model")
+    return GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)

@@ -1,0 +1,79 @@
+"""Forward passes through Megatron-Core's pipeline schedules, and reading results off the last stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+
+def _forward_step(data_iterator, model):
+    tokens = next(data_iterator)  # [b, S]
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    # Causal attention with right padding: real tokens never attend to the padding after them.
+    return model(tokens, position_ids, None), None
+
+
+@torch.no_grad()
+def pipeline_forward(model: Any, input_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor | None:
+    """Forward-only over ``input_ids`` [B, S] (right-padded) in micro-batches, through the pipeline schedule.
+
+    Returns the model output [B, S, ...] on the last pipeline stage (vocab-sharded logits for a causal LM,
+    scores for a reward model) and None on other stages. Every rank of a TP / PP group passes the same batch.
+    """
+    if input_ids.shape[0] % micro_batch_size != 0:
+        raise ValueError(f"batch size {input_ids.shape[0]} is not a multiple of micro_batch_size={micro_batch_size}")
+    model.eval()
+    micro_batches = list(input_ids.split(micro_batch_size))
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=input_ids.shape[1],
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return torch.cat(outputs, dim=0)
+
+
+def gather_vocab_logits(sharded_logits: torch.Tensor) -> torch.Tensor:
+    """[..., V / TP] vocab-parallel logits -> [..., V] on every tensor-parallel rank."""
+    return gather_from_tensor_model_parallel_region(sharded_logits)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] right-padded mask of real tokens -> [B] index of each row's last real token."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Sends a last-stage tensor to every stage of this rank's pipeline group (a no-op without PP)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if tensor is None:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor = tensor.contiguous()
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(tensor, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def reward_scores(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batch_size: int
+) -> torch.Tensor:
+    """Reward of each right-padded sequence, read at its last real token, on every rank: [B, S] -> [B] fp32."""
+    scores = pipeline_forward(model, input_ids, micro_batch_size)  # [B, S, heads] on the last stage
+    rewards = None
+    if scores is not None:
+        rows = torch.arange(input_ids.shape[0], device=scores.device)
+        rewards = scores[rows, last_token_index(attention_mask).to(scores.device), 0]
+    return broadcast_from_last_stage(rewards, (input_ids.shape[0],), torch.float32)

@@ -1,0 +1,86 @@
+"""Hugging Face decoder config -> Megatron-Core TransformerConfig and GPTModel arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
+
+from megatron_save.checkpoint.hf import family_for, head_dim_of, rope_parameters
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GPTArgs:
+    """Everything GPTModel needs besides the layer spec."""
+
+    config: TransformerConfig
+    """Megatron transformer config, with the current TP / PP sizes."""
+    vocab_size: int
+    """Embedding rows (the HF ``vocab_size``)."""
+    max_sequence_length: int
+    """``max_position_embeddings`` of the HF config."""
+    rotary_base: float
+    """RoPE theta."""
+    rope_scaling: bool
+    """Llama-3 RoPE frequency scaling on."""
+    rope_scaling_factor: float
+    """Llama-3 RoPE scaling factor (8 for Llama 3.1, 32 for Llama 3.2)."""
+    tie_embeddings: bool
+    """Output projection shares the embedding weight."""
+
+
+def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
+    """Translates a Llama / Qwen2 / Qwen3 transformers config; refuses settings that would not be exact."""
+    family = family_for(hf_config)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    params_dtype = DTYPES[dtype]
+    on_gpu = torch.cuda.is_available()
+    config = TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=head_dim_of(hf_config),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # Fused kernels need CUDA; on CPU the plain PyTorch paths run.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+    )
+    rope = rope_parameters(hf_config)
+    return GPTArgs(
+        config=config,
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        rotary_base=rope.get("rope_theta", 10000.0),
+        rope_scaling=rope.get("rope_type", "default") == "llama3",
+        rope_scaling_factor=float(rope.get("factor", 8.0)),
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+    )

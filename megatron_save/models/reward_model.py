@@ -1,0 +1,47 @@
+"""Scalar-head reward model: a Megatron GPT backbone whose last stage reads scalars instead of vocab logits."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from torch import nn
+
+
+class ScalarHeads(nn.Module):
+    """Per-token reward (and optional value) scalars from the final hidden states, computed in fp32.
+
+    Stands where GPTModel keeps its vocab projection, so Megatron's own forward and pipeline schedules
+    drive it. The heads are replicated on every tensor-parallel rank of the last pipeline stage.
+    The value head reads a detached hidden state: it never sends gradient into the backbone.
+    """
+
+    def __init__(self, hidden_size: int, value_head: bool):
+        super().__init__()
+        self.reward_head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32)
+        self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32) if value_head else None
+
+    def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
+        # hidden_states: [S, B, H] -> scores: [S, B, 1] (reward) or [S, B, 2] (reward, value)
+        hidden = hidden_states.float()
+        scores = [self.reward_head(hidden)]
+        if self.value_head is not None:
+            scores.append(self.value_head(hidden.detach()))
+        return torch.cat(scores, dim=-1), None
+
+
+class RewardGPTModel(GPTModel):
+    """GPTModel with ScalarHeads in place of the vocab projection; forward gives [B, S, 1 or 2] scores."""
+
+    def __init__(self, *args, value_head: bool = False, **kwargs):
+        kwargs["share_embeddings_and_output_weights"] = False
+        super().__init__(*args, **kwargs)
+        if self.post_process:
+            self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        # LanguageModule.sharded_state_dict expects a vocab ``output_layer.weight``; the scalar heads are plain
+        # replicated tensors, which MegatronModule's default handles.
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)

@@ -1,0 +1,104 @@
+"""Random tiny Llama / Qwen2 / Qwen3 models and a character tokenizer, built from configs in-process.
+
+Each family's tiny config exercises what makes the family different: Llama has GQA and untied embeddings,
+Qwen2 has q/k/v biases and tied embeddings, Qwen3 has q/k norm and a head_dim that is not hidden / heads.
+Vocabulary (128), heads (4), query groups (2) and layers (4) divide by TP=2 and PP=2.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+TINY_VOCAB = 128
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# Rendered as reward-bench renders conversations: one turn per role, no generation prompt for scoring.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_FAMILY_SETTINGS = {
+    "llama": dict(
+        config_class="LlamaConfig",
+        architecture="Llama",
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=16384,
+    ),
+    "qwen2": dict(config_class="Qwen2Config", architecture="Qwen2", num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(config_class="Qwen3Config", architecture="Qwen3", num_key_value_heads=2, head_dim=24,
+                  tie_word_embeddings=False),
+}
+
+
+def tiny_hf_config(family: str, reward_model: bool = False, **overrides: Any) -> transformers.PretrainedConfig:
+    """A tiny transformers config of ``family``; ``reward_model`` makes it a single-label classifier."""
+    if family not in _FAMILY_SETTINGS:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+    settings = {**_COMMON, **_FAMILY_SETTINGS[family], **overrides}
+    config_class = getattr(transformers, settings.pop("config_class"))
+    suffix = "ForSequenceClassification" if reward_model else "ForCausalLM"
+    architecture = settings.pop("architecture") + suffix
+    config = config_class(**settings, architectures=[architecture])
+    if reward_model:
+        config.num_labels = 1
+    return config
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII with a chat template, built without any download."""
+    vocab = {token: i for i, token in enumerate([PAD, BOS, EOS, UNK])}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_hf_model(
+    family: str, out_dir: str | Path, reward_model: bool = False, seed: int = 0, **overrides: Any
+) -> Path:
+    """Writes a randomly initialised tiny model (safetensors), its config and the tokenizer to ``out_dir``."""
+    config = tiny_hf_config(family, reward_model, **overrides)
+    torch.manual_seed(seed)
+    auto_class = transformers.AutoModelForSequenceClassification if reward_model else transformers.AutoModelForCausalLM
+    model = auto_class.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Norm weights start at exactly 1 and biases at 0: perturb them so the mapping of every tensor matters.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+            if name == "score.weight":
+                param.normal_(0.0, 0.5)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tiny_tokenizer().save_pretrained(out_dir)
+    return out_dir
