@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny HF models of every family, built in-process from configs, and their conversions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from megatron_save.testing import TINY_FAMILIES, save_tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{"llama-lm": {"hf": dir, "mg": dir}, "llama-rm": ..., ...} for every tiny family, LM and RM.
+
+    Conversion runs in this process as a world of one (gloo) through the package's converter.
+    """
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("tiny")
+    models = {}
+    for family in TINY_FAMILIES:
+        for kind, reward_model in (("lm", False), ("rm", True)):
+            name = f"{family}-{kind}"
+            hf_dir = save_tiny_hf_model(family, root / f"{name}-hf", reward_model=reward_model, seed=7)
+            convert_hf_to_megatron(hf_dir, root / f"{name}-mg")
+            models[name] = {"hf": hf_dir, "mg": root / f"{name}-mg"}
+    return models

@@ -1,0 +1,39 @@
+"""Test helpers: torchrun launches of worker scripts and fixed inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WORKERS = REPO / "tests" / "distributed" / "workers"
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
+
+
+def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> None:
+    """Runs ``tests/distributed/workers/<worker>`` under torchrun on gloo; fails with its output on error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORKERS / worker), *args]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-8000:]}")
+
+
+def token_batch(batch: int = 4, seq: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random token ids [B, S] (ids 3..99, pad 0) of lengths seq, seq-3, ... and their mask."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 100, (batch, seq), generator=generator)
+    lengths = torch.tensor([max(2, seq - 3 * i) for i in range(batch)])
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    return input_ids.masked_fill(~mask, 0), mask
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
