@@ -1,0 +1,26 @@
+"""Converts a Hugging Face Llama 3.x / Qwen2 / Qwen2.5 / Qwen3 causal LM or single-label reward model
+(``*ForSequenceClassification``, the Skywork-Reward-V2 format) to a Megatron dist_checkpointing checkpoint
+that loads at any TP / PP.
+
+    python tools/convert_hf_to_megatron.py --hf-dir HF_DIR_OR_HUB_NAME --out CKPT_DIR [--dtype bf16]
+"""
+
+import argparse
+
+from megatron_save.checkpoint.convert import convert_hf_to_megatron
+from megatron_save.distributed import shutdown_distributed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (or a hub name, on a cluster)")
+    parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="parameter dtype; default: the HF config's dtype (bf16 stays bf16, else fp32)")
+    args = parser.parse_args()
+    convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

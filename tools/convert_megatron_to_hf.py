@@ -1,0 +1,33 @@
+"""Converts a megatron-save checkpoint (any TP / PP it was trained at) back to a Hugging Face model directory
+that ``from_pretrained`` loads; config and tokenizer files are copied along.
+
+    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR [--max-shard-size 5GB]
+"""
+
+import argparse
+
+from megatron_save.checkpoint.convert import convert_megatron_to_hf
+from megatron_save.distributed import shutdown_distributed
+
+_UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    for unit, scale in _UNITS.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="megatron-save checkpoint directory")
+    parser.add_argument("--out", required=True, help="new HF model directory (must not exist or be empty)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    args = parser.parse_args()
+    convert_megatron_to_hf(args.ckpt, args.out, max_shard_bytes=parse_size(args.max_shard_size))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

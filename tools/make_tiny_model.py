@@ -1,0 +1,24 @@
+"""Writes a random tiny Llama / Qwen2 / Qwen3 model (causal LM or reward model) with a tokenizer to a directory.
+
+    python tools/make_tiny_model.py --family llama --out /tmp/tiny-llama [--reward-model] [--seed 0]
+"""
+
+import argparse
+
+from megatron_save.testing import TINY_FAMILIES, save_tiny_hf_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=TINY_FAMILIES, default="llama")
+    parser.add_argument("--out", required=True, help="output directory (HF format)")
+    parser.add_argument("--reward-model", action="store_true", help="*ForSequenceClassification with one label")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = save_tiny_hf_model(args.family, args.out, reward_model=args.reward_model, seed=args.seed)
+    kind = "reward model" if args.reward_model else "causal LM"
+    print(f"wrote tiny {args.family} {kind} to {out}")
+
+
+if __name__ == "__main__":
+    main()
