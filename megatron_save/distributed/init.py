@@ -82,15 +82,15 @@ def init_distributed(parallel: ParallelConfig, shape: ModelShape | None = None) 
         cpu_compat.install()
     if not dist.is_initialized():
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        rank = int(os.environ.get("RANK", "0"))
+        # Outside torchrun (a world of one: conversion tools, tests) pick a free local port without touching
+        # os.environ, so child processes do not inherit an address that this process already holds.
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend=backend,
-            rank=rank,
+            init_method=init_method,
+            rank=int(os.environ.get("RANK", "0")),
             world_size=world_size,
             timeout=timedelta(minutes=parallel.timeout_minutes),
         )

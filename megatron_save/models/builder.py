@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
@@ -45,7 +46,14 @@ def build_model(
         rope_scaling_factor=args.rope_scaling_factor,
     )
     if kind is ModelKind.REWARD_MODEL:
-        return RewardGPTModel(**common, value_head=value_head)
-    if value_head:
+        model = RewardGPTModel(**common, value_head=value_head)
+    elif value_head:
         raise ValueError("value_head=True is only meaningful for a reward model")
-    return GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)
+    else:
+        model = GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)
+    if args.config.params_dtype != torch.float32:
+        # The local spec builds its norms in fp32 whatever params_dtype says; the scalar heads stay fp32.
+        model.to(args.config.params_dtype)
+        if isinstance(model, RewardGPTModel) and model.post_process:
+            model.output_layer.float()
+    return model

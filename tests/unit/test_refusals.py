@@ -1,0 +1,152 @@
+"""Every refusal of distributed start-up and of conversion, with a message that names the setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_save.checkpoint.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
+from megatron_save.checkpoint.hf import UnsupportedModelError
+from megatron_save.config import ParallelConfig
+from megatron_save.distributed import ModelShape, ParallelLayoutError, check_parallel_layout, init_distributed
+from megatron_save.testing import save_tiny_hf_model
+
+SHAPE = ModelShape(num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=128)
+
+
+def layout(tp: int, pp: int) -> ParallelConfig:
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def test_valid_layouts_pass():
+    for tp, pp, world in [(1, 1, 1), (2, 1, 2), (1, 2, 4), (2, 2, 4), (2, 2, 8)]:
+        check_parallel_layout(layout(tp, pp), world, SHAPE)
+
+
+def test_refuses_tp_not_dividing_heads():
+    shape = ModelShape(num_layers=4, num_attention_heads=6, num_query_groups=6, vocab_size=128)
+    with pytest.raises(ParallelLayoutError, match="tensor_model_parallel_size=4 does not divide the 6 attention heads"):
+        check_parallel_layout(layout(4, 1), 4, shape)
+
+
+def test_refuses_tp_not_dividing_query_groups():
+    with pytest.raises(ParallelLayoutError, match="does not divide the 2 query groups"):
+        check_parallel_layout(layout(4, 1), 4, SHAPE)
+
+
+def test_refuses_pp_not_dividing_layers():
+    with pytest.raises(ParallelLayoutError, match="pipeline_model_parallel_size=3 does not divide the 4 layers"):
+        check_parallel_layout(layout(1, 3), 3, SHAPE)
+
+
+def test_refuses_world_not_multiple_of_tp_pp():
+    with pytest.raises(ParallelLayoutError, match="world size 6 is not a multiple of .* 2 x 2 = 4"):
+        check_parallel_layout(layout(2, 2), 6, SHAPE)
+
+
+def test_refuses_tp_not_dividing_vocab():
+    shape = ModelShape(num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=127)
+    with pytest.raises(ParallelLayoutError, match="does not divide the vocabulary size 127"):
+        check_parallel_layout(layout(2, 1), 2, shape)
+
+
+def test_init_refuses_before_creating_any_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.distributed, "init_process_group", pytest.fail)
+    with pytest.raises(ParallelLayoutError, match="world size 3"):
+        init_distributed(layout(2, 1), SHAPE)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    return save_tiny_hf_model("llama", tmp_path / "hf")
+
+
+def _edit_config(model_dir, **changes):
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_refuses_unsupported_model_type(tiny_llama, tmp_path):
+    _edit_config(tiny_llama, model_type="mistral", architectures=["MistralForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="unsupported model_type 'mistral'.*supported model types: llama"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_unsupported_architecture(tiny_llama, tmp_path):
+    _edit_config(tiny_llama, architectures=["LlamaForTokenClassification"])
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'LlamaForTokenClassification'"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_multi_label_classifier(tmp_path):
+    model_dir = save_tiny_hf_model("qwen2", tmp_path / "hf", reward_model=True)
+    _edit_config(model_dir, id2label={"0": "a", "1": "b"}, label2id={"a": 0, "b": 1})
+    with pytest.raises(UnsupportedModelError, match="num_labels=2"):
+        convert_hf_to_megatron(model_dir, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 2.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+         "low_freq_factor=2.0"),
+    ],
+)
+def test_refuses_settings_megatron_cannot_reproduce(tiny_llama, tmp_path, changes, named):
+    _edit_config(tiny_llama, **changes)
+    with pytest.raises(UnsupportedModelError, match=named.replace("(", r"\(").replace("[", r"\[")):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_mismatched_tensor_shape(tiny_llama, tmp_path):
+    weights = load_file(tiny_llama / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"] = weights["model.layers.1.mlp.down_proj.weight"][:, :-8].clone()
+    save_file(weights, tiny_llama / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"model.layers.1.mlp.down_proj.weight give shape \(64, 88\) but the "
+                                              r"config implies \(64, 96\) for decoder.layers.1.mlp.linear_fc2.weight"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_missing_tensor(tiny_llama, tmp_path):
+    weights = load_file(tiny_llama / "model.safetensors")
+    del weights["model.layers.2.self_attn.k_proj.weight"]
+    save_file(weights, tiny_llama / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="model.layers.2.self_attn.k_proj.weight"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_unused_tensor(tiny_llama, tmp_path):
+    weights = load_file(tiny_llama / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(weights, tiny_llama / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="tensors the model does not use.*o_proj.bias"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_non_empty_output_dir(tiny_llama, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="out exists and is not empty"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_directory_without_safetensors(tiny_llama, tmp_path):
+    (tiny_llama / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        convert_hf_to_megatron(tiny_llama, tmp_path / "out")
+
+
+def test_refuses_directory_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a megatron-save model checkpoint"):
+        convert_megatron_to_hf(tmp_path / "empty", tmp_path / "hf")
