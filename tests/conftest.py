@@ -14,7 +14,8 @@ from megatron_save.testing import TINY_FAMILIES, save_tiny_hf_model  # noqa: E40
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """{"llama-lm": {"hf": dir, "mg": dir}, "llama-rm": ..., ...} for every tiny family, LM and RM.
+    """{"llama-lm": {"hf": dir, "mg": dir}, "llama-rm": ..., ...} for every tiny family, LM and RM, plus
+    "llama-rmv", a reward model with a value head.
 
     Conversion runs in this process as a world of one (gloo) through the package's converter.
     """
@@ -28,4 +29,8 @@ def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
             hf_dir = save_tiny_hf_model(family, root / f"{name}-hf", reward_model=reward_model, seed=7)
             convert_hf_to_megatron(hf_dir, root / f"{name}-mg")
             models[name] = {"hf": hf_dir, "mg": root / f"{name}-mg"}
+    # A value-anchored reward model: R and V from one forward.
+    hf_dir = save_tiny_hf_model("llama", root / "llama-rmv-hf", reward_model=True, seed=7, value_head=True)
+    convert_hf_to_megatron(hf_dir, root / "llama-rmv-mg")
+    models["llama-rmv"] = {"hf": hf_dir, "mg": root / "llama-rmv-mg"}
     return models

@@ -35,5 +35,10 @@ def token_batch(batch: int = 4, seq: int = 12, seed: int = 0) -> tuple[torch.Ten
     return input_ids.masked_fill(~mask, 0), mask
 
 
+def prompt_lengths_of(mask: torch.Tensor) -> torch.Tensor:
+    """A prompt length for each row of a token_batch: about half of its real tokens. [B, S] -> [B]."""
+    return (mask.sum(dim=1) // 2).clamp(min=1)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -15,10 +15,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="HF model directory (or a hub name, on a cluster)")
     parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
+    parser.add_argument("--add-value-head", action="store_true",
+                        help="give a reward model without a value head a zero-initialised one (for stage 2)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                         help="parameter dtype; default: the HF config's dtype (bf16 stays bf16, else fp32)")
     args = parser.parse_args()
-    convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype)
+    convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype, add_value_head=args.add_value_head)
     shutdown_distributed()
 
 

@@ -7,25 +7,45 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+from safetensors.torch import load_file
 
+from megatron_save.checkpoint.hf import VALUE_HEAD_FILE, VALUE_HEAD_TENSOR
 from megatron_save.checkpoint.model_checkpoint import build_model_from_checkpoint
 from megatron_save.models.builder import ModelKind
-from megatron_save.models.forward import gather_vocab_logits, pipeline_forward, reward_scores
+from megatron_save.models.forward import gather_vocab_logits, pipeline_forward, score_sequences
 
 
-def transformers_output(hf_dir: str | Path, reward_model: bool, input_ids: torch.Tensor, mask: torch.Tensor):
-    """Reference output of the HF model in fp32: [B] scores of a reward model, [B, S, V] logits of a causal LM."""
+def transformers_output(
+    hf_dir: str | Path,
+    reward_model: bool,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    prompt_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference output of the HF model in fp32: [B, S, V] logits of a causal LM, [B] rewards of a reward
+    model, or [B, 2] (reward, value) given ``prompt_lengths`` and the ``VALUE_HEAD_FILE`` side file."""
     auto = transformers.AutoModelForSequenceClassification if reward_model else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        output = model(input_ids=input_ids, attention_mask=mask.long()).logits
-    return output[:, 0] if reward_model else output
+        logits = model(input_ids=input_ids, attention_mask=mask.long()).logits
+        if not reward_model or prompt_lengths is None:
+            return logits if not reward_model else logits[:, 0]
+        hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # [B, S, H]
+    value_weight = load_file(Path(hf_dir) / VALUE_HEAD_FILE)[VALUE_HEAD_TENSOR]  # [1, H]
+    prompt_hidden = hidden[torch.arange(input_ids.shape[0]), prompt_lengths - 1]  # [B, H]
+    return torch.stack([logits[:, 0], (prompt_hidden @ value_weight.T)[:, 0]], dim=1)
 
 
 def max_abs_diff_vs_transformers(
-    ckpt_dir: str | Path, hf_dir: str | Path, input_ids: torch.Tensor, mask: torch.Tensor, micro_batch_size: int = 1
+    ckpt_dir: str | Path,
+    hf_dir: str | Path,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    micro_batch_size: int = 1,
+    prompt_lengths: torch.Tensor | None = None,
 ) -> float:
-    """Collective: max |Megatron - transformers| over real tokens (LM logits) or sequences (RM scores).
+    """Collective: max |Megatron - transformers| over real tokens (LM logits) or sequences (RM scores; also the
+    value head, read at ``prompt_lengths - 1``, when the checkpoint has one and prompt lengths are given).
 
     ``input_ids`` [B, S] is right-padded with ``mask`` [B, S] marking real tokens. Every rank returns the
     same figure (the maximum over ranks that hold outputs).
@@ -34,8 +54,11 @@ def max_abs_diff_vs_transformers(
     reward_model = meta.kind == ModelKind.REWARD_MODEL.value
     diff = torch.zeros(())
     if reward_model:
-        scores = reward_scores(model, input_ids, mask, micro_batch_size)  # [B] on every rank
-        diff = (scores.float().cpu() - transformers_output(hf_dir, True, input_ids, mask)).abs().max()
+        prompt_lengths = prompt_lengths if meta.value_head else None
+        scores = score_sequences(model, input_ids, mask, micro_batch_size, prompt_lengths)  # on every rank
+        ours = scores.rewards if scores.values is None else torch.stack([scores.rewards, scores.values], dim=1)
+        reference = transformers_output(hf_dir, True, input_ids, mask, prompt_lengths)
+        diff = (ours.float().cpu() - reference).abs().max()
     else:
         logits = pipeline_forward(model, input_ids, micro_batch_size)  # [B, S, V / TP] on the last stage
         if logits is not None:

@@ -15,9 +15,12 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class SafetensorsReader:
-    """Reads one tensor at a time from a (possibly sharded) safetensors checkpoint directory."""
+    """Reads one tensor at a time from a (possibly sharded) safetensors checkpoint directory.
 
-    def __init__(self, model_dir: str | Path):
+    ``side_files`` are further safetensors files in the directory whose tensors join the checkpoint's.
+    """
+
+    def __init__(self, model_dir: str | Path, side_files: tuple[str, ...] = ()):
         self.model_dir = Path(model_dir)
         index = self.model_dir / INDEX_FILE
         if index.exists():
@@ -29,6 +32,9 @@ class SafetensorsReader:
             raise FileNotFoundError(
                 f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)"
             )
+        for side_file in side_files:
+            with safe_open(self.model_dir / side_file, framework="pt") as handle:
+                self.weight_map.update({name: side_file for name in handle.keys()})
         self._open: dict[str, object] = {}
 
     def names(self) -> set[str]:

@@ -10,6 +10,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_save.models.reward_model import SequenceScores, read_scores
+
 
 def _forward_step(data_iterator, model):
     tokens = next(data_iterator)  # [b, S]
@@ -67,13 +69,26 @@ def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...
     return tensor
 
 
-def reward_scores(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batch_size: int
-) -> torch.Tensor:
-    """Reward of each right-padded sequence, read at its last real token, on every rank: [B, S] -> [B] fp32."""
-    scores = pipeline_forward(model, input_ids, micro_batch_size)  # [B, S, heads] on the last stage
-    rewards = None
+def score_sequences(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    micro_batch_size: int,
+    prompt_lengths: torch.Tensor | None = None,
+) -> SequenceScores:
+    """R (at each sequence's last real token) and, given ``prompt_lengths``, V (at its last prompt token) from
+    ONE forward, on every rank. input_ids / attention_mask [N, S] right-padded, prompt_lengths [N]."""
+    if prompt_lengths is not None and not model.has_value_head:
+        raise ValueError("prompt_lengths given, but the reward model has no value head")
+    scores = pipeline_forward(model, input_ids, micro_batch_size)  # [N, S, heads] on the last stage
+    heads = 1 if prompt_lengths is None else 2
+    read = None
     if scores is not None:
-        rows = torch.arange(input_ids.shape[0], device=scores.device)
-        rewards = scores[rows, last_token_index(attention_mask).to(scores.device), 0]
-    return broadcast_from_last_stage(rewards, (input_ids.shape[0],), torch.float32)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        last = last_token_index(attention_mask).to(scores.device)
+        if prompt_lengths is None:
+            read = scores[rows, last, :1]  # [N, 1]
+        else:
+            read = torch.stack(read_scores(scores, last, (prompt_lengths - 1).to(scores.device)), dim=1)  # [N, 2]
+    read = broadcast_from_last_stage(read, (input_ids.shape[0], heads), torch.float32)
+    return SequenceScores(rewards=read[:, 0], values=None if prompt_lengths is None else read[:, 1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
@@ -37,6 +39,7 @@ class RewardGPTModel(GPTModel):
     def __init__(self, *args, value_head: bool = False, **kwargs):
         kwargs["share_embeddings_and_output_weights"] = False
         super().__init__(*args, **kwargs)
+        self.has_value_head = value_head
         if self.post_process:
             self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head)
 
@@ -45,3 +48,25 @@ class RewardGPTModel(GPTModel):
         # replicated tensors, which MegatronModule's default handles.
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+
+@dataclass
+class SequenceScores:
+    """Scalar outputs of the reward model for N sequences."""
+
+    rewards: torch.Tensor
+    """[N] fp32 R(x, y), read at each sequence's last real token."""
+    values: torch.Tensor | None
+    """[N] fp32 V(x), read at each sequence's last prompt token; None without a value head."""
+
+
+def read_scores(
+    scores: torch.Tensor, last_index: torch.Tensor, prompt_last_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token head outputs [N, S, 2] -> (R [N] at ``last_index``, V [N] at ``prompt_last_index``).
+
+    Attention is causal, so the hidden state at the last prompt token has seen only the prompt: V(x) comes out
+    of the same forward that scores the response.
+    """
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, last_index, 0], scores[rows, prompt_last_index, 1]

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 import transformers
 from tokenizers import Tokenizer, models
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
+
+from megatron_save.checkpoint.hf.common import VALUE_HEAD_FILE, VALUE_HEAD_TENSOR
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
 TINY_VOCAB = 128
@@ -84,9 +87,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_tiny_hf_model(
-    family: str, out_dir: str | Path, reward_model: bool = False, seed: int = 0, **overrides: Any
+    family: str,
+    out_dir: str | Path,
+    reward_model: bool = False,
+    seed: int = 0,
+    value_head: bool = False,
+    **overrides: Any,
 ) -> Path:
-    """Writes a randomly initialised tiny model (safetensors), its config and the tokenizer to ``out_dir``."""
+    """Writes a randomly initialised tiny model (safetensors), its config and the tokenizer to ``out_dir``.
+
+    ``value_head`` (reward models only) adds a random value head in the ``VALUE_HEAD_FILE`` side file.
+    """
     config = tiny_hf_config(family, reward_model, **overrides)
     torch.manual_seed(seed)
     auto_class = transformers.AutoModelForSequenceClassification if reward_model else transformers.AutoModelForCausalLM
@@ -101,4 +112,9 @@ def save_tiny_hf_model(
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tiny_tokenizer().save_pretrained(out_dir)
+    if value_head:
+        if not reward_model:
+            raise ValueError("a value head belongs to a reward model")
+        weight = torch.randn(1, config.hidden_size) * 0.5
+        save_file({VALUE_HEAD_TENSOR: weight}, out_dir / VALUE_HEAD_FILE, metadata={"format": "pt"})
     return out_dir

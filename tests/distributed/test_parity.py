@@ -15,10 +15,12 @@ from helpers import LAYOUTS, read_json, torchrun
 from safetensors.torch import load_file
 
 from megatron_save.checkpoint.convert import convert_megatron_to_hf
+from megatron_save.checkpoint.hf import VALUE_HEAD_FILE
 from megatron_save.testing import TINY_FAMILIES
 
 TOLERANCE = 1e-4
-MODELS = [f"{family}-{kind}" for family in TINY_FAMILIES for kind in ("lm", "rm")]
+# "-rmv": a reward model with a value head; R and V are both compared.
+MODELS = [f"{family}-{kind}" for family in TINY_FAMILIES for kind in ("lm", "rm")] + ["llama-rmv"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,10 @@ def test_megatron_matches_transformers(parity_run, model, layout):
 def _assert_same_tensors(original_dir, exported_dir):
     original = load_file(original_dir / "model.safetensors")
     exported = load_file(exported_dir / "model.safetensors")
+    assert (original_dir / VALUE_HEAD_FILE).exists() == (exported_dir / VALUE_HEAD_FILE).exists()
+    if (original_dir / VALUE_HEAD_FILE).exists():
+        original.update(load_file(original_dir / VALUE_HEAD_FILE))
+        exported.update(load_file(exported_dir / VALUE_HEAD_FILE))
     # Tied HF models may or may not store lm_head; from_pretrained re-ties it either way.
     original.pop("lm_head.weight", None) if "lm_head.weight" not in exported else None
     assert sorted(original) == sorted(exported)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_save.checkpoint.hf.common import (
+    VALUE_HEAD_FILE,
+    VALUE_HEAD_TENSOR,
     DecoderFamily,
     ParamMapping,
     UnsupportedModelError,
@@ -55,6 +57,8 @@ def is_reward_model(family: DecoderFamily, hf_config: Any) -> bool:
 
 
 __all__ = [
+    "VALUE_HEAD_FILE",
+    "VALUE_HEAD_TENSOR",
     "FAMILIES",
     "DecoderFamily",
     "ParamMapping",

@@ -12,6 +12,12 @@ from typing import Any, Callable
 import torch
 
 
+# The value head of a value-anchored reward model has no place in transformers' *ForSequenceClassification; it
+# travels beside the HF weights as this file holding one fp32 tensor "value_head.weight" of shape [1, hidden].
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_TENSOR = "value_head.weight"
+
+
 class UnsupportedModelError(ValueError):
     """A Hugging Face model this package cannot represent exactly; the message names the setting."""
 
@@ -132,8 +138,13 @@ def check_supported(family: DecoderFamily, hf_config: Any) -> None:
         refuse(f"rope_type={rope_type!r} (supported: default, llama3)")
 
 
-def param_mappings(family: DecoderFamily, hf_config: Any, reward_model: bool) -> list[ParamMapping]:
-    """Every Megatron parameter of the model with the HF tensors it maps to, in model order."""
+def param_mappings(
+    family: DecoderFamily, hf_config: Any, reward_model: bool, value_head: bool = False
+) -> list[ParamMapping]:
+    """Every Megatron parameter of the model with the HF tensors it maps to, in model order.
+
+    The value head maps to ``VALUE_HEAD_TENSOR`` of the side file ``VALUE_HEAD_FILE``.
+    """
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     head_dim = head_dim_of(hf_config)
     mappings = [_identity("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
@@ -157,6 +168,8 @@ def param_mappings(family: DecoderFamily, hf_config: Any, reward_model: bool) ->
     mappings.append(_identity("decoder.final_layernorm.weight", "model.norm.weight"))
     if reward_model:
         mappings.append(_identity("output_layer.reward_head.weight", "score.weight"))
+        if value_head:
+            mappings.append(_identity("output_layer.value_head.weight", VALUE_HEAD_TENSOR))
     elif not hf_config.tie_word_embeddings:
         mappings.append(_identity("output_layer.weight", "lm_head.weight"))
     return mappings

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import LAYOUTS, token_batch  # noqa: E402
+from helpers import LAYOUTS, prompt_lengths_of, token_batch  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint, save_model_checkpoint  # noqa: E402
 from megatron_save.checkpoint.parity import max_abs_diff_vs_transformers  # noqa: E402
@@ -35,7 +35,8 @@ def main() -> None:
     for layout, (tp, pp) in LAYOUTS.items():
         set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         for name, dirs in models.items():
-            diff = max_abs_diff_vs_transformers(dirs["mg"], dirs["hf"], input_ids, mask, micro_batch_size=2)
+            diff = max_abs_diff_vs_transformers(dirs["mg"], dirs["hf"], input_ids, mask, micro_batch_size=2,
+                                                prompt_lengths=prompt_lengths_of(mask))
             results[f"{name}/{layout}"] = diff
             if layout == args.resave_layout:
                 model, meta, _ = build_model_from_checkpoint(dirs["mg"])
