@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
@@ -26,6 +27,7 @@ META_FILE = "megatron_save.json"
 HF_SUBDIR = "hf"
 WEIGHTS_SUBDIR = "weights"
 FORMAT_VERSION = 1
+VALUE_HEAD_PREFIX = "output_layer.value_head."
 # Everything of an HF model directory except its weights: config, tokenizer, chat template, generation config.
 HF_SIDE_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
 HF_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -95,17 +97,37 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, Any]:
     return meta, AutoConfig.from_pretrained(ckpt_dir / HF_SUBDIR)
 
 
-def load_model_checkpoint(model: Any, ckpt_dir: str | Path) -> None:
-    """Collective: loads the weights into this rank's (TP / PP sharded) model, resharding as needed."""
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / WEIGHTS_SUBDIR))
+def load_model_checkpoint(model: Any, ckpt_dir: str | Path, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Collective: loads the weights into this rank's (TP / PP sharded) model, resharding as needed.
+
+    Parameters whose names start with one of ``skip_prefixes`` keep their current values.
+    """
+    sharded = model.sharded_state_dict()
+    skipped = {key for key in sharded if key.startswith(skip_prefixes)} if skip_prefixes else set()
+    state = dist_checkpointing.load({k: v for k, v in sharded.items() if k not in skipped},
+                                    str(Path(ckpt_dir) / WEIGHTS_SUBDIR))
+    state.update({key: model.state_dict()[key] for key in skipped})
     model.load_state_dict(state)
 
 
 def build_model_from_checkpoint(
-    ckpt_dir: str | Path, dtype: str | None = None, spec_backend: SpecBackend | str = SpecBackend.AUTO
+    ckpt_dir: str | Path,
+    dtype: str | None = None,
+    spec_backend: SpecBackend | str = SpecBackend.AUTO,
+    add_value_head: bool = False,
 ) -> tuple[Any, CheckpointMeta, Any]:
-    """Builds this rank's stage under the current parallel state and loads the checkpoint into it."""
+    """Builds this rank's stage under the current parallel state and loads the checkpoint into it.
+
+    ``add_value_head`` gives a reward model saved without a value head a zero-initialised one (stage 2); the
+    returned meta then says it has one.
+    """
     meta, hf_config = read_checkpoint_meta(ckpt_dir)
-    model = build_model(hf_config, meta.kind, dtype or meta.dtype, spec_backend, value_head=meta.value_head)
-    load_model_checkpoint(model, ckpt_dir)
-    return model, meta, hf_config
+    if add_value_head and meta.kind != "reward_model":
+        raise ValueError(f"{ckpt_dir}: add_value_head needs a reward model, the checkpoint holds a {meta.kind}")
+    fresh_value_head = add_value_head and not meta.value_head
+    value_head = meta.value_head or add_value_head
+    model = build_model(hf_config, meta.kind, dtype or meta.dtype, spec_backend, value_head=value_head)
+    if fresh_value_head and model.post_process:
+        torch.nn.init.zeros_(model.output_layer.value_head.weight)
+    load_model_checkpoint(model, ckpt_dir, skip_prefixes=(VALUE_HEAD_PREFIX,) if fresh_value_head else ())
+    return model, replace(meta, value_head=value_head), hf_config

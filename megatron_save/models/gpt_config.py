@@ -84,3 +84,15 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
         rope_scaling_factor=float(rope.get("factor", 8.0)),
         tie_embeddings=bool(hf_config.tie_word_embeddings),
     )
+
+
+def model_shape(hf_config: Any) -> "ModelShape":
+    """The dimensions a parallel layout must divide, for the start-up check."""
+    from megatron_save.distributed.init import ModelShape
+
+    return ModelShape(
+        num_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        vocab_size=hf_config.vocab_size,
+    )

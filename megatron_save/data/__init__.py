@@ -1,0 +1,1 @@
+"""Datasets (local json / jsonl / parquet through `datasets`, or hub names), chat templates, batching."""

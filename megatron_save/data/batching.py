@@ -1,0 +1,77 @@
+"""Length-grouped batches, padding, and the typed token batches handed to the training step."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+B = TypeVar("B", bound="TokenBatch")
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded token rows."""
+
+    input_ids: torch.Tensor
+    """[N, S] token ids, padding after the last real token."""
+    attention_mask: torch.Tensor
+    """[N, S] bool, True on real tokens."""
+
+    def rows(self: B, start: int, stop: int) -> B:
+        """Rows [start, stop) of every tensor field."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)
+        })
+
+    def split(self: B, rows_per_part: int) -> list[B]:
+        """Consecutive parts of ``rows_per_part`` rows (the row count must divide evenly)."""
+        total = self.input_ids.shape[0]
+        if total % rows_per_part:
+            raise ValueError(f"{total} rows do not split into parts of {rows_per_part}")
+        return [self.rows(i, i + rows_per_part) for i in range(0, total, rows_per_part)]
+
+
+@dataclass
+class PairBatch(TokenBatch):
+    """Preference pairs: row 2i is the chosen and row 2i+1 the rejected conversation of pair i."""
+
+
+@dataclass
+class PromptTargetBatch(TokenBatch):
+    """Prompts (each ending with the generation prompt) and the value each should predict."""
+
+    targets: torch.Tensor
+    """[N] fp32 regression target of V(x): the mean frozen-RM reward of the prompt's responses."""
+
+
+def pad_rows(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads token lists to ``length`` (default: the longest) -> input_ids [N, S], attention_mask [N, S]."""
+    length = length or max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for i, sequence in enumerate(sequences):
+        input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[i, : len(sequence)] = True
+    return input_ids, mask
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group_factor: int = 32) -> list[list[int]]:
+    """Indices in batches of ``batch_size`` with similar lengths, in a seeded random order.
+
+    Shuffles, cuts into windows of ``group_factor`` batches, sorts each window by length, cuts it into batches
+    and shuffles the batch order: little padding, no length curriculum. An incomplete last batch is dropped.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group_factor
+    grouped = []
+    for start in range(0, len(order), window):
+        grouped += sorted(order[start : start + window], key=lambda i: lengths[i])
+    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,44 @@
+"""Conversations rendered with the tokenizer's chat template, as reward-bench renders them for scoring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+
+def prompt_messages(prompt: str | Messages) -> Messages:
+    """A prompt given as a string or as chat messages -> chat messages."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def conversation(prompt: str | Messages | None, response: str | Messages) -> Messages:
+    """The scored conversation: the prompt's messages then the assistant response.
+
+    ``response`` may be a string, or messages: a whole conversation (when it has a user turn, as in datasets that
+    store ``chosen`` as the full chat) or the assistant turn(s) to append to the prompt.
+    """
+    if isinstance(response, str):
+        return prompt_messages(prompt or []) + [{"role": "assistant", "content": response}]
+    if any(message.get("role") == "user" for message in response):
+        return list(response)
+    return prompt_messages(prompt or []) + list(response)
+
+
+def response_text(response: str | Messages) -> str:
+    """The assistant text of a response (for emptiness checks)."""
+    if isinstance(response, str):
+        return response
+    return "".join(m.get("content") or "" for m in response if m.get("role") == "assistant")
+
+
+def encode_conversation(tokenizer: Any, messages: Messages) -> list[int]:
+    """Token ids of the rendered conversation, without a generation prompt (the template adds BOS if any)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Messages) -> list[int]:
+    """Token ids of the prompt followed by the generation prompt: the prefix a response continues."""
+    text = tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,1 @@
+"""Training stages: 1 (Bradley-Terry), 2 (value anchor); each loop composes pieces from the package."""

@@ -1,0 +1,68 @@
+"""Pieces every training stage shares: run settings, start-up from a checkpoint, batching, progress."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR, build_model_from_checkpoint, read_checkpoint_meta
+from megatron_save.config.parallel import ParallelConfig
+from megatron_save.distributed import init_distributed
+from megatron_save.models.gpt_config import model_shape
+
+
+@dataclass
+class BatchSettings:
+    """How examples are grouped into steps."""
+
+    global_batch_size: int = 32
+    """Examples per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Examples per forward pass on one rank (gradient accumulation makes up the rest)."""
+    epochs: int = 1
+    """Passes over the training data."""
+    seed: int = 1234
+    """Seed of the data order."""
+
+
+def start_from_checkpoint(checkpoint: str, parallel: ParallelConfig, add_value_head: bool = False):
+    """Starts torch.distributed and Megatron's groups for the checkpoint's model, then builds and loads it.
+
+    Returns (model, meta, tokenizer).
+    """
+    _, hf_config = read_checkpoint_meta(checkpoint)
+    init_distributed(parallel, model_shape(hf_config))
+    model, meta, _ = build_model_from_checkpoint(checkpoint, add_value_head=add_value_head)
+    tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / HF_SUBDIR)
+    return model, meta, tokenizer
+
+
+def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]:
+    """This rank's contiguous share of a global batch of example indices."""
+    ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if settings.global_batch_size % (ranks * settings.micro_batch_size):
+        raise ValueError(
+            f"global_batch_size={settings.global_batch_size} is not a multiple of data-parallel size {ranks} x "
+            f"micro_batch_size={settings.micro_batch_size}"
+        )
+    share = len(indices) // ranks
+    return indices[rank * share : (rank + 1) * share]
+
+
+def progress(total: int, description: str) -> tqdm:
+    """A progress bar on global rank 0 only."""
+    return tqdm(total=total, desc=description, disable=dist.get_rank() != 0, dynamic_ncols=True)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Rank 0 writes ``payload`` as JSON."""
+    if dist.get_rank() == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")

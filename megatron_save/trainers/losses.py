@@ -1,0 +1,36 @@
+"""Loss functions of the training stages: they read the heads' per-token outputs and call `algorithms`."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_save.algorithms import bt_loss, pairwise_accuracy, value_anchor_loss
+from megatron_save.data.batching import PairBatch, PromptTargetBatch
+from megatron_save.models.forward import last_token_index
+
+
+def _at_last_token(batch, scores: torch.Tensor) -> torch.Tensor:
+    """[b, S, heads] -> [b, heads] at each row's last real token."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, last_token_index(batch.attention_mask).to(scores.device)]
+
+
+def bt_pair_loss(batch: PairBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 1 (eq. 11) over the pairs of a micro-batch; rows alternate chosen, rejected."""
+    rewards = _at_last_token(batch, scores)[:, 0]  # [2b]
+    chosen, rejected = rewards[0::2], rewards[1::2]  # [b], [b]
+    loss = bt_loss(chosen, rejected)
+    return loss, {"loss": loss, "accuracy": pairwise_accuracy(chosen, rejected)}
+
+
+def value_regression_loss(
+    batch: PromptTargetBatch, scores: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 2 (eq. 12): (V(x) - mean frozen reward)^2, V read at the prompt's last token."""
+    heads = _at_last_token(batch, scores)  # [b, 2]
+    values, rewards = heads[:, 1], heads[:, 0]
+    targets = batch.targets.to(values.device)[:, None]  # [b, 1]: one "response", the precomputed mean
+    loss = value_anchor_loss(values, targets, torch.ones_like(targets, dtype=torch.bool))
+    # The reward head's output joins with weight zero so that every pipeline stage has a gradient to pass back
+    # (the value head reads a detached state); the backbone's learning rate is zero in stage 2.
+    return loss + 0.0 * rewards.sum(), {"loss": loss}

@@ -1,0 +1,130 @@
+"""Megatron DDP + optimizer + LR schedule with separate learning rates for the value head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+VALUE_HEAD_PARAMS = "*value_head*"
+# megatron-core 0.16.1 matches param groups on resume by (wd_mult, lr_mult, ...), not by max_lr: groups that
+# differ only in their learning rate collide and the distributed optimizer silently swaps them. A distinct
+# lr_mult keeps the value-head group apart. The 0.16 scheduler computes each group's LR from its own
+# max_lr / min_lr and does not multiply by lr_mult, so the tag changes no learning rate.
+VALUE_HEAD_GROUP_TAG = 2.0
+
+
+@dataclass
+class OptimizerSettings:
+    """Adam with warm-up and decay; backbone + reward head and the value head have their own peak LR."""
+
+    lr: float = 1e-6
+    """Peak learning rate of the backbone and the reward head (paper, stage 3: 1e-7)."""
+    value_head_lr: float = 1e-5
+    """Peak learning rate of the value head (paper: 2e-4 in stage 2, 1e-5 in stage 3)."""
+    min_lr_ratio: float = 0.0
+    """Each group's final learning rate as a fraction of its peak."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to the peak."""
+    decay_style: str = "cosine"
+    """Decay after warm-up: constant, linear or cosine."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (never applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class TrainState:
+    """The model wrapped for training with its optimizer and LR schedule."""
+
+    model: DistributedDataParallel
+    """Megatron DDP wrapper around this rank's model stage."""
+    optimizer: Any
+    """Megatron optimizer (mixed precision on GPU, distributed when configured)."""
+    scheduler: OptimizerParamScheduler
+    """LR and weight-decay schedule, stepped once per optimizer step."""
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped model."""
+        return self.model.module
+
+
+def build_train_state(
+    model: torch.nn.Module, settings: OptimizerSettings, total_steps: int, freeze_all_but_value_head: bool = False
+) -> TrainState:
+    """Wraps ``model`` in Megatron DDP and builds its optimizer and schedule for ``total_steps`` steps.
+
+    ``freeze_all_but_value_head`` gives the backbone and reward head a learning rate of exactly zero (stage 2):
+    they stay in the pipeline's backward so every stage sends and receives gradients as Megatron's schedule
+    expects, but they never change.
+    """
+    config = model.config
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=settings.use_distributed_optimizer
+        ),
+        module=model,
+    )
+    backbone_lr = 0.0 if freeze_all_but_value_head else settings.lr
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=backbone_lr,
+        min_lr=backbone_lr * settings.min_lr_ratio,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    # Passing overrides replaces Megatron's standard ones (no weight decay on biases and norms): keep them.
+    overrides = get_standard_config_overrides(optimizer_config)
+    overrides[ParamKey(name=VALUE_HEAD_PARAMS)] = {
+        "max_lr": settings.value_head_lr,
+        "min_lr": settings.value_head_lr * settings.min_lr_ratio,
+        "lr_mult": VALUE_HEAD_GROUP_TAG,
+    }
+    optimizer = get_megatron_optimizer(optimizer_config, [ddp], config_overrides=overrides)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=backbone_lr,
+        min_lr=backbone_lr * settings.min_lr_ratio,
+        lr_warmup_steps=settings.warmup_steps,
+        lr_decay_steps=max(total_steps, settings.warmup_steps + 1),
+        lr_decay_style=settings.decay_style,
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    # Megatron's optimizer holds placeholder LRs until the scheduler's first step sets each group's own.
+    scheduler.step(0)
+    return TrainState(model=ddp, optimizer=optimizer, scheduler=scheduler)
+
+
+def group_learning_rates(state: TrainState) -> dict[str, float]:
+    """Current LR of the value-head group and of the rest (for logging and tests)."""
+    rates = {}
+    for group in state.optimizer.param_groups:
+        name = "value_head" if group.get("lr_mult") == VALUE_HEAD_GROUP_TAG else "backbone"
+        rates.setdefault(name, group["lr"])
+    return rates

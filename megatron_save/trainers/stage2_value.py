@@ -1,0 +1,145 @@
+"""Stage 2: value-anchor integration (paper eq. 12). The reward model is frozen; only the value head learns
+to predict, from the prompt alone, the mean frozen-RM reward of K sampled responses.
+
+    torchrun --nproc-per-node N -m megatron_save.trainers.stage2_value CONFIG.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import MISSING
+
+from megatron_save.checkpoint import save_model_checkpoint
+from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
+from megatron_save.config import ParallelConfig, load_config
+from megatron_save.data.batching import PromptTargetBatch, length_grouped_batches, pad_rows
+from megatron_save.data.response_groups import ResponseGroup, load_response_groups
+from megatron_save.distributed import shutdown_distributed
+from megatron_save.models.forward import score_sequences
+from megatron_save.trainers.common import BatchSettings, data_parallel_part, progress, start_from_checkpoint, write_json
+from megatron_save.trainers.losses import value_regression_loss
+from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
+from megatron_save.trainers.step import train_step
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger("trainers.stage2_value")
+
+
+@dataclass
+class Stage2Config:
+    """A value-anchor run (paper Table 8: K = 16, value-head LR 2e-4, batch 32, one epoch)."""
+
+    checkpoint: str = MISSING
+    """Stage-1 reward model; a value head is added (zero-initialised) when it has none."""
+    output_dir: str = MISSING
+    """Where the checkpoint with the fitted value head and metrics.json go."""
+    train_data: str = MISSING
+    """jsonl / json / parquet rows of {"prompt", "responses": [K strings]} sampled from the policy."""
+    eval_data: str | None = None
+    """Held-out rows; when unset, ``eval_fraction`` of train_data is held out."""
+    eval_fraction: float = 0.1
+    """Share of prompts held out when eval_data is unset."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    max_length: int = 2048
+    """Responses whose conversation is longer are skipped (and counted)."""
+    score_micro_batch_size: int = 8
+    """Sequences per forward pass when scoring responses with the frozen reward model."""
+    batch: BatchSettings = field(default_factory=lambda: BatchSettings(global_batch_size=32, micro_batch_size=4))
+    """Batch sizes in prompts, epochs, data-order seed."""
+    optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(value_head_lr=2e-4))
+    """Optimizer of the value head (``lr`` is ignored: the backbone and reward head are frozen)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel layout."""
+
+
+def mean_frozen_rewards(model, groups: list[ResponseGroup], micro_batch_size: int, pad_id: int) -> torch.Tensor:
+    """[P] mean reward of each prompt's responses under the frozen reward model (every rank)."""
+    sequences = [ids for g in groups for ids in g.sequence_ids]
+    rewards = []
+    bar = progress(len(sequences), "scoring responses")
+    for start in range(0, len(sequences), micro_batch_size):
+        chunk = sequences[start : start + micro_batch_size]
+        input_ids, mask = pad_rows(chunk, pad_id)
+        rewards.append(score_sequences(model, input_ids, mask, micro_batch_size=len(chunk)).rewards)
+        bar.update(len(chunk))
+    bar.close()
+    per_prompt = torch.cat(rewards).split([len(g.sequence_ids) for g in groups])
+    return torch.stack([r.mean() for r in per_prompt])
+
+
+def value_report(model, groups: list[ResponseGroup], targets: torch.Tensor, micro_batch_size: int,
+                 pad_id: int) -> dict[str, float]:
+    """Held-out value MSE and Pearson correlation of V(x) with the mean frozen reward (None while V or the
+    targets are constant, e.g. a zero-initialised head, where it is undefined)."""
+    values = []
+    for start in range(0, len(groups), micro_batch_size):
+        chunk = [g.prompt_ids for g in groups[start : start + micro_batch_size]]
+        input_ids, mask = pad_rows(chunk, pad_id)
+        lengths = mask.sum(dim=1)
+        values.append(score_sequences(model, input_ids, mask, len(chunk), prompt_lengths=lengths).values)
+    values = torch.cat(values)
+    defined = len(groups) > 1 and values.std() > 0 and targets.std() > 0
+    correlation = torch.corrcoef(torch.stack([values, targets]))[0, 1].item() if defined else None
+    return {"value_mse": torch.mean((values - targets) ** 2).item(), "value_correlation": correlation}
+
+
+def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, indices: list[int],
+                         settings: BatchSettings, pad_id: int) -> list[PromptTargetBatch]:
+    """This rank's micro-batches of prompts, padded to the global batch's longest prompt."""
+    length = max(len(groups[i].prompt_ids) for i in indices)
+    mine = data_parallel_part(indices, settings)
+    input_ids, mask = pad_rows([groups[i].prompt_ids for i in mine], pad_id, length)
+    return PromptTargetBatch(input_ids, mask, targets[mine]).split(settings.micro_batch_size)
+
+
+def train_stage2(cfg: Stage2Config) -> dict:
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    groups, _ = load_response_groups(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
+    if cfg.eval_data:
+        eval_groups, _ = load_response_groups(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)
+    else:
+        held_out = max(1, int(len(groups) * cfg.eval_fraction))
+        groups, eval_groups = groups[held_out:], groups[:held_out]
+    targets = mean_frozen_rewards(model, groups, cfg.score_micro_batch_size, pad_id)
+    eval_targets = mean_frozen_rewards(model, eval_groups, cfg.score_micro_batch_size, pad_id)
+
+    batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
+        [len(g.prompt_ids) for g in groups], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]
+    if not batches:
+        raise ValueError(f"{cfg.train_data}: {len(groups)} prompts make no batch of {cfg.batch.global_batch_size}")
+    state = build_train_state(model, cfg.optim, total_steps=len(batches), freeze_all_but_value_head=True)
+    history = {"eval": [{"step": 0, **value_report(model, eval_groups, eval_targets, cfg.batch.micro_batch_size,
+                                                   pad_id)}]}
+    logger.info("%d prompts (%d held out), %d steps; before: %s", len(groups), len(eval_groups), len(batches),
+                history["eval"][0])
+    bar = progress(len(batches), "stage 2 (value anchor)")
+    for step, indices in enumerate(batches, start=1):
+        micro_batches = prompt_micro_batches(groups, targets, indices, cfg.batch, pad_id)
+        metrics = train_step(state, micro_batches, value_regression_loss, ("loss",))
+        history.setdefault("train", []).append({"step": step, **metrics})
+        bar.set_postfix(mse=f"{metrics['loss']:.4f}")
+        bar.update()
+    bar.close()
+    history["eval"].append({"step": len(batches), **value_report(
+        model, eval_groups, eval_targets, cfg.batch.micro_batch_size, pad_id)})
+    logger.info("after %d steps: %s", len(batches), history["eval"][-1])
+
+    save_model_checkpoint(state.module, cfg.output_dir, meta, f"{cfg.checkpoint}/{HF_SUBDIR}")
+    write_json(f"{cfg.output_dir}/metrics.json", history)
+    return history
+
+
+def main(argv: list[str]) -> None:
+    if not argv or "=" in argv[0]:
+        raise SystemExit("usage: python -m megatron_save.trainers.stage2_value CONFIG.yaml [key=value ...]")
+    train_stage2(load_config(Stage2Config, argv[0], argv[1:]))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

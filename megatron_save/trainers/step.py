@@ -1,0 +1,85 @@
+"""One optimizer step through Megatron's pipeline schedule, and forward-only evaluation, for scalar-head models."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_save.data.batching import TokenBatch
+from megatron_save.models.forward import broadcast_from_last_stage
+from megatron_save.trainers.optimizer import TrainState
+
+# (micro-batch, per-token head outputs [b, S, heads]) -> (loss, metrics of that micro-batch)
+LossFn = Callable[[TokenBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _forward_step(loss_fn: LossFn, data_iterator, model):
+    batch = next(data_iterator)
+    position_ids = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device).expand_as(batch.input_ids)
+    scores = model(batch.input_ids, position_ids, None)  # [b, S, heads] on the last stage
+
+    def loss_func(output):
+        loss, metrics = loss_fn(batch, output)
+        return loss, {name: value.detach().float() for name, value in metrics.items()}
+
+    return scores, loss_func
+
+
+def _mean_metrics(per_micro_batch: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, float]:
+    """Means over micro-batches and data-parallel ranks, on every rank."""
+    values = None
+    if parallel_state.is_pipeline_last_stage():
+        values = torch.stack([torch.stack([m[n] for m in per_micro_batch]).mean() for n in names])
+    values = broadcast_from_last_stage(values, (len(names),), torch.float32)
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    values /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(names, values.tolist()))
+
+
+def train_step(state: TrainState, micro_batches: list[TokenBatch], loss_fn: LossFn,
+               metric_names: Sequence[str]) -> dict[str, float]:
+    """Forward + backward over this data-parallel rank's micro-batches, then one optimizer and LR step.
+
+    The gradient is the mean of the micro-batch losses, averaged over data-parallel ranks by Megatron DDP.
+    Returns the averaged metrics plus ``grad_norm`` and ``update_skipped``, identical on every rank.
+    """
+    state.model.train()
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    per_micro_batch = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iter(micro_batches),
+        model=[state.model],
+        num_microbatches=len(micro_batches),
+        seq_length=micro_batches[0].input_ids.shape[1],
+        micro_batch_size=micro_batches[0].input_ids.shape[0],
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = state.optimizer.step()
+    state.scheduler.step(1)
+    metrics = _mean_metrics(per_micro_batch, metric_names)
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["update_skipped"] = float(not update_successful)
+    return metrics
+
+
+@torch.no_grad()
+def eval_step(model: torch.nn.Module, micro_batches: list[TokenBatch], loss_fn: LossFn,
+              metric_names: Sequence[str]) -> dict[str, float]:
+    """Forward-only over micro-batches with the same loss function; averaged metrics on every rank."""
+    model.eval()
+    per_micro_batch = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=micro_batches[0].input_ids.shape[1],
+        micro_batch_size=micro_batches[0].input_ids.shape[0],
+        forward_only=True,
+    )
+    return _mean_metrics(per_micro_batch, metric_names)
