@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -118,6 +118,11 @@ def build_train_state(
     )
     # Megatron's optimizer holds placeholder LRs until the scheduler's first step sets each group's own.
     scheduler.step(0)
+    # The pipeline schedule reduces gradients over data-parallel ranks (and ties embedding gradients across
+    # stages) only through these hooks; without them every rank would step on its own local gradient.
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
     return TrainState(model=ddp, optimizer=optimizer, scheduler=scheduler)
 
 

@@ -25,7 +25,8 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
 
     def loss_func(output):
         loss, metrics = loss_fn(batch, output)
-        return loss, {name: value.detach().float() for name, value in metrics.items()}
+        # Cloned: the schedule divides the returned loss in place by the number of micro-batches.
+        return loss, {name: value.detach().float().clone() for name, value in metrics.items()}
 
     return scores, loss_func
 

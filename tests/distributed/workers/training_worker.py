@@ -1,0 +1,85 @@
+"""torchrun worker: the same stage-1 and stage-2 steps at every layout (and with the distributed optimizer).
+
+Writes {"<layout>": {"bt_loss": [...], "value_loss": [...], "rewards": [...], "values": [...]}} to --out.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from helpers import LAYOUTS  # noqa: E402
+
+from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
+from megatron_save.config import ParallelConfig  # noqa: E402
+from megatron_save.data.batching import pad_rows  # noqa: E402
+from megatron_save.data.chat import encode_prompt  # noqa: E402
+from megatron_save.data.preference import load_preference_pairs  # noqa: E402
+from megatron_save.data.response_groups import ResponseGroup  # noqa: E402
+from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
+from megatron_save.models.forward import score_sequences  # noqa: E402
+from megatron_save.trainers.common import BatchSettings  # noqa: E402
+from megatron_save.trainers.losses import bt_pair_loss, value_regression_loss  # noqa: E402
+from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
+from megatron_save.trainers.stage1_bt import pair_micro_batches  # noqa: E402
+from megatron_save.trainers.stage2_value import prompt_micro_batches  # noqa: E402
+from megatron_save.trainers.step import train_step  # noqa: E402
+
+RUNS = {**{name: (tp, pp, False) for name, (tp, pp) in LAYOUTS.items()}, "tp1_distopt": (1, 1, True),
+        "tp2pp2_distopt": (2, 2, True)}
+STEPS, PAIRS_PER_STEP = 3, 8
+
+
+def run(ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths, distributed_optimizer):
+    batch = BatchSettings(global_batch_size=PAIRS_PER_STEP, micro_batch_size=2)
+    settings = OptimizerSettings(lr=1e-3, value_head_lr=1e-2, decay_style="constant",
+                                 use_distributed_optimizer=distributed_optimizer)
+    model, _, _ = build_model_from_checkpoint(ckpt)
+    state = build_train_state(model, settings, total_steps=STEPS)
+    bt_losses = []
+    for step in range(STEPS):
+        indices = list(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))
+        bt_losses.append(train_step(state, pair_micro_batches(pairs, indices, batch, 0), bt_pair_loss, ("loss",))["loss"])
+    frozen = build_train_state(state.module, settings, total_steps=STEPS, freeze_all_but_value_head=True)
+    value_losses = []
+    for step in range(2):
+        indices = list(range(step * 4, (step + 1) * 4))
+        micro = prompt_micro_batches(groups, targets, indices, BatchSettings(global_batch_size=4, micro_batch_size=1), 0)
+        value_losses.append(train_step(frozen, micro, value_regression_loss, ("loss",))["loss"])
+    scores = score_sequences(state.module, eval_ids, eval_mask, 2, prompt_lengths)
+    return {"bt_loss": bt_losses, "value_loss": value_losses,
+            "rewards": scores.rewards.tolist(), "values": scores.values.tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--pairs", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    init_distributed(ParallelConfig())
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.ckpt) / "hf")
+    pairs, _ = load_preference_pairs(args.pairs, tokenizer, max_length=128)
+    groups = [ResponseGroup(prompt_ids=encode_prompt(tokenizer, f"prompt {i}"), sequence_ids=[]) for i in range(8)]
+    targets = torch.linspace(-1.0, 2.0, 8)
+    eval_rows = [p.chosen_ids for p in pairs[-4:]]
+    eval_ids, eval_mask = pad_rows(eval_rows, 0)
+    prompt_lengths = torch.tensor([14, 15, 16, 17])  # inside the prompt "say ..." of every row
+
+    results = {}
+    for name, (tp, pp, distributed_optimizer) in RUNS.items():
+        set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        results[name] = run(args.ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths,
+                            distributed_optimizer)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
