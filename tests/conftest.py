@@ -34,3 +34,12 @@ def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     convert_hf_to_megatron(hf_dir, root / "llama-rmv-mg")
     models["llama-rmv"] = {"hf": hf_dir, "mg": root / "llama-rmv-mg"}
     return models
+
+
+@pytest.fixture
+def world_of_one():
+    """torch.distributed and Megatron's groups in this process, as a single rank at TP=1, PP=1."""
+    from megatron_save.config import ParallelConfig
+    from megatron_save.distributed import init_distributed
+
+    init_distributed(ParallelConfig())

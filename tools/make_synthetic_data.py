@@ -1,0 +1,31 @@
+"""Writes small synthetic data files with a known right answer (for trying the stages without a hub).
+
+    python tools/make_synthetic_data.py --out DIR [--pairs 600 --prompts 240 --responses 8 --seed 0]
+
+DIR/preference_train.jsonl, DIR/preference_eval.jsonl: {"prompt", "chosen", "rejected"} rows (stage 1);
+DIR/responses.jsonl: {"prompt", "responses": [...]} rows (stage 2).
+"""
+
+import argparse
+from pathlib import Path
+
+from megatron_save.testing.synthetic import synthetic_preference_rows, synthetic_response_groups, write_jsonl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--pairs", type=int, default=600)
+    parser.add_argument("--prompts", type=int, default=240)
+    parser.add_argument("--responses", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    write_jsonl(synthetic_preference_rows(args.pairs, args.seed), out / "preference_train.jsonl")
+    write_jsonl(synthetic_preference_rows(args.pairs // 8, args.seed + 1), out / "preference_eval.jsonl")
+    write_jsonl(synthetic_response_groups(args.prompts, args.responses, args.seed + 2), out / "responses.jsonl")
+    print(f"wrote synthetic data to {out}")
+
+
+if __name__ == "__main__":
+    main()
