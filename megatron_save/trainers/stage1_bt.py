@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 
 from omegaconf import MISSING
 
 from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
+from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.config import ParallelConfig, load_config
 from megatron_save.data.batching import PairBatch, length_grouped_batches, pad_rows
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
@@ -47,6 +49,10 @@ class Stage1Config:
     """Pairs with a longer conversation are skipped (and counted)."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only before and after training)."""
+    save_every: int = 0
+    """Write a training checkpoint (model, optimizer, schedule) to output_dir/checkpoints/step_N every N steps."""
+    resume_from: str | None = None
+    """A training checkpoint of this run to continue from (same data and batch settings)."""
     batch: BatchSettings = field(default_factory=BatchSettings)
     """Batch sizes in pairs, epochs, data-order seed."""
     optim: OptimizerSettings = field(default_factory=OptimizerSettings)
@@ -74,35 +80,44 @@ def pairwise_eval(model, pairs: list[PreferencePair], micro_batch_size: int, pad
     return correct / max(len(pairs), 1)
 
 
-def train_stage1(cfg: Stage1Config) -> dict:
-    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
+def load_pairs(cfg: Stage1Config, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Training and held-out pairs (eval_data, or the first eval_fraction of train_data)."""
     train_pairs, _ = load_preference_pairs(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
     if cfg.eval_data:
-        eval_pairs, _ = load_preference_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)
-    else:
-        held_out = int(len(train_pairs) * cfg.eval_fraction)
-        train_pairs, eval_pairs = train_pairs[held_out:], train_pairs[:held_out]
+        return train_pairs, load_preference_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)[0]
+    held_out = int(len(train_pairs) * cfg.eval_fraction)
+    return train_pairs[held_out:], train_pairs[:held_out]
+
+
+def train_stage1(cfg: Stage1Config) -> dict:
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
         [p.length for p in train_pairs], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]
     if not batches:
         raise ValueError(f"{cfg.train_data}: {len(train_pairs)} pairs make no batch of {cfg.batch.global_batch_size}")
     state = build_train_state(model, cfg.optim, total_steps=len(batches))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    start = load_train_checkpoint(state, cfg.resume_from) if cfg.resume_from else 0
+    evaluate = partial(pairwise_eval, model, eval_pairs, cfg.batch.micro_batch_size, pad_id)
 
-    history = {"eval_accuracy": [(0, pairwise_eval(model, eval_pairs, cfg.batch.micro_batch_size, pad_id))]}
-    logger.info("%d training pairs, %d held out, %d steps; held-out accuracy before training %.3f",
-                len(train_pairs), len(eval_pairs), len(batches), history["eval_accuracy"][0][1])
+    history = {"eval_accuracy": [(start, evaluate())], "train": []}
+    logger.info("%d training pairs, %d held out, steps %d..%d; held-out accuracy %.3f", len(train_pairs),
+                len(eval_pairs), start + 1, len(batches), history["eval_accuracy"][0][1])
     bar = progress(len(batches), "stage 1 (BT)")
-    for step, indices in enumerate(batches, start=1):
+    bar.update(start)
+    for step, indices in enumerate(batches[start:], start=start + 1):
         micro_batches = pair_micro_batches(train_pairs, indices, cfg.batch, pad_id)
         metrics = train_step(state, micro_batches, bt_pair_loss, ("loss", "accuracy"))
-        history.setdefault("train", []).append({"step": step, **metrics})
+        history["train"].append({"step": step, **metrics})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
         bar.update()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < len(batches):
-            history["eval_accuracy"].append((step, pairwise_eval(model, eval_pairs, cfg.batch.micro_batch_size, pad_id)))
+            history["eval_accuracy"].append((step, evaluate()))
+        if cfg.save_every and step % cfg.save_every == 0:
+            save_train_checkpoint(state, f"{cfg.output_dir}/checkpoints/step_{step}", step)
     bar.close()
-    history["eval_accuracy"].append((len(batches), pairwise_eval(model, eval_pairs, cfg.batch.micro_batch_size, pad_id)))
+    history["eval_accuracy"].append((len(batches), evaluate()))
     logger.info("held-out accuracy after %d steps: %.3f", len(batches), history["eval_accuracy"][-1][1])
 
     save_model_checkpoint(state.module, cfg.output_dir, meta, f"{cfg.checkpoint}/{HF_SUBDIR}")
