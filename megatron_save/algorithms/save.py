@@ -49,26 +49,20 @@ def save_reward_loss(
 ) -> torch.Tensor:
     """Eqs. 18-20: softmax value-anchored contrastive loss, mean over kept prompts; V is stop-gradient.
 
-    L+_i = -mean_{y in Y+} log( e^R(y) / (e^SG[V] + sum_{y' in Y+} e^R(y')) )
-    L-_i = -log( e^SG[V] / (e^SG[V] + sum_{y in Y-} e^R(y)) )
+    L+_i = -mean_{y in Y+} log( e^R(y) / (e^SG[V] + sum_{y' in Y+} e^R(y')) ) = lse(SG[V], R(Y+)) - mean_{Y+} R
+    L-_i = -log( e^SG[V] / (e^SG[V] + sum_{y in Y-} e^R(y)) )               = lse(SG[V], R(Y-)) - SG[V]
     rewards [B, G], values [B], pos_mask / neg_mask [B, G] bool, prompt_keep [B] bool -> scalar.
-    Zero, with zero gradient everywhere, when no prompt is kept. Computed with logsumexp: stable for any scale.
+    Zero, with zero gradient everywhere, when no prompt is kept. Log-sum-exps keep it stable at any scale.
     """
-    anchor = values.detach().float()[:, None]  # [B, 1]
+    # Prompts with a non-finite anchor are never kept (save_partition); zero it so that no NaN reaches backward.
+    anchor = values.detach().float().nan_to_num(0.0, 0.0, 0.0)[:, None]  # [B, 1]
     # Unused slots may hold anything (padding, NaN); replace them before any arithmetic.
-    rewards = torch.where(pos_mask | neg_mask, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
-    minus_inf = torch.tensor(float("-inf"), device=rewards.device)
-
-    pos_logits = torch.cat([anchor, torch.where(pos_mask, rewards, minus_inf)], dim=1)  # [B, 1 + G]
-    pos_log_norm = torch.logsumexp(pos_logits, dim=1, keepdim=True)  # [B, 1]
-    pos_log_probs = torch.where(pos_mask, rewards - pos_log_norm, torch.zeros_like(rewards))  # [B, G]
-    loss_pos = -pos_log_probs.sum(dim=1) / pos_mask.sum(dim=1).clamp(min=1)  # [B]
-
-    neg_logits = torch.cat([anchor, torch.where(neg_mask, rewards, minus_inf)], dim=1)  # [B, 1 + G]
-    loss_neg = -(anchor[:, 0] - torch.logsumexp(neg_logits, dim=1))  # [B]
-
-    per_prompt = torch.where(prompt_keep, loss_pos + loss_neg, torch.zeros_like(loss_pos))  # [B]
-    return per_prompt.sum() / prompt_keep.sum().clamp(min=1)
+    rewards = rewards.float().masked_fill(~(pos_mask | neg_mask), 0.0)  # [B, G]
+    log_norm_pos = torch.logsumexp(torch.cat([anchor, rewards.masked_fill(~pos_mask, float("-inf"))], 1), 1)  # [B]
+    log_norm_neg = torch.logsumexp(torch.cat([anchor, rewards.masked_fill(~neg_mask, float("-inf"))], 1), 1)  # [B]
+    mean_pos_reward = (rewards * pos_mask).sum(dim=1) / pos_mask.sum(dim=1).clamp(min=1)  # [B]
+    per_prompt = (log_norm_pos - mean_pos_reward) + (log_norm_neg - anchor[:, 0])  # [B]
+    return per_prompt.masked_fill(~prompt_keep, 0.0).sum() / prompt_keep.sum().clamp(min=1)
 
 
 def value_anchor_loss(values: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -77,9 +71,9 @@ def value_anchor_loss(values: torch.Tensor, rewards: torch.Tensor, valid: torch.
     values [B], rewards [B, G], valid [B, G] bool -> scalar. Prompts without a valid response are left out.
     Only ``values`` receives gradient; compute V on a detached backbone state so only the value head learns.
     """
-    rewards = torch.where(valid, rewards.detach().float(), torch.zeros_like(rewards, dtype=torch.float32))
+    rewards = rewards.detach().float().masked_fill(~valid, 0.0)  # [B, G]
     counts = valid.sum(dim=1)  # [B]
     targets = rewards.sum(dim=1) / counts.clamp(min=1)  # [B]
     has_responses = counts > 0
-    squared = torch.where(has_responses, (values.float() - targets) ** 2, torch.zeros_like(targets))  # [B]
+    squared = (values.float() - targets).square().masked_fill(~has_responses, 0.0)  # [B]
     return squared.sum() / has_responses.sum().clamp(min=1)

@@ -175,3 +175,14 @@ def test_large_rewards_are_stable():
     lse = torch.logsumexp(torch.stack([V[0], R[0, 0], R[0, 1]]), 0)
     expected = -((R[0, 0] - lse) + (R[0, 1] - lse)) / 2 - (V[0] - torch.logsumexp(torch.stack([V[0], R[0, 2], R[0, 3]]), 0))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_nan_anchor_poisons_nothing():
+    rewards = torch.tensor([[2.0, -3.0], [1.0, -1.0]], requires_grad=True)
+    values = torch.tensor([float("nan"), 0.0])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    pos, neg, keep = save_partition(rewards.detach(), values, valid, 0.5)
+    assert keep.tolist() == [False, True] and not (pos[0].any() or neg[0].any())
+    loss = save_reward_loss(rewards, values, pos, neg, keep)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(rewards.grad).all() and torch.all(rewards.grad[0] == 0)
