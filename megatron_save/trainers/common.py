@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -13,8 +13,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR, build_model_from_checkpoint, read_checkpoint_meta
-from megatron_save.config.parallel import ParallelConfig
-from megatron_save.distributed import init_distributed
+from megatron_save.config import ParallelConfig, load_config
+from megatron_save.distributed import init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
 
 
@@ -59,6 +59,14 @@ def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]
 def progress(total: int, description: str) -> tqdm:
     """A progress bar on global rank 0 only."""
     return tqdm(total=total, desc=description, disable=dist.get_rank() != 0, dynamic_ncols=True)
+
+
+def run_from_command_line(schema: type, train: Callable[[Any], Any], module: str, argv: list[str]) -> None:
+    """``python -m MODULE CONFIG.yaml [key=value ...]``: loads the config, trains, shuts the process groups down."""
+    if not argv or "=" in argv[0]:
+        raise SystemExit(f"usage: torchrun [...] -m {module} CONFIG.yaml [key=value ...]")
+    train(load_config(schema, argv[0], argv[1:]))
+    shutdown_distributed()
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -15,12 +15,18 @@ from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
-from megatron_save.config import ParallelConfig, load_config
+from megatron_save.config import ParallelConfig
 from megatron_save.data.batching import PairBatch, length_grouped_batches, pad_rows
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
-from megatron_save.distributed import shutdown_distributed
 from megatron_save.models.forward import score_sequences
-from megatron_save.trainers.common import BatchSettings, data_parallel_part, progress, start_from_checkpoint, write_json
+from megatron_save.trainers.common import (
+    BatchSettings,
+    data_parallel_part,
+    progress,
+    run_from_command_line,
+    start_from_checkpoint,
+    write_json,
+)
 from megatron_save.trainers.losses import bt_pair_loss
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
@@ -125,12 +131,5 @@ def train_stage1(cfg: Stage1Config) -> dict:
     return history
 
 
-def main(argv: list[str]) -> None:
-    if not argv or "=" in argv[0]:
-        raise SystemExit("usage: python -m megatron_save.trainers.stage1_bt CONFIG.yaml [key=value ...]")
-    train_stage1(load_config(Stage1Config, argv[0], argv[1:]))
-    shutdown_distributed()
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(Stage1Config, train_stage1, "megatron_save.trainers.stage1_bt", sys.argv[1:])

@@ -14,12 +14,18 @@ from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
-from megatron_save.config import ParallelConfig, load_config
+from megatron_save.config import ParallelConfig
 from megatron_save.data.batching import PromptTargetBatch, length_grouped_batches, pad_rows
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
-from megatron_save.distributed import shutdown_distributed
 from megatron_save.models.forward import score_sequences
-from megatron_save.trainers.common import BatchSettings, data_parallel_part, progress, start_from_checkpoint, write_json
+from megatron_save.trainers.common import (
+    BatchSettings,
+    data_parallel_part,
+    progress,
+    run_from_command_line,
+    start_from_checkpoint,
+    write_json,
+)
 from megatron_save.trainers.losses import value_regression_loss
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
@@ -134,12 +140,5 @@ def train_stage2(cfg: Stage2Config) -> dict:
     return history
 
 
-def main(argv: list[str]) -> None:
-    if not argv or "=" in argv[0]:
-        raise SystemExit("usage: python -m megatron_save.trainers.stage2_value CONFIG.yaml [key=value ...]")
-    train_stage2(load_config(Stage2Config, argv[0], argv[1:]))
-    shutdown_distributed()
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(Stage2Config, train_stage2, "megatron_save.trainers.stage2_value", sys.argv[1:])
