@@ -32,13 +32,19 @@ def response_text(response: str | Messages) -> str:
     return "".join(m.get("content") or "" for m in response if m.get("role") == "assistant")
 
 
+def _drop_duplicated_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """The template writes BOS and the tokenizer adds another: keep one, as reward-bench does."""
+    bos = tokenizer.bos_token_id
+    return ids[1:] if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos else ids
+
+
 def encode_conversation(tokenizer: Any, messages: Messages) -> list[int]:
-    """Token ids of the rendered conversation, without a generation prompt (the template adds BOS if any)."""
+    """Token ids of the rendered conversation without a generation prompt, as reward-bench scores it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _drop_duplicated_bos(tokenizer, tokenizer(text)["input_ids"])
 
 
 def encode_prompt(tokenizer: Any, prompt: str | Messages) -> list[int]:
     """Token ids of the prompt followed by the generation prompt: the prefix a response continues."""
     text = tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _drop_duplicated_bos(tokenizer, tokenizer(text)["input_ids"])

@@ -1,0 +1,1 @@
+"""Reward-model benchmarks with their official scoring rules, and policy-answer export for external judges."""
