@@ -1,6 +1,13 @@
 """The paper's equations as pure tensor functions (no configs, no globals); shapes in comments."""
 
+from megatron_save.algorithms.advantages import (
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+)
 from megatron_save.algorithms.bradley_terry import bt_loss, pairwise_accuracy
+from megatron_save.algorithms.policy_loss import PolicyLossOutput, gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
 from megatron_save.algorithms.save import (
     curriculum_threshold,
     save_partition,
@@ -9,7 +16,15 @@ from megatron_save.algorithms.save import (
 )
 
 __all__ = [
+    "PolicyLossOutput",
     "bt_loss",
+    "grpo_advantages",
+    "gspo_policy_loss",
+    "kl_penalty",
+    "ppo_clip_policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
     "curriculum_threshold",
     "pairwise_accuracy",
     "save_partition",
