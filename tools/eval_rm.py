@@ -15,7 +15,7 @@ from pathlib import Path
 
 from megatron_save.evaluation.benchmarks import PAPER_ORDER, get_benchmark, load_benchmark
 from megatron_save.evaluation.runner import read_summaries, rescore, results_table, score_rows, summarize, write_outputs
-from megatron_save.evaluation.scorer import hf_batch_scorer, megatron_batch_scorer, score_conversations
+from megatron_save.evaluation.scorer import hf_sequence_scorer, megatron_sequence_scorer, score_conversations
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,11 +58,10 @@ def make_scorer(args: argparse.Namespace):
 
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
         init_distributed(parallel, model_shape(read_checkpoint_meta(args.ckpt)[1]))
-        score_batch, tokenizer = megatron_batch_scorer(args.ckpt)
+        score_sequences, tokenizer = megatron_sequence_scorer(args.ckpt, args.batch_size)
     else:
-        score_batch, tokenizer = hf_batch_scorer(args.hf_model)
-    return lambda conversations: score_conversations(conversations, tokenizer, score_batch, args.batch_size,
-                                                     args.max_length)
+        score_sequences, tokenizer = hf_sequence_scorer(args.hf_model, args.batch_size)
+    return lambda conversations: score_conversations(conversations, tokenizer, score_sequences, args.max_length)
 
 
 def main() -> None:

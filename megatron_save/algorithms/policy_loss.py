@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+# Log-ratios are clamped here before exp (as verl does): a far off-policy token gives a large, finite loss.
+MAX_LOG_RATIO = 20.0
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 
@@ -61,7 +63,7 @@ def ppo_clip_policy_loss(
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
-    ratio = torch.exp(log_ratio)  # [N, T]
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [N, T]
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     token_losses = torch.maximum(unclipped, clipped)
@@ -96,10 +98,11 @@ def gspo_policy_loss(
     if advantages.dim() == 2:
         advantages = advantages[:, 0]
     tokens = mask.sum(dim=1).clamp(min=1)  # [N]
+    logp = logp.masked_fill(~mask, 0.0)  # padding may hold anything; keep it out of values and gradients
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
     sequence_log_ratio = log_ratio.sum(dim=1) / tokens  # [N]
     token_log_ratio = sequence_log_ratio.detach()[:, None] + logp - logp.detach()  # [N, T]
-    ratio = torch.exp(token_log_ratio.clamp(max=10.0))
+    ratio = torch.exp(token_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     advantage = advantages[:, None].expand_as(ratio)
     unclipped = -advantage * ratio
     clipped = -advantage * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)

@@ -21,6 +21,16 @@ class TokenBatch:
     attention_mask: torch.Tensor
     """[N, S] bool, True on real tokens."""
 
+    def to(self: B, device: torch.device | str) -> B:
+        """Every tensor field on ``device``."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+        })
+
+    def position_ids(self) -> torch.Tensor:
+        """[N, S] positions 0..S-1 of every row (right padding keeps real tokens at their positions)."""
+        return torch.arange(self.input_ids.shape[1], device=self.input_ids.device).expand_as(self.input_ids)
+
     def rows(self: B, start: int, stop: int) -> B:
         """Rows [start, stop) of every tensor field."""
         return dataclasses.replace(self, **{
@@ -46,6 +56,11 @@ class PromptTargetBatch(TokenBatch):
 
     targets: torch.Tensor
     """[N] fp32 regression target of V(x): the mean frozen-RM reward of the prompt's responses."""
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's padding id (0 when it has none: padding is masked out anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def pad_rows(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

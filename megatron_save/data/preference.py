@@ -58,8 +58,6 @@ def load_preference_pairs(
     rows = load_rows(source, split)
     require_fields(rows, ("chosen", "rejected"), source)
     has_prompt = "prompt" in rows.column_names
-    if not has_prompt and len(rows) and not _has_user_turn(rows[0]["chosen"]):
-        raise ValueError(f"{source}: no 'prompt' field, and 'chosen' is not a conversation with a user turn")
     report = LoadReport(source)
     pairs = []
     for index, row in enumerate(rows):
@@ -67,6 +65,9 @@ def load_preference_pairs(
         chosen = field_value(row, "chosen", index, source)
         rejected = field_value(row, "rejected", index, source)
         prompt = field_value(row, "prompt", index, source) if has_prompt else None
+        if prompt is None and not (_has_user_turn(chosen) and _has_user_turn(rejected)):
+            raise ValueError(f"{source}: row {index} has no 'prompt' field, and its chosen / rejected are not "
+                             "conversations with a user turn")
         if not response_text(chosen).strip() or not response_text(rejected).strip():
             report.skipped["empty response"] += 1
             continue

@@ -38,6 +38,7 @@ def load_response_groups(
         responses = field_value(row, "responses", index, source)
         if not isinstance(responses, list):
             raise ValueError(f"{source}: row {index}: 'responses' must be a list of strings")
+        prompt_ids = encode_prompt(tokenizer, prompt)
         sequences = []
         for response in responses:
             if not isinstance(response, str) or not response.strip():
@@ -47,11 +48,16 @@ def load_response_groups(
             if len(ids) > max_length:
                 report.skipped[f"response longer than {max_length} tokens"] += 1
                 continue
+            if ids[: len(prompt_ids)] != prompt_ids:
+                # V is fitted on the prompt alone but read at the prompt's last token inside full conversations:
+                # that is only the same hidden state when the prompt's tokens are a prefix of the conversation's.
+                report.skipped["prompt tokens not a prefix of the conversation"] += 1
+                continue
             sequences.append(ids)
         if not sequences:
             report.skipped["prompt without a usable response"] += 1
             continue
-        groups.append(ResponseGroup(prompt_ids=encode_prompt(tokenizer, prompt), sequence_ids=sequences))
+        groups.append(ResponseGroup(prompt_ids=prompt_ids, sequence_ids=sequences))
         report.kept += 1
     report.log()
     return groups, report

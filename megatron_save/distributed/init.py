@@ -120,6 +120,11 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
     )
 
 
+def compute_device() -> torch.device:
+    """Where this rank's model and batches live: its CUDA device, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def shutdown_distributed() -> None:
     """Destroys Megatron's groups and the default process group."""
     from megatron.core import parallel_state

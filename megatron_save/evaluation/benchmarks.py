@@ -124,7 +124,10 @@ def read_scores_file(benchmark: Benchmark, rows: list[dict], path: str | Path) -
     by_key = {}
     for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if line.strip():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not a JSON line ({error})") from error
             if any(field not in record for field in fields) or "scores" not in record:
                 raise ValueError(f"{path}:{line_number}: needs {', '.join(fields)} and 'scores'")
             by_key[tuple(str(record[field]) for field in fields)] = [float(s) for s in record["scores"]]

@@ -51,6 +51,9 @@ def build_model(
         raise ValueError("value_head=True is only meaningful for a reward model")
     else:
         model = GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)
+    if torch.cuda.is_available():
+        # Megatron builds on the CPU when asked to (use_cpu_initialization) and never moves the model itself.
+        model.cuda(torch.cuda.current_device())
     if args.config.params_dtype != torch.float32:
         # The local spec builds its norms in fp32 whatever params_dtype says; the scalar heads stay fp32.
         model.to(args.config.params_dtype)

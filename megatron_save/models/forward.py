@@ -10,11 +10,12 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_save.distributed.init import compute_device
 from megatron_save.models.reward_model import SequenceScores, read_scores
 
 
 def _forward_step(data_iterator, model):
-    tokens = next(data_iterator)  # [b, S]
+    tokens = next(data_iterator).to(compute_device())  # [b, S]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # Causal attention with right padding: real tokens never attend to the padding after them.
     return model(tokens, position_ids, None), None
@@ -61,8 +62,7 @@ def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if tensor is None:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        tensor = torch.empty(shape, dtype=dtype, device=device)
+        tensor = torch.empty(shape, dtype=dtype, device=compute_device())
     tensor = tensor.contiguous()
     src = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(tensor, src=src, group=parallel_state.get_pipeline_model_parallel_group())
@@ -92,3 +92,44 @@ def score_sequences(
             read = torch.stack(read_scores(scores, last, (prompt_lengths - 1).to(scores.device)), dim=1)  # [N, 2]
     read = broadcast_from_last_stage(read, (input_ids.shape[0], heads), torch.float32)
     return SequenceScores(rewards=read[:, 0], values=None if prompt_lengths is None else read[:, 1])
+
+
+def score_token_sequences(
+    model: Any,
+    sequences: list[list[int]],
+    pad_id: int,
+    micro_batch_size: int,
+    prompt_lengths: list[int] | None = None,
+    description: str = "scoring",
+) -> SequenceScores:
+    """Scores many token sequences once each, on every rank, spreading the work over data-parallel ranks.
+
+    Sequences are sorted by length (little padding) and cut into chunks of ``micro_batch_size`` x (pipeline
+    size) rows, so a pipeline always has micro-batches in flight; chunk k goes to data-parallel rank k mod DP and
+    the results are gathered. ``prompt_lengths`` (one per sequence) adds V at each prompt's last token.
+    """
+    from tqdm import tqdm
+
+    from megatron_save.data.batching import pad_rows
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    chunk_size = micro_batch_size * parallel_state.get_pipeline_model_parallel_world_size()
+    chunks = [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
+    ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine: dict[int, tuple[float, float | None]] = {}
+    with tqdm(total=len(sequences), desc=description, unit="seq", disable=dist.get_rank() != 0,
+              dynamic_ncols=True) as bar:
+        for chunk in chunks[rank::ranks]:
+            input_ids, mask = pad_rows([sequences[i] for i in chunk], pad_id)
+            micro = micro_batch_size if len(chunk) % micro_batch_size == 0 else len(chunk)
+            lengths = None if prompt_lengths is None else torch.tensor([prompt_lengths[i] for i in chunk])
+            scores = score_sequences(model, input_ids, mask, micro, lengths)
+            values = [None] * len(chunk) if scores.values is None else scores.values.tolist()
+            mine.update(zip(chunk, zip(scores.rewards.tolist(), values)))
+            bar.update(len(chunk) * ranks)
+    gathered: list[dict] = [{} for _ in range(ranks)]
+    dist.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
+    everything = {index: pair for part in gathered for index, pair in part.items()}
+    rewards = torch.tensor([everything[i][0] for i in range(len(sequences))])
+    values = None if prompt_lengths is None else torch.tensor([everything[i][1] for i in range(len(sequences))])
+    return SequenceScores(rewards=rewards, values=values)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, processors
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
@@ -70,12 +70,17 @@ def tiny_hf_config(family: str, reward_model: bool = False, **overrides: Any) ->
     return config
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII with a chat template, built without any download."""
+def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII with a chat template, built without any download.
+
+    ``adds_bos``: the tokenizer itself prepends BOS (as Llama 3's does), on top of the template's.
+    """
     vocab = {token: i for i, token in enumerate([PAD, BOS, EOS, UNK])}
     for char in string.printable:
         vocab.setdefault(char, len(vocab))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,

@@ -44,6 +44,26 @@ def start_from_checkpoint(checkpoint: str, parallel: ParallelConfig, add_value_h
     return model, meta, tokenizer
 
 
+def hold_out(examples: list, fraction: float, source: str) -> tuple[list, list]:
+    """(training, held-out) with the first ``fraction`` of ``examples`` held out; refuses an empty side."""
+    count = int(len(examples) * fraction)
+    if count == 0 or count == len(examples):
+        raise ValueError(f"{source}: holding out eval_fraction={fraction} of {len(examples)} examples leaves "
+                         f"{'nothing to evaluate' if count == 0 else 'nothing to train on'}; set eval_data or "
+                         "eval_fraction")
+    return examples[count:], examples[:count]
+
+
+def ensure_output_dir(path: str, resuming: bool) -> None:
+    """Collective: refuses a non-empty output directory before any work, unless the run resumes into it."""
+    if dist.get_rank() == 0:
+        directory = Path(path)
+        if directory.exists() and any(directory.iterdir()) and not resuming:
+            raise FileExistsError(f"output_dir {path} exists and is not empty; choose a new one")
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
 def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]:
     """This rank's contiguous share of a global batch of example indices."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()

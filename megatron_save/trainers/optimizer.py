@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
@@ -69,11 +72,14 @@ def build_train_state(
 ) -> TrainState:
     """Wraps ``model`` in Megatron DDP and builds its optimizer and schedule for ``total_steps`` steps.
 
-    ``freeze_all_but_value_head`` gives the backbone and reward head a learning rate of exactly zero (stage 2):
-    they stay in the pipeline's backward so every stage sends and receives gradients as Megatron's schedule
-    expects, but they never change.
+    ``freeze_all_but_value_head`` (stage 2) trains only the value head. Without pipeline parallelism the rest is
+    frozen outright (no gradients, no optimizer state). With it, every stage must send and receive gradients as
+    Megatron's schedule expects, so the backbone and reward head stay trainable at a learning rate of exactly zero.
     """
     config = model.config
+    if freeze_all_but_value_head and parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        for name, param in model.named_parameters():
+            param.requires_grad_(fnmatch.fnmatch(name, VALUE_HEAD_PARAMS))
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
@@ -116,14 +122,24 @@ def build_train_state(
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
-    # Megatron's optimizer holds placeholder LRs until the scheduler's first step sets each group's own.
-    scheduler.step(0)
+    _check_group_learning_rates(scheduler)
     # The pipeline schedule reduces gradients over data-parallel ranks (and ties embedding gradients across
     # stages) only through these hooks; without them every rank would step on its own local gradient.
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return TrainState(model=ddp, optimizer=optimizer, scheduler=scheduler)
+
+
+def _check_group_learning_rates(scheduler: OptimizerParamScheduler) -> None:
+    """Each group's LR must be the scheduler's value for that group: a Megatron release that applied
+    ``lr_mult`` would silently scale the value head's learning rate by the tag."""
+    for group in scheduler.optimizer.param_groups:
+        if not math.isclose(group["lr"], scheduler.get_lr(group), rel_tol=1e-6, abs_tol=1e-12):
+            raise RuntimeError(
+                f"param group with lr_mult={group.get('lr_mult')} runs at lr={group['lr']}, the schedule says "
+                f"{scheduler.get_lr(group)}: this megatron-core applies lr_mult; adapt VALUE_HEAD_GROUP_TAG"
+            )
 
 
 def group_learning_rates(state: TrainState) -> dict[str, float]:

@@ -16,12 +16,14 @@ from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import PairBatch, length_grouped_batches, pad_rows
+from megatron_save.data.batching import PairBatch, length_grouped_batches, pad_id_of, pad_rows
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
-from megatron_save.models.forward import score_sequences
+from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
     data_parallel_part,
+    ensure_output_dir,
+    hold_out,
     progress,
     run_from_command_line,
     start_from_checkpoint,
@@ -76,14 +78,12 @@ def pair_micro_batches(pairs: list[PreferencePair], indices: list[int], settings
 
 
 def pairwise_eval(model, pairs: list[PreferencePair], micro_batch_size: int, pad_id: int) -> float:
-    """Held-out accuracy over every pair (chosen strictly above rejected), computed on every rank."""
-    correct = 0
-    for start in range(0, len(pairs), micro_batch_size):
-        chunk = pairs[start : start + micro_batch_size]
-        input_ids, mask = pad_rows([ids for p in chunk for ids in (p.chosen_ids, p.rejected_ids)], pad_id)
-        rewards = score_sequences(model, input_ids, mask, micro_batch_size=2 * len(chunk)).rewards
-        correct += pairwise_accuracy(rewards[0::2], rewards[1::2]).item() * len(chunk)
-    return correct / max(len(pairs), 1)
+    """Held-out accuracy over every pair (chosen strictly above rejected), the same on every rank."""
+    if not pairs:
+        raise ValueError("no held-out pairs to evaluate")
+    sequences = [ids for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    rewards = score_token_sequences(model, sequences, pad_id, 2 * micro_batch_size, description="held-out").rewards
+    return pairwise_accuracy(rewards[0::2], rewards[1::2]).item()
 
 
 def load_pairs(cfg: Stage1Config, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -91,13 +91,13 @@ def load_pairs(cfg: Stage1Config, tokenizer) -> tuple[list[PreferencePair], list
     train_pairs, _ = load_preference_pairs(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
     if cfg.eval_data:
         return train_pairs, load_preference_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)[0]
-    held_out = int(len(train_pairs) * cfg.eval_fraction)
-    return train_pairs[held_out:], train_pairs[:held_out]
+    return hold_out(train_pairs, cfg.eval_fraction, cfg.train_data)
 
 
 def train_stage1(cfg: Stage1Config) -> dict:
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
+    pad_id = pad_id_of(tokenizer)
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
         [p.length for p in train_pairs], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]

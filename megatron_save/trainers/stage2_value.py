@@ -15,12 +15,14 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import PromptTargetBatch, length_grouped_batches, pad_rows
+from megatron_save.data.batching import PromptTargetBatch, length_grouped_batches, pad_id_of, pad_rows
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
-from megatron_save.models.forward import score_sequences
+from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
     data_parallel_part,
+    ensure_output_dir,
+    hold_out,
     progress,
     run_from_command_line,
     start_from_checkpoint,
@@ -65,29 +67,17 @@ class Stage2Config:
 def mean_frozen_rewards(model, groups: list[ResponseGroup], micro_batch_size: int, pad_id: int) -> torch.Tensor:
     """[P] mean reward of each prompt's responses under the frozen reward model (every rank)."""
     sequences = [ids for g in groups for ids in g.sequence_ids]
-    rewards = []
-    bar = progress(len(sequences), "scoring responses")
-    for start in range(0, len(sequences), micro_batch_size):
-        chunk = sequences[start : start + micro_batch_size]
-        input_ids, mask = pad_rows(chunk, pad_id)
-        rewards.append(score_sequences(model, input_ids, mask, micro_batch_size=len(chunk)).rewards)
-        bar.update(len(chunk))
-    bar.close()
-    per_prompt = torch.cat(rewards).split([len(g.sequence_ids) for g in groups])
-    return torch.stack([r.mean() for r in per_prompt])
+    rewards = score_token_sequences(model, sequences, pad_id, micro_batch_size, description="scoring responses")
+    return torch.stack([r.mean() for r in rewards.rewards.split([len(g.sequence_ids) for g in groups])])
 
 
 def value_report(model, groups: list[ResponseGroup], targets: torch.Tensor, micro_batch_size: int,
                  pad_id: int) -> dict[str, float]:
     """Held-out value MSE and Pearson correlation of V(x) with the mean frozen reward (None while V or the
     targets are constant, e.g. a zero-initialised head, where it is undefined)."""
-    values = []
-    for start in range(0, len(groups), micro_batch_size):
-        chunk = [g.prompt_ids for g in groups[start : start + micro_batch_size]]
-        input_ids, mask = pad_rows(chunk, pad_id)
-        lengths = mask.sum(dim=1)
-        values.append(score_sequences(model, input_ids, mask, len(chunk), prompt_lengths=lengths).values)
-    values = torch.cat(values)
+    prompts = [g.prompt_ids for g in groups]
+    values = score_token_sequences(model, prompts, pad_id, micro_batch_size, [len(p) for p in prompts],
+                                   description="held-out values").values
     defined = len(groups) > 1 and values.std() > 0 and targets.std() > 0
     correlation = torch.corrcoef(torch.stack([values, targets]))[0, 1].item() if defined else None
     return {"value_mse": torch.mean((values - targets) ** 2).item(), "value_correlation": correlation}
@@ -104,13 +94,13 @@ def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, ind
 
 def train_stage2(cfg: Stage2Config) -> dict:
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ensure_output_dir(cfg.output_dir, resuming=False)
+    pad_id = pad_id_of(tokenizer)
     groups, _ = load_response_groups(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
     if cfg.eval_data:
         eval_groups, _ = load_response_groups(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)
     else:
-        held_out = max(1, int(len(groups) * cfg.eval_fraction))
-        groups, eval_groups = groups[held_out:], groups[:held_out]
+        groups, eval_groups = hold_out(groups, cfg.eval_fraction, cfg.train_data)
     targets = mean_frozen_rewards(model, groups, cfg.score_micro_batch_size, pad_id)
     eval_targets = mean_frozen_rewards(model, eval_groups, cfg.score_micro_batch_size, pad_id)
 

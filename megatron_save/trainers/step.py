@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_save.data.batching import TokenBatch
+from megatron_save.distributed import compute_device
 from megatron_save.models.forward import broadcast_from_last_stage
 from megatron_save.trainers.optimizer import TrainState
 
@@ -19,9 +20,8 @@ LossFn = Callable[[TokenBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torc
 
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
-    batch = next(data_iterator)
-    position_ids = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device).expand_as(batch.input_ids)
-    scores = model(batch.input_ids, position_ids, None)  # [b, S, heads] on the last stage
+    batch = next(data_iterator).to(compute_device())
+    scores = model(batch.input_ids, batch.position_ids(), None)  # [b, S, heads] on the last stage
 
     def loss_func(output):
         loss, metrics = loss_fn(batch, output)

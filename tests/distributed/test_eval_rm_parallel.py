@@ -52,6 +52,7 @@ def test_tp2_megatron_scores_match_hf(tiny_models, fixtures):
     for name in ("rewardbench", "judgebench"):
         ours = [json.loads(line) for line in (root / "mg" / f"{name}.scores.jsonl").read_text().splitlines()]
         reference = [json.loads(line) for line in (root / "hf" / f"{name}.scores.jsonl").read_text().splitlines()]
+        assert len(ours) == len(reference) > 0
         for a, b in zip(ours, reference):
             assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
         summary = json.loads((root / "mg" / f"{name}.summary.json").read_text())

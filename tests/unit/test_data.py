@@ -25,6 +25,14 @@ def test_rendering_follows_the_chat_template():
     assert ids[: len(encode_prompt(TOKENIZER, "hi"))] == encode_prompt(TOKENIZER, "hi")  # prompt is a prefix
 
 
+def test_a_duplicated_bos_is_dropped_as_reward_bench_does():
+    adds_bos = tiny_tokenizer(adds_bos=True)
+    text = adds_bos.apply_chat_template(conversation("hi", "yo"), tokenize=False)
+    assert adds_bos(text)["input_ids"][:2] == [adds_bos.bos_token_id] * 2  # template BOS + tokenizer BOS
+    assert encode_conversation(adds_bos, conversation("hi", "yo")) == encode_conversation(TOKENIZER, conversation("hi", "yo"))
+    assert encode_prompt(adds_bos, "hi") == encode_prompt(TOKENIZER, "hi")
+
+
 def test_message_list_rows_equal_string_rows(tmp_path):
     strings = write_jsonl([{"prompt": "hi", "chosen": "good", "rejected": "bad"}], tmp_path / "s.jsonl")
     chats = write_jsonl([{
@@ -61,8 +69,9 @@ def test_null_value_names_file_row_and_field(tmp_path):
 
 
 def test_string_rows_without_prompt_are_refused(tmp_path):
-    path = write_jsonl([{"chosen": "a", "rejected": "b"}], tmp_path / "bad.jsonl")
-    with pytest.raises(ValueError, match="no 'prompt' field"):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
+    path = write_jsonl([{"chosen": chat, "rejected": chat}, {"chosen": "a", "rejected": "b"}], tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="row 1 has no 'prompt' field"):
         load_preference_pairs(str(path), TOKENIZER, 64)
 
 

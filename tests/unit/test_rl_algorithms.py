@@ -123,3 +123,13 @@ def test_kl_estimators_by_hand():
     assert kl_penalty(torch.tensor([[0.0]]), torch.tensor([[30.0]]), "k3").item() == 10.0  # clamped
     with pytest.raises(ValueError, match="KL kind"):
         kl_penalty(logp, ref, "k4")
+
+
+def test_padding_and_far_off_policy_tokens_stay_finite():
+    logp = torch.tensor([[-1.0, float("nan")], [50.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, 0.0], [-50.0, -1.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    for out in (ppo_clip_policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.2),
+                gspo_policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.2)):
+        (grad,) = torch.autograd.grad(out.loss, logp)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and grad[0, 1] == 0

@@ -68,7 +68,9 @@ def test_reward_loss_leaves_the_value_head_alone(model):
     anchor = rewards.detach().median(dim=1).values - 1e-3
     pos, neg, keep = save_partition(rewards.detach(), anchor, torch.ones_like(rewards, dtype=torch.bool), 0.5)
     assert keep.all()
-    save_reward_loss(rewards, values[:, 0] * 0 + anchor, pos, neg, keep).backward()
+    # V keeps its graph (the anchor's value, V's gradient path): only save_reward_loss's stop-gradient cuts it.
+    values_as_anchor = values[:, 0] + (anchor - values[:, 0]).detach()
+    save_reward_loss(rewards, values_as_anchor, pos, neg, keep).backward()
     grads = _grads(model)
     assert grads.pop(VALUE_HEAD) == 0
     assert grads.pop(REWARD_HEAD) > 0 and grads["decoder.layers.0.mlp.linear_fc1.weight"] > 0
