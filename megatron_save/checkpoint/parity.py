@@ -68,3 +68,19 @@ def max_abs_diff_vs_transformers(
     diff = diff.to(device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
+
+
+def max_logprob_diff_vs_transformers(
+    ckpt_dir: str | Path, hf_dir: str | Path, input_ids: torch.Tensor, mask: torch.Tensor, micro_batch_size: int = 1
+) -> tuple[float, float]:
+    """Collective, causal LMs: max |difference| of per-token log-probs and of entropies over real next tokens."""
+    from megatron_save.models.policy import sequence_logprobs
+
+    model, _, _ = build_model_from_checkpoint(ckpt_dir)
+    ours = sequence_logprobs(model, input_ids, micro_batch_size)  # [B, S - 1] on every rank
+    log_probs = torch.log_softmax(transformers_output(hf_dir, False, input_ids, mask)[:, :-1], dim=-1)
+    reference_logp = log_probs.gather(-1, input_ids[:, 1:, None])[..., 0]
+    reference_entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    real = mask[:, 1:]
+    return ((ours.logp.cpu() - reference_logp).abs()[real].max().item(),
+            (ours.entropy.cpu() - reference_entropy).abs()[real].max().item())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -14,32 +15,43 @@ from megatron_save.distributed.init import compute_device
 from megatron_save.models.reward_model import SequenceScores, read_scores
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(postprocess, data_iterator, model):
     tokens = next(data_iterator).to(compute_device())  # [b, S]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # Causal attention with right padding: real tokens never attend to the padding after them.
-    return model(tokens, position_ids, None), None
+    output = model(tokens, position_ids, None)
+    if postprocess is None:
+        return output, None
+    return output, lambda output_tensor, non_loss_data=True: postprocess(tokens, output_tensor)
 
 
 @torch.no_grad()
-def pipeline_forward(model: Any, input_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor | None:
+def pipeline_forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    micro_batch_size: int,
+    postprocess: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
     """Forward-only over ``input_ids`` [B, S] (right-padded) in micro-batches, through the pipeline schedule.
 
     Returns the model output [B, S, ...] on the last pipeline stage (vocab-sharded logits for a causal LM,
-    scores for a reward model) and None on other stages. Every rank of a TP / PP group passes the same batch.
+    scores for a reward model), or ``postprocess(tokens, output)`` of each micro-batch when given (so that, e.g.,
+    full logits never pile up), concatenated; None on other stages. Every rank of a TP / PP group passes the
+    same batch.
     """
     if input_ids.shape[0] % micro_batch_size != 0:
         raise ValueError(f"batch size {input_ids.shape[0]} is not a multiple of micro_batch_size={micro_batch_size}")
     model.eval()
     micro_batches = list(input_ids.split(micro_batch_size))
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=partial(_forward_step, postprocess),
         data_iterator=iter(micro_batches),
         model=[model],
         num_microbatches=len(micro_batches),
         seq_length=input_ids.shape[1],
         micro_batch_size=micro_batch_size,
         forward_only=True,
+        collect_non_loss_data=postprocess is not None,
     )
     if not parallel_state.is_pipeline_last_stage():
         return None

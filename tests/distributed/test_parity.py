@@ -42,6 +42,17 @@ def test_megatron_matches_transformers(parity_run, model, layout):
     assert diffs[key] <= TOLERANCE, f"{key}: max |megatron - transformers| = {diffs[key]:.3e}"
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("model", [m for m in MODELS if m.endswith("-lm")])
+def test_policy_logprobs_and_entropy_match_transformers(parity_run, model, layout):
+    """Per-token log-probs through Megatron's vocab-parallel cross entropy, and the vocab-parallel entropy."""
+    diffs, _ = parity_run
+    for stat in ("logp", "entropy"):
+        key = f"{model}/{layout}/{stat}"
+        assert key in diffs, f"no result for {key}"
+        assert diffs[key] <= TOLERANCE, f"{key}: max |megatron - transformers| = {diffs[key]:.3e}"
+
+
 def _assert_same_tensors(original_dir, exported_dir):
     original = load_file(original_dir / "model.safetensors")
     exported = load_file(exported_dir / "model.safetensors")

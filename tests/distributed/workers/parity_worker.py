@@ -15,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from helpers import LAYOUTS, prompt_lengths_of, token_batch  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint, save_model_checkpoint  # noqa: E402
-from megatron_save.checkpoint.parity import max_abs_diff_vs_transformers  # noqa: E402
+from megatron_save.checkpoint.parity import (  # noqa: E402
+    max_abs_diff_vs_transformers,
+    max_logprob_diff_vs_transformers,
+)
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
 
@@ -38,6 +41,10 @@ def main() -> None:
             diff = max_abs_diff_vs_transformers(dirs["mg"], dirs["hf"], input_ids, mask, micro_batch_size=2,
                                                 prompt_lengths=prompt_lengths_of(mask))
             results[f"{name}/{layout}"] = diff
+            if name.endswith("-lm"):
+                logp_diff, entropy_diff = max_logprob_diff_vs_transformers(dirs["mg"], dirs["hf"], input_ids, mask, 2)
+                results[f"{name}/{layout}/logp"] = logp_diff
+                results[f"{name}/{layout}/entropy"] = entropy_diff
             if layout == args.resave_layout:
                 model, meta, _ = build_model_from_checkpoint(dirs["mg"])
                 save_model_checkpoint(model, Path(args.resave_root) / name, meta, Path(dirs["mg"]) / "hf")

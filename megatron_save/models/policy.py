@@ -1,0 +1,58 @@
+"""Policy-side reads of a Megatron causal LM: per-token log-probs with Megatron's vocab-parallel cross entropy
+(the full vocabulary is never gathered) and the per-token entropy, on the last pipeline stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megatron_save.models.forward import broadcast_from_last_stage, pipeline_forward
+
+
+@dataclass
+class TokenLogProbs:
+    """Per-token statistics of N sequences under the policy; position t scores token t + 1."""
+
+    logp: torch.Tensor
+    """[N, S - 1] fp32 log pi(token_{t+1} | tokens_<=t)."""
+    entropy: torch.Tensor
+    """[N, S - 1] fp32 entropy of pi(. | tokens_<=t)."""
+
+
+def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position from this rank's vocabulary shard. [b, S, V / TP], [b, S] -> [b, S] fp32."""
+    # Megatron's kernel may work in place on an fp32 input: hand it a copy.
+    return -vocab_parallel_cross_entropy(vocab_parallel_logits.float().clone(), labels)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the whole (TP-sharded) vocabulary. [b, S, V / TP] -> [b, S] fp32."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    logits = vocab_parallel_logits.float()
+    maximum = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - maximum
+    exp = shifted.exp()
+    sums = torch.stack([exp.sum(dim=-1), (exp * shifted).sum(dim=-1)])  # [2, b, S]: Z and sum e^x x
+    dist.all_reduce(sums, group=group)
+    partition, weighted = sums[0], sums[1]
+    return partition.log() - weighted / partition  # log Z - E[x]
+
+
+def _logp_and_entropy(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """[b, S] tokens, [b, S, V / TP] logits -> [b, S - 1, 2] (log-prob of the next token, entropy)."""
+    logits = logits[:, :-1]
+    return torch.stack([token_logprobs(logits, tokens[:, 1:]), vocab_parallel_entropy(logits)], dim=-1)
+
+
+def sequence_logprobs(model: Any, input_ids: torch.Tensor, micro_batch_size: int) -> TokenLogProbs:
+    """Per-token log-probs and entropies of right-padded sequences [N, S], on every rank (forward only)."""
+    stats = pipeline_forward(model, input_ids, micro_batch_size, postprocess=_logp_and_entropy)
+    stats = broadcast_from_last_stage(stats, (input_ids.shape[0], input_ids.shape[1] - 1, 2), torch.float32)
+    return TokenLogProbs(logp=stats[..., 0], entropy=stats[..., 1])
