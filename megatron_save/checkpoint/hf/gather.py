@@ -1,0 +1,71 @@
+"""Full Hugging Face tensors from a TP / PP sharded Megatron model, one tensor at a time, on every rank.
+
+This is the weight-sync path of rollout engines (update_weights) and of any export that must not go through
+disk: tensor-parallel shards are all-gathered along their partition dimension, pipeline stages broadcast their
+layers in turn, and the family's mapping turns Megatron tensors into HF ones.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_save.checkpoint.hf.common import DecoderFamily, param_mappings
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_SWIGLU_FC1 = ".mlp.linear_fc1.weight"
+
+
+def _gather_tensor_parallel(name: str, param: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (a replicated one as it is)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return param.detach()
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, param.detach().contiguous(), group=group)
+    if name.endswith(_SWIGLU_FC1):
+        # Each rank holds [gate_r; up_r]: the full tensor is [gate_0; gate_1; ...; up_0; up_1; ...].
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=param.partition_dim)
+
+
+def _global_name(name: str, layer_offset: int) -> str:
+    """Local layer index of this pipeline stage -> the model's layer index."""
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+
+
+def gather_megatron_state(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective over the TP and PP groups: (global Megatron name, full tensor) for every parameter of the
+    model, stage after stage, on every rank of this model-parallel group."""
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp_ranks = dist.get_process_group_ranks(pp_group)
+    offset = get_transformer_layer_offset(model.config)
+    local = [(_global_name(n, offset), n, p) for n, p in model.named_parameters()]
+    for stage, source in enumerate(pp_ranks):
+        is_source = dist.get_rank() == source
+        full = [(name, _gather_tensor_parallel(local_name, param)) for name, local_name, param in local] \
+            if is_source else None
+        header = [[(name, tuple(t.shape), t.dtype) for name, t in full] if is_source else None]
+        dist.broadcast_object_list(header, src=source, group=pp_group)
+        for index, (name, shape, dtype) in enumerate(header[0]):
+            tensor = full[index][1].contiguous() if is_source else torch.empty(
+                shape, dtype=dtype, device=next(model.parameters()).device)
+            if len(pp_ranks) > 1:
+                dist.broadcast(tensor, src=source, group=pp_group)
+            yield name, tensor
+
+
+def gather_hf_state(model: Any, family: DecoderFamily, hf_config: Any, reward_model: bool,
+                    value_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: (HF name, full tensor) of every HF weight, for update_weights of a rollout engine or export."""
+    mappings = {m.megatron: m for m in param_mappings(family, hf_config, reward_model, value_head)}
+    for name, tensor in gather_megatron_state(model):
+        if name not in mappings:
+            continue  # e.g. the last stage's copy of tied embeddings
+        yield from zip(mappings[name].hf, mappings[name].split(tensor))
