@@ -1,0 +1,54 @@
+"""The rollout protocol every backend implements, and the typed hand-off it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass
+class SamplingSettings:
+    """How responses are sampled (paper Table 8: temperature 0.7, top-p 0.8, top-k 20, 1024 new tokens)."""
+
+    n: int = 1
+    """Responses per prompt (the group size G)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 decodes greedily."""
+    top_p: float = 1.0
+    """Nucleus mass (1 keeps every token)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 keeps every token)."""
+    max_new_tokens: int = 1024
+    """Longest response; a response that reaches it without a stop token is marked truncated."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end a response besides the tokenizer's EOS."""
+    seed: int | None = None
+    """Seed of the sampler for reproducible rollouts."""
+
+
+@dataclass
+class Rollouts:
+    """G responses for each of B prompts, as token ids (never decoded and re-encoded)."""
+
+    prompt_ids: list[list[int]]
+    """[B] prompt token ids, ending with the generation prompt."""
+    response_ids: list[list[list[int]]]
+    """[B][G] response token ids, up to and including the stop token when there is one."""
+    truncated: list[list[bool]]
+    """[B][G] True when the response hit max_new_tokens without a stop token."""
+    logprobs: list[list[list[float]]] | None = None
+    """[B][G] behaviour log-probs of each response token under the sampling distribution, when available."""
+
+
+class RolloutEngine(Protocol):
+    """A backend that samples from the current policy."""
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
+        """Samples ``sampling.n`` responses for every prompt."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads the policy's new weights, given as (HF name, full tensor) pairs."""
+        ...

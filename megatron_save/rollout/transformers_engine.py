@@ -1,0 +1,76 @@
+"""Rollout backend on transformers ``generate`` (CPU, or one GPU): simple, exact, and slow at scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from megatron_save.rollout.engine import Rollouts, SamplingSettings
+
+
+class TransformersRolloutEngine:
+    """Samples with an HF causal LM held in this process; weights arrive through ``update_weights``."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        eos = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, prompt in enumerate(prompt_ids):  # left padding: generation continues every prompt at the end
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt):] = 1
+        stop_ids = sorted({self.tokenizer.eos_token_id, *sampling.stop_token_ids} - {None})
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        greedy = sampling.temperature == 0
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
+            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, eos_token_id=stop_ids,
+            pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
+        )
+        # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature / top-k / p).
+        step_logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+        responses, truncated, logprobs = [], [], []
+        for row, row_logprobs in zip(output.sequences[:, width:].cpu(), step_logprobs.cpu()):
+            stops = torch.isin(row, torch.tensor(stop_ids))
+            length = int(stops.nonzero()[0]) + 1 if stops.any() else row.numel()
+            responses.append(row[:length].tolist())
+            truncated.append(not stops.any() and length == sampling.max_new_tokens)
+            logprobs.append(row_logprobs[:length].tolist())
+        group = sampling.n
+        return Rollouts(
+            prompt_ids=[list(p) for p in prompt_ids],
+            response_ids=[responses[i : i + group] for i in range(0, len(responses), group)],
+            truncated=[truncated[i : i + group] for i in range(0, len(truncated), group)],
+            logprobs=[logprobs[i : i + group] for i in range(0, len(logprobs), group)],
+        )
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = self.model.state_dict()
+        loaded = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights: the rollout model has no tensor {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the rollout model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            loaded.add(name)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        missing = sorted(set(params) - loaded - tied)
+        if missing:
+            raise ValueError(f"update_weights: no new value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

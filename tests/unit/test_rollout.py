@@ -1,0 +1,63 @@
+"""The transformers rollout engine: token ids in and out, stop / truncation flags, behaviour log-probs, and
+update_weights from a Megatron policy through the weight-sync gather."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from megatron_save.checkpoint import build_model_from_checkpoint
+from megatron_save.checkpoint.convert import convert_hf_to_megatron
+from megatron_save.checkpoint.hf import family_for
+from megatron_save.checkpoint.hf.gather import gather_hf_state
+from megatron_save.data.chat import encode_prompt
+from megatron_save.rollout import SamplingSettings, TransformersRolloutEngine
+from megatron_save.testing import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout")
+    return save_tiny_hf_model("llama", root / "a", seed=1), save_tiny_hf_model("llama", root / "b", seed=2), root
+
+
+def _prompts(engine):
+    return [encode_prompt(engine.tokenizer, text) for text in ("hello", "a longer prompt here")]
+
+
+def test_greedy_rollouts_match_transformers_generate(policies):
+    a, _, _ = policies
+    engine = TransformersRolloutEngine(a)
+    prompts = _prompts(engine)
+    rollouts = engine.generate(prompts, SamplingSettings(n=1, temperature=0.0, max_new_tokens=8))
+    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    for prompt, (response,), (truncated,), (logprobs,) in zip(prompts, rollouts.response_ids, rollouts.truncated,
+                                                             rollouts.logprobs):
+        expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                  eos_token_id=engine.tokenizer.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
+        assert response == expected[: len(response)] and 0 < len(response) <= 8
+        assert truncated == (len(response) == 8 and response[-1] != engine.tokenizer.eos_token_id)
+        assert len(logprobs) == len(response) and all(lp <= 1e-6 for lp in logprobs)
+
+
+def test_sampling_groups_and_seed(policies):
+    a, _, _ = policies
+    engine = TransformersRolloutEngine(a)
+    sampling = SamplingSettings(n=3, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=6, seed=5)
+    first = engine.generate(_prompts(engine), sampling)
+    assert [len(group) for group in first.response_ids] == [3, 3]
+    assert engine.generate(_prompts(engine), sampling).response_ids == first.response_ids
+
+
+def test_update_weights_from_a_megatron_policy(policies, world_of_one):
+    a, b, root = policies
+    convert_hf_to_megatron(b, root / "b_megatron")
+    policy, meta, hf_config = build_model_from_checkpoint(root / "b_megatron")
+    engine = TransformersRolloutEngine(a)
+    engine.update_weights(gather_hf_state(policy, family_for(hf_config), hf_config, reward_model=False))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(b).state_dict()
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    with pytest.raises(KeyError, match="no tensor 'nonsense'"):
+        engine.update_weights([("nonsense", torch.zeros(1))])
