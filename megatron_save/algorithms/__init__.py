@@ -6,6 +6,7 @@ from megatron_save.algorithms.advantages import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
+from megatron_save.algorithms.baselines import hl_bt_loss, highest_lowest_pairs, mean_reward_anchor
 from megatron_save.algorithms.bradley_terry import bt_loss, pairwise_accuracy
 from megatron_save.algorithms.policy_loss import PolicyLossOutput, gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
 from megatron_save.algorithms.save import (
@@ -19,6 +20,9 @@ __all__ = [
     "PolicyLossOutput",
     "bt_loss",
     "grpo_advantages",
+    "highest_lowest_pairs",
+    "hl_bt_loss",
+    "mean_reward_anchor",
     "gspo_policy_loss",
     "kl_penalty",
     "ppo_clip_policy_loss",

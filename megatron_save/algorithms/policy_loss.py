@@ -120,7 +120,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3). [N, T] -> [N, T].
 
     k1 = logp - ref_logp; k2 = (logp - ref_logp)^2 / 2; k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
-    clamped to [-10, 10] as verl's low-variance KL. Aggregate with the policy loss's mask and aggregation.
+    with the log-ratio clamped to +-20 and k3 to [-10, 10], as verl's low-variance KL. Aggregate with the policy loss's mask and aggregation.
     """
     log_ratio = logp - ref_logp
     if kind == "k1":
@@ -128,5 +128,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     if kind == "k2":
         return 0.5 * log_ratio.square()
     if kind == "k3":
-        return (torch.exp(-log_ratio) + log_ratio - 1.0).clamp(-10.0, 10.0)
+        # Clamping the log-ratio before exp keeps the gradient finite too (clamping only the result would not).
+        ref_over_pi = (-log_ratio).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        return (ref_over_pi.exp() - ref_over_pi - 1.0).clamp(-10.0, 10.0)
     raise ValueError(f"KL kind {kind!r} is not one of {KL_KINDS}")

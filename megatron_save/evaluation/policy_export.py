@@ -50,8 +50,10 @@ def generate_answers(model_dir: str | Path, prompts: list[str], settings: Genera
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:  # Llama 3 tokenizers have none; left padding with EOS is masked out
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     answers = []
     for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -80,12 +82,16 @@ def alpaca_eval_records(rows: list[dict], answers: list[tuple[str, int]], model_
 
 
 def arena_hard_records(rows: list[dict], answers: list[tuple[str, int]], model_name: str) -> list[dict[str, Any]]:
-    """Arena-Hard-v2.0 model_answer/<model>.jsonl entries, as arena-hard-auto's gen_answer writes them."""
+    """Arena-Hard-v2.0 model_answer/<model>.jsonl entries (uid, ans_id, model, messages, tstamp).
+
+    arena-hard-auto's style control also reads ``metadata`` (a tiktoken token count and markdown counts) that its
+    own gen_answer computes; it is left out here rather than filled with numbers counted differently.
+    """
     return [{"uid": row["uid"], "ans_id": uuid.uuid4().hex, "model": model_name,
              "messages": [{"role": "user", "content": row["prompt"]},
                           {"role": "assistant", "content": {"answer": answer}}],
-             "tstamp": time.time(), "metadata": {"token_len": length}}
-            for row, (answer, length) in zip(rows, answers)]
+             "tstamp": time.time()}
+            for row, (answer, _) in zip(rows, answers)]
 
 
 def write_records(records: list[dict], benchmark: str, out_path: str | Path) -> None:

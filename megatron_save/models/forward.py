@@ -132,12 +132,14 @@ def score_token_sequences(
     with tqdm(total=len(sequences), desc=description, unit="seq", disable=dist.get_rank() != 0,
               dynamic_ncols=True) as bar:
         for chunk in chunks[rank::ranks]:
-            input_ids, mask = pad_rows([sequences[i] for i in chunk], pad_id)
-            micro = micro_batch_size if len(chunk) % micro_batch_size == 0 else len(chunk)
-            lengths = None if prompt_lengths is None else torch.tensor([prompt_lengths[i] for i in chunk])
-            scores = score_sequences(model, input_ids, mask, micro, lengths)
-            values = [None] * len(chunk) if scores.values is None else scores.values.tolist()
-            mine.update(zip(chunk, zip(scores.rewards.tolist(), values)))
+            # A short last chunk is filled up with copies of its first row (results dropped): micro-batches keep
+            # their size instead of one oversized micro-batch of the longest sequences.
+            rows = chunk + [chunk[0]] * (-len(chunk) % micro_batch_size)
+            input_ids, mask = pad_rows([sequences[i] for i in rows], pad_id)
+            lengths = None if prompt_lengths is None else torch.tensor([prompt_lengths[i] for i in rows])
+            scores = score_sequences(model, input_ids, mask, micro_batch_size, lengths)
+            values = [None] * len(rows) if scores.values is None else scores.values.tolist()
+            mine.update(zip(chunk, zip(scores.rewards.tolist()[: len(chunk)], values[: len(chunk)])))
             bar.update(len(chunk) * ranks)
     gathered: list[dict] = [{} for _ in range(ranks)]
     dist.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())

@@ -14,13 +14,17 @@ class TransformersRolloutEngine:
     """Samples with an HF causal LM held in this process; weights arrive through ``update_weights``."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         eos = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        # generate() fills every unset option from the checkpoint's generation_config (repetition penalties and
+        # the like): rollouts must come from the policy's own distribution, shaped only by SamplingSettings.
+        self.model.generation_config = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=eos,
+                                                        pad_token_id=self.pad_id)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
@@ -41,7 +45,8 @@ class TransformersRolloutEngine:
             max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, eos_token_id=stop_ids,
             pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
         )
-        # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature / top-k / p).
+        # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature / top-k /
+        # top-p): the behaviour policy. The policy's own log-probs (models.policy) are at temperature 1.
         step_logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
         responses, truncated, logprobs = [], [], []
         for row, row_logprobs in zip(output.sequences[:, width:].cpu(), step_logprobs.cpu()):
@@ -60,17 +65,20 @@ class TransformersRolloutEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # Drain the stream first (it may be a collective gather that every rank must finish), check it, then copy:
+        # a bad stream leaves the model untouched.
+        incoming = dict(named_tensors)
         params = self.model.state_dict()
-        loaded = set()
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(f"update_weights: the rollout model has no tensor {name!r}")
+        unknown = sorted(set(incoming) - set(params))
+        if unknown:
+            raise KeyError(f"update_weights: the rollout model has no tensor {unknown[0]!r}")
+        for name, tensor in incoming.items():
             if params[name].shape != tensor.shape:
                 raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
                                  f"the rollout model expects {tuple(params[name].shape)}")
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-            loaded.add(name)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        missing = sorted(set(params) - loaded - tied)
+        missing = sorted(set(params) - set(incoming) - tied)
         if missing:
             raise ValueError(f"update_weights: no new value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for name, tensor in incoming.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))

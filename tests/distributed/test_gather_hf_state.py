@@ -9,7 +9,7 @@ from helpers import read_json, torchrun
 
 def test_every_rank_gathers_exact_hf_tensors(tiny_models, tmp_path):
     chosen = {n: {k: str(v) for k, v in d.items()} for n, d in tiny_models.items() if n in ("llama-lm", "qwen2-lm",
-                                                                                          "qwen3-rm")}
+                                                                                          "llama-rmv")}
     (tmp_path / "models.json").write_text(json.dumps(chosen))
     torchrun("gather_worker.py", 4, "--models", str(tmp_path / "models.json"), "--out", str(tmp_path / "out.json"))
     results = read_json(tmp_path / "out.json")

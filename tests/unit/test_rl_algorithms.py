@@ -133,3 +133,10 @@ def test_padding_and_far_off_policy_tokens_stay_finite():
                 gspo_policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.2)):
         (grad,) = torch.autograd.grad(out.loss, logp)
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and grad[0, 1] == 0
+
+
+def test_k3_gradient_stays_finite_far_from_the_reference():
+    logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
+    kl = kl_penalty(logp, torch.tensor([[0.0, -1.0]]), "k3")
+    (grad,) = torch.autograd.grad(kl.sum(), logp)
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all()

@@ -55,9 +55,24 @@ def test_update_weights_from_a_megatron_policy(policies, world_of_one):
     convert_hf_to_megatron(b, root / "b_megatron")
     policy, meta, hf_config = build_model_from_checkpoint(root / "b_megatron")
     engine = TransformersRolloutEngine(a)
-    engine.update_weights(gather_hf_state(policy, family_for(hf_config), hf_config, reward_model=False))
+    engine.update_weights(gather_hf_state(policy, family_for(hf_config), hf_config))
     reference = transformers.AutoModelForCausalLM.from_pretrained(b).state_dict()
     for name, tensor in engine.model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
     with pytest.raises(KeyError, match="no tensor 'nonsense'"):
         engine.update_weights([("nonsense", torch.zeros(1))])
+
+
+def test_checkpoint_generation_settings_do_not_leak_into_rollouts(policies, tmp_path):
+    a, _, _ = policies
+    engine = TransformersRolloutEngine(a)
+    prompts = _prompts(engine)
+    plain = engine.generate(prompts, SamplingSettings(temperature=0.0, max_new_tokens=8))
+    model = transformers.AutoModelForCausalLM.from_pretrained(a)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.save_pretrained(tmp_path / "penalised")
+    engine.tokenizer.save_pretrained(tmp_path / "penalised")
+    penalised = TransformersRolloutEngine(tmp_path / "penalised").generate(
+        prompts, SamplingSettings(temperature=0.0, max_new_tokens=8))
+    assert penalised.response_ids == plain.response_ids and penalised.logprobs == plain.logprobs

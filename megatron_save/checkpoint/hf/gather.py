@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_save.checkpoint.hf.common import DecoderFamily, param_mappings
+from megatron_save.models.reward_model import RewardGPTModel
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _SWIGLU_FC1 = ".mlp.linear_fc1.weight"
@@ -40,32 +41,60 @@ def _global_name(name: str, layer_offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
 
 
+def unwrap(model: Any) -> Any:
+    """The model inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def gather_megatron_state(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Collective over the TP and PP groups: (global Megatron name, full tensor) for every parameter of the
-    model, stage after stage, on every rank of this model-parallel group."""
+    model, stage after stage and one tensor at a time, on every rank of this model-parallel group."""
+    model = unwrap(model)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group)
     offset = get_transformer_layer_offset(model.config)
-    local = [(_global_name(n, offset), n, p) for n, p in model.named_parameters()]
-    for stage, source in enumerate(pp_ranks):
+    params = list(model.named_parameters())
+    device = params[0][1].device
+    for source in pp_ranks:
         is_source = dist.get_rank() == source
-        full = [(name, _gather_tensor_parallel(local_name, param)) for name, local_name, param in local] \
-            if is_source else None
-        header = [[(name, tuple(t.shape), t.dtype) for name, t in full] if is_source else None]
+        header = [None]
+        if is_source:
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+            header = [[(_global_name(name, offset), _full_shape(param, tp_size), param.dtype) for name, param in params]]
         dist.broadcast_object_list(header, src=source, group=pp_group)
         for index, (name, shape, dtype) in enumerate(header[0]):
-            tensor = full[index][1].contiguous() if is_source else torch.empty(
-                shape, dtype=dtype, device=next(model.parameters()).device)
+            if is_source:
+                tensor = _gather_tensor_parallel(params[index][0], params[index][1]).contiguous()
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=device)
             if len(pp_ranks) > 1:
                 dist.broadcast(tensor, src=source, group=pp_group)
             yield name, tensor
 
 
-def gather_hf_state(model: Any, family: DecoderFamily, hf_config: Any, reward_model: bool,
-                    value_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Collective: (HF name, full tensor) of every HF weight, for update_weights of a rollout engine or export."""
-    mappings = {m.megatron: m for m in param_mappings(family, hf_config, reward_model, value_head)}
-    for name, tensor in gather_megatron_state(model):
+def _full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def gather_hf_state(model: Any, family: DecoderFamily, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: (HF name, full tensor) of every HF weight (for update_weights of a rollout engine, or export).
+
+    A reward model's value head comes out as ``VALUE_HEAD_TENSOR``; a parameter the family's mapping does not know
+    raises, except the last stage's copy of tied embeddings.
+    """
+    inner = unwrap(model)
+    reward_model = isinstance(inner, RewardGPTModel)
+    mappings = {m.megatron: m for m in param_mappings(family, hf_config, reward_model,
+                                                      reward_model and inner.has_value_head)}
+    for name, tensor in gather_megatron_state(inner):
         if name not in mappings:
-            continue  # e.g. the last stage's copy of tied embeddings
+            if name == "output_layer.weight" and hf_config.tie_word_embeddings:
+                continue
+            raise KeyError(f"gather_hf_state: Megatron parameter {name} has no HF counterpart in the {family.name} "
+                           "mapping")
         yield from zip(mappings[name].hf, mappings[name].split(tensor))

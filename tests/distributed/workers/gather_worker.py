@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from helpers import LAYOUTS  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
-from megatron_save.checkpoint.hf import family_for  # noqa: E402
+from megatron_save.checkpoint.hf import VALUE_HEAD_FILE, family_for  # noqa: E402
 from megatron_save.checkpoint.hf.gather import gather_hf_state  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
@@ -32,7 +32,9 @@ def main() -> None:
         for name, dirs in models.items():
             model, meta, hf_config = build_model_from_checkpoint(dirs["mg"])
             original = load_file(Path(dirs["hf"]) / "model.safetensors")
-            gathered = dict(gather_hf_state(model, family_for(hf_config), hf_config, meta.kind == "reward_model"))
+            if (Path(dirs["hf"]) / VALUE_HEAD_FILE).exists():
+                original.update(load_file(Path(dirs["hf"]) / VALUE_HEAD_FILE))
+            gathered = dict(gather_hf_state(model, family_for(hf_config), hf_config))
             if hf_config.tie_word_embeddings:
                 original.pop("lm_head.weight", None)
             exact = sorted(original) == sorted(gathered) and all(
