@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("give --out and one of --ckpt, --hf-model, --scores")
     if args.scores and len(args.scores) != len(args.benchmark):
         parser.error("give one --scores file per --benchmark")
+    if len(set(args.benchmark)) != len(args.benchmark):
+        parser.error("each --benchmark may appear once (a directory of files serves PPE correctness's sets)")
     return args
 
 
@@ -74,6 +76,8 @@ def main() -> None:
     scorer = make_scorer(args)
     writer = not dist.is_initialized() or dist.get_rank() == 0
     options = {"ppe-preference": {"tie_label": args.ppe_tie_label}}
+    source = args.ckpt or args.hf_model
+    results = {}
     for index, (name, data) in enumerate(zip(args.benchmark, args.data)):
         benchmark = get_benchmark(name)
         rows = load_benchmark(benchmark, data)
@@ -81,13 +85,15 @@ def main() -> None:
             scores, summary = rescore(benchmark, rows, args.scores[index], **options.get(name, {}))
         else:
             scores = score_rows(benchmark, rows, scorer)
-            summary = summarize(benchmark, rows, scores, **options.get(name, {}))
+            summary = summarize(benchmark, rows, scores, source=source, **options.get(name, {}))
+        results[name] = summary["score"]
         if writer:
             write_outputs(benchmark, rows, scores, summary, args.out)
-            print(f"{benchmark.title}: {summary['score']:.2f} over {len(rows)} examples")
+            partial = " (partial data)" if summary["partial"] else ""
+            print(f"{benchmark.title}: {summary['score']:.2f} over {len(rows)} examples{partial}")
     if writer:
-        run = args.name or Path(args.ckpt or args.hf_model or args.out).name
-        table = results_table({run: read_summaries(args.out)})
+        run = args.name or Path(source or args.out).name
+        table = results_table({run: results})
         (Path(args.out) / "results.md").write_text(table)
         print(table, end="")
     if dist.is_initialized():

@@ -52,6 +52,8 @@ def _pair(prompt: str, first: str, second: str) -> Callable[[dict], list[Message
 def _chosen_then_rejected(expected: int | None) -> Callable[[dict], list[Messages]]:
     def responses(row: dict) -> list[Messages]:
         chosen, rejected = list(row["chosen"]), list(row["rejected"])
+        if "num_correct" in row and row["num_correct"] != len(chosen):
+            raise ValueError(f"row {row.get('id')}: num_correct={row['num_correct']} but {len(chosen)} chosen responses")
         if expected is not None and (len(chosen), len(rejected)) != (expected, expected):
             raise ValueError(f"row {row.get('id')}: expected {expected} chosen and {expected} rejected responses, "
                              f"got {len(chosen)} and {len(rejected)}")
@@ -111,6 +113,12 @@ def load_benchmark(benchmark: Benchmark, source: str) -> list[dict]:
         require_fields(table, benchmark.fields, str(file))
         set_name = file.stem if file.suffix in _DATA_SUFFIXES else str(source).split("/")[-1]
         rows += [{**row, "set": set_name} if benchmark.name == "ppe-correctness" else dict(row) for row in table]
+    seen = set()
+    for row in rows:
+        key = benchmark.key(row)
+        if key in seen:
+            raise ValueError(f"{source}: example {'/'.join(key)} appears twice")
+        seen.add(key)
     return rows
 
 
@@ -130,7 +138,10 @@ def read_scores_file(benchmark: Benchmark, rows: list[dict], path: str | Path) -
                 raise ValueError(f"{path}:{line_number}: not a JSON line ({error})") from error
             if any(field not in record for field in fields) or "scores" not in record:
                 raise ValueError(f"{path}:{line_number}: needs {', '.join(fields)} and 'scores'")
-            by_key[tuple(str(record[field]) for field in fields)] = [float(s) for s in record["scores"]]
+            key = tuple(str(record[field]) for field in fields)
+            if key in by_key:
+                raise ValueError(f"{path}:{line_number}: a second line for {'/'.join(key)}")
+            by_key[key] = [float(s) for s in record["scores"]]
     scores = []
     for row in rows:
         key = benchmark.key(row)

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_save.evaluation.benchmarks import BENCHMARKS, PAPER_ORDER, Benchmark, read_scores_file
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 # conversations -> one score each
 ConversationScorer = Callable[[list], list[float]]
@@ -24,10 +27,21 @@ def score_rows(benchmark: Benchmark, rows: list[dict], scorer: ConversationScore
     return scores
 
 
-def summarize(benchmark: Benchmark, rows: list[dict], scores: list[list[float]], **rule_options) -> dict:
-    """``{"benchmark", "score" (0-100), "subsets", "examples"}`` by the benchmark's official rule."""
+def summarize(benchmark: Benchmark, rows: list[dict], scores: list[list[float]], source: str = "",
+              **rule_options) -> dict:
+    """``{"benchmark", "score" (0-100), "subsets", "examples", "partial", "source"}`` by the official rule.
+
+    ``partial`` is true when subsets the official score averages over are missing (logged as a warning).
+    """
+    if not rows:
+        raise ValueError(f"{benchmark.name}: no examples to score")
     score, subsets = benchmark.rule(rows, scores, **rule_options)
-    return {"benchmark": benchmark.name, "score": score, "subsets": subsets, "examples": len(rows)}
+    partial = bool(subsets.get("partial", False))
+    if partial:
+        logger.warning("%s: partial data, the score averages only what is present (missing: %s)", benchmark.name,
+                       ", ".join(subsets.get("missing_subsets", [])) or "-")
+    return {"benchmark": benchmark.name, "score": score, "subsets": subsets, "examples": len(rows),
+            "partial": partial, "source": source}
 
 
 def write_outputs(benchmark: Benchmark, rows: list[dict], scores: list[list[float]], summary: dict,
@@ -45,7 +59,7 @@ def write_outputs(benchmark: Benchmark, rows: list[dict], scores: list[list[floa
 def rescore(benchmark: Benchmark, rows: list[dict], scores_file: str | Path, **rule_options) -> tuple[list, dict]:
     """Numbers from an existing scores file instead of a model."""
     scores = read_scores_file(benchmark, rows, scores_file)
-    return scores, summarize(benchmark, rows, scores, **rule_options)
+    return scores, summarize(benchmark, rows, scores, source=str(scores_file), **rule_options)
 
 
 def results_table(runs: dict[str, dict[str, float]]) -> str:

@@ -55,6 +55,8 @@ def hf_sequence_scorer(model_dir: str | Path, batch_size: int, device: str | Non
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = pad_id_of(tokenizer)
+    # The classifier finds each sequence's last token by config.pad_token_id: it must be the id we pad with.
+    model.config.pad_token_id = pad_id
 
     @torch.no_grad()
     def score(sequences: list[list[int]]) -> list[float]:

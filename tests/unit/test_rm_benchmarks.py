@@ -31,6 +31,7 @@ def test_rewardbench():
     assert subsets["Safety"] == pytest.approx(100)
     assert subsets["Reasoning"] == pytest.approx(100 * 984 / 1148)
     assert score == pytest.approx((50 + 50 + 100 + 100 * 984 / 1148) / 4)
+    assert subsets["partial"] and "llmbar-natural" in subsets["missing_subsets"]
 
 
 def rewardbench2_fixture():
@@ -178,3 +179,13 @@ def test_scores_file_errors_name_the_example(tmp_path):
     write_jsonl([{"id": i, "scores": [0, math.nan if i == 3 else 1]} for i in range(7)], tmp_path / "nan.jsonl")
     with pytest.raises(ValueError, match="3 has a score that is not a finite number"):
         read_scores_file(benchmark, rows, tmp_path / "nan.jsonl")
+
+
+def test_duplicates_and_inconsistent_rows_are_refused(tmp_path):
+    row = {"id": 1, "prompt": "p", "chosen": "c", "rejected": "r", "subset": "math-prm"}
+    path = write_jsonl([row, row], tmp_path / "dup.jsonl")
+    with pytest.raises(ValueError, match="example 1 appears twice"):
+        load_benchmark(BENCHMARKS["rewardbench"], str(path))
+    rb2 = {"id": "x", "prompt": "p", "chosen": ["a", "b"], "rejected": ["c"], "num_correct": 1, "subset": "Math"}
+    with pytest.raises(ValueError, match="num_correct=1 but 2 chosen"):
+        BENCHMARKS["rewardbench2"].responses(rb2)
