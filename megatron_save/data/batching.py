@@ -21,21 +21,20 @@ class TokenBatch:
     attention_mask: torch.Tensor
     """[N, S] bool, True on real tokens."""
 
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
     def to(self: B, device: torch.device | str) -> B:
         """Every tensor field on ``device``."""
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-        })
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in self._tensor_fields()})
 
     def position_ids(self) -> torch.Tensor:
         """[N, S] positions 0..S-1 of every row (right padding keeps real tokens at their positions)."""
         return torch.arange(self.input_ids.shape[1], device=self.input_ids.device).expand_as(self.input_ids)
 
     def rows(self: B, start: int, stop: int) -> B:
-        """Rows [start, stop) of every tensor field."""
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)
-        })
+        """Rows [start, stop) of every tensor field (other fields are shared)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[start:stop] for name in self._tensor_fields()})
 
     def split(self: B, rows_per_part: int) -> list[B]:
         """Consecutive parts of ``rows_per_part`` rows (the row count must divide evenly)."""
@@ -56,6 +55,30 @@ class PromptTargetBatch(TokenBatch):
 
     targets: torch.Tensor
     """[N] fp32 regression target of V(x): the mean frozen-RM reward of the prompt's responses."""
+
+
+@dataclass
+class ResponseGroupBatch(TokenBatch):
+    """Prompts with G response slots each (row i * G + j is response j of prompt i), for SAVE's RM update.
+
+    Micro-batches must split at group boundaries (``split`` by a multiple of ``group_size``).
+    """
+
+    prompt_lengths: torch.Tensor
+    """[N] tokens of each row's prompt: V(x) is read at position prompt_length - 1."""
+    valid: torch.Tensor
+    """[N] bool, a real response in the slot."""
+    pos_mask: torch.Tensor
+    """[N] bool, in Y+ by the partition made with the scores before this update."""
+    neg_mask: torch.Tensor
+    """[N] bool, in Y- by that partition."""
+    group_size: int
+    """G, response slots per prompt."""
+    reward_scale: float
+    """(micro-batches x data-parallel ranks) / kept prompts of the whole batch: turns micro-batch sums into the
+    global mean of eq. 18 after Megatron's averaging."""
+    value_scale: float
+    """(micro-batches x data-parallel ranks) / prompts of the whole batch, for eq. 21."""
 
 
 def pad_id_of(tokenizer) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_save.algorithms import bt_loss, pairwise_accuracy, value_anchor_loss
-from megatron_save.data.batching import PairBatch, PromptTargetBatch
+from megatron_save.algorithms import bt_loss, pairwise_accuracy, save_reward_loss, value_anchor_loss
+from megatron_save.data.batching import PairBatch, PromptTargetBatch, ResponseGroupBatch
 from megatron_save.models.forward import last_token_index
 
 
@@ -34,3 +34,25 @@ def value_regression_loss(
     # The reward head's output joins with weight zero so that every pipeline stage has a gradient to pass back
     # (the value head reads a detached state); the backbone's learning rate is zero in stage 2.
     return loss + 0.0 * rewards.sum(), {"loss": loss}
+
+
+def save_rm_loss(
+    batch: ResponseGroupBatch, scores: torch.Tensor, value_loss_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAVE's RM update on the groups of a micro-batch: eqs. 18-20 (reward loss over prompts kept by the
+    partition, V stop-gradient) + value_loss_weight x eq. 21 (value loss over all prompts, R stop-gradient).
+
+    Returns micro-batch sums scaled so that Megatron's averaging over micro-batches and data-parallel ranks yields
+    the means over the whole batch. scores [k * G, S, 2] -> scalar.
+    """
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    last = last_token_index(batch.attention_mask).to(scores.device)
+    rewards = scores[rows, last, 0].view(-1, batch.group_size)  # [k, G]
+    values = scores[rows, (batch.prompt_lengths - 1).to(scores.device), 1].view(-1, batch.group_size)[:, 0]  # [k]
+    groups = lambda mask: mask.to(scores.device).view(-1, batch.group_size)  # noqa: E731
+    pos, neg, valid = groups(batch.pos_mask), groups(batch.neg_mask), groups(batch.valid)
+    keep = pos.any(dim=1) & neg.any(dim=1)  # [k]
+    reward_sum = save_reward_loss(rewards, values, pos, neg, keep) * keep.sum()
+    value_sum = value_anchor_loss(values, rewards, valid) * valid.any(dim=1).sum()
+    loss = batch.reward_scale * reward_sum + value_loss_weight * batch.value_scale * value_sum
+    return loss, {"reward_loss_sum": reward_sum, "value_loss_sum": value_sum, "kept_prompts": keep.sum().float()}

@@ -1,0 +1,46 @@
+"""SAVE's RM-update loss over micro-batches of response groups adds up to the whole batch's eqs. 18-21."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import token_batch
+
+from megatron_save.algorithms import save_partition, save_reward_loss, value_anchor_loss
+from megatron_save.checkpoint import build_model_from_checkpoint
+from megatron_save.checkpoint.convert import convert_hf_to_megatron
+from megatron_save.data.batching import ResponseGroupBatch
+from megatron_save.models.forward import last_token_index
+from megatron_save.testing import save_tiny_hf_model
+from megatron_save.trainers.losses import save_rm_loss
+
+PROMPTS, GROUP = 4, 3
+
+
+def test_micro_batch_sums_make_the_global_means(tmp_path):
+    hf_dir = save_tiny_hf_model("llama", tmp_path / "hf", reward_model=True, value_head=True, seed=4)
+    convert_hf_to_megatron(hf_dir, tmp_path / "mg")
+    model, _, _ = build_model_from_checkpoint(tmp_path / "mg")
+    input_ids, mask = token_batch(batch=PROMPTS * GROUP, seq=12, seed=3)
+    mask[:, :6] = True
+    prompt_lengths = torch.full((PROMPTS * GROUP,), 4)
+    valid = torch.ones(PROMPTS * GROUP, dtype=torch.bool)
+    valid[-1] = False  # a filtered-out slot
+    with torch.no_grad():
+        scores = model(input_ids, torch.arange(12).expand_as(input_ids), None)
+    rows = torch.arange(PROMPTS * GROUP)
+    rewards = scores[rows, last_token_index(mask), 0].view(PROMPTS, GROUP)
+    values = scores[rows, 3, 1].view(PROMPTS, GROUP)[:, 0]
+    anchor = rewards.median(dim=1).values - 1e-4  # puts responses on both sides in most groups
+    pos, neg, keep = save_partition(rewards, anchor, valid.view(PROMPTS, GROUP), 0.5)
+    assert 0 < keep.sum() < PROMPTS or keep.all()
+    expected = save_reward_loss(rewards, values, pos, neg, keep) + 0.5 * value_anchor_loss(
+        values, rewards, valid.view(PROMPTS, GROUP))
+
+    micro_batches, data_parallel = 2, 1
+    batch = ResponseGroupBatch(input_ids, mask, prompt_lengths, valid, pos.flatten(), neg.flatten(), GROUP,
+                               reward_scale=micro_batches * data_parallel / keep.sum().item(),
+                               value_scale=micro_batches * data_parallel / PROMPTS)
+    total = sum(save_rm_loss(part, scores[i * 6 : (i + 1) * 6], value_loss_weight=0.5)[0] / micro_batches
+                for i, part in enumerate(batch.split(GROUP * 2)))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
