@@ -11,13 +11,13 @@ import argparse
 
 from megatron_save.evaluation.policy_export import (
     FORMATS,
-    GenerationSettings,
     alpaca_eval_records,
     arena_hard_records,
     generate_answers,
     read_prompts,
     write_records,
 )
+from megatron_save.rollout import SamplingSettings
 
 
 def main() -> None:
@@ -31,11 +31,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (when --temperature > 0)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke tests)")
     args = parser.parse_args()
     rows = read_prompts(args.prompts, args.benchmark)[: args.limit]
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
-    answers = generate_answers(args.hf_model, [row[FORMATS[args.benchmark]] for row in rows], settings)
+    sampling = SamplingSettings(n=1, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    answers = generate_answers(args.hf_model, [row[FORMATS[args.benchmark]] for row in rows], sampling,
+                               args.batch_size)
     build = alpaca_eval_records if args.benchmark == "alpaca_eval" else arena_hard_records
     write_records(build(rows, answers, args.model_name), args.benchmark, args.out)
     print(f"wrote {len(rows)} answers to {args.out}")

@@ -1,5 +1,5 @@
 """Policy answers for AlpacaEval 2 and Arena-Hard-v2.0, written in those tools' input formats (their GPT
-judges run elsewhere). Generation uses transformers on an HF export of the policy
+judges run elsewhere). Generation uses the transformers rollout engine on an HF export of the policy
 (tools/convert_megatron_to_hf.py)."""
 
 from __future__ import annotations
@@ -7,28 +7,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
+from megatron_save.data.chat import encode_prompt
 from megatron_save.data.loading import field_value, load_rows, require_fields
-
-
-@dataclass
-class GenerationSettings:
-    """Sampling settings of the answers."""
-
-    max_new_tokens: int = 1024
-    """Longest answer in tokens."""
-    temperature: float = 0.0
-    """0 for greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling mass when sampling."""
-    batch_size: int = 8
-    """Prompts per generate call."""
+from megatron_save.rollout import SamplingSettings, TransformersRolloutEngine
 
 
 FORMATS = {"alpaca_eval": "instruction", "arena_hard": "prompt"}
@@ -44,35 +30,22 @@ def read_prompts(path: str, benchmark: str) -> list[dict]:
     return [{**row, FORMATS[benchmark]: field_value(row, FORMATS[benchmark], i, path)} for i, row in enumerate(rows)]
 
 
-def generate_answers(model_dir: str | Path, prompts: list[str], settings: GenerationSettings) -> list[tuple[str, int]]:
-    """(answer text, answer length in tokens) for each prompt, with the model's chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    if tokenizer.pad_token is None:  # Llama 3 tokenizers have none; left padding with EOS is masked out
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
-    pad_id = tokenizer.pad_token_id
+def generate_answers(
+    model_dir: str | Path, prompts: list[str], sampling: SamplingSettings, batch_size: int = 8
+) -> list[tuple[str, int]]:
+    """(answer text, answer length in tokens) for each prompt, from the transformers rollout engine with the
+    model's chat template; ``sampling.n`` must be 1."""
+    if sampling.n != 1:
+        raise ValueError(f"one answer per prompt: sampling.n must be 1, got {sampling.n}")
+    engine = TransformersRolloutEngine(model_dir)
+    stop_ids = {engine.tokenizer.eos_token_id, *sampling.stop_token_ids}
     answers = []
-    for start in tqdm(range(0, len(prompts), settings.batch_size), desc="generating", unit="batch"):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts[start : start + settings.batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
-            if settings.temperature > 0 else {"do_sample": False}
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, **sampling)
-        for row in output[:, batch["input_ids"].shape[1]:]:
-            tokens = row[: _answer_length(row, {pad_id, tokenizer.eos_token_id})]
-            answers.append((tokenizer.decode(tokens, skip_special_tokens=True), int(tokens.numel())))
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
+        prompt_ids = [encode_prompt(engine.tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
+        for (response,) in engine.generate(prompt_ids, sampling).response_ids:
+            answer = response[:-1] if response and response[-1] in stop_ids else response
+            answers.append((engine.tokenizer.decode(answer, skip_special_tokens=True), len(answer)))
     return answers
-
-
-def _answer_length(row: torch.Tensor, stop_ids: set) -> int:
-    """Tokens before the first end-of-sequence or padding token."""
-    stops = torch.isin(row, torch.tensor(sorted(i for i in stop_ids if i is not None), device=row.device))
-    return int(stops.nonzero()[0]) if stops.any() else row.numel()
 
 
 def alpaca_eval_records(rows: list[dict], answers: list[tuple[str, int]], model_name: str) -> list[dict[str, Any]]:

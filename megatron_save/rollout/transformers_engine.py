@@ -23,8 +23,9 @@ class TransformersRolloutEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         # generate() fills every unset option from the checkpoint's generation_config (repetition penalties and
         # the like): rollouts must come from the policy's own distribution, shaped only by SamplingSettings.
+        # (GenerationConfig's own default is top_k=50: switch it off too.)
         self.model.generation_config = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=eos,
-                                                        pad_token_id=self.pad_id)
+                                                        pad_token_id=self.pad_id, top_k=0)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
@@ -41,7 +42,7 @@ class TransformersRolloutEngine:
         output = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
             max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, eos_token_id=stop_ids,
             pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
         )

@@ -76,3 +76,19 @@ def test_checkpoint_generation_settings_do_not_leak_into_rollouts(policies, tmp_
     penalised = TransformersRolloutEngine(tmp_path / "penalised").generate(
         prompts, SamplingSettings(temperature=0.0, max_new_tokens=8))
     assert penalised.response_ids == plain.response_ids and penalised.logprobs == plain.logprobs
+
+
+def test_untruncated_sampling_logprobs_are_the_policy_logprobs(policies):
+    """temperature 1, top-p 1, top-k 0: the behaviour log-probs are the model's own (no hidden top-k=50)."""
+    a, _, _ = policies
+    engine = TransformersRolloutEngine(a)
+    prompts = _prompts(engine)
+    rollouts = engine.generate(prompts, SamplingSettings(n=2, temperature=1.0, top_p=1.0, top_k=0,
+                                                         max_new_tokens=5, seed=3))
+    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    for prompt, responses, logprobs in zip(prompts, rollouts.response_ids, rollouts.logprobs):
+        for response, behaviour in zip(responses, logprobs):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(behaviour), expected, atol=1e-4)
