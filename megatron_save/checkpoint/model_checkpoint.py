@@ -20,8 +20,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
-from megatron_save.models.builder import build_model
-from megatron_save.models.spec import SpecBackend
 
 META_FILE = "megatron_save.json"
 HF_SUBDIR = "hf"
@@ -113,7 +111,7 @@ def load_model_checkpoint(model: Any, ckpt_dir: str | Path, skip_prefixes: tuple
 def build_model_from_checkpoint(
     ckpt_dir: str | Path,
     dtype: str | None = None,
-    spec_backend: SpecBackend | str = SpecBackend.AUTO,
+    spec_backend: str = "auto",
     add_value_head: bool = False,
 ) -> tuple[Any, CheckpointMeta, Any]:
     """Builds this rank's stage under the current parallel state and loads the checkpoint into it.
@@ -121,6 +119,9 @@ def build_model_from_checkpoint(
     ``add_value_head`` gives a reward model saved without a value head a zero-initialised one (stage 2); the
     returned meta then says it has one.
     """
+    # Imported here: the model builders import the HF mappings of this package (an import cycle otherwise).
+    from megatron_save.models.builder import build_model
+
     meta, hf_config = read_checkpoint_meta(ckpt_dir)
     if add_value_head and meta.kind != "reward_model":
         raise ValueError(f"{ckpt_dir}: add_value_head needs a reward model, the checkpoint holds a {meta.kind}")
