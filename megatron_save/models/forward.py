@@ -69,6 +69,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
+def at_last_token(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token head outputs [B, S, heads] -> [B, heads] at each row's last real token."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, last_token_index(attention_mask).to(scores.device)]
+
+
 def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Sends a last-stage tensor to every stage of this rank's pipeline group (a no-op without PP)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
@@ -96,11 +102,10 @@ def score_sequences(
     heads = 1 if prompt_lengths is None else 2
     read = None
     if scores is not None:
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        last = last_token_index(attention_mask).to(scores.device)
         if prompt_lengths is None:
-            read = scores[rows, last, :1]  # [N, 1]
+            read = at_last_token(scores, attention_mask)[:, :1]  # [N, 1]
         else:
+            last = last_token_index(attention_mask).to(scores.device)
             read = torch.stack(read_scores(scores, last, (prompt_lengths - 1).to(scores.device)), dim=1)  # [N, 2]
     read = broadcast_from_last_stage(read, (input_ids.shape[0], heads), torch.float32)
     return SequenceScores(rewards=read[:, 0], values=None if prompt_lengths is None else read[:, 1])

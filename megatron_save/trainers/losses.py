@@ -6,18 +6,12 @@ import torch
 
 from megatron_save.algorithms import bt_loss, pairwise_accuracy, save_reward_loss, value_anchor_loss
 from megatron_save.data.batching import PairBatch, PromptTargetBatch, ResponseGroupBatch
-from megatron_save.models.forward import last_token_index
-
-
-def _at_last_token(batch, scores: torch.Tensor) -> torch.Tensor:
-    """[b, S, heads] -> [b, heads] at each row's last real token."""
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    return scores[rows, last_token_index(batch.attention_mask).to(scores.device)]
+from megatron_save.models.forward import at_last_token
 
 
 def bt_pair_loss(batch: PairBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage 1 (eq. 11) over the pairs of a micro-batch; rows alternate chosen, rejected."""
-    rewards = _at_last_token(batch, scores)[:, 0]  # [2b]
+    rewards = at_last_token(scores, batch.attention_mask)[:, 0]  # [2b]
     chosen, rejected = rewards[0::2], rewards[1::2]  # [b], [b]
     loss = bt_loss(chosen, rejected)
     return loss, {"loss": loss, "accuracy": pairwise_accuracy(chosen, rejected)}
@@ -27,7 +21,7 @@ def value_regression_loss(
     batch: PromptTargetBatch, scores: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage 2 (eq. 12): (V(x) - mean frozen reward)^2, V read at the prompt's last token."""
-    heads = _at_last_token(batch, scores)  # [b, 2]
+    heads = at_last_token(scores, batch.attention_mask)  # [b, 2]
     values, rewards = heads[:, 1], heads[:, 0]
     targets = batch.targets.to(values.device)[:, None]  # [b, 1]: one "response", the precomputed mean
     loss = value_anchor_loss(values, targets, torch.ones_like(targets, dtype=torch.bool))
@@ -46,8 +40,7 @@ def save_rm_loss(
     the means over the whole batch. scores [k * G, S, 2] -> scalar.
     """
     rows = torch.arange(scores.shape[0], device=scores.device)
-    last = last_token_index(batch.attention_mask).to(scores.device)
-    rewards = scores[rows, last, 0].view(-1, batch.group_size)  # [k, G]
+    rewards = at_last_token(scores, batch.attention_mask)[:, 0].view(-1, batch.group_size)  # [k, G]
     values = scores[rows, (batch.prompt_lengths - 1).to(scores.device), 1].view(-1, batch.group_size)[:, 0]  # [k]
     groups = lambda mask: mask.to(scores.device).view(-1, batch.group_size)  # noqa: E731
     pos, neg, valid = groups(batch.pos_mask), groups(batch.neg_mask), groups(batch.valid)

@@ -67,20 +67,3 @@ def train_step(state: TrainState, micro_batches: list[TokenBatch], loss_fn: Loss
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["update_skipped"] = float(not update_successful)
     return metrics
-
-
-@torch.no_grad()
-def eval_step(model: torch.nn.Module, micro_batches: list[TokenBatch], loss_fn: LossFn,
-              metric_names: Sequence[str]) -> dict[str, float]:
-    """Forward-only over micro-batches with the same loss function; averaged metrics on every rank."""
-    model.eval()
-    per_micro_batch = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn),
-        data_iterator=iter(micro_batches),
-        model=[model],
-        num_microbatches=len(micro_batches),
-        seq_length=micro_batches[0].input_ids.shape[1],
-        micro_batch_size=micro_batches[0].input_ids.shape[0],
-        forward_only=True,
-    )
-    return _mean_metrics(per_micro_batch, metric_names)
