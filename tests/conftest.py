@@ -43,3 +43,13 @@ def world_of_one():
     from megatron_save.distributed import init_distributed
 
     init_distributed(ParallelConfig())
+
+
+@pytest.fixture(scope="session")
+def rl_data(tmp_path_factory) -> dict[str, Path]:
+    """Stage-3 inputs: synthetic RL prompts and preference pairs (for offline_bt), as jsonl files."""
+    from megatron_save.testing.synthetic import synthetic_preference_rows, synthetic_prompts, write_jsonl
+
+    root = tmp_path_factory.mktemp("rl_data")
+    return {"prompts": write_jsonl(synthetic_prompts(64, seed=3), root / "prompts.jsonl"),
+            "pairs": write_jsonl(synthetic_preference_rows(32, seed=4), root / "pairs.jsonl")}

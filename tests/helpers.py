@@ -26,6 +26,24 @@ def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> None:
                              f"{result.stderr[-8000:]}")
 
 
+def run_stage3(nproc: int, output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str,
+               timeout: int = 900) -> None:
+    """Launches stage 3 with examples/cpu/stage3_save.yaml under torchrun, as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "megatron_save.trainers.stage3_save", "examples/cpu/stage3_save.yaml", f"output_dir={output_dir}",
+           f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"train_data={prompts}", *overrides]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-8000:]}")
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The records of a stage-3 run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def token_batch(batch: int = 4, seq: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded random token ids [B, S] (ids 3..99, pad 0) of lengths seq, seq-3, ... and their mask."""
     generator = torch.Generator().manual_seed(seed)

@@ -3,13 +3,19 @@
     python tools/make_synthetic_data.py --out DIR [--pairs 600 --prompts 240 --responses 8 --seed 0]
 
 DIR/preference_train.jsonl, DIR/preference_eval.jsonl: {"prompt", "chosen", "rejected"} rows (stage 1);
-DIR/responses.jsonl: {"prompt", "responses": [...]} rows (stage 2).
+DIR/responses.jsonl: {"prompt", "responses": [...]} rows (stage 2);
+DIR/prompts.jsonl: {"prompt"} rows (stage 3).
 """
 
 import argparse
 from pathlib import Path
 
-from megatron_save.testing.synthetic import synthetic_preference_rows, synthetic_response_groups, write_jsonl
+from megatron_save.testing.synthetic import (
+    synthetic_preference_rows,
+    synthetic_prompts,
+    synthetic_response_groups,
+    write_jsonl,
+)
 
 
 def main() -> None:
@@ -24,6 +30,7 @@ def main() -> None:
     write_jsonl(synthetic_preference_rows(args.pairs, args.seed), out / "preference_train.jsonl")
     write_jsonl(synthetic_preference_rows(args.pairs // 8, args.seed + 1), out / "preference_eval.jsonl")
     write_jsonl(synthetic_response_groups(args.prompts, args.responses, args.seed + 2), out / "responses.jsonl")
+    write_jsonl(synthetic_prompts(args.prompts, args.seed + 3), out / "prompts.jsonl")
     print(f"wrote synthetic data to {out}")
 
 

@@ -1,6 +1,6 @@
 """Writes a random tiny Llama / Qwen2 / Qwen3 model (causal LM or reward model) with a tokenizer to a directory.
 
-    python tools/make_tiny_model.py --family llama --out /tmp/tiny-llama [--reward-model] [--seed 0]
+    python tools/make_tiny_model.py --family llama --out /tmp/tiny-llama [--reward-model [--value-head]] [--seed 0]
 """
 
 import argparse
@@ -13,9 +13,13 @@ def main() -> None:
     parser.add_argument("--family", choices=TINY_FAMILIES, default="llama")
     parser.add_argument("--out", required=True, help="output directory (HF format)")
     parser.add_argument("--reward-model", action="store_true", help="*ForSequenceClassification with one label")
+    parser.add_argument("--value-head", action="store_true", help="reward model with a random value head")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = save_tiny_hf_model(args.family, args.out, reward_model=args.reward_model, seed=args.seed)
+    if args.value_head and not args.reward_model:
+        parser.error("--value-head needs --reward-model")
+    out = save_tiny_hf_model(args.family, args.out, reward_model=args.reward_model, seed=args.seed,
+                             value_head=args.value_head)
     kind = "reward model" if args.reward_model else "causal LM"
     print(f"wrote tiny {args.family} {kind} to {out}")
 

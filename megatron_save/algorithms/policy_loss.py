@@ -54,11 +54,13 @@ def ppo_clip_policy_loss(
     clip_high: float,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    norm_constant: float | None = None,
 ) -> PolicyLossOutput:
     """PPO's clipped surrogate per token, max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), with the dual clip
     min(., -A c) on negative advantages when ``dual_clip`` = c > 1, aggregated as asked.
 
-    logp, old_logp, mask [N, T]; advantages [N, T], or [N] broadcast over tokens.
+    logp, old_logp, mask [N, T]; advantages [N, T], or [N] broadcast over tokens. ``norm_constant``: the constant
+    of seq-mean-token-sum-norm (Dr.GRPO uses the generation budget; default T).
     """
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
@@ -75,7 +77,7 @@ def ppo_clip_policy_loss(
         token_losses = torch.where(advantages < 0, capped, token_losses)
     real = mask.sum().clamp(min=1)
     return PolicyLossOutput(
-        loss=aggregate(token_losses, mask, aggregation),
+        loss=aggregate(token_losses, mask, aggregation, norm_constant),
         clip_fraction=(was_clipped & mask).sum() / real,
         approx_kl=(-log_ratio).masked_fill(~mask, 0.0).sum().detach() / real,
     )

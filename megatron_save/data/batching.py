@@ -81,6 +81,24 @@ class ResponseGroupBatch(TokenBatch):
     """(micro-batches x data-parallel ranks) / prompts of the whole batch, for eq. 21."""
 
 
+@dataclass
+class PolicyBatch(TokenBatch):
+    """Prompt + response rows of the policy update. Token tensors of width S - 1 are in the shifted frame:
+    position t scores token t + 1."""
+
+    loss_mask: torch.Tensor
+    """[N, S - 1] bool, True where token t + 1 is a response token (filler rows: all False)."""
+    advantages: torch.Tensor
+    """[N, S - 1] fp32 advantage of each response token (constant along a response for outcome rewards)."""
+    old_logp: torch.Tensor
+    """[N, S - 1] fp32 log-probs under the policy that sampled the rollouts (before this step's update)."""
+    ref_logp: torch.Tensor
+    """[N, S - 1] fp32 log-probs under the frozen reference policy (zeros when the KL term is off)."""
+    loss_scale: float = 1.0
+    """(micro-batches x data-parallel ranks) x this micro-batch's share of the whole mini-batch's tokens (or
+    sequences): turns a micro-batch mean into its part of the global mean after Megatron's averaging."""
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's padding id (0 when it has none: padding is masked out anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

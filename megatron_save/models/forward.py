@@ -117,13 +117,14 @@ def score_token_sequences(
     pad_id: int,
     micro_batch_size: int,
     prompt_lengths: list[int] | None = None,
-    description: str = "scoring",
+    description: str | None = "scoring",
 ) -> SequenceScores:
     """Scores many token sequences once each, on every rank, spreading the work over data-parallel ranks.
 
     Sequences are sorted by length (little padding) and cut into chunks of ``micro_batch_size`` x (pipeline
     size) rows, so a pipeline always has micro-batches in flight; chunk k goes to data-parallel rank k mod DP and
     the results are gathered. ``prompt_lengths`` (one per sequence) adds V at each prompt's last token.
+    ``description`` labels the progress bar (None: no bar, for callers that show their own).
     """
     from tqdm import tqdm
 
@@ -134,7 +135,7 @@ def score_token_sequences(
     chunks = [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine: dict[int, tuple[float, float | None]] = {}
-    with tqdm(total=len(sequences), desc=description, unit="seq", disable=dist.get_rank() != 0,
+    with tqdm(total=len(sequences), desc=description, unit="seq", disable=dist.get_rank() != 0 or description is None,
               dynamic_ncols=True) as bar:
         for chunk in chunks[rank::ranks]:
             # A short last chunk is filled up with copies of its first row (results dropped): micro-batches keep

@@ -10,14 +10,28 @@ import torch
 from megatron_save.rollout.engine import Rollouts, SamplingSettings
 
 
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
 class TransformersRolloutEngine:
-    """Samples with an HF causal LM held in this process; weights arrive through ``update_weights``."""
+    """Samples with an HF causal LM held in this process; weights arrive through ``update_weights``.
+
+    ``model_dir`` is an HF model directory, or the ``hf/`` side files of a megatron-save checkpoint (config and
+    tokenizer, no weights): the model is then built from its config and must receive ``update_weights`` before
+    it generates.
+    """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.weights_loaded = any(any(Path(model_dir).glob(pattern)) for pattern in _WEIGHT_PATTERNS)
+        if self.weights_loaded:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        else:
+            with torch.device(self.device):  # initialised in place: the values are overwritten anyway
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         eos = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -29,6 +43,8 @@ class TransformersRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
+        if not self.weights_loaded:
+            raise RuntimeError("the rollout model was built from a config alone: call update_weights first")
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -83,3 +99,4 @@ class TransformersRolloutEngine:
             raise ValueError(f"update_weights: no new value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for name, tensor in incoming.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        self.weights_loaded = True

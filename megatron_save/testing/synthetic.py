@@ -42,6 +42,11 @@ def synthetic_response_groups(count: int, responses_per_prompt: int, seed: int =
     return rows
 
 
+def synthetic_prompts(count: int, seed: int = 0) -> list[dict]:
+    """Rows of {"prompt"} for RL (stage 3), drawn like the prompts of ``synthetic_response_groups``."""
+    return [{"prompt": row["prompt"]} for row in synthetic_response_groups(count, 1, seed)]
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Writes rows as JSON lines."""
     path = Path(path)

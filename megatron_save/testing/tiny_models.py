@@ -101,7 +101,8 @@ def save_tiny_hf_model(
 ) -> Path:
     """Writes a randomly initialised tiny model (safetensors), its config and the tokenizer to ``out_dir``.
 
-    ``value_head`` (reward models only) adds a random value head in the ``VALUE_HEAD_FILE`` side file.
+    ``value_head`` (reward models only) adds a value head (the reward head plus noise) in the ``VALUE_HEAD_FILE``
+    side file.
     """
     config = tiny_hf_config(family, reward_model, **overrides)
     torch.manual_seed(seed)
@@ -120,6 +121,7 @@ def save_tiny_hf_model(
     if value_head:
         if not reward_model:
             raise ValueError("a value head belongs to a reward model")
-        weight = torch.randn(1, config.hidden_size) * 0.5
+        # Near the reward head, so V(x) starts on the reward's scale (as stage 2 leaves it), yet distinct from it.
+        weight = model.score.weight.detach().clone() + 0.3 * torch.randn(1, config.hidden_size)
         save_file({VALUE_HEAD_TENSOR: weight}, out_dir / VALUE_HEAD_FILE, metadata={"format": "pt"})
     return out_dir

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from megatron_save.algorithms import bt_loss, pairwise_accuracy, save_reward_loss, value_anchor_loss
+from megatron_save.algorithms import (
+    bt_loss,
+    highest_lowest_pairs,
+    hl_bt_loss,
+    mean_reward_anchor,
+    pairwise_accuracy,
+    save_reward_loss,
+    value_anchor_loss,
+)
 from megatron_save.data.batching import PairBatch, PromptTargetBatch, ResponseGroupBatch
 from megatron_save.models.forward import at_last_token
 
@@ -40,12 +48,39 @@ def save_rm_loss(
     the means over the whole batch. scores [k * G, S, 2] -> scalar.
     """
     rows = torch.arange(scores.shape[0], device=scores.device)
-    rewards = at_last_token(scores, batch.attention_mask)[:, 0].view(-1, batch.group_size)  # [k, G]
+    rewards, valid = _group_rewards(batch, scores)  # [k, G]
     values = scores[rows, (batch.prompt_lengths - 1).to(scores.device), 1].view(-1, batch.group_size)[:, 0]  # [k]
-    groups = lambda mask: mask.to(scores.device).view(-1, batch.group_size)  # noqa: E731
-    pos, neg, valid = groups(batch.pos_mask), groups(batch.neg_mask), groups(batch.valid)
+    pos = batch.pos_mask.to(scores.device).view(-1, batch.group_size)
+    neg = batch.neg_mask.to(scores.device).view(-1, batch.group_size)
     keep = pos.any(dim=1) & neg.any(dim=1)  # [k]
     reward_sum = save_reward_loss(rewards, values, pos, neg, keep) * keep.sum()
     value_sum = value_anchor_loss(values, rewards, valid) * valid.any(dim=1).sum()
     loss = batch.reward_scale * reward_sum + value_loss_weight * batch.value_scale * value_sum
     return loss, {"reward_loss_sum": reward_sum, "value_loss_sum": value_sum, "kept_prompts": keep.sum().float()}
+
+
+def _group_rewards(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R at each response's last token as [k, G] groups, and the valid mask [k, G]."""
+    rewards = at_last_token(scores, batch.attention_mask)[:, 0].view(-1, batch.group_size)
+    return rewards, batch.valid.to(scores.device).view(-1, batch.group_size)
+
+
+def mean_reward_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Mean Reward baseline: SAVE's contrastive loss (eqs. 18-20) with each group's mean reward
+    (stop-gradient) as the anchor in place of V(x); no value loss. Scaled as ``save_rm_loss``."""
+    rewards, valid = _group_rewards(batch, scores)  # [k, G]
+    anchor = mean_reward_anchor(rewards, valid)  # [k]
+    pos = batch.pos_mask.to(scores.device).view(-1, batch.group_size)
+    neg = batch.neg_mask.to(scores.device).view(-1, batch.group_size)
+    keep = pos.any(dim=1) & neg.any(dim=1)
+    reward_sum = save_reward_loss(rewards, anchor, pos, neg, keep) * keep.sum()
+    return batch.reward_scale * reward_sum, {"reward_loss_sum": reward_sum, "kept_prompts": keep.sum().float()}
+
+
+def hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The HL-BT baseline: Bradley-Terry on each group's highest vs lowest reward response. ``reward_scale``
+    turns the micro-batch's sum over pairs into the whole batch's mean over pairs."""
+    rewards, valid = _group_rewards(batch, scores)  # [k, G]
+    pairs = highest_lowest_pairs(rewards, valid)[2].sum()
+    reward_sum = hl_bt_loss(rewards, valid) * pairs
+    return batch.reward_scale * reward_sum, {"reward_loss_sum": reward_sum, "pairs": pairs.float()}

@@ -1,0 +1,114 @@
+"""Whole-run checkpoints of stage 3: every trained model with its optimizer and schedule, RNG states, the step
+and the run's counters, written atomically.
+
+Layout under ``RUN_DIR/checkpoints``::
+
+    step_000040/            one complete checkpoint
+      <name>/               a training checkpoint (train_checkpoint.py) per trained model: policy/, reward/
+      run_state.json        step and counters
+      rng/rank_00000.pt     Python, NumPy, torch, CUDA and Megatron model-parallel RNG states of each rank
+    latest                  the name of the newest complete checkpoint, written last
+
+A checkpoint is written under ``step_N.tmp`` and renamed when every rank has finished; ``latest`` is replaced
+by a rename too, so a crash at any point leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+
+from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
+from megatron_save.trainers.optimizer import TrainState
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+LATEST_FILE = "latest"
+RUN_STATE_FILE = "run_state.json"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint after ``step`` steps."""
+    return f"step_{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    marker = Path(run_dir) / CHECKPOINTS_SUBDIR / LATEST_FILE
+    if not marker.exists():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    if not (path / RUN_STATE_FILE).exists():
+        raise FileNotFoundError(f"{marker} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainState], counters: dict[str, int],
+                        keep: int) -> Path:
+    """Collective: writes the checkpoint after ``step`` steps, then points ``latest`` at it and deletes all but
+    the ``keep`` newest."""
+    root = Path(run_dir) / CHECKPOINTS_SUBDIR
+    final = root / checkpoint_name(step)
+    staging = root / f"{final.name}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "rng").mkdir(parents=True)
+    dist.barrier()
+    for name, state in states.items():
+        save_train_checkpoint(state, staging / name, step)
+    torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (staging / RUN_STATE_FILE).write_text(json.dumps({"step": step, "counters": counters}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        marker = root / f"{LATEST_FILE}.tmp"
+        marker.write_text(final.name + "\n")
+        marker.rename(root / LATEST_FILE)
+        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[: max(len(complete) - keep, 0)]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState]) -> tuple[int, dict[str, int]]:
+    """Collective: restores every trained model, optimizer and schedule, and this rank's RNG states; returns
+    (step, counters). The run must have the same world size (RNG states are per rank)."""
+    checkpoint = Path(checkpoint)
+    payload = json.loads((checkpoint / RUN_STATE_FILE).read_text())
+    for name, state in states.items():
+        if not (checkpoint / name).exists():
+            raise FileNotFoundError(f"{checkpoint}: no {name}/ checkpoint; was the run saved with the same "
+                                    "strategy and policy.frozen setting?")
+        load_train_checkpoint(state, checkpoint / name)
+    rng_file = checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{rng_file}: no RNG state for rank {dist.get_rank()}; resume with the world size "
+                                "the run was saved with")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return payload["step"], payload["counters"]

@@ -1,0 +1,147 @@
+"""Typed configuration of a stage-3 run (SAVE and every baseline of the paper); defaults follow paper Table 8."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from megatron_save.config import ParallelConfig
+from megatron_save.rollout.engine import SamplingSettings
+from megatron_save.trainers.optimizer import OptimizerSettings
+
+RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+POLICY_LOSSES = ("ppo_clip", "gspo")
+ROLLOUT_BACKENDS = ("transformers",)
+
+
+@dataclass
+class PolicySettings:
+    """The policy, its reference, and the critic-free algorithm that trains it."""
+
+    checkpoint: str = MISSING
+    """Causal-LM checkpoint of the initial policy (tools/convert_hf_to_megatron.py); also the KL reference."""
+    frozen: bool = False
+    """True: never update the policy ("SAVE w/o policy optimization"); rollouts stay on the initial policy."""
+    advantage: str = "grpo"
+    """grpo, dr_grpo (no std normalisation), rloo, reinforce_pp (batch-whitened) or reinforce_pp_baseline."""
+    loss: str = "ppo_clip"
+    """ppo_clip (token-level ratio, GRPO / RLOO / REINFORCE++) or gspo (sequence-level ratio)."""
+    aggregation: str = "token-mean"
+    """ppo_clip loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    clip_low: float = 0.2
+    """Lower clip range: ratios below 1 - clip_low are clipped (GSPO's paper uses 3e-4)."""
+    clip_high: float = 0.2
+    """Upper clip range: ratios above 1 + clip_high are clipped (GSPO's paper uses 4e-4)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages (ppo_clip only); null disables."""
+    kl_coef: float = 0.04
+    """beta of the KL-to-reference loss term (0 skips the reference model entirely)."""
+    kl_kind: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch (the batch is cut into this many mini-batches)."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass on one rank."""
+    optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=2e-6, decay_style="constant"))
+    """Optimizer of the policy (``value_head_lr`` is unused)."""
+
+
+@dataclass
+class RewardSettings:
+    """The reward model and how it is updated during RL."""
+
+    checkpoint: str = MISSING
+    """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
+    strategy: str = "save"
+    """save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward or hl_bt."""
+    initial_margin: float = 0.5
+    """m0 of the curriculum filter (eq. 14)."""
+    value_loss_weight: float = 1.0
+    """lambda_V, weight of the value loss (eq. 21)."""
+    max_length: int = 2048
+    """Conversations longer than this (RM tokens) are left out of scoring and of both updates (counted)."""
+    micro_batch_size: int = 2
+    """Prompts (each with its G responses) per forward pass of the RM update; scoring uses this x G sequences."""
+    offline_data: str | None = None
+    """offline_bt: preference pairs (prompt / chosen / rejected) of the continual offline BT baseline."""
+    offline_batch_size: int = 32
+    """offline_bt: pairs per RM update."""
+    optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(
+        lr=1e-7, value_head_lr=1e-5, decay_style="constant"))
+    """Optimizer: backbone + reward head at ``lr``, value head at ``value_head_lr`` (paper: 1e-7 and 1e-5)."""
+
+
+@dataclass
+class RolloutSettings:
+    """How responses are sampled."""
+
+    backend: str = "transformers"
+    """Rollout engine: transformers (HF generate on the first rank of each model-parallel group)."""
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(
+        n=16, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=1024))
+    """Group size G (``n``), temperature, top-p, top-k, max new tokens, stop tokens (paper Table 8)."""
+    drop_truncated: bool = False
+    """Leave responses cut at max_new_tokens out of both updates (counted) instead of scoring them as they are."""
+
+
+@dataclass
+class Stage3Config:
+    """A stage-3 run: Algorithm 2 of the paper, or one of its baselines."""
+
+    output_dir: str = MISSING
+    """Run directory: checkpoints/, metrics.jsonl, tensorboard/, final policy/ and reward_model/."""
+    train_data: str = MISSING
+    """RL prompts: json / jsonl / parquet rows with a ``prompt`` (string or chat messages), or a hub dataset."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    max_prompt_length: int = 1024
+    """Prompts longer than this (policy tokens) are skipped and counted."""
+    total_steps: int = 320
+    """T: RL steps (each: one rollout batch, one RM update, ``policy.mini_batches`` policy updates)."""
+    prompts_per_step: int = 32
+    """|B|: prompts per step, over all data-parallel ranks."""
+    seed: int = 1234
+    """Seed of the prompt order and of the samplers."""
+    save_every: int = 0
+    """Write a resumable run checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Run checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    exit_after_steps: int = 0
+    """Stop after this many steps of this launch, with a run checkpoint, so a later launch resumes (for
+    schedulers with a time limit); 0 runs to total_steps."""
+    resume: bool = True
+    """Continue from output_dir/checkpoints/latest when it exists (same config)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs ``wandb`` installed)."""
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    """Policy, reference and RL algorithm."""
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    """Reward model and its update strategy."""
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    """Rollout engine and sampling."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline layout shared by the policy, its reference and the reward model."""
+
+
+def check_stage3_config(cfg: Stage3Config) -> None:
+    """Refuses settings that cannot work, naming the setting, before any model is built."""
+    choices = {"reward.strategy": (cfg.reward.strategy, RM_STRATEGIES),
+               "policy.advantage": (cfg.policy.advantage, ADVANTAGES),
+               "policy.loss": (cfg.policy.loss, POLICY_LOSSES),
+               "rollout.backend": (cfg.rollout.backend, ROLLOUT_BACKENDS)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.reward.strategy == "offline_bt" and not cfg.reward.offline_data:
+        raise ValueError("reward.strategy=offline_bt needs reward.offline_data (preference pairs)")
+    if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":
+        raise ValueError(f"rollout.sampling.n={cfg.rollout.sampling.n}: group advantages need at least 2 "
+                         "responses per prompt")
+    if cfg.total_steps < 1 or cfg.prompts_per_step < 1:
+        raise ValueError(f"total_steps={cfg.total_steps} and prompts_per_step={cfg.prompts_per_step} must be >= 1")
+    if cfg.policy.mini_batches < 1:
+        raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")

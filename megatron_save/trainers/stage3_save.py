@@ -1,0 +1,259 @@
+"""Stage 3: RL with an online, self-improving reward model (paper Algorithm 2), and every baseline of the paper
+through ``reward.strategy`` and ``policy.frozen``.
+
+    torchrun --nproc-per-node N -m megatron_save.trainers.stage3_save CONFIG.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from megatron_save.checkpoint import build_model_from_checkpoint, read_checkpoint_meta, save_model_checkpoint
+from megatron_save.checkpoint.hf import family_for
+from megatron_save.checkpoint.hf.gather import gather_hf_state
+from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
+from megatron_save.checkpoint.run_checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
+from megatron_save.data.batching import pad_id_of
+from megatron_save.data.preference import PreferencePair, load_preference_pairs
+from megatron_save.data.prompts import Prompt, load_prompts
+from megatron_save.distributed import init_distributed
+from megatron_save.distributed.init import check_parallel_layout
+from megatron_save.models.gpt_config import model_shape
+from megatron_save.rollout import TransformersRolloutEngine
+from megatron_save.rollout.distributed import generate_data_parallel, is_rollout_rank, sync_weights
+from megatron_save.trainers.common import ensure_output_dir, progress, run_from_command_line
+from megatron_save.trainers.optimizer import TrainState, build_train_state
+from megatron_save.trainers.policy_update import policy_mini_batches, policy_rows, token_advantages, update_policy
+from megatron_save.trainers.rl_groups import (
+    FeedbackPartition,
+    GroupScores,
+    RolloutGroups,
+    feedback_metrics,
+    filter_threshold,
+    non_finite_scores,
+    partition_feedback,
+    prepare_groups,
+    rollout_metrics,
+    score_groups,
+)
+from megatron_save.trainers.rm_update import TRAINED_STRATEGIES, update_reward_model
+from megatron_save.trainers.stage3_config import Stage3Config, check_stage3_config
+from megatron_save.utils.logging import get_logger
+from megatron_save.utils.metrics import MetricsWriter, PhaseTimer, truncate_history
+
+logger = get_logger("trainers.stage3_save")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Stage3Run:
+    """The models, engine and data of a stage-3 run."""
+
+    prompts: list[Prompt]
+    """RL prompts, tokenized for the policy."""
+    policy: Any
+    """This rank's stage of the policy (unwrapped)."""
+    policy_state: TrainState | None
+    """Policy with optimizer and schedule; None when policy.frozen."""
+    reference: Any | None
+    """Frozen reference policy for the KL term; None when kl_coef is 0 or the policy is frozen."""
+    reward_model: Any
+    """This rank's stage of the reward model (unwrapped)."""
+    reward_state: TrainState | None
+    """Reward model with optimizer and schedule; None for the frozen strategy."""
+    engine: TransformersRolloutEngine | None
+    """Rollout engine on the first rank of each model-parallel group; None elsewhere."""
+    policy_tokenizer: Any
+    """The policy's tokenizer (prompts, and decoding responses for the RM)."""
+    reward_tokenizer: Any
+    """The reward model's tokenizer (its chat template renders the scored conversations)."""
+    policy_hf_config: Any
+    """transformers config of the policy (weight-sync mapping)."""
+    offline_pairs: list[PreferencePair] | None
+    """Static preference pairs of the offline_bt strategy."""
+
+    def trained_states(self) -> dict[str, TrainState]:
+        """The models this run trains, by checkpoint name."""
+        states = {"policy": self.policy_state, "reward": self.reward_state}
+        return {name: state for name, state in states.items() if state is not None}
+
+    def sync_rollout_weights(self) -> None:
+        """Collective: the rollout engine gets the Megatron policy's current weights."""
+        sync_weights(self.engine, gather_hf_state(self.policy, family_for(self.policy_hf_config),
+                                                  self.policy_hf_config))
+
+
+def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
+    """Starts the process groups and builds the policy, reference, reward model and rollout engine."""
+    policy_meta, policy_hf = read_checkpoint_meta(cfg.policy.checkpoint)
+    reward_meta, reward_hf = read_checkpoint_meta(cfg.reward.checkpoint)
+    if policy_meta.kind != "causal_lm" or reward_meta.kind != "reward_model":
+        raise ValueError(f"policy.checkpoint holds a {policy_meta.kind} and reward.checkpoint a {reward_meta.kind};"
+                         " expected a causal_lm and a reward_model")
+    if cfg.reward.strategy.startswith("save") and not reward_meta.value_head:
+        raise ValueError(f"reward.strategy={cfg.reward.strategy} needs a value head: {cfg.reward.checkpoint} has "
+                         "none; run stage 2 (megatron_save.trainers.stage2_value) on it first")
+    init_distributed(cfg.parallel, model_shape(policy_hf))
+    check_parallel_layout(cfg.parallel, torch.distributed.get_world_size(), model_shape(reward_hf))
+    policy_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.policy.checkpoint) / HF_SUBDIR)
+    reward_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.reward.checkpoint) / HF_SUBDIR)
+    prompts, _ = load_prompts(cfg.train_data, policy_tokenizer, cfg.max_prompt_length, cfg.split)
+    if len(prompts) < cfg.prompts_per_step:
+        raise ValueError(f"{cfg.train_data}: {len(prompts)} usable prompts, fewer than prompts_per_step="
+                         f"{cfg.prompts_per_step}")
+    policy, _, _ = build_model_from_checkpoint(cfg.policy.checkpoint)
+    policy_state = None if cfg.policy.frozen else build_train_state(
+        policy, cfg.policy.optim, cfg.total_steps * cfg.policy.mini_batches)
+    reference = None
+    if cfg.policy.kl_coef > 0 and not cfg.policy.frozen:
+        reference = build_model_from_checkpoint(cfg.policy.checkpoint)[0].eval()
+    reward_model, _, _ = build_model_from_checkpoint(cfg.reward.checkpoint)
+    trained = cfg.reward.strategy in TRAINED_STRATEGIES
+    reward_state = build_train_state(reward_model, cfg.reward.optim, cfg.total_steps) if trained else None
+    offline_pairs = None
+    if cfg.reward.strategy == "offline_bt":
+        offline_pairs, _ = load_preference_pairs(cfg.reward.offline_data, reward_tokenizer, cfg.reward.max_length)
+    engine = None
+    if is_rollout_rank():
+        engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=_DTYPES[policy_meta.dtype])
+    run = Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
+                    reward_tokenizer, policy_hf, offline_pairs)
+    return run
+
+
+def counter_metrics(counters: Counter) -> dict[str, float]:
+    """The run's running counts (skipped steps, value-only updates, ...) as metrics."""
+    return {f"counters/{name}": float(count) for name, count in counters.items()}
+
+
+def prompt_batch(prompts: list[Prompt], batch_size: int, step: int, seed: int) -> list[Prompt]:
+    """The prompts of ``step`` (1-based): epochs of a seeded shuffle cut into batches, a function of the step
+    alone so that a resumed run continues the same sequence (an incomplete last batch of an epoch is dropped)."""
+    per_epoch = len(prompts) // batch_size
+    epoch, index = divmod(step - 1, per_epoch)
+    order = list(range(len(prompts)))
+    random.Random(seed + epoch).shuffle(order)
+    return [prompts[i] for i in order[index * batch_size : (index + 1) * batch_size]]
+
+
+def train_stage3(cfg: Stage3Config) -> Path:
+    check_stage3_config(cfg)
+    run = build_stage3_run(cfg)
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
+    start, counters = 0, Counter()
+    if checkpoint is not None:
+        start, saved = load_run_checkpoint(checkpoint, run.trained_states())
+        counters.update(saved)
+        truncate_history(Path(cfg.output_dir) / "metrics.jsonl", start)
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    run.sync_rollout_weights()
+    writer = MetricsWriter(cfg.output_dir, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+    bar = progress(cfg.total_steps, f"stage 3 ({cfg.reward.strategy})")
+    bar.update(start)
+    last = min(cfg.total_steps, start + cfg.exit_after_steps) if cfg.exit_after_steps else cfg.total_steps
+    for step in range(start + 1, last + 1):
+        metrics = rl_step(run, cfg, step, counters)
+        writer.write(step, metrics)
+        bar.set_postfix(reward=f"{metrics.get('filter/reward_mean', float('nan')):.3f}",
+                        keep=f"{metrics.get('filter/keep_rate', float('nan')):.2f}")
+        bar.update()
+        if step == last or (cfg.save_every and step % cfg.save_every == 0):
+            save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints)
+    bar.close()
+    writer.close()
+    if last == cfg.total_steps:
+        save_final_models(run, cfg)
+    else:
+        logger.info("exit_after_steps=%d reached at step %d; launch again to resume", cfg.exit_after_steps, last)
+    return Path(cfg.output_dir)
+
+
+def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:
+    """One step of Algorithm 2: rollout, score, partition, RM update, re-score and filter, policy update."""
+    timer, strategy = PhaseTimer(), cfg.reward.strategy
+    rm_pad, score_micro_batch = pad_id_of(run.reward_tokenizer), cfg.reward.micro_batch_size * cfg.rollout.sampling.n
+    prompts = prompt_batch(run.prompts, cfg.prompts_per_step, step, cfg.seed)
+    with timer.phase("rollout"):
+        rollouts = generate_data_parallel(run.engine, [p.ids for p in prompts], cfg.rollout.sampling,
+                                          seed=cfg.seed + 7919 * step)
+        groups = prepare_groups(rollouts, prompts, run.policy_tokenizer, run.reward_tokenizer,
+                                cfg.reward.max_length, cfg.rollout.drop_truncated)
+    with timer.phase("score"):
+        scores = score_groups(run.reward_model, groups, rm_pad, score_micro_batch)
+    metrics = rollout_metrics(groups)
+    if non_finite_scores(scores, groups.valid):
+        counters["steps_skipped_non_finite_scores"] += 1
+        logger.warning("step %d: non-finite reward-model scores; step skipped (%d so far)", step,
+                       counters["steps_skipped_non_finite_scores"])
+        return {**metrics, **timer.reset(), **counter_metrics(counters)}
+    threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
+    partition = partition_feedback(strategy, scores, groups.valid, threshold)
+    metrics |= feedback_metrics(groups, scores, partition, "filter")
+    if run.reward_state is not None:
+        if strategy.startswith("save") and not partition.prompt_keep.any():
+            counters["value_only_rm_updates"] += 1
+            logger.info("step %d: every prompt filtered out; value-only reward-model update", step)
+        with timer.phase("rm_update"):
+            metrics |= update_reward_model(run.reward_state, cfg.reward, groups, scores, partition, step, rm_pad,
+                                           cfg.seed, run.offline_pairs)
+        with timer.phase("rescore"):
+            scores = score_groups(run.reward_model, groups, rm_pad, score_micro_batch)
+        if non_finite_scores(scores, groups.valid):
+            counters["policy_updates_skipped_non_finite_scores"] += 1
+            logger.warning("step %d: non-finite scores after the RM update; policy update skipped", step)
+            return {**metrics, **timer.reset(), **counter_metrics(counters)}
+        partition = partition_feedback(strategy, scores, groups.valid, threshold)
+        metrics |= feedback_metrics(groups, scores, partition, "filter_after_rm_update")
+    if run.policy_state is not None:
+        metrics |= train_policy(run, cfg, groups, scores, partition, counters, timer, step)
+    metrics |= timer.reset()
+    metrics["throughput/response_tokens_per_s"] = groups.response_lengths.sum().item() / metrics["time/step_s"]
+    return {**metrics, **counter_metrics(counters)}
+
+
+def train_policy(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, scores: GroupScores,
+                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer, step: int) -> dict[str, float]:
+    """Algorithm 2, line 17 and the weight sync: advantages over the kept responses, old / reference log-probs,
+    the policy update and the new weights into the rollout engine."""
+    if not partition.kept.any():
+        counters["policy_updates_skipped_nothing_kept"] += 1
+        logger.warning("step %d: the filter kept no response; policy update skipped", step)
+        return {}
+    with timer.phase("policy_logprobs"):
+        advantages = token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths)
+        rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
+        mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
+                                                    pad_id_of(run.policy_tokenizer))
+    with timer.phase("policy_update"):
+        metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, cfg.rollout.sampling.max_new_tokens)
+    with timer.phase("weight_sync"):
+        run.sync_rollout_weights()
+    return metrics
+
+
+def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
+    """The trained models as model checkpoints (convertible to HF with tools/convert_megatron_to_hf.py)."""
+    for name, module, source in (("policy", run.policy, cfg.policy.checkpoint),
+                                 ("reward_model", run.reward_model, cfg.reward.checkpoint)):
+        if (name == "policy" and run.policy_state is None) or (name == "reward_model" and run.reward_state is None):
+            continue
+        meta, _ = read_checkpoint_meta(source)
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(Path(cfg.output_dir) / name, ignore_errors=True)  # a resumed run writes them again
+        torch.distributed.barrier()
+        save_model_checkpoint(module, Path(cfg.output_dir) / name, meta, Path(source) / HF_SUBDIR)
+    logger.info("stage 3 finished: %s", cfg.output_dir)
+
+
+if __name__ == "__main__":
+    run_from_command_line(Stage3Config, train_stage3, "megatron_save.trainers.stage3_save", sys.argv[1:])
