@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, processors
+from tokenizers import Tokenizer, decoders, models, processors
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
@@ -79,6 +79,7 @@ def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
     for char in string.printable:
         vocab.setdefault(char, len(vocab))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tokenizer.decoder = decoders.Fuse()  # characters join back without separators: decode inverts encode
     if adds_bos:
         tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
     return PreTrainedTokenizerFast(

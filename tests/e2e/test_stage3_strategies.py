@@ -1,0 +1,115 @@
+"""One or two stage-3 steps of every reward-model strategy and RL algorithm, and the degenerate steps, in this
+process as a world of one (the parallel layouts are covered by test_stage3.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import REPO, read_metrics
+
+from megatron_save.config import load_config
+from megatron_save.trainers import stage3_save
+from megatron_save.trainers.stage3_config import Stage3Config
+
+
+def _config(tiny_models, rl_data, out, *overrides: str) -> Stage3Config:
+    return load_config(Stage3Config, REPO / "examples" / "cpu" / "stage3_save.yaml", [
+        f"output_dir={out}", f"train_data={rl_data['prompts']}", f"policy.checkpoint={tiny_models['llama-lm']['mg']}",
+        f"reward.checkpoint={tiny_models['llama-rmv']['mg']}", "parallel.tensor_model_parallel_size=1",
+        "total_steps=2", "save_every=0", "tensorboard=false", *overrides])
+
+
+VARIANTS = {
+    "save_no_curriculum": ["reward.strategy=save_no_curriculum"],
+    "frozen_rm": ["reward.strategy=frozen"],
+    "offline_bt": ["reward.strategy=offline_bt", "reward.offline_batch_size=8"],
+    "mean_reward": ["reward.strategy=mean_reward"],
+    "hl_bt": ["reward.strategy=hl_bt"],
+    "frozen_policy": ["policy.frozen=true"],
+    "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
+    "rloo": ["policy.advantage=rloo", "policy.mini_batches=2", "policy.micro_batch_size=2"],
+    "dr_grpo": ["policy.advantage=dr_grpo", "policy.aggregation=seq-mean-token-sum-norm"],
+    "reinforce_pp": ["policy.advantage=reinforce_pp", "policy.kl_coef=0"],
+    "reinforce_pp_baseline": ["policy.advantage=reinforce_pp_baseline", "policy.dual_clip=3.0"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_path, world_of_one):
+    overrides = VARIANTS[variant]
+    if variant == "offline_bt":
+        overrides = [*overrides, f"reward.offline_data={rl_data['pairs']}"]
+    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / variant, *overrides))
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    trains_rm = variant != "frozen_rm"
+    trains_policy = variant != "frozen_policy"
+    assert (out / "reward_model").exists() == trains_rm
+    assert (out / "policy").exists() == trains_policy
+    for record in records:
+        losses = {k: v for k, v in record.items() if k.startswith(("rm/", "policy/")) and "loss" in k}
+        assert all(v is not None and math.isfinite(v) for v in losses.values()), losses
+        assert any(k.startswith("rm/") for k in record) == trains_rm
+        assert ("policy/pg_loss" in record) == trains_policy
+    if variant == "offline_bt":
+        assert records[0]["rm/bt_loss"] > 0
+    if variant in ("hl_bt", "mean_reward"):
+        assert any(r["rm/reward_loss"] > 0 for r in records)
+    if variant == "save_no_curriculum":
+        assert all(r["filter/threshold_mu"] == 0.5 and r["filter/keep_rate"] == 1.0 for r in records)
+
+
+def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
+    real_score_groups = stage3_save.score_groups
+    calls = []
+
+    def score_with_a_nan_on_the_first_call(*args, **kwargs):
+        scores = real_score_groups(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            scores.rewards[0, 1] = float("nan")
+        return scores
+
+    monkeypatch.setattr(stage3_save, "score_groups", score_with_a_nan_on_the_first_call)
+    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "nan"))
+    first, second = read_metrics(out)
+    assert first["counters/steps_skipped_non_finite_scores"] == 1
+    assert not any(k.startswith(("rm/", "policy/")) for k in first)
+    assert second["counters/steps_skipped_non_finite_scores"] == 1
+    assert math.isfinite(second["rm/value_loss"]) and math.isfinite(second["policy/pg_loss"])
+
+
+def test_every_prompt_filtered_gives_a_value_only_update(tiny_models, rl_data, tmp_path, world_of_one):
+    # m0 = 1 with a long horizon: mu(1) is about 1, so no response passes the filter.
+    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "filtered", "total_steps=1000",
+                                           "exit_after_steps=1", "reward.initial_margin=1.0"))
+    (record,) = read_metrics(out)
+    assert record["filter/keep_rate"] == 0.0 and record["filter/kept_prompts_fraction"] == 0.0
+    assert record["counters/value_only_rm_updates"] == 1
+    assert record["rm/reward_loss"] == 0.0 and record["rm/value_loss"] > 0
+    assert record["counters/policy_updates_skipped_nothing_kept"] == 1
+    assert "policy/pg_loss" not in record
+
+
+def test_refuses_a_save_run_without_a_value_head(tiny_models, rl_data, tmp_path, world_of_one):
+    cfg = _config(tiny_models, rl_data, tmp_path / "novalue", f"reward.checkpoint={tiny_models['llama-rm']['mg']}")
+    with pytest.raises(ValueError, match="reward.strategy=save needs a value head"):
+        stage3_save.train_stage3(cfg)
+
+
+def test_refuses_an_unknown_strategy(tiny_models, rl_data, tmp_path):
+    with pytest.raises(ValueError, match="reward.strategy='r2d2' is not one of"):
+        stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "x", "reward.strategy=r2d2"))
+
+
+def test_policy_weights_reach_the_rollout_engine(tiny_models, rl_data, tmp_path, world_of_one):
+    cfg = _config(tiny_models, rl_data, tmp_path / "sync", "total_steps=1")
+    run = stage3_save.build_stage3_run(cfg)
+    run.sync_rollout_weights()
+    engine_weights = dict(run.engine.model.named_parameters())
+    with torch.no_grad():
+        run.policy.decoder.final_layernorm.weight.add_(1.0)
+    run.sync_rollout_weights()
+    assert torch.equal(engine_weights["model.norm.weight"], run.policy.decoder.final_layernorm.weight)
