@@ -24,6 +24,10 @@ Each redirection names the Megatron-Core 0.16.1 call sites it serves:
 * ``Tensor.cuda()`` returns the tensor: distrib_optimizer.py:1089.
 * ``Tensor.type()`` without arguments reports ``torch.cuda.*`` names for CPU tensors, because the optimizer
   asserts on them: clip_grads.py:167, distrib_optimizer.py:361,420,582, optimizer.py:671,690.
+* ``torch.Generator`` made for a CUDA device (or a device index) is made for the CPU: the sampling generator of
+  the inference text_generation_controller.py:75 (the Megatron-Core rollout engine).
+* The inference pipeline broadcasts assert their tensors are on CUDA (inference/communication_utils.py:28-31,
+  called at :74 and :156): the check keeps its "not None" half.
 * The CUDA RNG state is the CPU default generator, so ``model_parallel_cuda_manual_seed`` and the RNG
   tracker's ``fork()`` work: tensor_parallel/random.py:41-110 (``_get/_set_cuda_rng_state``), 235-277, 422.
 """
@@ -60,6 +64,19 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _names_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+def _is_present(tensor: torch.Tensor | None) -> None:
+    """Stand-in for the inference communication's CUDA check: the tensor must exist (on any device)."""
+    assert tensor is not None
+
+
+class _CpuGenerator(torch.Generator):
+    """``torch.Generator`` that puts a generator asked for on a CUDA device on the CPU instead."""
+
+    def __new__(cls, device: Any = "cpu"):
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        return super().__new__(cls, "cpu" if target.type == "cuda" else target)
 
 
 class _WallClockEvent:
@@ -130,6 +147,7 @@ def install() -> bool:
     torch.cuda.set_rng_state = _set_cpu_rng_state
     torch.cuda.manual_seed = _cpu_manual_seed
 
+    torch.Generator = _CpuGenerator
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     original_type = torch.Tensor.type
 
@@ -140,7 +158,10 @@ def install() -> bool:
 
     torch.Tensor.type = _type
 
+    from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as tp_random
+
+    communication_utils._is_cuda = _is_present
 
     tp_random._get_cuda_rng_state = _cpu_rng_state
     tp_random._set_cuda_rng_state = _set_cpu_rng_state

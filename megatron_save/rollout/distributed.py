@@ -31,19 +31,21 @@ def concat_rollouts(parts: list[Rollouts]) -> Rollouts:
 def generate_data_parallel(engine: RolloutEngine | None, prompt_ids: list[list[int]], sampling: SamplingSettings,
                            seed: int) -> Rollouts:
     """Collective: data-parallel rank d samples prompts [d * B / DP, (d + 1) * B / DP) with seed ``seed + d`` on
-    its rollout rank (``engine`` is None elsewhere); the model-parallel group receives that rank's rollouts and
-    the data-parallel shares are gathered, so every rank returns the same Rollouts for all B prompts.
+    its rollout rank (``engine`` is None elsewhere), or on every rank of its model-parallel group for a
+    collective engine (Megatron-Core's, sharded like the policy); the group receives the rollout rank's rollouts
+    and the data-parallel shares are gathered, so every rank returns the same Rollouts for all B prompts.
     """
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if len(prompt_ids) % ranks:
         raise ValueError(f"{len(prompt_ids)} prompts do not split over {ranks} data-parallel ranks")
     share = len(prompt_ids) // ranks
     payload: list[Rollouts | None] = [None]
-    if is_rollout_rank():
+    if is_rollout_rank() or getattr(engine, "collective", False):
         if engine is None:
             raise RuntimeError("the rollout rank of this model-parallel group has no rollout engine")
         mine = prompt_ids[rank * share : (rank + 1) * share]
-        payload = [engine.generate(mine, dataclasses.replace(sampling, seed=seed + rank))]
+        rollouts = engine.generate(mine, dataclasses.replace(sampling, seed=seed + rank))
+        payload = [rollouts if is_rollout_rank() else None]
     group = parallel_state.get_model_parallel_group()
     dist.broadcast_object_list(payload, src=parallel_state.get_model_parallel_src_rank(), group=group)
     parts: list[Rollouts | None] = [None] * ranks

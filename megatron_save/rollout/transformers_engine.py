@@ -45,10 +45,12 @@ class TransformersRolloutEngine:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
         if not self.weights_loaded:
             raise RuntimeError("the rollout model was built from a config alone: call update_weights first")
-        width = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        # Each prompt n times in a row (what num_return_sequences does, and greedy decoding allows it too).
+        rows = [prompt for prompt in prompt_ids for _ in range(sampling.n)]
+        width = max(len(p) for p in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        for i, prompt in enumerate(prompt_ids):  # left padding: generation continues every prompt at the end
+        for i, prompt in enumerate(rows):  # left padding: generation continues every prompt at the end
             input_ids[i, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[i, width - len(prompt):] = 1
         stop_ids = sorted({self.tokenizer.eos_token_id, *sampling.stop_token_ids} - {None})
@@ -59,7 +61,7 @@ class TransformersRolloutEngine:
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, eos_token_id=stop_ids,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids,
             pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
         )
         # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature / top-k /

@@ -82,10 +82,12 @@ def progress(total: int, description: str) -> tqdm:
 
 
 def run_from_command_line(schema: type, train: Callable[[Any], Any], module: str, argv: list[str]) -> None:
-    """``python -m MODULE CONFIG.yaml [key=value ...]``: loads the config, trains, shuts the process groups down."""
-    if not argv or "=" in argv[0]:
-        raise SystemExit(f"usage: torchrun [...] -m {module} CONFIG.yaml [key=value ...]")
-    train(load_config(schema, argv[0], argv[1:]))
+    """``python -m MODULE CONFIG.yaml [MORE.yaml ...] [key=value ...]``: loads the config (later files override
+    earlier ones, then the overrides), trains, shuts the process groups down."""
+    files = [arg for arg in argv if "=" not in arg]
+    if not files or argv[: len(files)] != files:
+        raise SystemExit(f"usage: torchrun [...] -m {module} CONFIG.yaml [MORE.yaml ...] [key=value ...]")
+    train(load_config(schema, files, argv[len(files):]))
     shutdown_distributed()
 
 

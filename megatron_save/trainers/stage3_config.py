@@ -8,12 +8,13 @@ from omegaconf import MISSING
 
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
+from megatron_save.rollout.megatron_engine import check_megatron_sampling
 from megatron_save.trainers.optimizer import OptimizerSettings
 
 RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 POLICY_LOSSES = ("ppo_clip", "gspo")
-ROLLOUT_BACKENDS = ("transformers",)
+ROLLOUT_BACKENDS = ("transformers", "megatron")
 
 
 @dataclass
@@ -78,7 +79,11 @@ class RolloutSettings:
     """How responses are sampled."""
 
     backend: str = "transformers"
-    """Rollout engine: transformers (HF generate on the first rank of each model-parallel group)."""
+    """transformers (HF generate on the first rank of each model-parallel group, fed by weight sync) or megatron
+    (Megatron-Core's static inference engine on the sharded policy itself: no weight copy; top_k or top_p, not
+    both; stops at EOS only)."""
+    max_batch_size: int = 64
+    """megatron backend: sequences per static-engine batch (its KV cache is allocated for this many)."""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(
         n=16, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=1024))
     """Group size G (``n``), temperature, top-p, top-k, max new tokens, stop tokens (paper Table 8)."""
@@ -136,6 +141,8 @@ def check_stage3_config(cfg: Stage3Config) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.rollout.backend == "megatron":
+        check_megatron_sampling(cfg.rollout.sampling)
     if cfg.reward.strategy == "offline_bt" and not cfg.reward.offline_data:
         raise ValueError("reward.strategy=offline_bt needs reward.offline_data (preference pairs)")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":

@@ -29,6 +29,7 @@ from megatron_save.distributed import init_distributed
 from megatron_save.distributed.init import check_parallel_layout
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.rollout import TransformersRolloutEngine
+from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
 from megatron_save.rollout.distributed import generate_data_parallel, is_rollout_rank, sync_weights
 from megatron_save.trainers.common import ensure_output_dir, progress, run_from_command_line
 from megatron_save.trainers.optimizer import TrainState, build_train_state
@@ -70,8 +71,9 @@ class Stage3Run:
     """This rank's stage of the reward model (unwrapped)."""
     reward_state: TrainState | None
     """Reward model with optimizer and schedule; None for the frozen strategy."""
-    engine: TransformersRolloutEngine | None
-    """Rollout engine on the first rank of each model-parallel group; None elsewhere."""
+    engine: TransformersRolloutEngine | MegatronRolloutEngine | None
+    """Rollout engine: transformers on the first rank of each model-parallel group (None elsewhere), or
+    Megatron-Core's on every rank."""
     policy_tokenizer: Any
     """The policy's tokenizer (prompts, and decoding responses for the RM)."""
     reward_tokenizer: Any
@@ -87,7 +89,10 @@ class Stage3Run:
         return {name: state for name, state in states.items() if state is not None}
 
     def sync_rollout_weights(self) -> None:
-        """Collective: the rollout engine gets the Megatron policy's current weights."""
+        """Collective: the rollout engine gets the Megatron policy's current weights (nothing to do for an engine
+        that samples from the policy's own parameters)."""
+        if getattr(self.engine, "shares_policy_weights", False):
+            return
         sync_weights(self.engine, gather_hf_state(self.policy, family_for(self.policy_hf_config),
                                                   self.policy_hf_config))
 
@@ -123,7 +128,10 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     if cfg.reward.strategy == "offline_bt":
         offline_pairs, _ = load_preference_pairs(cfg.reward.offline_data, reward_tokenizer, cfg.reward.max_length)
     engine = None
-    if is_rollout_rank():
+    if cfg.rollout.backend == "megatron":
+        longest = cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
+        engine = MegatronRolloutEngine(policy, policy_tokenizer, longest, cfg.rollout.max_batch_size)
+    elif is_rollout_rank():
         engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=_DTYPES[policy_meta.dtype])
     run = Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
                     reward_tokenizer, policy_hf, offline_pairs)

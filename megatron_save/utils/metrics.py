@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,4 +95,6 @@ class PhaseTimer:
         """The step's timings, and a fresh start for the next step."""
         metrics, self.metrics = self.metrics, {}
         metrics["time/step_s"] = sum(v for k, v in metrics.items() if k.startswith("time/"))
+        # ru_maxrss is in KiB on Linux: this process's peak resident memory so far (host side, all phases).
+        metrics["memory/host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return metrics

@@ -92,3 +92,37 @@ def test_untruncated_sampling_logprobs_are_the_policy_logprobs(policies):
                 logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
             expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
             assert torch.allclose(torch.tensor(behaviour), expected, atol=1e-4)
+
+
+def test_megatron_engine_greedy_rollouts_match_the_transformers_engine(policies, world_of_one):
+    from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
+
+    a, _, root = policies
+    convert_hf_to_megatron(a, root / "a_megatron")
+    policy, _, _ = build_model_from_checkpoint(root / "a_megatron")
+    reference = TransformersRolloutEngine(a)
+    engine = MegatronRolloutEngine(policy, reference.tokenizer, max_sequence_length=64, max_batch_size=4)
+    prompts = _prompts(reference)
+    greedy = SamplingSettings(n=2, temperature=0.0, max_new_tokens=10)
+    expected = reference.generate(prompts, greedy)
+    rollouts = engine.generate(prompts, greedy)
+    assert rollouts.response_ids == expected.response_ids
+    assert rollouts.truncated == expected.truncated
+
+    sampled = SamplingSettings(n=3, temperature=1.0, top_k=20, max_new_tokens=10, seed=7)
+    first = engine.generate(prompts, sampled)
+    assert first.response_ids == engine.generate(prompts, sampled).response_ids  # seeded
+    assert len({tuple(r) for r in first.response_ids[0]}) > 1  # a group holds different samples
+    for group, flags in zip(first.response_ids, first.truncated):
+        for response, truncated in zip(group, flags):
+            stopped = response[-1] == reference.tokenizer.eos_token_id
+            assert truncated == (not stopped) and (stopped or len(response) == 10)
+
+
+def test_megatron_engine_refuses_sampling_it_cannot_honour():
+    from megatron_save.rollout.megatron_engine import check_megatron_sampling
+
+    with pytest.raises(ValueError, match="top_k=20, top_p=0.8"):
+        check_megatron_sampling(SamplingSettings(top_k=20, top_p=0.8))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        check_megatron_sampling(SamplingSettings(stop_token_ids=[5]))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stage 3 on one node of 4 GPUs: SAVE, or one baseline of the paper's Tables 1-3.
+#   bash examples/paper/run_stage3.sh                      # SAVE
+#   bash examples/paper/run_stage3.sh hl_bt                # HL-BT baseline (also frozen, offline_bt, mean_reward,
+#                                                          #   save_no_curriculum; frozen_policy = SAVE w/o policy opt.)
+#   bash examples/paper/run_stage3.sh save examples/algorithms/gspo.yaml policy.kl_coef=0.02
+# A launch resumes from output_dir/checkpoints/latest when there is one.
+set -euo pipefail
+GPUS=${GPUS:-4}
+variant=${1:-save}
+shift || true
+case "$variant" in
+  frozen_policy) settings=("reward.strategy=save" "policy.frozen=true") ;;
+  offline_bt) settings=("reward.strategy=offline_bt" "reward.offline_data=data/ultrafeedback_binarized_pairs.jsonl") ;;
+  *) settings=("reward.strategy=$variant") ;;
+esac
+torchrun --nproc-per-node "$GPUS" -m megatron_save.trainers.stage3_save examples/paper/stage3_save.yaml "$@" \
+  output_dir="checkpoints/stage3_${variant}" "${settings[@]}"
+python tools/convert_megatron_to_hf.py --ckpt "checkpoints/stage3_${variant}/reward_model" \
+  --out "hf/stage3_${variant}_reward_model"

@@ -1,0 +1,119 @@
+"""Rollout backend on Megatron-Core's static inference engine: samples with the Megatron policy itself, sharded
+by TP / PP like training, so no second copy of the weights exists and no weight sync is needed."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import torch
+
+from megatron_save.rollout.engine import Rollouts, SamplingSettings
+
+
+class _TokenizerAdapter:
+    """The tokenizer interface Megatron's text-generation controller calls."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.eod = tokenizer.eos_token_id
+        self.bos = tokenizer.bos_token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids: Any, **_: Any) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def offsets(self, ids: Any, text: str) -> list[int]:
+        return []
+
+
+def check_megatron_sampling(sampling: SamplingSettings) -> None:
+    """Refuses sampling settings the static engine cannot honour, naming them."""
+    if sampling.top_k > 0 and sampling.top_p < 1.0:
+        raise ValueError(f"rollout.backend=megatron: Megatron-Core samples with top_k or top_p, not both "
+                         f"(rollout.sampling.top_k={sampling.top_k}, top_p={sampling.top_p}); set top_k=0 or "
+                         "top_p=1.0, or use rollout.backend=transformers")
+    if sampling.stop_token_ids:
+        raise ValueError("rollout.backend=megatron stops only at the tokenizer's EOS token; "
+                         f"rollout.sampling.stop_token_ids={sampling.stop_token_ids} is not supported")
+
+
+class MegatronRolloutEngine:
+    """Collective engine: every rank of a model-parallel group calls ``generate`` with the same prompts.
+
+    ``policy`` is this rank's stage of the Megatron policy (unwrapped); sampling reads its current parameters,
+    so ``update_weights`` has nothing to do. Behaviour log-probs are not returned (the trainer recomputes the
+    policy's own log-probs before each update).
+    """
+
+    collective = True
+    shares_policy_weights = True
+
+    def __init__(self, policy: Any, tokenizer: Any, max_sequence_length: int, max_batch_size: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.engines import StaticInferenceEngine
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+            InferenceWrapperConfig,
+        )
+        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+            TextGenerationController,
+        )
+
+        config = policy.config
+        wrapper_config = InferenceWrapperConfig(
+            hidden_size=config.hidden_size, params_dtype=config.params_dtype,
+            inference_batch_times_seqlen_threshold=-1, padded_vocab_size=policy.vocab_size,
+            inference_max_requests=max_batch_size, inference_max_seq_length=max_sequence_length)
+        context = StaticInferenceContext(max_batch_size, max_sequence_length)
+        self.tokenizer = tokenizer
+        self.controller = TextGenerationController(GPTInferenceWrapper(policy, wrapper_config, context),
+                                                   _TokenizerAdapter(tokenizer))
+        with warnings.catch_warnings():  # the legacy static engine announces its deprecation on every build
+            warnings.simplefilter("ignore")
+            self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
+        self.max_sequence_length = max_sequence_length
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
+        from megatron.core.inference.inference_request import InferenceRequest
+        from megatron.core.inference.sampling_params import SamplingParams
+
+        check_megatron_sampling(sampling)
+        longest = max(len(p) for p in prompt_ids) + sampling.max_new_tokens
+        if longest > self.max_sequence_length:
+            raise ValueError(f"a prompt of {longest - sampling.max_new_tokens} tokens + max_new_tokens="
+                             f"{sampling.max_new_tokens} exceeds the engine's {self.max_sequence_length} tokens")
+        greedy = sampling.temperature == 0
+        params = SamplingParams(
+            temperature=1.0 if greedy else sampling.temperature, top_k=1 if greedy else sampling.top_k,
+            top_p=0.0 if greedy or sampling.top_p >= 1.0 else sampling.top_p,
+            num_tokens_to_generate=sampling.max_new_tokens, termination_id=self.tokenizer.eos_token_id)
+        if sampling.seed is not None:
+            self.engine.random_seed = sampling.seed
+            self.controller.sampling_rng.manual_seed(sampling.seed)
+        rows = [prompt for prompt in prompt_ids for _ in range(sampling.n)]
+        requests = [InferenceRequest(request_id=str(i), prompt="", sampling_params=params, prompt_tokens=list(p))
+                    for i, p in enumerate(rows)]
+        done = self.engine.generate(inference_requests=requests)
+        responses, truncated = [], []
+        for request in done:
+            tokens = request.generated_tokens.tolist()[: request.generated_length]
+            # The engine leaves the EOS it stopped at out of the generated tokens: put it back, as other backends
+            # return a stopped response up to and including its stop token.
+            stopped = request.generated_length < sampling.max_new_tokens
+            responses.append(tokens + [self.tokenizer.eos_token_id] if stopped else tokens)
+            truncated.append(not stopped)
+        group = sampling.n
+        return Rollouts(
+            prompt_ids=[list(p) for p in prompt_ids],
+            response_ids=[responses[i : i + group] for i in range(0, len(responses), group)],
+            truncated=[truncated[i : i + group] for i in range(0, len(truncated), group)],
+        )
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to load: the engine samples from the training model's own parameters."""
+        for _ in named_tensors:
+            pass

@@ -1,0 +1,83 @@
+"""SAVE's cost over plain GRPO: the same stage-3 config run with reward.strategy=frozen (GRPO with a fixed RM)
+and with reward.strategy=save, alternating, each as its own torchrun launch.
+
+    python tools/bench_stage3.py --config examples/cpu/stage3_save.yaml --nproc 2 --rounds 2 \
+        --policy CKPT --reward CKPT --prompts PROMPTS.jsonl [key=value ...]
+
+Prints, per phase, the mean time of a step (the first step of each launch is warm-up and left out) and the
+SAVE / GRPO ratio of the step time and of peak memory: GPU memory per phase when CUDA is present, else the
+host's peak resident memory of rank 0. The paper's implementation costs 1.12x time and 1.24x memory; the goal
+here is at most 1.05x and 1.10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+STRATEGIES = ("frozen", "save")
+
+
+def launch(args: argparse.Namespace, strategy: str, out: Path) -> list[dict]:
+    """One stage-3 run; its metrics records after the warm-up step."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m",
+           "megatron_save.trainers.stage3_save", args.config, f"output_dir={out}", f"reward.strategy={strategy}",
+           f"policy.checkpoint={args.policy}", f"reward.checkpoint={args.reward}", f"train_data={args.prompts}",
+           "tensorboard=false", "save_every=0", f"total_steps={args.steps}", *args.overrides]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return records[1:]
+
+
+def mean_of(records: list[dict], name: str) -> float | None:
+    values = [r[name] for r in records if r.get(name) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="stage-3 YAML config")
+    parser.add_argument("--policy", required=True, help="policy checkpoint")
+    parser.add_argument("--reward", required=True, help="reward-model checkpoint with a value head")
+    parser.add_argument("--prompts", required=True, help="RL prompts file")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per launch")
+    parser.add_argument("--steps", type=int, default=4, help="steps per launch (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="frozen / save launch pairs, alternating")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
+    args = parser.parse_args()
+
+    records: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
+    with tempfile.TemporaryDirectory() as work:
+        for round_index in range(args.rounds):
+            for strategy in STRATEGIES:
+                print(f"round {round_index + 1}/{args.rounds}: {strategy}", flush=True)
+                records[strategy] += launch(args, strategy, Path(work) / f"{strategy}_{round_index}")
+    names = sorted({k for rs in records.values() for r in rs for k in r if k.startswith(("time/", "memory/"))})
+    print(f"\n{'metric':<36}{'GRPO (frozen RM)':>18}{'SAVE':>12}{'SAVE / GRPO':>14}")
+    for name in names:
+        grpo, save = mean_of(records["frozen"], name), mean_of(records["save"], name)
+        ratio = f"{save / grpo:.3f}x" if grpo and save is not None else "-"
+        show = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"{name:<36}{show(grpo):>18}{show(save):>12}{ratio:>14}")
+    memory = "memory/host_peak_rss_gib"
+    gpu = [n for n in names if n.startswith("memory/") and n != memory]
+    if gpu:
+        peak = {s: max(max(r.get(n) or 0 for n in gpu) for r in records[s]) for s in STRATEGIES}
+        print(f"\nGPU peak memory, all phases: SAVE / GRPO = {peak['save'] / peak['frozen']:.3f}x (goal <= 1.10x)")
+    time_ratio = mean_of(records["save"], "time/step_s") / mean_of(records["frozen"], "time/step_s")
+    print(f"step time: SAVE / GRPO = {time_ratio:.3f}x (goal <= 1.05x)")
+    print(f"host peak RSS (rank 0): SAVE / GRPO = "
+          f"{mean_of(records['save'], memory) / mean_of(records['frozen'], memory):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
