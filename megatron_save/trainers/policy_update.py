@@ -95,8 +95,10 @@ def policy_loss(settings: PolicySettings, norm_constant: float, batch: PolicyBat
     if settings.kl_coef > 0:
         kl = aggregate(kl_penalty(logp, ref_logp, settings.kl_kind), mask, _aggregation(settings), norm_constant)
     loss = (surrogate.loss + settings.kl_coef * kl) * batch.loss_scale
-    return loss, {"pg_loss": surrogate.loss, "kl_loss": kl, "clip_fraction": surrogate.clip_fraction,
-                  "approx_kl": surrogate.approx_kl}
+    # Scaled like the loss, so that the averages over micro-batches and ranks are the whole mini-batch's values.
+    metrics = {"pg_loss": surrogate.loss, "kl_loss": kl, "clip_fraction": surrogate.clip_fraction,
+               "approx_kl": surrogate.approx_kl}
+    return loss, {name: value * batch.loss_scale for name, value in metrics.items()}
 
 
 def _loss_weights(lengths: list[int], token_mean: bool) -> list[int]:
@@ -109,9 +111,9 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
     """This data-parallel rank's mini-batches of micro-batches, with old and reference log-probs, and the
     pre-update entropy / KL metrics of the whole batch.
 
-    Rows are padded with fillers (a copy of row 0 with no loss tokens) to a multiple of data-parallel size x
-    mini-batches x micro_batch_size and split contiguously: rank r holds rows [r * n, (r + 1) * n), mini-batch k
-    of it the k-th of ``mini_batches`` equal parts.
+    Rows are padded with fillers (a copy of row 0 with no loss tokens) to a multiple of mini-batches x
+    data-parallel size x micro_batch_size. Mini-batch k is the k-th contiguous block of rows, split contiguously
+    over data-parallel ranks, so that each optimizer step sees the same rows at any data-parallel size.
     """
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mbs, parts = settings.micro_batch_size, settings.mini_batches
@@ -120,12 +122,13 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
     fillers = total - len(rows.sequences)
     sequences = rows.sequences + [rows.sequences[0]] * fillers
     response_lengths = [len(s) - p for s, p in zip(rows.sequences, rows.prompt_lengths)] + [0] * fillers
-    per_rank, per_part = total // ranks, total // ranks // parts
-    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    per_part = total // parts  # rows of one mini-batch, all ranks
+    per_rank = per_part // ranks  # rows of one mini-batch on one rank
+    mine = [k * per_part + rank * per_rank + i for k in range(parts) for i in range(per_rank)]
 
     input_ids, attention_mask = pad_rows([sequences[i] for i in mine], pad_id, max(len(s) for s in sequences))
-    loss_mask = torch.zeros(per_rank, input_ids.shape[1] - 1, dtype=torch.bool)
-    advantages = torch.zeros(per_rank, input_ids.shape[1] - 1)
+    loss_mask = torch.zeros(len(mine), input_ids.shape[1] - 1, dtype=torch.bool)
+    advantages = torch.zeros(len(mine), input_ids.shape[1] - 1)
     for row, i in enumerate(mine):
         if i < len(rows.sequences):
             start = rows.prompt_lengths[i] - 1  # position t scores token t + 1: the first response token
@@ -138,17 +141,15 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
 
     token_mean = settings.loss != "gspo" and settings.aggregation == "token-mean"
     weights = _loss_weights(response_lengths, token_mean)
-    # Part k of every rank makes up global mini-batch k: its denominator sums over all ranks.
-    part_totals = [sum(weights[r * per_rank + k * per_part + i] for r in range(ranks) for i in range(per_part))
-                   for k in range(parts)]
-    scale = (per_part // mbs) * ranks
+    scale = (per_rank // mbs) * ranks  # Megatron divides by micro-batches; DDP averages over ranks
     mini_batches = []
-    for k, part in enumerate(batch.split(per_part)):
+    for k, part in enumerate(batch.split(per_rank)):
+        part_total = sum(weights[k * per_part : (k + 1) * per_part])
         micro = []
         for m, micro_batch in enumerate(part.split(mbs)):
-            start = rank * per_rank + k * per_part + m * mbs
+            start = k * per_part + rank * per_rank + m * mbs
             weight = sum(weights[start : start + mbs]) if token_mean else mbs
-            share = weight / part_totals[k] if part_totals[k] else 0.0
+            share = weight / part_total if part_total else 0.0
             micro.append(dataclasses.replace(micro_batch, loss_scale=share * scale))
         mini_batches.append(micro)
     return mini_batches, _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)

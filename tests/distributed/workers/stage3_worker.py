@@ -1,0 +1,109 @@
+"""torchrun worker (4 processes): stage 3's RM update (SAVE and HL-BT), re-score and policy update on fixed
+rollout groups at TP1 x DP4, TP2 x DP2, PP2 x DP2 and TP2 x PP2 x DP1, so data-parallel splitting and loss
+normalisation are checked along with tensor and pipeline parallelism.
+
+Writes {"<layout>": {metric: value or list}} to --out.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from helpers import LAYOUTS  # noqa: E402
+
+from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
+from megatron_save.config import ParallelConfig  # noqa: E402
+from megatron_save.data.chat import encode_prompt  # noqa: E402
+from megatron_save.data.prompts import Prompt  # noqa: E402
+from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
+from megatron_save.models.policy import sequence_logprobs  # noqa: E402
+from megatron_save.rollout import Rollouts  # noqa: E402
+from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
+from megatron_save.trainers.policy_update import (  # noqa: E402
+    policy_mini_batches,
+    policy_rows,
+    token_advantages,
+    update_policy,
+)
+from megatron_save.trainers.rl_groups import partition_feedback, prepare_groups, score_groups  # noqa: E402
+from megatron_save.trainers.rm_update import update_reward_model  # noqa: E402
+from megatron_save.trainers.stage3_config import PolicySettings, RewardSettings  # noqa: E402
+
+PROMPTS, GROUP = 4, 4
+
+
+def fixed_rollouts(tokenizer) -> tuple[list[Prompt], Rollouts]:
+    """Deterministic groups: random printable tokens, some responses ending with EOS."""
+    generator = torch.Generator().manual_seed(11)
+    prompts = [Prompt([{"role": "user", "content": f"question {i}"}], []) for i in range(PROMPTS)]
+    for prompt in prompts:
+        prompt.ids = encode_prompt(tokenizer, prompt.messages)
+    responses, truncated = [], []
+    for i in range(PROMPTS):
+        group, flags = [], []
+        for j in range(GROUP):
+            length = int(torch.randint(3, 9, (1,), generator=generator))
+            tokens = torch.randint(4, 90, (length,), generator=generator).tolist()
+            stops = (i + j) % 2 == 0
+            group.append(tokens + [tokenizer.eos_token_id] if stops else tokens)
+            flags.append(not stops)
+        responses.append(group)
+        truncated.append(flags)
+    return prompts, Rollouts([p.ids for p in prompts], responses, truncated)
+
+
+def run(args, tokenizer, strategy: str) -> dict:
+    prompts, rollouts = fixed_rollouts(tokenizer)
+    policy, _, _ = build_model_from_checkpoint(args.policy)
+    reference, _, _ = build_model_from_checkpoint(args.policy)
+    reward_model, _, _ = build_model_from_checkpoint(args.reward)
+    reward = RewardSettings(checkpoint=args.reward, strategy=strategy, micro_batch_size=1,
+                            optim=OptimizerSettings(lr=1e-3, value_head_lr=1e-2, decay_style="constant"))
+    policy_settings = PolicySettings(checkpoint=args.policy, micro_batch_size=1, mini_batches=2, kl_coef=0.1,
+                                     optim=OptimizerSettings(lr=1e-3, decay_style="constant"))
+    reward_state = build_train_state(reward_model, reward.optim, total_steps=1)
+    policy_state = build_train_state(policy, policy_settings.optim, total_steps=2)
+
+    groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=128, drop_truncated=False)
+    scores = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
+    partition = partition_feedback("save", scores, groups.valid, threshold=0.5)
+    rm_metrics = update_reward_model(reward_state, reward, groups, scores, partition, step=1, pad_id=0, seed=0)
+    rescored = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
+    kept = partition_feedback("save", rescored, groups.valid, threshold=0.5).kept
+    advantages = token_advantages("grpo", rescored.rewards, kept, groups.response_lengths)
+    rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, kept, advantages)
+    mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0)
+    policy_metrics = update_policy(policy_state, mini_batches, policy_settings, norm_constant=8.0)
+    probe = mini_batches[0][0].input_ids  # this rank's first rows; compare the log-probs of row 0 of rank 0
+    after = sequence_logprobs(policy, probe, probe.shape[0]).logp[0]
+    return {"kept_prompts": int(partition.prompt_keep.sum()), **rm_metrics, **pre, **policy_metrics,
+            "rewards_after": rescored.rewards.nan_to_num(0.0).flatten().tolist(),
+            "values_after": rescored.values.nan_to_num(0.0).tolist(), "logp_after": after.tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--reward", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    init_distributed(ParallelConfig())
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.policy) / "hf")
+    results = {}
+    for name, (tp, pp) in LAYOUTS.items():
+        set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        for strategy in ("save", "hl_bt"):
+            results[f"{name}-{strategy}"] = run(args, tokenizer, strategy)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
