@@ -9,6 +9,7 @@ from megatron_save.algorithms.advantages import (
 from megatron_save.algorithms.baselines import hl_bt_loss, highest_lowest_pairs, mean_reward_anchor
 from megatron_save.algorithms.bradley_terry import bt_loss, pairwise_accuracy
 from megatron_save.algorithms.policy_loss import PolicyLossOutput, gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
+from megatron_save.algorithms.r2m import grebt_loss, group_reward_entropy, r2m_time_weight
 from megatron_save.algorithms.save import (
     curriculum_threshold,
     save_partition,
@@ -19,6 +20,8 @@ from megatron_save.algorithms.save import (
 __all__ = [
     "PolicyLossOutput",
     "bt_loss",
+    "grebt_loss",
+    "group_reward_entropy",
     "grpo_advantages",
     "highest_lowest_pairs",
     "hl_bt_loss",
@@ -31,6 +34,7 @@ __all__ = [
     "rloo_advantages",
     "curriculum_threshold",
     "pairwise_accuracy",
+    "r2m_time_weight",
     "save_partition",
     "save_reward_loss",
     "value_anchor_loss",

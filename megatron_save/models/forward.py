@@ -153,3 +153,21 @@ def score_token_sequences(
     rewards = torch.tensor([everything[i][0] for i in range(len(sequences))])
     values = None if prompt_lengths is None else torch.tensor([everything[i][1] for i in range(len(sequences))])
     return SequenceScores(rewards=rewards, values=values)
+
+
+def final_hidden_states(model: Any, input_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """Last-layer hidden states (after the final norm: what the output layer reads) of right-padded sequences
+    [N, S], as [N, S, H] fp32 on every rank (forward only). Read with a pre-hook on the last stage's output
+    layer; the output layer's own result is dropped right away (never a full vocabulary of logits)."""
+    captured: list[torch.Tensor] = []
+    handle = None
+    if model.post_process:
+        handle = model.output_layer.register_forward_pre_hook(
+            lambda _, args: captured.append(args[0].detach().float().transpose(0, 1)))  # [S, b, H] -> [b, S, H]
+    try:
+        pipeline_forward(model, input_ids, micro_batch_size, postprocess=lambda tokens, output: tokens[:, :1])
+    finally:
+        if handle is not None:
+            handle.remove()
+    hidden = torch.cat(captured) if captured else None
+    return broadcast_from_last_stage(hidden, (*input_ids.shape, model.config.hidden_size), torch.float32)

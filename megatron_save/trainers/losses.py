@@ -65,7 +65,9 @@ def _group_rewards(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[tor
     return rewards, batch.valid.to(scores.device).view(-1, batch.group_size)
 
 
-def mean_reward_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def mean_reward_rm_loss(
+    batch: ResponseGroupBatch, scores: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The Mean Reward baseline: SAVE's contrastive loss (eqs. 18-20) with each group's mean reward
     (stop-gradient) as the anchor in place of V(x); no value loss. Scaled as ``save_rm_loss``."""
     rewards, valid = _group_rewards(batch, scores)  # [k, G]

@@ -11,7 +11,7 @@ from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
 from megatron_save.trainers.optimizer import OptimizerSettings
 
-RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt")
+RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "r2m")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 POLICY_LOSSES = ("ppo_clip", "gspo")
 ROLLOUT_BACKENDS = ("transformers", "megatron")
@@ -56,7 +56,7 @@ class RewardSettings:
     checkpoint: str = MISSING
     """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
     strategy: str = "save"
-    """save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward or hl_bt."""
+    """save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt or r2m."""
     initial_margin: float = 0.5
     """m0 of the curriculum filter (eq. 14)."""
     value_loss_weight: float = 1.0
@@ -65,13 +65,20 @@ class RewardSettings:
     """Conversations longer than this (RM tokens) are left out of scoring and of both updates (counted)."""
     micro_batch_size: int = 2
     """Prompts (each with its G responses) per forward pass of the RM update; scoring uses this x G sequences."""
+    r2m_width: int = 2048
+    """r2m: internal width d of the cross-attention (R2M paper: 2048)."""
+    r2m_alpha: float = 0.3
+    """r2m: weight of the group reward entropy in the GREBT loss (R2M paper: 0.3)."""
+    r2m_min_weight: float = 0.6
+    """r2m: Omega, the floor of the weight on the reward model's own last-token state (R2M paper: 0.6-0.7)."""
     offline_data: str | None = None
     """offline_bt: preference pairs (prompt / chosen / rejected) of the continual offline BT baseline."""
     offline_batch_size: int = 32
     """offline_bt: pairs per RM update."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(
         lr=1e-7, value_head_lr=1e-5, decay_style="constant"))
-    """Optimizer: backbone + reward head at ``lr``, value head at ``value_head_lr`` (paper: 1e-7 and 1e-5)."""
+    """Optimizer: backbone + reward head at ``lr``, value head at ``value_head_lr`` (paper: 1e-7 and 1e-5); for
+    r2m, the cross-attention and reward head at ``lr`` (R2M paper: 1e-6)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from megatron_save.algorithms import r2m_time_weight
 from megatron_save.checkpoint import build_model_from_checkpoint, read_checkpoint_meta, save_model_checkpoint
 from megatron_save.checkpoint.hf import family_for
 from megatron_save.checkpoint.hf.gather import gather_hf_state
@@ -45,6 +46,13 @@ from megatron_save.trainers.rl_groups import (
     prepare_groups,
     rollout_metrics,
     score_groups,
+)
+from megatron_save.trainers.r2m_update import (
+    build_r2m_head,
+    collect_feedback,
+    policy_hidden_states,
+    r2m_rewards,
+    update_r2m_head,
 )
 from megatron_save.trainers.rm_update import TRAINED_STRATEGIES, update_reward_model
 from megatron_save.trainers.stage3_config import Stage3Config, check_stage3_config
@@ -82,10 +90,12 @@ class Stage3Run:
     """transformers config of the policy (weight-sync mapping)."""
     offline_pairs: list[PreferencePair] | None
     """Static preference pairs of the offline_bt strategy."""
+    r2m_state: TrainState | None = None
+    """R2M's policy-feedback head with its optimizer (the r2m strategy; the reward model itself stays frozen)."""
 
     def trained_states(self) -> dict[str, TrainState]:
         """The models this run trains, by checkpoint name."""
-        states = {"policy": self.policy_state, "reward": self.reward_state}
+        states = {"policy": self.policy_state, "reward": self.reward_state, "r2m_head": self.r2m_state}
         return {name: state for name, state in states.items() if state is not None}
 
     def sync_rollout_weights(self) -> None:
@@ -133,9 +143,12 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
         engine = MegatronRolloutEngine(policy, policy_tokenizer, longest, cfg.rollout.max_batch_size)
     elif is_rollout_rank():
         engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=_DTYPES[policy_meta.dtype])
-    run = Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
-                    reward_tokenizer, policy_hf, offline_pairs)
-    return run
+    r2m_state = None
+    if cfg.reward.strategy == "r2m":
+        head = build_r2m_head(reward_model, policy, cfg.reward.r2m_width, cfg.seed)
+        r2m_state = build_train_state(head, cfg.reward.optim, cfg.total_steps)
+    return Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
+                     reward_tokenizer, policy_hf, offline_pairs, r2m_state)
 
 
 def counter_metrics(counters: Counter) -> dict[str, float]:
@@ -189,13 +202,11 @@ def train_stage3(cfg: Stage3Config) -> Path:
 def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:
     """One step of Algorithm 2: rollout, score, partition, RM update, re-score and filter, policy update."""
     timer, strategy = PhaseTimer(), cfg.reward.strategy
+    if strategy == "r2m":
+        return r2m_step(run, cfg, step, counters)
     rm_pad, score_micro_batch = pad_id_of(run.reward_tokenizer), cfg.reward.micro_batch_size * cfg.rollout.sampling.n
-    prompts = prompt_batch(run.prompts, cfg.prompts_per_step, step, cfg.seed)
     with timer.phase("rollout"):
-        rollouts = generate_data_parallel(run.engine, [p.ids for p in prompts], cfg.rollout.sampling,
-                                          seed=cfg.seed + 7919 * step)
-        groups = prepare_groups(rollouts, prompts, run.policy_tokenizer, run.reward_tokenizer,
-                                cfg.reward.max_length, cfg.rollout.drop_truncated)
+        groups = sample_groups(run, cfg, step)
     with timer.phase("score"):
         scores = score_groups(run.reward_model, groups, rm_pad, score_micro_batch)
     metrics = rollout_metrics(groups)
@@ -224,6 +235,46 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         metrics |= feedback_metrics(groups, scores, partition, "filter_after_rm_update")
     if run.policy_state is not None:
         metrics |= train_policy(run, cfg, groups, scores, partition, counters, timer, step)
+    metrics |= timer.reset()
+    metrics["throughput/response_tokens_per_s"] = groups.response_lengths.sum().item() / metrics["time/step_s"]
+    return {**metrics, **counter_metrics(counters)}
+
+
+def sample_groups(run: Stage3Run, cfg: Stage3Config, step: int) -> RolloutGroups:
+    """Collective: the step's prompts, G sampled responses each, prepared for the policy and the reward model."""
+    prompts = prompt_batch(run.prompts, cfg.prompts_per_step, step, cfg.seed)
+    rollouts = generate_data_parallel(run.engine, [p.ids for p in prompts], cfg.rollout.sampling,
+                                      seed=cfg.seed + 7919 * step)
+    return prepare_groups(rollouts, prompts, run.policy_tokenizer, run.reward_tokenizer, cfg.reward.max_length,
+                          cfg.rollout.drop_truncated)
+
+
+def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:
+    """One step of the R2M baseline (its Algorithm 1): rollout, rewards from the frozen RM's last-token state
+    fused with the policy's hidden states, policy update on every valid response, then a GREBT step of the head
+    on the updated policy's hidden states."""
+    timer, settings = PhaseTimer(), cfg.reward
+    omega = r2m_time_weight(step, cfg.total_steps, settings.r2m_min_weight)
+    rm_pad, policy_pad = pad_id_of(run.reward_tokenizer), pad_id_of(run.policy_tokenizer)
+    with timer.phase("rollout"):
+        groups = sample_groups(run, cfg, step)
+    with timer.phase("score"):
+        feedback = collect_feedback(run.reward_model, run.policy, groups, rm_pad, policy_pad,
+                                    settings.micro_batch_size * cfg.rollout.sampling.n)
+        scores = GroupScores(r2m_rewards(run.r2m_state.module, feedback, omega, groups.valid.shape), None)
+    metrics = {**rollout_metrics(groups), "r2m/omega": omega}
+    if non_finite_scores(scores, groups.valid):
+        counters["steps_skipped_non_finite_scores"] += 1
+        logger.warning("step %d: non-finite R2M rewards; step skipped", step)
+        return {**metrics, **timer.reset(), **counter_metrics(counters)}
+    partition = partition_feedback("r2m", scores, groups.valid, 0.5)  # R2M trains on every valid response
+    metrics |= feedback_metrics(groups, scores, partition, "filter")
+    if run.policy_state is not None:
+        metrics |= train_policy(run, cfg, groups, scores, partition, counters, timer, step)
+    with timer.phase("rm_update"):
+        feedback.policy_hidden, feedback.policy_mask = policy_hidden_states(
+            run.policy, groups, feedback.slots, policy_pad, settings.micro_batch_size * cfg.rollout.sampling.n)
+        metrics |= update_r2m_head(run.r2m_state, feedback, groups.valid, omega, settings.r2m_alpha)
     metrics |= timer.reset()
     metrics["throughput/response_tokens_per_s"] = groups.response_lengths.sum().item() / metrics["time/step_s"]
     return {**metrics, **counter_metrics(counters)}

@@ -28,6 +28,7 @@ VARIANTS = {
     "mean_reward": ["reward.strategy=mean_reward"],
     "hl_bt": ["reward.strategy=hl_bt"],
     "frozen_policy": ["policy.frozen=true"],
+    "r2m": ["reward.strategy=r2m", "reward.r2m_width=16"],
     "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
     "rloo": ["policy.advantage=rloo", "policy.mini_batches=2", "policy.micro_batch_size=2"],
     "dr_grpo": ["policy.advantage=dr_grpo", "policy.aggregation=seq-mean-token-sum-norm"],
@@ -46,7 +47,8 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     assert [r["step"] for r in records] == [1, 2]
     trains_rm = variant != "frozen_rm"
     trains_policy = variant != "frozen_policy"
-    assert (out / "reward_model").exists() == trains_rm
+    assert (out / "reward_model").exists() == (trains_rm and variant != "r2m")  # R2M trains only its head
+    assert (out / "checkpoints" / "step_000002" / "r2m_head").exists() == (variant == "r2m")
     assert (out / "policy").exists() == trains_policy
     for record in records:
         losses = {k: v for k, v in record.items() if k.startswith(("rm/", "policy/")) and "loss" in k}
@@ -55,6 +57,9 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert ("policy/pg_loss" in record) == trains_policy
     if variant == "offline_bt":
         assert records[0]["rm/bt_loss"] > 0
+    if variant == "r2m":
+        assert records[0]["r2m/omega"] == 0.6  # max(cos(pi / 2) / 2 + 1/2, Omega = 0.6)
+        assert all(r["rm/grebt_loss"] > 0 for r in records)
     if variant in ("hl_bt", "mean_reward"):
         assert any(r["rm/reward_loss"] > 0 for r in records)
     if variant == "save_no_curriculum":

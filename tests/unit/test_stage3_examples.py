@@ -12,7 +12,7 @@ EXAMPLES = REPO / "examples"
 COMBINATIONS = [
     ["cpu/stage3_save.yaml"],
     ["paper/stage3_save.yaml"],
-    *[["paper/stage3_save.yaml", f"algorithms/{path.name}"] for path in sorted((EXAMPLES / "algorithms").glob("*.yaml"))],
+    *[["paper/stage3_save.yaml", f"algorithms/{p.name}"] for p in sorted((EXAMPLES / "algorithms").glob("*.yaml"))],
     ["paper/stage3_save.yaml", "scaling/stage3_8b.yaml"],
     ["paper/stage3_save.yaml", "scaling/stage3_70b.yaml"],
 ]
