@@ -23,6 +23,8 @@ setup(
         # dist_checkpointing imports psutil without declaring it.
         "psutil",
         "numpy",
+        # Stage 3 writes TensorBoard event files (torch.utils.tensorboard needs the package).
+        "tensorboard",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -2,7 +2,8 @@
 # Stage 3 on one node of 4 GPUs: SAVE, or one baseline of the paper's Tables 1-3.
 #   bash examples/paper/run_stage3.sh                      # SAVE
 #   bash examples/paper/run_stage3.sh hl_bt                # HL-BT baseline (also frozen, offline_bt, mean_reward,
-#                                                          #   save_no_curriculum; frozen_policy = SAVE w/o policy opt.)
+#                                                          #   save_no_curriculum, r2m; frozen_policy = SAVE w/o
+#                                                          #   policy optimization)
 #   bash examples/paper/run_stage3.sh save examples/algorithms/gspo.yaml policy.kl_coef=0.02
 # A launch resumes from output_dir/checkpoints/latest when there is one.
 set -euo pipefail
@@ -12,9 +13,13 @@ shift || true
 case "$variant" in
   frozen_policy) settings=("reward.strategy=save" "policy.frozen=true") ;;
   offline_bt) settings=("reward.strategy=offline_bt" "reward.offline_data=data/ultrafeedback_binarized_pairs.jsonl") ;;
+  r2m) settings=("reward.strategy=r2m" "reward.optim.lr=1e-6") ;;   # the R2M paper's head learning rate
   *) settings=("reward.strategy=$variant") ;;
 esac
 torchrun --nproc-per-node "$GPUS" -m megatron_save.trainers.stage3_save examples/paper/stage3_save.yaml "$@" \
   output_dir="checkpoints/stage3_${variant}" "${settings[@]}"
-python tools/convert_megatron_to_hf.py --ckpt "checkpoints/stage3_${variant}/reward_model" \
-  --out "hf/stage3_${variant}_reward_model"
+# Strategies that train the reward model itself leave output_dir/reward_model (frozen and r2m do not).
+if [ -d "checkpoints/stage3_${variant}/reward_model" ]; then
+  python tools/convert_megatron_to_hf.py --ckpt "checkpoints/stage3_${variant}/reward_model" \
+    --out "hf/stage3_${variant}_reward_model"
+fi

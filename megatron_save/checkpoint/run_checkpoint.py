@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.trainers.optimizer import TrainState
@@ -49,6 +49,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _layout() -> dict[str, int]:
+    """World size and model-parallel sizes: RNG states are per rank, so a resume needs the same ones."""
+    return {"world_size": dist.get_world_size(),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size()}
 
 
 def checkpoint_name(step: int) -> str:
@@ -83,7 +90,8 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
-        (staging / RUN_STATE_FILE).write_text(json.dumps({"step": step, "counters": counters}, indent=2) + "\n")
+        state = {"step": step, "counters": counters, "layout": _layout()}
+        (staging / RUN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         marker = root / f"{LATEST_FILE}.tmp"
@@ -98,9 +106,12 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
 
 def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState]) -> tuple[int, dict[str, int]]:
     """Collective: restores every trained model, optimizer and schedule, and this rank's RNG states; returns
-    (step, counters). The run must have the same world size (RNG states are per rank)."""
+    (step, counters). The run must have the same world size and TP / PP sizes (RNG states are per rank)."""
     checkpoint = Path(checkpoint)
     payload = json.loads((checkpoint / RUN_STATE_FILE).read_text())
+    if payload.get("layout", _layout()) != _layout():
+        raise ValueError(f"{checkpoint} was written with {payload['layout']}; this launch has {_layout()}. Resume "
+                         "with the same layout (each rank's RNG state is restored), or start a new output_dir")
     for name, state in states.items():
         if not (checkpoint / name).exists():
             raise FileNotFoundError(f"{checkpoint}: no {name}/ checkpoint; was the run saved with the same "

@@ -97,7 +97,10 @@ class MegatronRolloutEngine:
         rows = [prompt for prompt in prompt_ids for _ in range(sampling.n)]
         requests = [InferenceRequest(request_id=str(i), prompt="", sampling_params=params, prompt_tokens=list(p))
                     for i, p in enumerate(rows)]
-        done = self.engine.generate(inference_requests=requests)
+        # The engine reseeds torch's global generator on every call: keep that inside a fork.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            done = self.engine.generate(inference_requests=requests)
         responses, truncated = [], []
         for request in done:
             tokens = request.generated_tokens.tolist()[: request.generated_length]

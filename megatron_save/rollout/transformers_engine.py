@@ -21,10 +21,13 @@ class TransformersRolloutEngine:
     it generates.
     """
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32,
+                 max_batch_size: int | None = None, return_logprobs: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_batch_size = max_batch_size
+        self.return_logprobs = return_logprobs
         self.weights_loaded = any(any(Path(model_dir).glob(pattern)) for pattern in _WEIGHT_PATTERNS)
         if self.weights_loaded:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -43,10 +46,26 @@ class TransformersRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
+        """Rows of at most ``max_batch_size`` sequences at a time. A seed is applied inside a forked RNG, so the
+        process's own generators (shared with Megatron) are left as they were."""
         if not self.weights_loaded:
             raise RuntimeError("the rollout model was built from a config alone: call update_weights first")
         # Each prompt n times in a row (what num_return_sequences does, and greedy decoding allows it too).
         rows = [prompt for prompt in prompt_ids for _ in range(sampling.n)]
+        chunk = self.max_batch_size or len(rows)
+        devices = [torch.device(self.device).index or 0] if torch.device(self.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            parts = [self._generate_rows(rows[i : i + chunk], sampling) for i in range(0, len(rows), chunk)]
+        responses = [r for part in parts for r in part[0]]
+        truncated = [t for part in parts for t in part[1]]
+        group = lambda items: [items[i : i + sampling.n] for i in range(0, len(items), sampling.n)]  # noqa: E731
+        logprobs = group([lp for part in parts for lp in part[2]]) if self.return_logprobs else None
+        return Rollouts([list(p) for p in prompt_ids], group(responses), group(truncated), logprobs)
+
+    def _generate_rows(self, rows: list[list[int]], sampling: SamplingSettings
+                       ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
         width = max(len(p) for p in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -54,33 +73,29 @@ class TransformersRolloutEngine:
             input_ids[i, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[i, width - len(prompt):] = 1
         stop_ids = sorted({self.tokenizer.eos_token_id, *sampling.stop_token_ids} - {None})
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         greedy = sampling.temperature == 0
         output = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids,
-            pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids, pad_token_id=self.pad_id,
+            output_scores=self.return_logprobs, return_dict_in_generate=True,
         )
-        # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature / top-k /
-        # top-p): the behaviour policy. The policy's own log-probs (models.policy) are at temperature 1.
-        step_logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+        sequences = output.sequences[:, width:].cpu()
+        step_logprobs = [None] * len(rows)
+        if self.return_logprobs:
+            # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature /
+            # top-k / top-p): the behaviour policy. The policy's own log-probs (models.policy) are at temperature 1.
+            step_logprobs = self.model.compute_transition_scores(output.sequences, output.scores,
+                                                                 normalize_logits=True).cpu()
         responses, truncated, logprobs = [], [], []
-        for row, row_logprobs in zip(output.sequences[:, width:].cpu(), step_logprobs.cpu()):
+        for row, row_logprobs in zip(sequences, step_logprobs):
             stops = torch.isin(row, torch.tensor(stop_ids))
             length = int(stops.nonzero()[0]) + 1 if stops.any() else row.numel()
             responses.append(row[:length].tolist())
             truncated.append(not stops.any() and length == sampling.max_new_tokens)
-            logprobs.append(row_logprobs[:length].tolist())
-        group = sampling.n
-        return Rollouts(
-            prompt_ids=[list(p) for p in prompt_ids],
-            response_ids=[responses[i : i + group] for i in range(0, len(responses), group)],
-            truncated=[truncated[i : i + group] for i in range(0, len(truncated), group)],
-            logprobs=[logprobs[i : i + group] for i in range(0, len(logprobs), group)],
-        )
+            logprobs.append(row_logprobs[:length].tolist() if row_logprobs is not None else None)
+        return responses, truncated, logprobs
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

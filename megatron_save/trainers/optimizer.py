@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +142,16 @@ def _check_group_learning_rates(scheduler: OptimizerParamScheduler) -> None:
                 f"param group with lr_mult={group.get('lr_mult')} runs at lr={group['lr']}, the schedule says "
                 f"{scheduler.get_lr(group)}: this megatron-core applies lr_mult; adapt VALUE_HEAD_GROUP_TAG"
             )
+
+
+@contextmanager
+def backbone_frozen(state: TrainState) -> Iterator[None]:
+    """Optimizer steps taken inside leave everything but the value head unchanged (learning rate 0; the groups'
+    scheduled rates come back on the scheduler's next step, which ``train_step`` takes)."""
+    groups = [g for g in state.optimizer.param_groups if g.get("lr_mult") != VALUE_HEAD_GROUP_TAG]
+    for group in groups:
+        group["lr"] = 0.0
+    yield
 
 
 def group_learning_rates(state: TrainState) -> dict[str, float]:

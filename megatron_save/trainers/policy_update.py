@@ -101,36 +101,42 @@ def policy_loss(settings: PolicySettings, norm_constant: float, batch: PolicyBat
     return loss, {name: value * batch.loss_scale for name, value in metrics.items()}
 
 
-def _loss_weights(lengths: list[int], token_mean: bool) -> list[int]:
-    """What each row counts for in the global mean: its response tokens, or 1 per real row."""
-    return [n if token_mean else int(n > 0) for n in lengths]
+def mini_batch_layout(rows: int, parts: int, ranks: int, micro_batch_size: int) -> list[list[list[int]]]:
+    """[mini-batch][data-parallel rank] -> row indices, -1 for a filler row.
+
+    The rows are cut into ``parts`` contiguous, nearly equal mini-batches (fewer when there are fewer rows: no
+    mini-batch is empty); each is padded with fillers to a multiple of ranks x micro_batch_size and split
+    contiguously over ranks. Each optimizer step thus sees the same rows at any data-parallel size.
+    """
+    parts = min(parts, rows)
+    bounds = [rows * k // parts for k in range(parts + 1)]
+    layout = []
+    for k in range(parts):
+        block = list(range(bounds[k], bounds[k + 1]))
+        block += [-1] * (-len(block) % (ranks * micro_batch_size))
+        share = len(block) // ranks
+        layout.append([block[r * share : (r + 1) * share] for r in range(ranks)])
+    return layout
 
 
 def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, settings: PolicySettings,
                         pad_id: int) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
-    """This data-parallel rank's mini-batches of micro-batches, with old and reference log-probs, and the
-    pre-update entropy / KL metrics of the whole batch.
-
-    Rows are padded with fillers (a copy of row 0 with no loss tokens) to a multiple of mini-batches x
-    data-parallel size x micro_batch_size. Mini-batch k is the k-th contiguous block of rows, split contiguously
-    over data-parallel ranks, so that each optimizer step sees the same rows at any data-parallel size.
-    """
+    """This data-parallel rank's mini-batches of micro-batches (``mini_batch_layout``), with old and reference
+    log-probs, and the pre-update entropy / KL metrics of the whole batch. A filler row is a copy of its
+    mini-batch's first row without loss tokens."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mbs, parts = settings.micro_batch_size, settings.mini_batches
-    unit = ranks * parts * mbs
-    total = -(-len(rows.sequences) // unit) * unit
-    fillers = total - len(rows.sequences)
-    sequences = rows.sequences + [rows.sequences[0]] * fillers
-    response_lengths = [len(s) - p for s, p in zip(rows.sequences, rows.prompt_lengths)] + [0] * fillers
-    per_part = total // parts  # rows of one mini-batch, all ranks
-    per_rank = per_part // ranks  # rows of one mini-batch on one rank
-    mine = [k * per_part + rank * per_rank + i for k in range(parts) for i in range(per_rank)]
+    mbs = settings.micro_batch_size
+    layout = mini_batch_layout(len(rows.sequences), settings.mini_batches, ranks, mbs)
+    response_lengths = [len(s) - p for s, p in zip(rows.sequences, rows.prompt_lengths)]
+    mine = [(i, part[0][0]) for part in layout for i in part[rank]]  # (row or -1, the mini-batch's first row)
 
-    input_ids, attention_mask = pad_rows([sequences[i] for i in mine], pad_id, max(len(s) for s in sequences))
-    loss_mask = torch.zeros(len(mine), input_ids.shape[1] - 1, dtype=torch.bool)
-    advantages = torch.zeros(len(mine), input_ids.shape[1] - 1)
-    for row, i in enumerate(mine):
-        if i < len(rows.sequences):
+    width = max(len(s) for s in rows.sequences)
+    input_ids, attention_mask = pad_rows([rows.sequences[i if i >= 0 else first] for i, first in mine], pad_id,
+                                         width)
+    loss_mask = torch.zeros(len(mine), width - 1, dtype=torch.bool)
+    advantages = torch.zeros(len(mine), width - 1)
+    for row, (i, _) in enumerate(mine):
+        if i >= 0:
             start = rows.prompt_lengths[i] - 1  # position t scores token t + 1: the first response token
             loss_mask[row, start : start + response_lengths[i]] = True
             advantages[row, start : start + response_lengths[i]] = rows.advantages[i]
@@ -140,29 +146,35 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
     batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, old.logp, ref_logp)
 
     token_mean = settings.loss != "gspo" and settings.aggregation == "token-mean"
-    weights = _loss_weights(response_lengths, token_mean)
-    scale = (per_rank // mbs) * ranks  # Megatron divides by micro-batches; DDP averages over ranks
-    mini_batches = []
-    for k, part in enumerate(batch.split(per_rank)):
-        part_total = sum(weights[k * per_part : (k + 1) * per_part])
+    weight = lambda i: 0 if i < 0 else response_lengths[i] if token_mean else 1  # noqa: E731
+    mini_batches, offset = [], 0
+    for part in layout:
+        total = sum(weight(i) for share in part for i in share)
+        scale = len(part[rank]) // mbs * ranks  # Megatron divides by micro-batches; DDP averages over ranks
         micro = []
-        for m, micro_batch in enumerate(part.split(mbs)):
-            start = k * per_part + rank * per_rank + m * mbs
-            weight = sum(weights[start : start + mbs]) if token_mean else mbs
-            share = weight / part_total if part_total else 0.0
-            micro.append(dataclasses.replace(micro_batch, loss_scale=share * scale))
+        for m in range(0, len(part[rank]), mbs):
+            micro_rows = part[rank][m : m + mbs]
+            share = (sum(weight(i) for i in micro_rows) if token_mean else mbs) / total if total else 0.0
+            micro.append(dataclasses.replace(batch.rows(offset + m, offset + m + mbs), loss_scale=share * scale))
         mini_batches.append(micro)
-    return mini_batches, _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)
+        offset += len(part[rank])
+    metrics = _pre_update_metrics(old.entropy, old.logp, ref_logp if reference is not None else None, loss_mask,
+                                  settings)
+    return mini_batches, metrics
 
 
-def _pre_update_metrics(entropy: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                        settings: PolicySettings) -> dict[str, float]:
-    """Mean entropy and KL to the reference over every response token of the batch (all data-parallel ranks)."""
-    sums = torch.stack([entropy[mask].sum(), kl_penalty(logp, ref_logp, settings.kl_kind)[mask].sum(),
-                        mask.sum().float()]).double()
+def _pre_update_metrics(entropy: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                        mask: torch.Tensor, settings: PolicySettings) -> dict[str, float]:
+    """Mean entropy (and KL to the reference, when there is one) over every response token of the batch (all
+    data-parallel ranks)."""
+    kl = kl_penalty(logp, ref_logp, settings.kl_kind)[mask].sum() if ref_logp is not None else torch.zeros(())
+    sums = torch.stack([entropy[mask].sum(), kl, mask.sum().float()]).double()
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     tokens = max(sums[2].item(), 1.0)
-    return {"policy/entropy": sums[0].item() / tokens, "policy/kl_to_reference": sums[1].item() / tokens}
+    metrics = {"policy/entropy": sums[0].item() / tokens}
+    if ref_logp is not None:
+        metrics["policy/kl_to_reference"] = sums[1].item() / tokens
+    return metrics
 
 
 def update_policy(state: TrainState, mini_batches: list[list[PolicyBatch]], settings: PolicySettings,

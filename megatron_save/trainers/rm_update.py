@@ -12,7 +12,7 @@ from megatron_save.data.batching import ResponseGroupBatch, length_grouped_batch
 from megatron_save.data.preference import PreferencePair
 from megatron_save.trainers.common import BatchSettings
 from megatron_save.trainers.losses import bt_pair_loss, hl_bt_rm_loss, mean_reward_rm_loss, save_rm_loss
-from megatron_save.trainers.optimizer import TrainState
+from megatron_save.trainers.optimizer import TrainState, backbone_frozen
 from megatron_save.trainers.rl_groups import FeedbackPartition, GroupScores, RolloutGroups
 from megatron_save.trainers.stage1_bt import pair_micro_batches
 from megatron_save.trainers.stage3_config import RewardSettings
@@ -91,9 +91,18 @@ def update_reward_model(state: TrainState, settings: RewardSettings, groups: Rol
         reward_count = int(partition.prompt_keep.sum())
         loss_fn = partial(save_rm_loss, value_loss_weight=settings.value_loss_weight)
         names = ("reward_loss_sum", "value_loss_sum", "kept_prompts")
+    if reward_count == 0 and (strategy != "save" and strategy != "save_no_curriculum" or value_count == 0):
+        # Nothing to learn from: an optimizer step on a zero gradient would still move Adam's weights.
+        return {"rm/reward_loss": 0.0, "rm/update_skipped": 1.0}
     micro_batches = response_group_micro_batches(groups, partition, settings.micro_batch_size, pad_id,
                                                  reward_count, value_count)
-    metrics = train_step(state, micro_batches, loss_fn, names)
+    if reward_count == 0:
+        # SAVE with no prompt in B~: the value loss alone, and the backbone and reward head must stay where they are
+        # (with a zero gradient, Adam's momentum would still move them).
+        with backbone_frozen(state):
+            metrics = train_step(state, micro_batches, loss_fn, names)
+    else:
+        metrics = train_step(state, micro_batches, loss_fn, names)
     # train_step averages micro-batch sums over micro-batches x ranks: undo it to report the batch means.
     total = len(micro_batches) * parallel_state.get_data_parallel_world_size()
     report = {"rm/reward_loss": metrics["reward_loss_sum"] * total / max(reward_count, 1),

@@ -90,7 +90,7 @@ class RolloutSettings:
     (Megatron-Core's static inference engine on the sharded policy itself: no weight copy; top_k or top_p, not
     both; stops at EOS only)."""
     max_batch_size: int = 64
-    """megatron backend: sequences per static-engine batch (its KV cache is allocated for this many)."""
+    """Sequences generated at once on one rank (bounds the KV cache; the rest waits for the next batch)."""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(
         n=16, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=1024))
     """Group size G (``n``), temperature, top-p, top-k, max new tokens, stop tokens (paper Table 8)."""
@@ -125,6 +125,8 @@ class Stage3Config:
     schedulers with a time limit); 0 runs to total_steps."""
     resume: bool = True
     """Continue from output_dir/checkpoints/latest when it exists (same config)."""
+    log_every: int = 1
+    """Log a one-line summary of the step on rank 0 every this many steps (0: only the progress bar)."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
     wandb_project: str | None = None
@@ -157,5 +159,7 @@ def check_stage3_config(cfg: Stage3Config) -> None:
                          "responses per prompt")
     if cfg.total_steps < 1 or cfg.prompts_per_step < 1:
         raise ValueError(f"total_steps={cfg.total_steps} and prompts_per_step={cfg.prompts_per_step} must be >= 1")
+    if cfg.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints={cfg.keep_checkpoints}: at least the latest checkpoint must be kept")
     if cfg.policy.mini_batches < 1:
         raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")

@@ -22,6 +22,7 @@ from megatron_save.checkpoint import build_model_from_checkpoint, read_checkpoin
 from megatron_save.checkpoint.hf import family_for
 from megatron_save.checkpoint.hf.gather import gather_hf_state
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
+from megatron_save.checkpoint.train_checkpoint import save_train_checkpoint
 from megatron_save.checkpoint.run_checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
 from megatron_save.data.batching import pad_id_of
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
@@ -142,13 +143,27 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
         longest = cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
         engine = MegatronRolloutEngine(policy, policy_tokenizer, longest, cfg.rollout.max_batch_size)
     elif is_rollout_rank():
-        engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=_DTYPES[policy_meta.dtype])
+        # Behaviour log-probs are not needed (the policy's own are recomputed) and would keep a full vocabulary
+        # of scores per generated token.
+        engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=_DTYPES[policy_meta.dtype],
+                                           max_batch_size=cfg.rollout.max_batch_size, return_logprobs=False)
     r2m_state = None
     if cfg.reward.strategy == "r2m":
         head = build_r2m_head(reward_model, policy, cfg.reward.r2m_width, cfg.seed)
         r2m_state = build_train_state(head, cfg.reward.optim, cfg.total_steps)
     return Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
                      reward_tokenizer, policy_hf, offline_pairs, r2m_state)
+
+
+_SUMMARY = ("filter/reward_mean", "filter/keep_rate", "filter/kept_prompts_fraction", "rm/reward_loss",
+            "rm/value_loss", "rm/grebt_loss", "rm/bt_loss", "policy/pg_loss", "policy/kl_to_reference",
+            "policy/entropy", "rollout/response_length", "time/step_s")
+
+
+def step_summary(metrics: dict[str, float]) -> str:
+    """The few numbers worth a log line, of those the step has."""
+    return " ".join(f"{name.split('/')[-1]}={metrics[name]:.4g}" for name in _SUMMARY
+                    if metrics.get(name) is not None)
 
 
 def counter_metrics(counters: Counter) -> dict[str, float]:
@@ -185,6 +200,8 @@ def train_stage3(cfg: Stage3Config) -> Path:
     for step in range(start + 1, last + 1):
         metrics = rl_step(run, cfg, step, counters)
         writer.write(step, metrics)
+        if cfg.log_every and step % cfg.log_every == 0:
+            logger.info("step %d/%d: %s", step, cfg.total_steps, step_summary(metrics))
         bar.set_postfix(reward=f"{metrics.get('filter/reward_mean', float('nan')):.3f}",
                         keep=f"{metrics.get('filter/keep_rate', float('nan')):.2f}")
         bar.update()
@@ -258,11 +275,15 @@ def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) ->
     rm_pad, policy_pad = pad_id_of(run.reward_tokenizer), pad_id_of(run.policy_tokenizer)
     with timer.phase("rollout"):
         groups = sample_groups(run, cfg, step)
+    metrics = {**rollout_metrics(groups), "r2m/omega": omega}
+    if not groups.valid.any():
+        counters["steps_skipped_no_valid_response"] += 1
+        logger.warning("step %d: no valid response to score; step skipped", step)
+        return {**metrics, **timer.reset(), **counter_metrics(counters)}
     with timer.phase("score"):
         feedback = collect_feedback(run.reward_model, run.policy, groups, rm_pad, policy_pad,
                                     settings.micro_batch_size * cfg.rollout.sampling.n)
         scores = GroupScores(r2m_rewards(run.r2m_state.module, feedback, omega, groups.valid.shape), None)
-    metrics = {**rollout_metrics(groups), "r2m/omega": omega}
     if non_finite_scores(scores, groups.valid):
         counters["steps_skipped_non_finite_scores"] += 1
         logger.warning("step %d: non-finite R2M rewards; step skipped", step)
@@ -311,6 +332,9 @@ def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
             shutil.rmtree(Path(cfg.output_dir) / name, ignore_errors=True)  # a resumed run writes them again
         torch.distributed.barrier()
         save_model_checkpoint(module, Path(cfg.output_dir) / name, meta, Path(source) / HF_SUBDIR)
+    if run.r2m_state is not None:
+        # R2M's trained part is its head (the reward model is unchanged): a training checkpoint of it.
+        save_train_checkpoint(run.r2m_state, Path(cfg.output_dir) / "r2m_head", cfg.total_steps)
     logger.info("stage 3 finished: %s", cfg.output_dir)
 
 

@@ -4,6 +4,7 @@ process as a world of one (the parallel layouts are covered by test_stage3.py)."
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -88,14 +89,38 @@ def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_
 
 def test_every_prompt_filtered_gives_a_value_only_update(tiny_models, rl_data, tmp_path, world_of_one):
     # m0 = 1 with a long horizon: mu(1) is about 1, so no response passes the filter.
-    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "filtered", "total_steps=1000",
-                                           "exit_after_steps=1", "reward.initial_margin=1.0"))
-    (record,) = read_metrics(out)
+    cfg = _config(tiny_models, rl_data, tmp_path / "filtered", "total_steps=1000", "reward.initial_margin=1.0")
+    run = stage3_save.build_stage3_run(cfg)
+    run.sync_rollout_weights()
+    before = {name: param.detach().clone() for name, param in run.reward_model.named_parameters()}
+    counters = Counter()
+    record = stage3_save.rl_step(run, cfg, 1, counters)
     assert record["filter/keep_rate"] == 0.0 and record["filter/kept_prompts_fraction"] == 0.0
     assert record["counters/value_only_rm_updates"] == 1
     assert record["rm/reward_loss"] == 0.0 and record["rm/value_loss"] > 0
     assert record["counters/policy_updates_skipped_nothing_kept"] == 1
     assert "policy/pg_loss" not in record
+    for name, param in run.reward_model.named_parameters():
+        changed = not torch.equal(before[name], param)
+        assert changed == ("value_head" in name), name  # only the value head moved
+    # The next step runs at the scheduled learning rates again.
+    assert all(group["lr"] > 0 for group in run.reward_state.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("strategy", ["save", "hl_bt", "r2m"])
+def test_a_step_without_any_valid_response_is_skipped(strategy, tiny_models, rl_data, tmp_path, world_of_one):
+    # Every conversation is longer than 5 RM tokens: nothing can be scored.
+    cfg = _config(tiny_models, rl_data, tmp_path / strategy, f"reward.strategy={strategy}", "reward.max_length=5",
+                  "reward.r2m_width=8")
+    run = stage3_save.build_stage3_run(cfg)
+    run.sync_rollout_weights()
+    record = stage3_save.rl_step(run, cfg, 1, Counter())
+    assert record["rollout/valid_fraction"] == 0.0
+    assert "policy/pg_loss" not in record
+    if strategy == "r2m":
+        assert record["counters/steps_skipped_no_valid_response"] == 1
+    else:
+        assert record["rm/update_skipped"] == 1.0 and record["counters/policy_updates_skipped_nothing_kept"] == 1
 
 
 def test_refuses_a_save_run_without_a_value_head(tiny_models, rl_data, tmp_path, world_of_one):

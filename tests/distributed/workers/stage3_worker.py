@@ -75,7 +75,8 @@ def run(args, tokenizer, strategy: str) -> dict:
     partition = partition_feedback("save", scores, groups.valid, threshold=0.5)
     rm_metrics = update_reward_model(reward_state, reward, groups, scores, partition, step=1, pad_id=0, seed=0)
     rescored = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
-    kept = partition_feedback("save", rescored, groups.valid, threshold=0.5).kept
+    kept = partition_feedback(strategy, rescored, groups.valid, threshold=0.5).kept.clone()
+    kept[0, 0] = kept[1, 1] = kept[2, 3] = False  # 13 rows: mini-batches of 7 and 6, padded per data-parallel size
     advantages = token_advantages("grpo", rescored.rewards, kept, groups.response_lengths)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, kept, advantages)
     mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0)
