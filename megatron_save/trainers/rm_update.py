@@ -91,7 +91,8 @@ def update_reward_model(state: TrainState, settings: RewardSettings, groups: Rol
         reward_count = int(partition.prompt_keep.sum())
         loss_fn = partial(save_rm_loss, value_loss_weight=settings.value_loss_weight)
         names = ("reward_loss_sum", "value_loss_sum", "kept_prompts")
-    if reward_count == 0 and (strategy != "save" and strategy != "save_no_curriculum" or value_count == 0):
+    learns_value = strategy in ("save", "save_no_curriculum") and value_count > 0
+    if reward_count == 0 and not learns_value:
         # Nothing to learn from: an optimizer step on a zero gradient would still move Adam's weights.
         return {"rm/reward_loss": 0.0, "rm/update_skipped": 1.0}
     micro_batches = response_group_micro_batches(groups, partition, settings.micro_batch_size, pad_id,
