@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Stage 3 of SAVE on CPU: a tiny random Llama policy and a tiny random Llama reward model with a value head,
 # synthetic prompts, 2 processes at TP=2. Extra key=value arguments override examples/cpu/stage3_save.yaml
-# (for example reward.strategy=hl_bt or policy.loss=gspo).
+# (for example reward.strategy=hl_bt or policy.loss=gspo). The models are random: their rewards barely differ
+# within a group, so most steps are value-only RM updates (logged) while V(x) settles on the reward scale; the
+# contrastive term appears on steps where a group straddles V. A meaningful testbed is a separate issue.
 # Usage: bash examples/cpu/tiny_save_rl.sh [WORK_DIR] [key=value ...]   (default outputs/tiny_save)
 set -euo pipefail
 work=${1:-outputs/tiny_save}
