@@ -217,3 +217,20 @@ def test_metrics_file_keeps_nan_out_and_truncates_on_resume(tmp_path, world_of_o
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     truncate_history(tmp_path / "metrics.jsonl", 1)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_mini_batch_layout_is_the_same_at_every_data_parallel_size():
+    from megatron_save.trainers.policy_update import mini_batch_layout
+
+    for rows, parts, micro in ((13, 2, 1), (5, 4, 2), (3, 4, 1), (16, 2, 2)):
+        blocks = {}
+        for ranks in (1, 2, 4):
+            layout = mini_batch_layout(rows, parts, ranks, micro)
+            assert len(layout) == min(parts, rows)  # no empty mini-batch
+            for part in layout:
+                assert len({len(share) for share in part}) == 1  # every rank the same number of rows
+                assert len(part[0]) % micro == 0 and any(i >= 0 for share in part for i in share)
+            real = [sorted(i for share in part for i in share if i >= 0) for part in layout]
+            assert sorted(i for block in real for i in block) == list(range(rows))
+            blocks[ranks] = real
+        assert blocks[1] == blocks[2] == blocks[4], (rows, parts, micro)
