@@ -25,7 +25,9 @@ class TransformersRolloutEngine:
                  max_batch_size: int | None = None, return_logprobs: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Resolved to an index: each process works on its own current GPU (LOCAL_RANK under torchrun).
+        self.device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                                              else "cpu"))
         self.max_batch_size = max_batch_size
         self.return_logprobs = return_logprobs
         self.weights_loaded = any(any(Path(model_dir).glob(pattern)) for pattern in _WEIGHT_PATTERNS)
@@ -53,7 +55,8 @@ class TransformersRolloutEngine:
         # Each prompt n times in a row (what num_return_sequences does, and greedy decoding allows it too).
         rows = [prompt for prompt in prompt_ids for _ in range(sampling.n)]
         chunk = self.max_batch_size or len(rows)
-        devices = [torch.device(self.device).index or 0] if torch.device(self.device).type == "cuda" else []
+        # fork_rng restores the CPU generator and the listed GPUs'; manual_seed reseeds every GPU of the process.
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)

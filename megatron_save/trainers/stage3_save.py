@@ -334,6 +334,9 @@ def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
         save_model_checkpoint(module, Path(cfg.output_dir) / name, meta, Path(source) / HF_SUBDIR)
     if run.r2m_state is not None:
         # R2M's trained part is its head (the reward model is unchanged): a training checkpoint of it.
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(Path(cfg.output_dir) / "r2m_head", ignore_errors=True)
+        torch.distributed.barrier()
         save_train_checkpoint(run.r2m_state, Path(cfg.output_dir) / "r2m_head", cfg.total_steps)
     logger.info("stage 3 finished: %s", cfg.output_dir)
 
