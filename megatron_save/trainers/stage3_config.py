@@ -73,6 +73,8 @@ class RewardSettings:
     """r2m: Omega, the floor of the weight on the reward model's own last-token state (R2M paper: 0.6-0.7)."""
     offline_data: str | None = None
     """offline_bt: preference pairs (prompt / chosen / rejected) of the continual offline BT baseline."""
+    offline_split: str = "train"
+    """offline_bt: split of a hub dataset (HuggingFaceH4/ultrafeedback_binarized: train_prefs)."""
     offline_batch_size: int = 32
     """offline_bt: pairs per RM update."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(

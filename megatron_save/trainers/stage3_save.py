@@ -137,7 +137,8 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     reward_state = build_train_state(reward_model, cfg.reward.optim, cfg.total_steps) if trained else None
     offline_pairs = None
     if cfg.reward.strategy == "offline_bt":
-        offline_pairs, _ = load_preference_pairs(cfg.reward.offline_data, reward_tokenizer, cfg.reward.max_length)
+        offline_pairs, _ = load_preference_pairs(cfg.reward.offline_data, reward_tokenizer, cfg.reward.max_length,
+                                                 cfg.reward.offline_split)
     engine = None
     if cfg.rollout.backend == "megatron":
         longest = cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
