@@ -15,28 +15,27 @@ WORKERS = REPO / "tests" / "distributed" / "workers"
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
 
 
-def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> None:
-    """Runs ``tests/distributed/workers/<worker>`` under torchrun on gloo; fails with its output on error."""
+def _launch(nproc: int, target: list[str], timeout: int) -> None:
+    """torchrun on gloo from the repository root; fails with the launch's output on error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKERS / worker), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-8000:]}")
+
+
+def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> None:
+    """Runs ``tests/distributed/workers/<worker>`` under torchrun on gloo."""
+    _launch(nproc, [str(WORKERS / worker), *args], timeout)
 
 
 def run_stage3(nproc: int, output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str,
                timeout: int = 900) -> None:
     """Launches stage 3 with examples/cpu/stage3_save.yaml under torchrun, as a user would."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
-           "megatron_save.trainers.stage3_save", "examples/cpu/stage3_save.yaml", f"output_dir={output_dir}",
-           f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"train_data={prompts}", *overrides]
-    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-8000:]}")
+    _launch(nproc, ["-m", "megatron_save.trainers.stage3_save", "examples/cpu/stage3_save.yaml",
+                    f"output_dir={output_dir}", f"policy.checkpoint={policy}", f"reward.checkpoint={reward}",
+                    f"train_data={prompts}", *overrides], timeout)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -41,9 +41,23 @@ class Rollouts:
     logprobs: list[list[list[float]]] | None = None
     """[B][G] behaviour log-probs of each response token under the sampling distribution, when available."""
 
+    @classmethod
+    def from_rows(cls, prompt_ids: list[list[int]], group_size: int, responses: list[list[int]],
+                  truncated: list[bool], logprobs: list[list[float]] | None = None) -> "Rollouts":
+        """Rollouts from flat per-sample lists, where sample i * G + j is response j of prompt i."""
+        group = lambda items: [items[i : i + group_size] for i in range(0, len(items), group_size)]  # noqa: E731
+        return cls([list(p) for p in prompt_ids], group(responses), group(truncated),
+                   None if logprobs is None else group(logprobs))
+
 
 class RolloutEngine(Protocol):
     """A backend that samples from the current policy."""
+
+    collective: bool
+    """Every rank of a model-parallel group calls ``generate`` (an engine sharded like the policy), rather than
+    only the group's first rank."""
+    shares_policy_weights: bool
+    """The engine samples from the training policy's own parameters, so weight sync has nothing to do."""
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
         """Samples ``sampling.n`` responses for every prompt."""

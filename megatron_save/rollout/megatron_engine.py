@@ -109,12 +109,7 @@ class MegatronRolloutEngine:
             stopped = request.generated_length < sampling.max_new_tokens
             responses.append(tokens + [self.tokenizer.eos_token_id] if stopped else tokens)
             truncated.append(not stopped)
-        group = sampling.n
-        return Rollouts(
-            prompt_ids=[list(p) for p in prompt_ids],
-            response_ids=[responses[i : i + group] for i in range(0, len(responses), group)],
-            truncated=[truncated[i : i + group] for i in range(0, len(truncated), group)],
-        )
+        return Rollouts.from_rows(prompt_ids, sampling.n, responses, truncated)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to load: the engine samples from the training model's own parameters."""

@@ -21,6 +21,9 @@ class TransformersRolloutEngine:
     it generates.
     """
 
+    collective = False
+    shares_policy_weights = False
+
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32,
                  max_batch_size: int | None = None, return_logprobs: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -63,9 +66,8 @@ class TransformersRolloutEngine:
             parts = [self._generate_rows(rows[i : i + chunk], sampling) for i in range(0, len(rows), chunk)]
         responses = [r for part in parts for r in part[0]]
         truncated = [t for part in parts for t in part[1]]
-        group = lambda items: [items[i : i + sampling.n] for i in range(0, len(items), sampling.n)]  # noqa: E731
-        logprobs = group([lp for part in parts for lp in part[2]]) if self.return_logprobs else None
-        return Rollouts([list(p) for p in prompt_ids], group(responses), group(truncated), logprobs)
+        logprobs = [lp for part in parts for lp in part[2]] if self.return_logprobs else None
+        return Rollouts.from_rows(prompt_ids, sampling.n, responses, truncated, logprobs)
 
     def _generate_rows(self, rows: list[list[int]], sampling: SamplingSettings
                        ) -> tuple[list[list[int]], list[bool], list[list[float]]]:

@@ -29,7 +29,7 @@ from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.data.prompts import Prompt, load_prompts
 from megatron_save.distributed import init_distributed
 from megatron_save.distributed.init import check_parallel_layout
-from megatron_save.models.gpt_config import model_shape
+from megatron_save.models.gpt_config import DTYPES, model_shape
 from megatron_save.rollout import TransformersRolloutEngine
 from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
 from megatron_save.rollout.distributed import generate_data_parallel, is_rollout_rank, sync_weights
@@ -61,7 +61,6 @@ from megatron_save.utils.logging import get_logger
 from megatron_save.utils.metrics import MetricsWriter, PhaseTimer, truncate_history
 
 logger = get_logger("trainers.stage3_save")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -146,7 +145,7 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     elif is_rollout_rank():
         # Behaviour log-probs are not needed (the policy's own are recomputed) and would keep a full vocabulary
         # of scores per generated token.
-        engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=_DTYPES[policy_meta.dtype],
+        engine = TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=DTYPES[policy_meta.dtype],
                                            max_batch_size=cfg.rollout.max_batch_size, return_logprobs=False)
     r2m_state = None
     if cfg.reward.strategy == "r2m":
@@ -170,6 +169,16 @@ def step_summary(metrics: dict[str, float]) -> str:
 def counter_metrics(counters: Counter) -> dict[str, float]:
     """The run's running counts (skipped steps, value-only updates, ...) as metrics."""
     return {f"counters/{name}": float(count) for name, count in counters.items()}
+
+
+def finish_step(metrics: dict[str, float], timer: PhaseTimer, counters: Counter,
+                completed: RolloutGroups | None = None) -> dict[str, float]:
+    """A step's metrics with its phase timings and the run's counters; for a completed step (its groups given),
+    the response tokens per second too."""
+    metrics = {**metrics, **timer.reset()}
+    if completed is not None:
+        metrics["throughput/response_tokens_per_s"] = completed.response_lengths.sum().item() / metrics["time/step_s"]
+    return {**metrics, **counter_metrics(counters)}
 
 
 def prompt_batch(prompts: list[Prompt], batch_size: int, step: int, seed: int) -> list[Prompt]:
@@ -232,7 +241,7 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         counters["steps_skipped_non_finite_scores"] += 1
         logger.warning("step %d: non-finite reward-model scores; step skipped (%d so far)", step,
                        counters["steps_skipped_non_finite_scores"])
-        return {**metrics, **timer.reset(), **counter_metrics(counters)}
+        return finish_step(metrics, timer, counters)
     threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
     partition = partition_feedback(strategy, scores, groups.valid, threshold)
     metrics |= feedback_metrics(groups, scores, partition, "filter")
@@ -248,14 +257,12 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         if non_finite_scores(scores, groups.valid):
             counters["policy_updates_skipped_non_finite_scores"] += 1
             logger.warning("step %d: non-finite scores after the RM update; policy update skipped", step)
-            return {**metrics, **timer.reset(), **counter_metrics(counters)}
+            return finish_step(metrics, timer, counters)
         partition = partition_feedback(strategy, scores, groups.valid, threshold)
         metrics |= feedback_metrics(groups, scores, partition, "filter_after_rm_update")
     if run.policy_state is not None:
         metrics |= train_policy(run, cfg, groups, scores, partition, counters, timer, step)
-    metrics |= timer.reset()
-    metrics["throughput/response_tokens_per_s"] = groups.response_lengths.sum().item() / metrics["time/step_s"]
-    return {**metrics, **counter_metrics(counters)}
+    return finish_step(metrics, timer, counters, completed=groups)
 
 
 def sample_groups(run: Stage3Run, cfg: Stage3Config, step: int) -> RolloutGroups:
@@ -280,7 +287,7 @@ def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) ->
     if not groups.valid.any():
         counters["steps_skipped_no_valid_response"] += 1
         logger.warning("step %d: no valid response to score; step skipped", step)
-        return {**metrics, **timer.reset(), **counter_metrics(counters)}
+        return finish_step(metrics, timer, counters)
     with timer.phase("score"):
         feedback = collect_feedback(run.reward_model, run.policy, groups, rm_pad, policy_pad,
                                     settings.micro_batch_size * cfg.rollout.sampling.n)
@@ -288,7 +295,7 @@ def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) ->
     if non_finite_scores(scores, groups.valid):
         counters["steps_skipped_non_finite_scores"] += 1
         logger.warning("step %d: non-finite R2M rewards; step skipped", step)
-        return {**metrics, **timer.reset(), **counter_metrics(counters)}
+        return finish_step(metrics, timer, counters)
     partition = partition_feedback("r2m", scores, groups.valid, 0.5)  # R2M trains on every valid response
     metrics |= feedback_metrics(groups, scores, partition, "filter")
     if run.policy_state is not None:
@@ -297,9 +304,7 @@ def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) ->
         feedback.policy_hidden, feedback.policy_mask = policy_hidden_states(
             run.policy, groups, feedback.slots, policy_pad, settings.micro_batch_size * cfg.rollout.sampling.n)
         metrics |= update_r2m_head(run.r2m_state, feedback, groups.valid, omega, settings.r2m_alpha)
-    metrics |= timer.reset()
-    metrics["throughput/response_tokens_per_s"] = groups.response_lengths.sum().item() / metrics["time/step_s"]
-    return {**metrics, **counter_metrics(counters)}
+    return finish_step(metrics, timer, counters, completed=groups)
 
 
 def train_policy(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, scores: GroupScores,
@@ -322,6 +327,13 @@ def train_policy(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, score
     return metrics
 
 
+def _clear_dir(path: Path) -> None:
+    """Collective: removes a final output a relaunch of a finished run writes again."""
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    torch.distributed.barrier()
+
+
 def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
     """The trained models as model checkpoints (convertible to HF with tools/convert_megatron_to_hf.py)."""
     for name, module, source in (("policy", run.policy, cfg.policy.checkpoint),
@@ -329,15 +341,11 @@ def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
         if (name == "policy" and run.policy_state is None) or (name == "reward_model" and run.reward_state is None):
             continue
         meta, _ = read_checkpoint_meta(source)
-        if torch.distributed.get_rank() == 0:
-            shutil.rmtree(Path(cfg.output_dir) / name, ignore_errors=True)  # a resumed run writes them again
-        torch.distributed.barrier()
+        _clear_dir(Path(cfg.output_dir) / name)
         save_model_checkpoint(module, Path(cfg.output_dir) / name, meta, Path(source) / HF_SUBDIR)
     if run.r2m_state is not None:
         # R2M's trained part is its head (the reward model is unchanged): a training checkpoint of it.
-        if torch.distributed.get_rank() == 0:
-            shutil.rmtree(Path(cfg.output_dir) / "r2m_head", ignore_errors=True)
-        torch.distributed.barrier()
+        _clear_dir(Path(cfg.output_dir) / "r2m_head")
         save_train_checkpoint(run.r2m_state, Path(cfg.output_dir) / "r2m_head", cfg.total_steps)
     logger.info("stage 3 finished: %s", cfg.output_dir)
 
