@@ -82,6 +82,14 @@ class ResponseGroupBatch(TokenBatch):
 
 
 @dataclass
+class DemonstrationBatch(TokenBatch):
+    """Prompt + response rows of supervised fine-tuning."""
+
+    loss_mask: torch.Tensor
+    """[N, S - 1] bool, True where token t + 1 is a response token (shifted frame, as in PolicyBatch)."""
+
+
+@dataclass
 class PolicyBatch(TokenBatch):
     """Prompt + response rows of the policy update. Token tensors of width S - 1 are in the shifted frame:
     position t scores token t + 1."""

@@ -98,12 +98,14 @@ def save_tiny_hf_model(
     reward_model: bool = False,
     seed: int = 0,
     value_head: bool = False,
+    reward_head_std: float = 0.5,
     **overrides: Any,
 ) -> Path:
     """Writes a randomly initialised tiny model (safetensors), its config and the tokenizer to ``out_dir``.
 
     ``value_head`` (reward models only) adds a value head (the reward head plus noise) in the ``VALUE_HEAD_FILE``
-    side file.
+    side file. ``reward_head_std``: standard deviation of the reward head's initial weights (the default gives
+    rewards that differ visibly between responses; transformers' own initialisation uses 0.02).
     """
     config = tiny_hf_config(family, reward_model, **overrides)
     torch.manual_seed(seed)
@@ -115,7 +117,7 @@ def save_tiny_hf_model(
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
             if name == "score.weight":
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, reward_head_std)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tiny_tokenizer().save_pretrained(out_dir)

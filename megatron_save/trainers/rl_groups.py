@@ -3,14 +3,16 @@ reward-model scores, and the value-anchored partition (Algorithm 2, lines 7-11 a
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_save.algorithms import curriculum_threshold, mean_reward_anchor, save_partition
-from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
+from megatron_save.data.chat import Messages, conversation, encode_conversation, encode_prompt
 from megatron_save.data.prompts import Prompt
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.rollout.engine import Rollouts
@@ -23,6 +25,8 @@ CURRICULUM_STRATEGIES = ("save", "mean_reward")
 class RolloutGroups:
     """B prompts with G sampled responses each, as policy tokens and as reward-model tokens."""
 
+    prompts: list[Messages]
+    """[B] the prompts as chat messages."""
     policy_prompt_ids: list[list[int]]
     """[B] policy token ids of each prompt (with the generation prompt)."""
     policy_response_ids: list[list[list[int]]]
@@ -108,6 +112,7 @@ def prepare_groups(rollouts: Rollouts, prompts: list[Prompt], policy_tokenizer: 
                 row.append(sequence)
         rm_sequences.append(row)
     return RolloutGroups(
+        prompts=[p.messages for p in prompts],
         policy_prompt_ids=[p.ids for p in prompts],
         policy_response_ids=rollouts.response_ids,
         rm_prompt_lengths=rm_prompt_lengths,
@@ -207,3 +212,24 @@ def rollout_metrics(groups: RolloutGroups) -> dict[str, float]:
     for reason, count in groups.skipped.items():
         metrics[f"rollout/invalid/{reason}"] = float(count)
     return metrics
+
+
+def _finite_or_none(values: list[float]) -> list[float | None]:
+    return [v if v == v else None for v in values]  # NaN (an invalid slot) -> null
+
+
+def append_rollout_log(path: str | Path, step: int, groups: RolloutGroups, scores: GroupScores,
+                       partition: FeedbackPartition, policy_tokenizer: Any) -> None:
+    """Appends one JSON line per prompt of the step: the prompt's messages, its responses as the reward model read
+    them, R (null when invalid), V, and which responses the filter kept. Call on one rank."""
+    with open(path, "a") as log:
+        for b, responses in enumerate(groups.policy_response_ids):
+            log.write(json.dumps({
+                "step": step,
+                "prompt": groups.prompts[b],
+                "responses": [policy_tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+                "rewards": _finite_or_none(scores.rewards[b].tolist()),
+                "value": None if scores.values is None else _finite_or_none([scores.values[b].item()])[0],
+                "valid": groups.valid[b].tolist(),
+                "kept": partition.kept[b].tolist(),
+            }) + "\n")

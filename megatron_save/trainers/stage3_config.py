@@ -129,6 +129,8 @@ class Stage3Config:
     """Continue from output_dir/checkpoints/latest when it exists (same config)."""
     log_every: int = 1
     """Log a one-line summary of the step on rank 0 every this many steps (0: only the progress bar)."""
+    rollout_log: bool = False
+    """Append every step's prompts, responses, rewards, values and filter decisions to output_dir/rollouts.jsonl."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
     wandb_project: str | None = None

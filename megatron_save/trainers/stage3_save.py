@@ -38,6 +38,7 @@ from megatron_save.trainers.optimizer import TrainState, build_train_state
 from megatron_save.trainers.policy_update import policy_mini_batches, policy_rows, token_advantages, update_policy
 from megatron_save.trainers.rl_groups import (
     FeedbackPartition,
+    append_rollout_log,
     GroupScores,
     RolloutGroups,
     feedback_metrics,
@@ -61,6 +62,7 @@ from megatron_save.utils.logging import get_logger
 from megatron_save.utils.metrics import MetricsWriter, PhaseTimer, truncate_history
 
 logger = get_logger("trainers.stage3_save")
+ROLLOUT_LOG = "rollouts.jsonl"
 
 
 @dataclass
@@ -201,6 +203,7 @@ def train_stage3(cfg: Stage3Config) -> Path:
         start, saved = load_run_checkpoint(checkpoint, run.trained_states())
         counters.update(saved)
         truncate_history(Path(cfg.output_dir) / "metrics.jsonl", start)
+        truncate_history(Path(cfg.output_dir) / ROLLOUT_LOG, start)
         logger.info("resumed from %s at step %d", checkpoint, start)
     run.sync_rollout_weights()
     writer = MetricsWriter(cfg.output_dir, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
@@ -245,6 +248,7 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
     partition = partition_feedback(strategy, scores, groups.valid, threshold)
     metrics |= feedback_metrics(groups, scores, partition, "filter")
+    log_rollouts(run, cfg, step, groups, scores, partition)
     if run.reward_state is not None:
         if strategy.startswith("save") and not partition.prompt_keep.any():
             counters["value_only_rm_updates"] += 1
@@ -274,6 +278,14 @@ def sample_groups(run: Stage3Run, cfg: Stage3Config, step: int) -> RolloutGroups
                           cfg.rollout.drop_truncated)
 
 
+def log_rollouts(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
+                 partition: FeedbackPartition) -> None:
+    """With ``rollout_log``: the step's rollouts, scores before any RM update, and filter decisions (rank 0)."""
+    if cfg.rollout_log and torch.distributed.get_rank() == 0:
+        append_rollout_log(Path(cfg.output_dir) / ROLLOUT_LOG, step, groups, scores, partition,
+                           run.policy_tokenizer)
+
+
 def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:
     """One step of the R2M baseline (its Algorithm 1): rollout, rewards from the frozen RM's last-token state
     fused with the policy's hidden states, policy update on every valid response, then a GREBT step of the head
@@ -298,6 +310,7 @@ def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) ->
         return finish_step(metrics, timer, counters)
     partition = partition_feedback("r2m", scores, groups.valid, 0.5)  # R2M trains on every valid response
     metrics |= feedback_metrics(groups, scores, partition, "filter")
+    log_rollouts(run, cfg, step, groups, scores, partition)
     if run.policy_state is not None:
         metrics |= train_policy(run, cfg, groups, scores, partition, counters, timer, step)
     with timer.phase("rm_update"):

@@ -63,7 +63,8 @@ class MetricsWriter:
 
 
 def truncate_history(path: str | Path, last_step: int) -> None:
-    """Drops records after ``last_step`` from a metrics.jsonl (a resumed run rewrites the steps it repeats)."""
+    """Drops records after ``last_step`` from a JSON-lines history with a "step" field (metrics.jsonl,
+    rollouts.jsonl): a resumed run rewrites the steps it repeats."""
     path = Path(path)
     if dist.get_rank() != 0 or not path.exists():
         return

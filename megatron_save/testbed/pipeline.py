@@ -1,0 +1,224 @@
+"""The gold-reward testbed end to end: for each seed, task data -> tiny models -> SFT of the initial policy ->
+gold-labelled pairs from it -> proxy RM (stages 1 and 2) -> one stage-3 run per RM strategy -> measurements
+against gold; then the results table and plots over seeds.
+
+Every Megatron step is a ``torchrun`` child process running the project's own trainers; its output goes to
+``output_dir/logs/``, and the progress of the step in flight is shown on one bar. A step that finished is not
+run again when the command is repeated with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from megatron_save.testbed.data import TaskDataSizes, write_task_data
+from megatron_save.testbed.task import GoldTaskSettings
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger("testbed.pipeline")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "testbed"
+
+# Stage-3 runs by name: the RM strategy and the paper's "SAVE w/o policy optimization".
+RUNS: dict[str, list[str]] = {
+    "frozen": ["reward.strategy=frozen"],
+    "save": ["reward.strategy=save"],
+    "save_no_curriculum": ["reward.strategy=save_no_curriculum"],
+    "hl_bt": ["reward.strategy=hl_bt"],
+    "mean_reward": ["reward.strategy=mean_reward"],
+    "offline_bt": ["reward.strategy=offline_bt"],
+    "save_frozen_policy": ["reward.strategy=save", "policy.frozen=true"],
+}
+
+
+@dataclass
+class StageConfigs:
+    """The YAML configs of the trainers (paths are filled in by the pipeline)."""
+
+    sft: str = str(EXAMPLES / "sft.yaml")
+    """Supervised fine-tuning of the initial policy."""
+    stage1: str = str(EXAMPLES / "stage1_bt.yaml")
+    """Bradley-Terry training of the proxy RM."""
+    stage2: str = str(EXAMPLES / "stage2_value.yaml")
+    """Value head of the proxy RM."""
+    stage3: str = str(EXAMPLES / "stage3.yaml")
+    """The RL runs (reward.strategy is set per run)."""
+
+
+@dataclass
+class TestbedConfig:
+    """A testbed comparison: which RM strategies, how many seeds, which settings."""
+
+    output_dir: str = "outputs/gold_testbed"
+    """Models, logs and per-run measurements."""
+    report_dir: str | None = None
+    """Where results.md, results.json and the plots go (default: output_dir/report)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One full pipeline per seed (data, models, every run)."""
+    runs: list[str] = field(default_factory=lambda: ["frozen", "save"])
+    """Stage-3 runs to compare, names from RUNS."""
+    nproc: int = 2
+    """Processes per torchrun step (the trainers' configs set TP / PP)."""
+    family: str = "llama"
+    """Tiny model family of the policy and the RM (llama, qwen2, qwen3)."""
+    reward_head_std: float = 0.02
+    """Initial standard deviation of the RM's reward head (transformers' initialisation)."""
+    sample_max_new_tokens: int = 16
+    """Longest response when sampling pairs and evaluating (keep equal to stage 3's rollout.sampling)."""
+    configs: StageConfigs = field(default_factory=StageConfigs)
+    """Trainer configs."""
+    sft_overrides: list[str] = field(default_factory=list)
+    """key=value overrides of the SFT config."""
+    stage1_overrides: list[str] = field(default_factory=list)
+    """key=value overrides of the stage-1 config."""
+    stage2_overrides: list[str] = field(default_factory=list)
+    """key=value overrides of the stage-2 config."""
+    stage3_overrides: list[str] = field(default_factory=list)
+    """key=value overrides of every stage-3 run (e.g. total_steps=4)."""
+    task: GoldTaskSettings = field(default_factory=GoldTaskSettings)
+    """Prompts and demonstrations."""
+    sizes: TaskDataSizes = field(default_factory=TaskDataSizes)
+    """Prompt counts of each part."""
+
+
+def check_testbed_config(cfg: TestbedConfig) -> None:
+    """Refuses unknown run names and an empty comparison before any work."""
+    unknown = [name for name in cfg.runs if name not in RUNS]
+    if unknown:
+        raise ValueError(f"runs: unknown {unknown}; choose from {sorted(RUNS)}")
+    if not cfg.runs or not cfg.seeds:
+        raise ValueError("runs and seeds must each name at least one")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or len(set(cfg.runs)) != len(cfg.runs):
+        raise ValueError(f"seeds {cfg.seeds} and runs {cfg.runs} must not repeat")
+
+
+def torchrun(cfg: TestbedConfig, module: str, *args: str) -> list[str]:
+    """The command line of ``module`` under torchrun with the interpreter running the pipeline."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}", "-m",
+            module, *args]
+
+
+def _progress_of(log: Path) -> str:
+    """The last 'i/n' progress fragment a child wrote, with its label (empty when there is none yet)."""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, log.stat().st_size - 4096))
+        tail = handle.read().decode(errors="replace")
+    fragments = re.findall(r"([\w ()-]*?): *\d+%\|[^|]*\| *(\d+/\d+)", tail)
+    return f"{fragments[-1][0].strip()} {fragments[-1][1]}" if fragments else ""
+
+
+def run_child(command: list[str], log: Path, bar: tqdm) -> None:
+    """Runs one step, its output into ``log``; raises with the log's tail when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        while child.poll() is None:
+            time.sleep(1.0)
+            bar.set_postfix_str(_progress_of(log), refresh=True)
+    if child.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"testbed step failed (exit {child.returncode}): {' '.join(command)}\n"
+                           f"--- last lines of {log} ---\n{tail}")
+
+
+class Steps:
+    """Runs named steps once: a step whose marker exists (from an earlier launch) is skipped."""
+
+    def __init__(self, cfg: TestbedConfig, total: int):
+        self.cfg, self.root = cfg, Path(cfg.output_dir)
+        self.bar = tqdm(total=total, desc="gold testbed", unit="step", dynamic_ncols=True)
+
+    def run(self, name: str, command: list[str] | None = None, action=None) -> None:
+        marker = self.root / "done" / name.replace("/", "__")
+        self.bar.set_description(f"gold testbed: {name}")
+        if not marker.exists():
+            if command is not None:
+                run_child(command, self.root / "logs" / f"{name.replace('/', '__')}.log", self.bar)
+            if action is not None:
+                action()
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
+    """The whole pipeline of one seed."""
+    root = Path(cfg.output_dir) / f"seed_{seed}"
+    data, models = root / "data", root / "models"
+    configs = cfg.configs
+    steps.run(f"seed_{seed}/data", action=lambda: write_task_data(data, seed, cfg.sizes, cfg.task))
+    steps.run(f"seed_{seed}/initial_models", [sys.executable, "-m", "megatron_save.testbed.initial_models",
+                                               "--out", str(models), "--seed", str(seed), "--family", cfg.family,
+                                               "--reward-head-std", str(cfg.reward_head_std)])
+    steps.run(f"seed_{seed}/sft", torchrun(
+        cfg, "megatron_save.trainers.sft", configs.sft, f"checkpoint={models / 'policy_init'}",
+        f"output_dir={models / 'policy_sft'}", f"train_data={data / 'demonstrations.jsonl'}",
+        f"batch.seed={seed}", *cfg.sft_overrides))
+    steps.run(f"seed_{seed}/collect", torchrun(
+        cfg, "megatron_save.testbed.gold_eval", "collect", "--policy", str(models / "policy_sft"),
+        "--data-dir", str(data), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
+        "--tp", str(cfg.nproc)))
+    steps.run(f"seed_{seed}/stage1", torchrun(
+        cfg, "megatron_save.trainers.stage1_bt", configs.stage1, f"checkpoint={models / 'rm_init'}",
+        f"output_dir={models / 'rm_stage1'}", f"train_data={data / 'rm_pairs.jsonl'}", f"batch.seed={seed}",
+        *cfg.stage1_overrides))
+    steps.run(f"seed_{seed}/stage2", torchrun(
+        cfg, "megatron_save.trainers.stage2_value", configs.stage2, f"checkpoint={models / 'rm_stage1'}",
+        f"output_dir={models / 'proxy_rm'}", f"train_data={data / 'value_groups.jsonl'}", f"batch.seed={seed}",
+        *cfg.stage2_overrides))
+    for name in cfg.runs:
+        steps.run(f"seed_{seed}/rl_{name}", torchrun(
+            cfg, "megatron_save.trainers.stage3_save", configs.stage3, f"output_dir={root / 'runs' / name}",
+            f"train_data={data / 'rl_prompts.jsonl'}", f"policy.checkpoint={models / 'policy_sft'}",
+            f"reward.checkpoint={models / 'proxy_rm'}", f"reward.offline_data={data / 'rm_pairs.jsonl'}",
+            f"seed={seed}", "resume=false", *RUNS[name], *cfg.stage3_overrides))
+    steps.run(f"seed_{seed}/evaluate", torchrun(
+        cfg, "megatron_save.testbed.gold_eval", "evaluate", *[str(root / "runs" / name) for name in cfg.runs],
+        "--data-dir", str(data), "--policy-init", str(models / "policy_sft"), "--proxy-rm",
+        str(models / "proxy_rm"), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
+        "--tp", str(cfg.nproc)))
+
+
+def prepare_output_dir(cfg: TestbedConfig) -> None:
+    """Keeps the settings in output_dir/testbed.yaml; refuses to continue an earlier launch made with others."""
+    root = Path(cfg.output_dir)
+    saved, settings = root / "testbed.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if saved.exists() and saved.read_text() != settings:
+        raise FileExistsError(f"{root} holds a testbed run with other settings ({saved}); choose another "
+                              "output_dir or remove it")
+    if not saved.exists() and root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"output_dir {root} exists, is not empty and is not a testbed run")
+    root.mkdir(parents=True, exist_ok=True)
+    saved.write_text(settings)
+
+
+def run_testbed(cfg: TestbedConfig) -> Path:
+    """Runs (or continues) every seed, then writes the report; returns the report directory."""
+    from megatron_save.testbed.report import write_report
+
+    check_testbed_config(cfg)
+    prepare_output_dir(cfg)
+    steps = Steps(cfg, total=len(cfg.seeds) * (7 + len(cfg.runs)) + 1)
+    try:
+        for seed in cfg.seeds:
+            seed_steps(cfg, steps, seed)
+        report_dir = Path(cfg.report_dir or Path(cfg.output_dir) / "report")
+        steps.bar.set_description("gold testbed: report")
+        write_report(Path(cfg.output_dir), cfg.seeds, cfg.runs, report_dir, asdict(cfg))
+        steps.bar.update()
+    finally:
+        steps.close()
+    return report_dir

@@ -1,0 +1,181 @@
+"""The testbed's results over seeds: a table (markdown and JSON, mean and 95% interval) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from megatron_save.testbed.task import gold_reward
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom; beyond 30 the normal quantile is within 2%.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+# Column name -> what it measures, in table order.
+COLUMNS = {
+    "final_policy_gold": "gold reward of the final policy (held-out prompts)",
+    "gold_last5": "gold reward of the rollouts, last 5 steps",
+    "gold_gain": "gold of the last 5 steps minus the first step's",
+    "rm_accuracy_initial_policy_pairs": "RM accuracy vs gold, pairs from the initial policy",
+    "rm_accuracy_final_policy_pairs": "RM accuracy vs gold, pairs from the run's final policy",
+    "proxy_accuracy_final_policy_pairs": "proxy RM's accuracy on those pairs",
+    "final_policy_letters": "letters per response of the final policy",
+    "keep_rate": "share of responses the filter kept (mean over steps)",
+}
+
+
+def t95(samples: int) -> float:
+    """Two-sided 95% Student-t quantile for ``samples`` values (samples - 1 degrees of freedom)."""
+    degrees = samples - 1
+    return _T95[max(d for d in _T95 if d <= degrees)] if degrees <= 30 else 1.96
+
+
+def mean_interval(values: list[float]) -> dict[str, float | None]:
+    """Mean and the half-width of its 95% t interval (None for a single value); NaNs are left out."""
+    finite = [v for v in values if v == v]
+    if not finite:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return {"mean": mean, "ci95": None, "n": 1}
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+    return {"mean": mean, "ci95": t95(len(finite)) * std / math.sqrt(len(finite)), "n": len(finite)}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompt_text(prompt: Any) -> str:
+    """The user text of a logged prompt (a string, or chat messages)."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def run_curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Per-step curves of one run: gold reward and letters of the rollouts, the current RM's mean reward, the
+    filter's keep rate, and the initial proxy RM's reward (from gold_eval.json)."""
+    gold: dict[int, list[float]] = {}
+    letters: dict[int, list[float]] = {}
+    for row in _jsonl(run_dir / "rollouts.jsonl"):
+        prompt = prompt_text(row["prompt"])
+        for response in row["responses"]:
+            gold.setdefault(row["step"], []).append(gold_reward(prompt, response))
+            letters.setdefault(row["step"], []).append(len("".join(response.split())))
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    evaluation = json.loads((run_dir / "gold_eval.json").read_text())
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {
+        "gold": {step: mean(v) for step, v in sorted(gold.items())},
+        "letters": {step: mean(v) for step, v in sorted(letters.items())},
+        "keep_rate": {m["step"]: m["filter/keep_rate"] for m in metrics if "filter/keep_rate" in m},
+        "rm_reward": {m["step"]: m["filter/reward_mean"] for m in metrics if "filter/reward_mean" in m},
+        "proxy_reward": {int(step): value for step, value in evaluation["proxy_reward_by_step"].items()},
+    }
+
+
+def run_summary(run_dir: Path, curves: dict[str, dict[int, float]]) -> dict[str, float]:
+    """The table's numbers of one run and seed."""
+    evaluation = json.loads((run_dir / "gold_eval.json").read_text())
+    gold = list(curves["gold"].values())
+    keep = list(curves["keep_rate"].values())
+    return {
+        **{key: evaluation[key] for key in ("final_policy_gold", "rm_accuracy_initial_policy_pairs",
+                                            "rm_accuracy_final_policy_pairs", "proxy_accuracy_final_policy_pairs",
+                                            "final_policy_letters")},
+        "gold_last5": sum(gold[-5:]) / len(gold[-5:]),
+        "gold_gain": sum(gold[-5:]) / len(gold[-5:]) - gold[0],
+        "keep_rate": sum(keep) / len(keep) if keep else float("nan"),
+    }
+
+
+def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f}" + ("" if stat["ci95"] is None else f" ± {stat['ci95']:.{digits}f}")
+
+
+def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], seeds: list[int]) -> str:
+    """The results as a markdown table (mean ± 95% interval over seeds)."""
+    lines = [f"Seeds: {seeds}. Cells: mean ± half-width of the 95% t interval over seeds (no interval for one seed).",
+             f"Initial (SFT) policy: gold {_cell(initial['gold'])}; proxy RM accuracy on its pairs "
+             f"{_cell(initial['proxy_accuracy'])}; proxy RM trained on {_cell(initial['rm_pairs'], 0)} gold pairs.",
+             "", "| run | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for run, stats in table.items():
+        lines.append(f"| {run} | " + " | ".join(_cell(stats[column]) for column in COLUMNS) + " |")
+    lines += ["", "Columns:"] + [f"- `{column}`: {meaning}" for column, meaning in COLUMNS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    stats = [mean_interval([c[s] for c in curves]) for s in steps]
+    return steps, [s["mean"] for s in stats], [s["ci95"] or 0.0 for s in stats]
+
+
+def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir: Path) -> list[Path]:
+    """gold_by_step.png, overoptimisation.png (gold against the initial proxy's reward), keep_rate.png and
+    letters_by_step.png: means over seeds, shaded 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, ylabel, name in (("gold", "gold reward of rollouts", "gold_by_step"),
+                              ("keep_rate", "filter keep rate", "keep_rate"),
+                              ("letters", "letters per response", "letters_by_step")):
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for run, per_seed in curves.items():
+            if not all(c[key] for c in per_seed):
+                continue
+            steps, mean, half = _mean_curve([c[key] for c in per_seed])
+            axes.plot(steps, mean, label=run)
+            axes.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                              alpha=0.2)
+        axes.set_xlabel("RL step")
+        axes.set_ylabel(ylabel)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        paths.append(report_dir / f"{name}.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for run, per_seed in curves.items():
+        _, proxy, _ = _mean_curve([c["proxy_reward"] for c in per_seed])
+        _, gold, _ = _mean_curve([c["gold"] for c in per_seed])
+        axes.plot(proxy, gold, marker=".", label=run)
+    axes.set_xlabel("initial proxy RM's reward of the rollouts")
+    axes.set_ylabel("gold reward of the rollouts")
+    axes.set_title("over-optimisation: steps run along each curve", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    paths.append(report_dir / "overoptimisation.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
+def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir: Path,
+                 settings: dict[str, Any]) -> Path:
+    """results.json, results.md and the plots, from every seed's runs under ``output_dir``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    curves = {run: [run_curves(output_dir / f"seed_{s}" / "runs" / run) for s in seeds] for run in runs}
+    per_seed = {run: [run_summary(output_dir / f"seed_{s}" / "runs" / run, c) for s, c in zip(seeds, curves[run])]
+                for run in runs}
+    table = {run: {column: mean_interval([r[column] for r in rows]) for column in COLUMNS}
+             for run, rows in per_seed.items()}
+    initial_rows = [json.loads((output_dir / f"seed_{s}" / "data" / "initial_policy.json").read_text())
+                    for s in seeds]
+    frozen_accuracy = [json.loads((output_dir / f"seed_{s}" / "runs" / runs[0] / "gold_eval.json").read_text())
+                       ["proxy_accuracy_initial_policy_pairs"] for s in seeds]
+    initial = {"gold": mean_interval([r["gold"] for r in initial_rows]),
+               "rm_pairs": mean_interval([r["rm_pairs"] for r in initial_rows]),
+               "proxy_accuracy": mean_interval(frozen_accuracy)}
+    (report_dir / "results.md").write_text(markdown_table(table, initial, seeds))
+    (report_dir / "results.json").write_text(json.dumps(
+        {"seeds": seeds, "initial": initial, "table": table, "per_seed": per_seed,
+         "curves": {run: [{k: {str(s): v for s, v in c.items()} for k, c in cs.items()} for cs in per_run]
+                    for run, per_run in curves.items()}, "settings": settings}, indent=2) + "\n")
+    write_plots(curves, report_dir)
+    return report_dir

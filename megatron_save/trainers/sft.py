@@ -1,0 +1,132 @@
+"""Supervised fine-tuning of a causal LM on demonstrations (next-token loss on the response tokens): the initial
+policy of an RL run.
+
+    torchrun --nproc-per-node N -m megatron_save.trainers.sft CONFIG.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import MISSING
+
+from megatron_save.checkpoint import save_model_checkpoint
+from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
+from megatron_save.config import ParallelConfig
+from megatron_save.data.batching import DemonstrationBatch, length_grouped_batches, pad_id_of, pad_rows
+from megatron_save.data.demonstrations import Demonstration, load_demonstrations
+from megatron_save.models.policy import sequence_logprobs, token_logprobs
+from megatron_save.trainers.common import (
+    BatchSettings,
+    data_parallel_part,
+    ensure_output_dir,
+    hold_out,
+    progress,
+    run_from_command_line,
+    start_from_checkpoint,
+    write_json,
+)
+from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
+from megatron_save.trainers.step import train_step
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger("trainers.sft")
+
+
+@dataclass
+class SFTConfig:
+    """A supervised fine-tuning run."""
+
+    checkpoint: str = MISSING
+    """Causal-LM checkpoint to start from (made by tools/convert_hf_to_megatron.py)."""
+    output_dir: str = MISSING
+    """Where the trained checkpoint and metrics.json go."""
+    train_data: str = MISSING
+    """Demonstrations: json / jsonl / parquet rows of {"prompt", "response"}, or a hub dataset name."""
+    eval_fraction: float = 0.05
+    """Share of train_data held out for the held-out loss."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    max_length: int = 2048
+    """Demonstrations with a longer conversation are skipped (and counted)."""
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    """Batch sizes in demonstrations, epochs, data-order seed."""
+    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """Optimizer and learning-rate schedule."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel layout."""
+
+
+def response_loss_mask(demonstrations: list[Demonstration], width: int) -> torch.Tensor:
+    """[N, width - 1] bool in the shifted frame: position t is True when token t + 1 is a response token."""
+    mask = torch.zeros(len(demonstrations), width - 1, dtype=torch.bool)
+    for row, demo in enumerate(demonstrations):
+        mask[row, demo.prompt_length - 1 : len(demo.ids) - 1] = True
+    return mask
+
+
+def demonstration_batch(demonstrations: list[Demonstration], pad_id: int, width: int | None = None
+                        ) -> DemonstrationBatch:
+    """Right-padded rows with their response-token loss mask."""
+    input_ids, attention_mask = pad_rows([d.ids for d in demonstrations], pad_id, width)
+    return DemonstrationBatch(input_ids, attention_mask, response_loss_mask(demonstrations, input_ids.shape[1]))
+
+
+def sft_loss(batch: DemonstrationBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean negative log-likelihood of the micro-batch's response tokens. logits: [b, S, V / TP]."""
+    logp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])  # [b, S - 1]
+    mask = batch.loss_mask.float()
+    loss = -(logp * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"loss": loss}
+
+
+def held_out_loss(model, demonstrations: list[Demonstration], pad_id: int, micro_batch_size: int) -> float:
+    """Mean response-token NLL over every held-out demonstration, the same on every rank."""
+    batch = demonstration_batch(demonstrations, pad_id)
+    # The forward takes whole micro-batches: the largest size up to micro_batch_size that divides the rows.
+    logp = sequence_logprobs(model, batch.input_ids, math.gcd(len(demonstrations), micro_batch_size)).logp.cpu()
+    mask = batch.loss_mask.float()
+    return float(-(logp * mask).sum() / mask.sum())
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
+    if meta.kind != "causal_lm":
+        raise ValueError(f"{cfg.checkpoint}: holds a {meta.kind}; supervised fine-tuning needs a causal_lm")
+    ensure_output_dir(cfg.output_dir, resuming=False)
+    pad_id = pad_id_of(tokenizer)
+    demonstrations, _ = load_demonstrations(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
+    train, held_out = hold_out(demonstrations, cfg.eval_fraction, cfg.train_data)
+    batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
+        [len(d.ids) for d in train], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]
+    if not batches:
+        raise ValueError(f"{cfg.train_data}: {len(train)} demonstrations make no batch of "
+                         f"{cfg.batch.global_batch_size}")
+    state = build_train_state(model, cfg.optim, total_steps=len(batches))
+    evaluate = lambda: held_out_loss(model, held_out, pad_id, cfg.batch.micro_batch_size)  # noqa: E731
+
+    history = {"eval_loss": [(0, evaluate())], "train": []}
+    logger.info("%d demonstrations, %d held out, %d steps; held-out loss %.4f", len(train), len(held_out),
+                len(batches), history["eval_loss"][0][1])
+    bar = progress(len(batches), "SFT")
+    for step, indices in enumerate(batches, start=1):
+        width = max(len(train[i].ids) for i in indices)
+        mine = [train[i] for i in data_parallel_part(indices, cfg.batch)]
+        micro_batches = demonstration_batch(mine, pad_id, width).split(cfg.batch.micro_batch_size)
+        metrics = train_step(state, micro_batches, sft_loss, ("loss",))
+        history["train"].append({"step": step, **metrics})
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        bar.update()
+    bar.close()
+    history["eval_loss"].append((len(batches), evaluate()))
+    logger.info("held-out loss after %d steps: %.4f", len(batches), history["eval_loss"][-1][1])
+    save_model_checkpoint(state.module, cfg.output_dir, meta, f"{cfg.checkpoint}/{HF_SUBDIR}")
+    write_json(f"{cfg.output_dir}/metrics.json", history)
+    return history
+
+
+if __name__ == "__main__":
+    run_from_command_line(SFTConfig, train_sft, "megatron_save.trainers.sft", sys.argv[1:])

@@ -1,0 +1,33 @@
+"""The gold-reward testbed: SAVE and the baselines against a programmatic gold reward, on CPU.
+
+    python tools/gold_testbed.py                      # one seed, frozen vs save (about 5 minutes on 2 cores)
+    python tools/gold_testbed.py --full               # 3 seeds, every strategy, report in docs/gold_testbed
+    python tools/gold_testbed.py [--full] [MORE.yaml ...] [key=value ...]
+
+A repeated command continues where the last one stopped (finished steps are kept).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_save.config import load_config
+from megatron_save.testbed.pipeline import EXAMPLES, TestbedConfig, run_testbed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help=f"the full comparison ({EXAMPLES / 'full.yaml'})")
+    parser.add_argument("settings", nargs="*", help="more YAML files, then key=value overrides")
+    args = parser.parse_args()
+    files = [EXAMPLES / "gold_testbed.yaml"] + ([EXAMPLES / "full.yaml"] if args.full else [])
+    files += [s for s in args.settings if "=" not in s]
+    cfg = load_config(TestbedConfig, files, [s for s in args.settings if "=" in s])
+    report = run_testbed(cfg)
+    sys.stdout.write((report / "results.md").read_text())
+    plots = ", ".join(str(p) for p in sorted(Path(report).glob("*.png")))
+    sys.stdout.write(f"\ntable: {report / 'results.md'} (and results.json)\nplots: {plots}\n")
+
+
+if __name__ == "__main__":
+    main()
