@@ -1,28 +1,55 @@
-"""The testbed's starting models: a tiny random policy and a tiny random reward model, built from configs with
-transformers and converted to Megatron checkpoints (``policy_init``, ``rm_init`` under ``--out``)."""
+"""The testbed's starting models, as Megatron checkpoints.
+
+    python -m megatron_save.testbed.initial_models policy --out DIR --seed S --family F
+        a tiny random policy built from a config with transformers -> DIR/policy_init
+    python -m megatron_save.testbed.initial_models reward-model --out DIR --policy CKPT --seed S
+        the reward model initialised from the (SFT) policy, as InstructGPT does: the policy's backbone under a
+        fresh scalar head (the policy had to read L from the prompt to answer, so V(x) can too) -> DIR/rm_init
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from megatron_save.checkpoint.convert import convert_hf_to_megatron
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from megatron_save.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_save.testing import TINY_FAMILIES, save_tiny_hf_model
 
 
+def reward_model_from_policy(policy_ckpt: Path, out: Path, seed: int, reward_head_std: float) -> Path:
+    """Exports the policy to HF, loads its backbone as a one-label ``*ForSequenceClassification`` with a fresh
+    head (std ``reward_head_std``), and converts that back: out/hf_policy_export, out/hf_rm, out/rm_init."""
+    hf_policy = convert_megatron_to_hf(policy_ckpt, out / "hf_policy_export")
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_policy, num_labels=1, dtype=torch.float32)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, reward_head_std)
+    model.save_pretrained(out / "hf_rm")
+    AutoTokenizer.from_pretrained(hf_policy).save_pretrained(out / "hf_rm")
+    convert_hf_to_megatron(out / "hf_rm", out / "rm_init")
+    return out / "rm_init"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="directory for hf_policy, hf_rm, policy_init and rm_init")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=("policy", "reward-model"))
+    parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", choices=TINY_FAMILIES, default="llama")
-    parser.add_argument("--reward-head-std", type=float, default=0.02)
+    parser.add_argument("--family", choices=TINY_FAMILIES, default="llama", help="policy: tiny model family")
+    parser.add_argument("--policy", help="reward-model: the policy checkpoint to start from")
+    parser.add_argument("--reward-head-std", type=float, default=0.02, help="reward-model: initial head std")
     args = parser.parse_args()
     out = Path(args.out)
-    save_tiny_hf_model(args.family, out / "hf_policy", seed=args.seed)
-    save_tiny_hf_model(args.family, out / "hf_rm", reward_model=True, seed=args.seed + 10_000,
-                       reward_head_std=args.reward_head_std)
-    convert_hf_to_megatron(out / "hf_policy", out / "policy_init")
-    convert_hf_to_megatron(out / "hf_rm", out / "rm_init")
+    if args.model == "policy":
+        convert_hf_to_megatron(save_tiny_hf_model(args.family, out / "hf_policy", seed=args.seed),
+                               out / "policy_init")
+    else:
+        if not args.policy:
+            parser.error("reward-model needs --policy")
+        reward_model_from_policy(Path(args.policy), out, args.seed, args.reward_head_std)
 
 
 if __name__ == "__main__":

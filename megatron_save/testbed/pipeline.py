@@ -1,5 +1,5 @@
-"""The gold-reward testbed end to end: for each seed, task data -> tiny models -> SFT of the initial policy ->
-gold-labelled pairs from it -> proxy RM (stages 1 and 2) -> one stage-3 run per RM strategy -> measurements
+"""The gold-reward testbed end to end: for each seed, task data -> a tiny policy -> SFT of the initial policy ->
+an RM initialised from it -> gold-labelled pairs from the policy -> proxy RM (stages 1 and 2) -> one stage-3 run per RM strategy -> measurements
 against gold; then the results table and plots over seeds.
 
 Every Megatron step is a ``torchrun`` child process running the project's own trainers; its output goes to
@@ -68,9 +68,9 @@ class TestbedConfig:
     nproc: int = 2
     """Processes per torchrun step (the trainers' configs set TP / PP)."""
     family: str = "llama"
-    """Tiny model family of the policy and the RM (llama, qwen2, qwen3)."""
+    """Tiny model family of the policy (llama, qwen2, qwen3); the RM starts from the SFT policy."""
     reward_head_std: float = 0.02
-    """Initial standard deviation of the RM's reward head (transformers' initialisation)."""
+    """Initial standard deviation of the RM's fresh reward head (transformers' initialisation)."""
     sample_max_new_tokens: int = 16
     """Longest response when sampling pairs and evaluating (keep equal to stage 3's rollout.sampling)."""
     configs: StageConfigs = field(default_factory=StageConfigs)
@@ -160,13 +160,16 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     data, models = root / "data", root / "models"
     configs = cfg.configs
     steps.run(f"seed_{seed}/data", action=lambda: write_task_data(data, seed, cfg.sizes, cfg.task))
-    steps.run(f"seed_{seed}/initial_models", [sys.executable, "-m", "megatron_save.testbed.initial_models",
-                                               "--out", str(models), "--seed", str(seed), "--family", cfg.family,
-                                               "--reward-head-std", str(cfg.reward_head_std)])
+    initial_models = [sys.executable, "-m", "megatron_save.testbed.initial_models"]
+    steps.run(f"seed_{seed}/initial_policy", [*initial_models, "policy", "--out", str(models), "--seed", str(seed),
+                                              "--family", cfg.family])
     steps.run(f"seed_{seed}/sft", torchrun(
         cfg, "megatron_save.trainers.sft", configs.sft, f"checkpoint={models / 'policy_init'}",
         f"output_dir={models / 'policy_sft'}", f"train_data={data / 'demonstrations.jsonl'}",
         f"batch.seed={seed}", *cfg.sft_overrides))
+    steps.run(f"seed_{seed}/initial_reward_model", [
+        *initial_models, "reward-model", "--out", str(models), "--policy", str(models / "policy_sft"),
+        "--seed", str(seed), "--reward-head-std", str(cfg.reward_head_std)])
     steps.run(f"seed_{seed}/collect", torchrun(
         cfg, "megatron_save.testbed.gold_eval", "collect", "--policy", str(models / "policy_sft"),
         "--data-dir", str(data), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
@@ -211,7 +214,7 @@ def run_testbed(cfg: TestbedConfig) -> Path:
 
     check_testbed_config(cfg)
     prepare_output_dir(cfg)
-    steps = Steps(cfg, total=len(cfg.seeds) * (7 + len(cfg.runs)) + 1)
+    steps = Steps(cfg, total=len(cfg.seeds) * (8 + len(cfg.runs)) + 1)
     try:
         for seed in cfg.seeds:
             seed_steps(cfg, steps, seed)

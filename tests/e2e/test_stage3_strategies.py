@@ -3,6 +3,7 @@ process as a world of one (the parallel layouts are covered by test_stage3.py)."
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -19,7 +20,7 @@ def _config(tiny_models, rl_data, out, *overrides: str) -> Stage3Config:
     return load_config(Stage3Config, REPO / "examples" / "cpu" / "stage3_save.yaml", [
         f"output_dir={out}", f"train_data={rl_data['prompts']}", f"policy.checkpoint={tiny_models['llama-lm']['mg']}",
         f"reward.checkpoint={tiny_models['llama-rmv']['mg']}", "parallel.tensor_model_parallel_size=1",
-        "total_steps=2", "save_every=0", "tensorboard=false", *overrides])
+        "total_steps=2", "save_every=0", "tensorboard=false", "rollout_log=true", *overrides])
 
 
 VARIANTS = {
@@ -56,6 +57,13 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert all(v is not None and math.isfinite(v) for v in losses.values()), losses
         assert any(k.startswith("rm/") for k in record) == trains_rm
         assert ("policy/pg_loss" in record) == trains_policy
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rollouts] == [1] * 4 + [2] * 4  # prompts_per_step = 4
+    for row in rollouts:
+        assert len(row["responses"]) == len(row["rewards"]) == len(row["kept"]) == 4
+        assert all((reward is not None) == valid for reward, valid in zip(row["rewards"], row["valid"]))
+        assert not any(kept and not valid for kept, valid in zip(row["kept"], row["valid"]))
+        assert (row["value"] is not None) == (variant != "r2m" and any(row["valid"]))
     if variant == "offline_bt":
         assert records[0]["rm/bt_loss"] > 0
     if variant == "r2m":

@@ -1,6 +1,7 @@
-"""torchrun worker: the same stage-1 and stage-2 steps at every layout (and with the distributed optimizer).
+"""torchrun worker: the same stage-1, stage-2 and SFT steps at every layout (and with the distributed optimizer).
 
-Writes {"<layout>": {"bt_loss": [...], "value_loss": [...], "rewards": [...], "values": [...]}} to --out.
+Writes {"<layout>": {"bt_loss": [...], "value_loss": [...], "rewards": [...], "values": [...], "sft_loss": [...],
+"sft_held_out": float}} to --out.
 """
 
 import argparse
@@ -19,15 +20,17 @@ from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.data.batching import pad_rows  # noqa: E402
 from megatron_save.data.chat import encode_prompt  # noqa: E402
+from megatron_save.data.demonstrations import load_demonstrations  # noqa: E402
 from megatron_save.data.preference import load_preference_pairs  # noqa: E402
 from megatron_save.data.response_groups import ResponseGroup  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
 from megatron_save.models.forward import score_sequences  # noqa: E402
-from megatron_save.trainers.common import BatchSettings  # noqa: E402
+from megatron_save.trainers.common import BatchSettings, data_parallel_part  # noqa: E402
 from megatron_save.trainers.losses import bt_pair_loss, value_regression_loss  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
 from megatron_save.trainers.stage1_bt import pair_micro_batches  # noqa: E402
 from megatron_save.trainers.stage2_value import prompt_micro_batches  # noqa: E402
+from megatron_save.trainers.sft import demonstration_batch, held_out_loss, sft_loss  # noqa: E402
 from megatron_save.trainers.step import train_step  # noqa: E402
 
 RUNS = {**{name: (tp, pp, False) for name, (tp, pp) in LAYOUTS.items()}, "tp1_distopt": (1, 1, True),
@@ -56,10 +59,29 @@ def run(ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths, distr
             "rewards": scores.rewards.tolist(), "values": scores.values.tolist()}
 
 
+def run_sft(ckpt, demonstrations, distributed_optimizer):
+    """Three SFT steps of 8 demonstrations (micro-batches of 2, split over data-parallel ranks), then the held-out
+    loss of the last 8."""
+    settings = OptimizerSettings(lr=1e-3, decay_style="constant", use_distributed_optimizer=distributed_optimizer)
+    model, _, _ = build_model_from_checkpoint(ckpt)
+    state = build_train_state(model, settings, total_steps=STEPS)
+    batch = BatchSettings(global_batch_size=8, micro_batch_size=2)
+    losses = []
+    for step in range(STEPS):
+        rows = demonstrations[step * 8 : (step + 1) * 8]
+        width = max(len(d.ids) for d in rows)
+        mine = [rows[i] for i in data_parallel_part(list(range(8)), batch)]
+        micro = demonstration_batch(mine, 0, width).split(batch.micro_batch_size)
+        losses.append(train_step(state, micro, sft_loss, ("loss",))["loss"])
+    return {"sft_loss": losses, "sft_held_out": held_out_loss(state.module, demonstrations[-8:], 0, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--pairs", required=True)
+    parser.add_argument("--lm-ckpt", required=True)
+    parser.add_argument("--demonstrations", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     init_distributed(ParallelConfig())
@@ -70,12 +92,14 @@ def main() -> None:
     eval_rows = [p.chosen_ids for p in pairs[-4:]]
     eval_ids, eval_mask = pad_rows(eval_rows, 0)
     prompt_lengths = torch.tensor([14, 15, 16, 17])  # inside the prompt "say ..." of every row
+    demonstrations, _ = load_demonstrations(args.demonstrations, tokenizer, max_length=128)
 
     results = {}
     for name, (tp, pp, distributed_optimizer) in RUNS.items():
         set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         results[name] = run(args.ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths,
                             distributed_optimizer)
+        results[name] |= run_sft(args.lm_ckpt, demonstrations, distributed_optimizer)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown_distributed()

@@ -1,0 +1,50 @@
+"""The gold-reward testbed end to end, shortened: every step of the pipeline (task data, SFT, RM from the policy,
+gold-labelled pairs, stages 1 and 2 at TP=2, stage 3 with frozen and save, evaluation, report) in child
+processes, then a relaunch that finds everything done and one with other settings that is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_save.config import load_config
+from megatron_save.testbed.pipeline import EXAMPLES, TestbedConfig, run_testbed
+
+SHORT = ["sizes.demonstrations=320", "sizes.rm_prompts=96", "sizes.value_prompts=32", "sizes.rl_prompts=32",
+         "sizes.eval_prompts=16", "sft_overrides=[batch.epochs=1]", "stage1_overrides=[batch.epochs=1]",
+         "stage2_overrides=[batch.epochs=2]", "stage3_overrides=[total_steps=3,prompts_per_step=4]"]
+
+
+def _config(out, *extra):
+    return load_config(TestbedConfig, [EXAMPLES / "gold_testbed.yaml"], [f"output_dir={out}", *SHORT, *extra])
+
+
+def test_gold_testbed_short_run(tmp_path):
+    out = tmp_path / "testbed"
+    report = run_testbed(_config(out))
+    results = json.loads((report / "results.json").read_text())
+    assert set(results["table"]) == {"frozen", "save"}
+    for run, stats in results["table"].items():
+        for column in ("final_policy_gold", "rm_accuracy_initial_policy_pairs", "gold_last5", "keep_rate"):
+            assert 0.0 <= stats[column]["mean"] <= 1.0, (run, column)
+        curves = results["curves"][run][0]
+        assert list(curves["gold"]) == list(curves["proxy_reward"]) == ["1", "2", "3"]
+        assert all(math.isfinite(v) for v in curves["proxy_reward"].values())
+    runs = out / "seed_0" / "runs"
+    # frozen trains only the policy; save trains the RM too, so its evaluation reads the run's own RM.
+    assert not (runs / "frozen" / "reward_model").exists() and (runs / "save" / "reward_model").exists()
+    assert results["table"]["frozen"]["keep_rate"]["mean"] == 1.0
+    pairs = [json.loads(line) for line in (out / "seed_0" / "data" / "rm_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) > 40 and all(p["gold_chosen"] > p["gold_rejected"] for p in pairs)
+    assert "| save |" in (report / "results.md").read_text()
+    assert sorted(p.name for p in report.glob("*.png")) == ["gold_by_step.png", "keep_rate.png",
+                                                            "letters_by_step.png", "overoptimisation.png"]
+
+    # A relaunch runs nothing again: every step is marked done and the report is rewritten from the same files.
+    before = (runs / "save" / "gold_eval.json").stat().st_mtime_ns
+    run_testbed(_config(out))
+    assert (runs / "save" / "gold_eval.json").stat().st_mtime_ns == before
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_testbed(_config(out, "seeds=[1]"))

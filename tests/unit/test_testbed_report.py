@@ -1,0 +1,67 @@
+"""The testbed report: intervals against hand-computed values, and the table and plots from run directories
+written here by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_save.testbed.report import mean_interval, t95, write_report
+
+
+def test_mean_interval_hand_computed():
+    stat = mean_interval([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["n"] == 3
+    assert stat["ci95"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # std 1, t(2 df) = 4.303
+    assert mean_interval([0.5]) == {"mean": 0.5, "ci95": None, "n": 1}
+    assert mean_interval([float("nan"), 1.0, 3.0])["mean"] == 2.0  # NaN left out
+    assert mean_interval([])["mean"] is None
+    assert t95(2) == 12.706 and t95(12) == 2.228  # 11 degrees of freedom: the 10-df quantile (wider, safe side)
+    assert t95(100) == 1.96
+
+
+def _write_run(run_dir, responses_by_step, keep_rates, final_gold):
+    run_dir.mkdir(parents=True)
+    rows = [{"step": step, "prompt": [{"role": "user", "content": "abc: write 4 vowels"}], "responses": responses,
+             "rewards": [0.0] * len(responses), "value": 0.0, "valid": [True] * len(responses),
+             "kept": [True] * len(responses)} for step, responses in responses_by_step.items()]
+    (run_dir / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = [{"step": step, "filter/keep_rate": rate, "filter/reward_mean": 0.1 * step}
+               for step, rate in zip(responses_by_step, keep_rates)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run_dir / "gold_eval.json").write_text(json.dumps({
+        "final_policy_gold": final_gold, "final_policy_letters": 4.0, "rm_accuracy_initial_policy_pairs": 0.8,
+        "rm_accuracy_final_policy_pairs": 0.7, "proxy_accuracy_final_policy_pairs": 0.6,
+        "proxy_accuracy_initial_policy_pairs": 0.8,
+        "proxy_reward_by_step": {str(step): float(step) for step in responses_by_step}}))
+
+
+def test_report_from_run_directories(tmp_path):
+    # Gold of "ab" is 1/4 and of "aeio" is 1 (L = 4); seed 1 improves faster than seed 0.
+    steps = {0: {1: ["ab", "ab"], 2: ["ab", "aeio"], 3: ["aeio", "aeio"]},
+             1: {1: ["ab", "ab"], 2: ["aeio", "aeio"], 3: ["aeio", "aeio"]}}
+    for seed in (0, 1):
+        (tmp_path / f"seed_{seed}" / "data").mkdir(parents=True)
+        (tmp_path / f"seed_{seed}" / "data" / "initial_policy.json").write_text(json.dumps({"gold": 0.5,
+                                                                                             "rm_pairs": 100}))
+        for run in ("frozen", "save"):
+            _write_run(tmp_path / f"seed_{seed}" / "runs" / run, steps[seed], [1.0, 0.5, 0.0],
+                       final_gold=0.4 + 0.2 * seed)
+    report = write_report(tmp_path, [0, 1], ["frozen", "save"], tmp_path / "report", {"note": "test"})
+    results = json.loads((report / "results.json").read_text())
+    frozen = results["table"]["frozen"]
+    assert frozen["final_policy_gold"]["mean"] == pytest.approx(0.5)
+    assert frozen["final_policy_gold"]["ci95"] == pytest.approx(12.706 * 0.1414213 / math.sqrt(2), rel=1e-5)
+    # Gold of the last (up to 5) steps: seed 0 (0.25 + 0.625 + 1) / 3, seed 1 (0.25 + 1 + 1) / 3.
+    assert frozen["gold_last5"]["mean"] == pytest.approx((1.875 / 3 + 2.25 / 3) / 2)
+    assert frozen["gold_gain"]["mean"] == pytest.approx((1.875 / 3 + 2.25 / 3) / 2 - 0.25)
+    assert frozen["keep_rate"]["mean"] == pytest.approx(0.5)
+    assert results["curves"]["save"][1]["gold"] == {"1": 0.25, "2": 1.0, "3": 1.0}
+    assert results["curves"]["save"][0]["letters"]["2"] == 3.0
+    assert results["initial"]["proxy_accuracy"]["mean"] == 0.8
+    table = (report / "results.md").read_text()
+    assert "| frozen | 0.500 ± " in table and "| save |" in table
+    for plot in ("gold_by_step", "overoptimisation", "keep_rate", "letters_by_step"):
+        assert (report / f"{plot}.png").stat().st_size > 1000
