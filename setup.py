@@ -25,6 +25,8 @@ setup(
         "numpy",
         # Stage 3 writes TensorBoard event files (torch.utils.tensorboard needs the package).
         "tensorboard",
+        # The gold-reward testbed's plots.
+        "matplotlib",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -12,6 +12,7 @@ from megatron_save.testbed.task import gold_reward
 # Two-sided 95% quantiles of Student's t by degrees of freedom; beyond 30 the normal quantile is within 2%.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+PLOT_WINDOW = 5
 # Column name -> what it measures, in table order.
 COLUMNS = {
     "final_policy_gold": "gold reward of the final policy (held-out prompts)",
@@ -107,15 +108,25 @@ def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], 
     return "\n".join(lines) + "\n"
 
 
-def _mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Centred moving average (shorter windows at the ends): each step's prompts differ, so raw curves are noisy."""
+    half = window // 2
+    return [sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+            for i in range(len(values))]
+
+
+def _mean_curve(curves: list[dict[int, float]], window: int) -> tuple[list[int], list[float], list[float]]:
+    """Steps, the smoothed mean over seeds and the smoothed 95% half-width."""
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     stats = [mean_interval([c[s] for c in curves]) for s in steps]
-    return steps, [s["mean"] for s in stats], [s["ci95"] or 0.0 for s in stats]
+    return (steps, moving_average([s["mean"] for s in stats], window),
+            moving_average([s["ci95"] or 0.0 for s in stats], window))
 
 
-def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir: Path) -> list[Path]:
+def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir: Path,
+                window: int = PLOT_WINDOW) -> list[Path]:
     """gold_by_step.png, overoptimisation.png (gold against the initial proxy's reward), keep_rate.png and
-    letters_by_step.png: means over seeds, shaded 95% intervals."""
+    letters_by_step.png: means over seeds, shaded 95% intervals, both smoothed over ``window`` steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,12 +140,12 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
         for run, per_seed in curves.items():
             if not all(c[key] for c in per_seed):
                 continue
-            steps, mean, half = _mean_curve([c[key] for c in per_seed])
+            steps, mean, half = _mean_curve([c[key] for c in per_seed], window)
             axes.plot(steps, mean, label=run)
             axes.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
                               alpha=0.2)
         axes.set_xlabel("RL step")
-        axes.set_ylabel(ylabel)
+        axes.set_ylabel(f"{ylabel} ({window}-step moving average)")
         axes.legend(fontsize=8)
         figure.tight_layout()
         paths.append(report_dir / f"{name}.png")
@@ -142,12 +153,14 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
         plt.close(figure)
     figure, axes = plt.subplots(figsize=(6, 4))
     for run, per_seed in curves.items():
-        _, proxy, _ = _mean_curve([c["proxy_reward"] for c in per_seed])
-        _, gold, _ = _mean_curve([c["gold"] for c in per_seed])
-        axes.plot(proxy, gold, marker=".", label=run)
+        _, proxy, _ = _mean_curve([c["proxy_reward"] for c in per_seed], window)
+        _, gold, _ = _mean_curve([c["gold"] for c in per_seed], window)
+        line, = axes.plot(proxy, gold, marker=".", label=run)
+        axes.plot(proxy[-1:], gold[-1:], marker="s", color=line.get_color())
     axes.set_xlabel("initial proxy RM's reward of the rollouts")
     axes.set_ylabel("gold reward of the rollouts")
-    axes.set_title("over-optimisation: steps run along each curve", fontsize=9)
+    axes.set_title(f"over-optimisation: steps run along each curve to the square ({window}-step average)",
+                   fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
     paths.append(report_dir / "overoptimisation.png")

@@ -37,7 +37,7 @@ def test_gold_testbed_short_run(tmp_path):
     assert not (runs / "frozen" / "reward_model").exists() and (runs / "save" / "reward_model").exists()
     assert results["table"]["frozen"]["keep_rate"]["mean"] == 1.0
     pairs = [json.loads(line) for line in (out / "seed_0" / "data" / "rm_pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) > 40 and all(p["gold_chosen"] > p["gold_rejected"] for p in pairs)
+    assert pairs and all(p["gold_chosen"] > p["gold_rejected"] for p in pairs)
     assert "| save |" in (report / "results.md").read_text()
     assert sorted(p.name for p in report.glob("*.png")) == ["gold_by_step.png", "keep_rate.png",
                                                             "letters_by_step.png", "overoptimisation.png"]

@@ -65,3 +65,10 @@ def test_report_from_run_directories(tmp_path):
     assert "| frozen | 0.500 ± " in table and "| save |" in table
     for plot in ("gold_by_step", "overoptimisation", "keep_rate", "letters_by_step"):
         assert (report / f"{plot}.png").stat().st_size > 1000
+
+
+def test_moving_average_hand_computed():
+    from megatron_save.testbed.report import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3) == pytest.approx([1.5, 2.0, 3.0, 4.0, 4.5])
+    assert moving_average([1.0, 5.0], 1) == [1.0, 5.0]
