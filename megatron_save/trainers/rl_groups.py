@@ -222,6 +222,7 @@ def append_rollout_log(path: str | Path, step: int, groups: RolloutGroups, score
                        partition: FeedbackPartition, policy_tokenizer: Any) -> None:
     """Appends one JSON line per prompt of the step: the prompt's messages, its responses as the reward model read
     them, R (null when invalid), V, and which responses the filter kept. Call on one rank."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as log:
         for b, responses in enumerate(groups.policy_response_ids):
             log.write(json.dumps({
