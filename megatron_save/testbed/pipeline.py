@@ -1,16 +1,17 @@
 """The gold-reward testbed end to end: for each seed, task data -> a tiny policy -> SFT of the initial policy ->
-an RM initialised from it -> gold-labelled pairs from the policy -> proxy RM (stages 1 and 2) -> one stage-3 run per RM strategy -> measurements
-against gold; then the results table and plots over seeds.
+an RM initialised from it -> gold-labelled pairs from the policy -> proxy RM (stages 1 and 2) -> one stage-3 run
+per RM strategy -> measurements against gold; then the results table and plots over seeds.
 
 Every Megatron step is a ``torchrun`` child process running the project's own trainers; its output goes to
 ``output_dir/logs/``, and the progress of the step in flight is shown on one bar. A step that finished is not
-run again when the command is repeated with the same settings.
+run again when the command is repeated with the same settings; an interrupted one starts over.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -132,16 +133,20 @@ def run_child(command: list[str], log: Path, bar: tqdm) -> None:
 
 
 class Steps:
-    """Runs named steps once: a step whose marker exists (from an earlier launch) is skipped."""
+    """Runs named steps once: a step whose marker exists (from an earlier launch) is skipped; one without a marker
+    starts over, its outputs from an interrupted launch removed first."""
 
     def __init__(self, cfg: TestbedConfig, total: int):
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.bar = tqdm(total=total, desc="gold testbed", unit="step", dynamic_ncols=True)
 
-    def run(self, name: str, command: list[str] | None = None, action=None) -> None:
+    def run(self, name: str, command: list[str] | None = None, action=None, outputs: tuple[Path, ...] = ()
+            ) -> None:
         marker = self.root / "done" / name.replace("/", "__")
         self.bar.set_description(f"gold testbed: {name}")
         if not marker.exists():
+            for output in outputs:
+                shutil.rmtree(output, ignore_errors=True)
             if command is not None:
                 run_child(command, self.root / "logs" / f"{name.replace('/', '__')}.log", self.bar)
             if action is not None:
@@ -159,17 +164,18 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     root = Path(cfg.output_dir) / f"seed_{seed}"
     data, models = root / "data", root / "models"
     configs = cfg.configs
-    steps.run(f"seed_{seed}/data", action=lambda: write_task_data(data, seed, cfg.sizes, cfg.task))
+    steps.run(f"seed_{seed}/data", action=lambda: write_task_data(data, seed, cfg.sizes, cfg.task), outputs=(data,))
     initial_models = [sys.executable, "-m", "megatron_save.testbed.initial_models"]
     steps.run(f"seed_{seed}/initial_policy", [*initial_models, "policy", "--out", str(models), "--seed", str(seed),
-                                              "--family", cfg.family])
+                                              "--family", cfg.family], outputs=(models,))
     steps.run(f"seed_{seed}/sft", torchrun(
         cfg, "megatron_save.trainers.sft", configs.sft, f"checkpoint={models / 'policy_init'}",
         f"output_dir={models / 'policy_sft'}", f"train_data={data / 'demonstrations.jsonl'}",
-        f"batch.seed={seed}", *cfg.sft_overrides))
+        f"batch.seed={seed}", *cfg.sft_overrides), outputs=(models / "policy_sft",))
     steps.run(f"seed_{seed}/initial_reward_model", [
         *initial_models, "reward-model", "--out", str(models), "--policy", str(models / "policy_sft"),
-        "--seed", str(seed), "--reward-head-std", str(cfg.reward_head_std)])
+        "--seed", str(seed), "--reward-head-std", str(cfg.reward_head_std)],
+        outputs=tuple(models / name for name in ("hf_policy_export", "hf_rm", "rm_init")))
     steps.run(f"seed_{seed}/collect", torchrun(
         cfg, "megatron_save.testbed.gold_eval", "collect", "--policy", str(models / "policy_sft"),
         "--data-dir", str(data), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
@@ -177,17 +183,17 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     steps.run(f"seed_{seed}/stage1", torchrun(
         cfg, "megatron_save.trainers.stage1_bt", configs.stage1, f"checkpoint={models / 'rm_init'}",
         f"output_dir={models / 'rm_stage1'}", f"train_data={data / 'rm_pairs.jsonl'}", f"batch.seed={seed}",
-        *cfg.stage1_overrides))
+        *cfg.stage1_overrides), outputs=(models / "rm_stage1",))
     steps.run(f"seed_{seed}/stage2", torchrun(
         cfg, "megatron_save.trainers.stage2_value", configs.stage2, f"checkpoint={models / 'rm_stage1'}",
         f"output_dir={models / 'proxy_rm'}", f"train_data={data / 'value_groups.jsonl'}", f"batch.seed={seed}",
-        *cfg.stage2_overrides))
+        *cfg.stage2_overrides), outputs=(models / "proxy_rm",))
     for name in cfg.runs:
         steps.run(f"seed_{seed}/rl_{name}", torchrun(
             cfg, "megatron_save.trainers.stage3_save", configs.stage3, f"output_dir={root / 'runs' / name}",
             f"train_data={data / 'rl_prompts.jsonl'}", f"policy.checkpoint={models / 'policy_sft'}",
             f"reward.checkpoint={models / 'proxy_rm'}", f"reward.offline_data={data / 'rm_pairs.jsonl'}",
-            f"seed={seed}", "resume=false", *RUNS[name], *cfg.stage3_overrides))
+            f"seed={seed}", "resume=false", *RUNS[name], *cfg.stage3_overrides), outputs=(root / "runs" / name,))
     steps.run(f"seed_{seed}/evaluate", torchrun(
         cfg, "megatron_save.testbed.gold_eval", "evaluate", *[str(root / "runs" / name) for name in cfg.runs],
         "--data-dir", str(data), "--policy-init", str(models / "policy_sft"), "--proxy-rm",
