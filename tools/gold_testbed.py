@@ -1,6 +1,6 @@
 """The gold-reward testbed: SAVE and the baselines against a programmatic gold reward, on CPU.
 
-    python tools/gold_testbed.py                      # one seed, frozen vs save (about 5 minutes on 2 cores)
+    python tools/gold_testbed.py                      # one seed, frozen vs save (about 4 minutes on 2 cores)
     python tools/gold_testbed.py --full               # 3 seeds, every strategy, report in docs/gold_testbed
     python tools/gold_testbed.py [--full] [MORE.yaml ...] [key=value ...]
 

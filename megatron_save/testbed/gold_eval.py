@@ -135,7 +135,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[di
     final_pairs = labelled_pairs(eval_prompts, samples)
     result = {
         "final_policy_gold": mean_gold(eval_prompts, samples),
-        "final_policy_letters": sum(len(r.replace(" ", "")) for g in samples for r in g) / (2 * len(samples)),
+        "final_policy_letters": sum(len("".join(r.split())) for g in samples for r in g) / (2 * len(samples)),
         "rm_accuracy_initial_policy_pairs": pair_accuracy(rm, initial_pairs),
         "proxy_accuracy_initial_policy_pairs": proxy_initial_accuracy,
         "rm_accuracy_final_policy_pairs": pair_accuracy(rm, final_pairs) if final_pairs else float("nan"),

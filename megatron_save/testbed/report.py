@@ -25,6 +25,14 @@ COLUMNS = {
     "keep_rate": "share of responses the filter kept (mean over steps)",
 }
 
+# Paired differences (same seed: same data, proxy RM and prompt order), name -> (meaning, run value - reference).
+PAIRED = {
+    "final_policy_gold_vs_frozen": "final policy's gold minus the frozen run's",
+    "gold_last5_vs_frozen": "rollout gold of the last 5 steps minus the frozen run's",
+    "rm_accuracy_initial_policy_pairs_vs_proxy": "RM accuracy on the initial policy's pairs minus the proxy's",
+    "rm_accuracy_final_policy_pairs_vs_proxy": "RM accuracy on the run's final-policy pairs minus the proxy's",
+}
+
 
 def t95(samples: int) -> float:
     """Two-sided 95% Student-t quantile for ``samples`` values (samples - 1 degrees of freedom)."""
@@ -90,14 +98,27 @@ def run_summary(run_dir: Path, curves: dict[str, dict[int, float]]) -> dict[str,
     }
 
 
+def paired_differences(run: dict[str, float], frozen: dict[str, float]) -> dict[str, float]:
+    """The PAIRED columns of one run and seed, against that seed's frozen run (the proxy RM's own numbers)."""
+    return {
+        "final_policy_gold_vs_frozen": run["final_policy_gold"] - frozen["final_policy_gold"],
+        "gold_last5_vs_frozen": run["gold_last5"] - frozen["gold_last5"],
+        "rm_accuracy_initial_policy_pairs_vs_proxy":
+            run["rm_accuracy_initial_policy_pairs"] - frozen["rm_accuracy_initial_policy_pairs"],
+        "rm_accuracy_final_policy_pairs_vs_proxy":
+            run["rm_accuracy_final_policy_pairs"] - run["proxy_accuracy_final_policy_pairs"],
+    }
+
+
 def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
     if stat["mean"] is None:
         return "n/a"
     return f"{stat['mean']:.{digits}f}" + ("" if stat["ci95"] is None else f" ± {stat['ci95']:.{digits}f}")
 
 
-def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], seeds: list[int]) -> str:
-    """The results as a markdown table (mean ± 95% interval over seeds)."""
+def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], seeds: list[int],
+                   paired: dict[str, dict[str, dict]] | None = None) -> str:
+    """The results as markdown tables (mean ± 95% interval over seeds; then the paired differences, if any)."""
     lines = [f"Seeds: {seeds}. Cells: mean ± half-width of the 95% t interval over seeds (no interval for one seed).",
              f"Initial (SFT) policy: gold {_cell(initial['gold'])}; proxy RM accuracy on its pairs "
              f"{_cell(initial['proxy_accuracy'])}; proxy RM trained on {_cell(initial['rm_pairs'], 0)} gold pairs.",
@@ -105,6 +126,13 @@ def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], 
     for run, stats in table.items():
         lines.append(f"| {run} | " + " | ".join(_cell(stats[column]) for column in COLUMNS) + " |")
     lines += ["", "Columns:"] + [f"- `{column}`: {meaning}" for column, meaning in COLUMNS.items()]
+    if paired:
+        lines += ["", "Paired with the same seed's `frozen` run (same data, proxy RM and prompts): mean ± 95% "
+                  "interval of the per-seed differences.", "", "| run | " + " | ".join(PAIRED) + " |",
+                  "|---" * (len(PAIRED) + 1) + "|"]
+        for run, stats in paired.items():
+            lines.append(f"| {run} | " + " | ".join(_cell(stats[column]) for column in PAIRED) + " |")
+        lines += ["", "Columns:"] + [f"- `{column}`: {meaning}" for column, meaning in PAIRED.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -136,17 +164,17 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
     for key, ylabel, name in (("gold", "gold reward of rollouts", "gold_by_step"),
                               ("keep_rate", "filter keep rate", "keep_rate"),
                               ("letters", "letters per response", "letters_by_step")):
-        figure, axes = plt.subplots(figsize=(6, 4))
+        figure, axes = plt.subplots(figsize=(7, 4.5))
         for run, per_seed in curves.items():
             if not all(c[key] for c in per_seed):
                 continue
             steps, mean, half = _mean_curve([c[key] for c in per_seed], window)
             axes.plot(steps, mean, label=run)
             axes.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
-                              alpha=0.2)
+                              alpha=0.08)
         axes.set_xlabel("RL step")
         axes.set_ylabel(f"{ylabel} ({window}-step moving average)")
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=7, ncol=2)
         figure.tight_layout()
         paths.append(report_dir / f"{name}.png")
         figure.savefig(paths[-1], dpi=120)
@@ -185,9 +213,14 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
     initial = {"gold": mean_interval([r["gold"] for r in initial_rows]),
                "rm_pairs": mean_interval([r["rm_pairs"] for r in initial_rows]),
                "proxy_accuracy": mean_interval(frozen_accuracy)}
-    (report_dir / "results.md").write_text(markdown_table(table, initial, seeds))
+    paired = {}
+    if "frozen" in runs:
+        paired = {run: {column: mean_interval([paired_differences(r, f)[column] for r, f in
+                                               zip(rows, per_seed["frozen"])]) for column in PAIRED}
+                  for run, rows in per_seed.items() if run != "frozen"}
+    (report_dir / "results.md").write_text(markdown_table(table, initial, seeds, paired))
     (report_dir / "results.json").write_text(json.dumps(
-        {"seeds": seeds, "initial": initial, "table": table, "per_seed": per_seed,
+        {"seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "per_seed": per_seed,
          "curves": {run: [{k: {str(s): v for s, v in c.items()} for k, c in cs.items()} for cs in per_run]
                     for run, per_run in curves.items()}, "settings": settings}, indent=2) + "\n")
     write_plots(curves, report_dir)

@@ -22,7 +22,7 @@ def test_mean_interval_hand_computed():
     assert t95(100) == 1.96
 
 
-def _write_run(run_dir, responses_by_step, keep_rates, final_gold):
+def _write_run(run_dir, responses_by_step, keep_rates, final_gold, accuracy=0.7):
     run_dir.mkdir(parents=True)
     rows = [{"step": step, "prompt": [{"role": "user", "content": "abc: write 4 vowels"}], "responses": responses,
              "rewards": [0.0] * len(responses), "value": 0.0, "valid": [True] * len(responses),
@@ -33,7 +33,7 @@ def _write_run(run_dir, responses_by_step, keep_rates, final_gold):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (run_dir / "gold_eval.json").write_text(json.dumps({
         "final_policy_gold": final_gold, "final_policy_letters": 4.0, "rm_accuracy_initial_policy_pairs": 0.8,
-        "rm_accuracy_final_policy_pairs": 0.7, "proxy_accuracy_final_policy_pairs": 0.6,
+        "rm_accuracy_final_policy_pairs": accuracy, "proxy_accuracy_final_policy_pairs": 0.6,
         "proxy_accuracy_initial_policy_pairs": 0.8,
         "proxy_reward_by_step": {str(step): float(step) for step in responses_by_step}}))
 
@@ -48,10 +48,18 @@ def test_report_from_run_directories(tmp_path):
                                                                                              "rm_pairs": 100}))
         for run in ("frozen", "save"):
             _write_run(tmp_path / f"seed_{seed}" / "runs" / run, steps[seed], [1.0, 0.5, 0.0],
-                       final_gold=0.4 + 0.2 * seed)
+                       final_gold=0.4 + 0.2 * seed + (0.1 * (seed + 1) if run == "save" else 0.0),
+                       accuracy=0.7 + (0.05 if run == "save" else 0.0))
     report = write_report(tmp_path, [0, 1], ["frozen", "save"], tmp_path / "report", {"note": "test"})
     results = json.loads((report / "results.json").read_text())
     frozen = results["table"]["frozen"]
+    # save's final gold is frozen's + 0.1 (seed 0) and + 0.2 (seed 1): paired mean 0.15, t(1 df) x 0.0707 / sqrt 2.
+    paired = results["paired_with_frozen"]["save"]
+    assert paired["final_policy_gold_vs_frozen"]["mean"] == pytest.approx(0.15)
+    assert paired["final_policy_gold_vs_frozen"]["ci95"] == pytest.approx(12.706 * 0.0707107 / math.sqrt(2), rel=1e-5)
+    assert paired["rm_accuracy_final_policy_pairs_vs_proxy"]["mean"] == pytest.approx(0.75 - 0.6)
+    assert paired["gold_last5_vs_frozen"]["mean"] == pytest.approx(0.0)
+    assert "frozen" not in results["paired_with_frozen"]
     assert frozen["final_policy_gold"]["mean"] == pytest.approx(0.5)
     assert frozen["final_policy_gold"]["ci95"] == pytest.approx(12.706 * 0.1414213 / math.sqrt(2), rel=1e-5)
     # Gold of the last (up to 5) steps: seed 0 (0.25 + 0.625 + 1) / 3, seed 1 (0.25 + 1 + 1) / 3.
