@@ -181,6 +181,10 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     args = parser.parse_args()
+    if args.command == "collect" and not args.policy:
+        parser.error("collect needs --policy")
+    if args.command == "evaluate" and not (args.policy_init and args.proxy_rm and args.runs):
+        parser.error("evaluate needs --policy-init, --proxy-rm and at least one run directory")
     checkpoint = args.policy or args.policy_init
     init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
                      model_shape(read_checkpoint_meta(checkpoint)[1]))

@@ -1,4 +1,4 @@
-"""The README's main job: examples/cpu/tiny_parity.sh, as a new user runs it (CLI tools, torchrun at TP=2)."""
+"""The README's conversion example: examples/cpu/tiny_parity.sh, as a new user runs it (CLI tools, torchrun at TP=2)."""
 
 from __future__ import annotations
 
