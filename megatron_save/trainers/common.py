@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR, build_model_from_checkpoint, read_checkpoint_meta
 from megatron_save.config import ParallelConfig, load_config
+from megatron_save.data.batching import length_grouped_batches
 from megatron_save.distributed import init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
 
@@ -74,6 +75,16 @@ def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]
         )
     share = len(indices) // ranks
     return indices[rank * share : (rank + 1) * share]
+
+
+def epoch_batches(lengths: list[int], settings: BatchSettings, source: str, unit: str) -> list[list[int]]:
+    """Global batches of example indices for every epoch (length-grouped, reshuffled with seed + epoch); refuses a
+    dataset too small for one batch, naming ``source`` and counting its ``unit``."""
+    batches = [batch for epoch in range(settings.epochs)
+               for batch in length_grouped_batches(lengths, settings.global_batch_size, seed=settings.seed + epoch)]
+    if not batches:
+        raise ValueError(f"{source}: {len(lengths)} {unit} make no batch of {settings.global_batch_size}")
+    return batches
 
 
 def progress(total: int, description: str) -> tqdm:

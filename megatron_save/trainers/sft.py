@@ -16,13 +16,14 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import DemonstrationBatch, length_grouped_batches, pad_id_of, pad_rows
+from megatron_save.data.batching import DemonstrationBatch, pad_id_of, pad_rows
 from megatron_save.data.demonstrations import Demonstration, load_demonstrations
 from megatron_save.models.policy import sequence_logprobs, token_logprobs
 from megatron_save.trainers.common import (
     BatchSettings,
     data_parallel_part,
     ensure_output_dir,
+    epoch_batches,
     hold_out,
     progress,
     run_from_command_line,
@@ -100,11 +101,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     pad_id = pad_id_of(tokenizer)
     demonstrations, _ = load_demonstrations(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
     train, held_out = hold_out(demonstrations, cfg.eval_fraction, cfg.train_data)
-    batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
-        [len(d.ids) for d in train], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]
-    if not batches:
-        raise ValueError(f"{cfg.train_data}: {len(train)} demonstrations make no batch of "
-                         f"{cfg.batch.global_batch_size}")
+    batches = epoch_batches([len(d.ids) for d in train], cfg.batch, cfg.train_data, "demonstrations")
     state = build_train_state(model, cfg.optim, total_steps=len(batches))
     evaluate = lambda: held_out_loss(model, held_out, pad_id, cfg.batch.micro_batch_size)  # noqa: E731
 

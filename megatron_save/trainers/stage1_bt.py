@@ -16,13 +16,14 @@ from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import PairBatch, length_grouped_batches, pad_id_of, pad_rows
+from megatron_save.data.batching import PairBatch, pad_id_of, pad_rows
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
     data_parallel_part,
     ensure_output_dir,
+    epoch_batches,
     hold_out,
     progress,
     run_from_command_line,
@@ -99,10 +100,7 @@ def train_stage1(cfg: Stage1Config) -> dict:
     ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
     pad_id = pad_id_of(tokenizer)
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
-    batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
-        [p.length for p in train_pairs], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]
-    if not batches:
-        raise ValueError(f"{cfg.train_data}: {len(train_pairs)} pairs make no batch of {cfg.batch.global_batch_size}")
+    batches = epoch_batches([p.length for p in train_pairs], cfg.batch, cfg.train_data, "pairs")
     state = build_train_state(model, cfg.optim, total_steps=len(batches))
     start = load_train_checkpoint(state, cfg.resume_from) if cfg.resume_from else 0
     evaluate = partial(pairwise_eval, model, eval_pairs, cfg.batch.micro_batch_size, pad_id)

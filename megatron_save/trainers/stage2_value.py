@@ -15,13 +15,14 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import PromptTargetBatch, length_grouped_batches, pad_id_of, pad_rows
+from megatron_save.data.batching import PromptTargetBatch, pad_id_of, pad_rows
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
     data_parallel_part,
     ensure_output_dir,
+    epoch_batches,
     hold_out,
     progress,
     run_from_command_line,
@@ -104,10 +105,7 @@ def train_stage2(cfg: Stage2Config) -> dict:
     targets = mean_frozen_rewards(model, groups, cfg.score_micro_batch_size, pad_id)
     eval_targets = mean_frozen_rewards(model, eval_groups, cfg.score_micro_batch_size, pad_id)
 
-    batches = [b for epoch in range(cfg.batch.epochs) for b in length_grouped_batches(
-        [len(g.prompt_ids) for g in groups], cfg.batch.global_batch_size, seed=cfg.batch.seed + epoch)]
-    if not batches:
-        raise ValueError(f"{cfg.train_data}: {len(groups)} prompts make no batch of {cfg.batch.global_batch_size}")
+    batches = epoch_batches([len(g.prompt_ids) for g in groups], cfg.batch, cfg.train_data, "prompts")
     state = build_train_state(model, cfg.optim, total_steps=len(batches), freeze_all_but_value_head=True)
     history = {"eval": [{"step": 0, **value_report(model, eval_groups, eval_targets, cfg.batch.micro_batch_size,
                                                    pad_id)}]}
