@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_save.testbed.task import GoldTaskSettings, demonstration, make_prompt
+from megatron_save.testing.synthetic import write_jsonl
 
 
 @dataclass
@@ -46,5 +47,10 @@ def write_task_data(out_dir: str | Path, seed: int, sizes: TaskDataSizes, settin
         mine, prompts = prompts[:count], prompts[count:]
         rows = ([{"prompt": p, "response": demonstration(rng, p, settings)} for p in mine]
                 if name == "demonstrations" else [{"prompt": p} for p in mine])
-        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_jsonl(rows, out_dir / f"{name}.jsonl")
     return out_dir
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file (task data, rollout logs, metrics)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

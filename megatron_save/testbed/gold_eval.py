@@ -13,7 +13,7 @@ reward, and the proxy RM's score of every logged rollout (for the over-optimisat
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import random
 from pathlib import Path
 from typing import Any
@@ -31,28 +31,20 @@ from megatron_save.models.gpt_config import model_shape
 from megatron_save.rollout import SamplingSettings
 from megatron_save.rollout.distributed import generate_data_parallel
 from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
+from megatron_save.testbed.data import read_jsonl
 from megatron_save.testbed.task import gold_pair, gold_reward
+from megatron_save.testing.synthetic import write_jsonl
+from megatron_save.trainers.common import write_json
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("testbed.gold_eval")
 SCORE_MICRO_BATCH = 16
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def write_jsonl_rank0(rows: list[dict], path: str | Path) -> None:
     """Rank 0 writes ``rows`` as JSON lines."""
     if dist.get_rank() == 0:
-        Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def write_json_rank0(payload: Any, path: str | Path) -> None:
-    """Rank 0 writes ``payload`` as JSON."""
-    if dist.get_rank() == 0:
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        write_jsonl(rows, path)
 
 
 def sample_texts(policy_ckpt: str | Path, prompts: list[str], sampling: SamplingSettings, seed: int
@@ -70,14 +62,20 @@ def sample_texts(policy_ckpt: str | Path, prompts: list[str], sampling: Sampling
             for group in rollouts.response_ids]
 
 
-def rm_scores(rm_ckpt: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
-    """Collective: the reward model's R(x, y) of each (prompt, response), rendered with its chat template."""
+@functools.cache
+def _reward_model(rm_ckpt: str) -> tuple[Any, Any]:
+    """Collective on first use: this rank's stage of a reward-model checkpoint and its tokenizer, loaded once."""
     model, meta, _ = build_model_from_checkpoint(rm_ckpt)
     if meta.kind != "reward_model":
         raise ValueError(f"{rm_ckpt}: holds a {meta.kind}, not a reward model")
-    tokenizer = AutoTokenizer.from_pretrained(Path(rm_ckpt) / HF_SUBDIR)
+    return model.eval(), AutoTokenizer.from_pretrained(Path(rm_ckpt) / HF_SUBDIR)
+
+
+def rm_scores(rm_ckpt: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
+    """Collective: the reward model's R(x, y) of each (prompt, response), rendered with its chat template."""
+    model, tokenizer = _reward_model(str(rm_ckpt))
     sequences = [encode_conversation(tokenizer, conversation(p, r)) for p, r in zip(prompts, responses)]
-    return score_token_sequences(model.eval(), sequences, pad_id_of(tokenizer), SCORE_MICRO_BATCH,
+    return score_token_sequences(model, sequences, pad_id_of(tokenizer), SCORE_MICRO_BATCH,
                                  description=None).rewards.tolist()
 
 
@@ -118,11 +116,11 @@ def collect(args: argparse.Namespace) -> None:
                       data / "value_groups.jsonl")
     eval_samples = sample_texts(args.policy, eval_prompts, sampling, rng.randrange(2**31))
     write_jsonl_rank0(labelled_pairs(eval_prompts, eval_samples), data / "eval_pairs_initial_policy.jsonl")
-    write_json_rank0({"gold": mean_gold(eval_prompts, eval_samples), "rm_pairs": len(pairs),
-                      "rm_pairs_chosen_longer": sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs)},
-                     data / "initial_policy.json")
-    logger.info("%d gold-labelled pairs for stage 1; initial policy gold %.3f", len(pairs),
-                mean_gold(eval_prompts, eval_samples))
+    gold = mean_gold(eval_prompts, eval_samples)
+    write_json(data / "initial_policy.json", {
+        "gold": gold, "rm_pairs": len(pairs),
+        "rm_pairs_chosen_longer": sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs)})
+    logger.info("%d gold-labelled pairs for stage 1; initial policy gold %.3f", len(pairs), gold)
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[dict], eval_prompts: list[str],
@@ -144,11 +142,10 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[di
     }
     rollouts = read_jsonl(run_dir / "rollouts.jsonl")
     prompts = [row["prompt"] for row in rollouts for _ in row["responses"]]
-    proxy = rm_scores(args.proxy_rm, prompts, [r for row in rollouts for r in row["responses"]])
+    proxy = iter(rm_scores(args.proxy_rm, prompts, [r for row in rollouts for r in row["responses"]]))
     per_step: dict[int, list[float]] = {}
     for row in rollouts:
-        per_step.setdefault(row["step"], []).extend(proxy[: len(row["responses"])])
-        proxy = proxy[len(row["responses"]):]
+        per_step.setdefault(row["step"], []).extend(next(proxy) for _ in row["responses"])
     result["proxy_reward_by_step"] = {step: sum(v) / len(v) for step, v in sorted(per_step.items())}
     return result
 
@@ -160,7 +157,7 @@ def evaluate(args: argparse.Namespace) -> None:
     proxy_initial_accuracy = pair_accuracy(args.proxy_rm, initial_pairs)
     for index, run in enumerate(args.runs):
         result = evaluate_run(Path(run), args, initial_pairs, eval_prompts, args.seed + index, proxy_initial_accuracy)
-        write_json_rank0(result, Path(run) / "gold_eval.json")
+        write_json(Path(run) / "gold_eval.json", result)
         logger.info("%s: final policy gold %.3f, RM accuracy %.3f (initial-policy pairs) / %.3f (final)", run,
                     result["final_policy_gold"], result["rm_accuracy_initial_policy_pairs"],
                     result["rm_accuracy_final_policy_pairs"])

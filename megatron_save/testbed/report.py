@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from megatron_save.testbed.data import read_jsonl
 from megatron_save.testbed.task import gold_reward
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; beyond 30 the normal quantile is within 2%.
@@ -52,27 +53,22 @@ def mean_interval(values: list[float]) -> dict[str, float | None]:
     return {"mean": mean, "ci95": t95(len(finite)) * std / math.sqrt(len(finite)), "n": len(finite)}
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def prompt_text(prompt: Any) -> str:
     """The user text of a logged prompt (a string, or chat messages)."""
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def run_curves(run_dir: Path) -> dict[str, dict[int, float]]:
+def run_curves(run_dir: Path, evaluation: dict[str, Any]) -> dict[str, dict[int, float]]:
     """Per-step curves of one run: gold reward and letters of the rollouts, the current RM's mean reward, the
-    filter's keep rate, and the initial proxy RM's reward (from gold_eval.json)."""
+    filter's keep rate, and the initial proxy RM's reward (from its gold_eval.json, ``evaluation``)."""
     gold: dict[int, list[float]] = {}
     letters: dict[int, list[float]] = {}
-    for row in _jsonl(run_dir / "rollouts.jsonl"):
+    for row in read_jsonl(run_dir / "rollouts.jsonl"):
         prompt = prompt_text(row["prompt"])
         for response in row["responses"]:
             gold.setdefault(row["step"], []).append(gold_reward(prompt, response))
             letters.setdefault(row["step"], []).append(len("".join(response.split())))
-    metrics = _jsonl(run_dir / "metrics.jsonl")
-    evaluation = json.loads((run_dir / "gold_eval.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     return {
         "gold": {step: mean(v) for step, v in sorted(gold.items())},
@@ -83,9 +79,8 @@ def run_curves(run_dir: Path) -> dict[str, dict[int, float]]:
     }
 
 
-def run_summary(run_dir: Path, curves: dict[str, dict[int, float]]) -> dict[str, float]:
-    """The table's numbers of one run and seed."""
-    evaluation = json.loads((run_dir / "gold_eval.json").read_text())
+def run_summary(evaluation: dict[str, Any], curves: dict[str, dict[int, float]]) -> dict[str, float]:
+    """The table's numbers of one run and seed, from its gold_eval.json and its curves."""
     gold = list(curves["gold"].values())
     keep = list(curves["keep_rate"].values())
     return {
@@ -201,18 +196,20 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
                  settings: dict[str, Any]) -> Path:
     """results.json, results.md and the plots, from every seed's runs under ``output_dir``."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    curves = {run: [run_curves(output_dir / f"seed_{s}" / "runs" / run) for s in seeds] for run in runs}
-    per_seed = {run: [run_summary(output_dir / f"seed_{s}" / "runs" / run, c) for s, c in zip(seeds, curves[run])]
-                for run in runs}
+    run_dirs = {run: [output_dir / f"seed_{s}" / "runs" / run for s in seeds] for run in runs}
+    evaluations = {run: [json.loads((d / "gold_eval.json").read_text()) for d in dirs]
+                   for run, dirs in run_dirs.items()}
+    curves = {run: [run_curves(d, e) for d, e in zip(run_dirs[run], evaluations[run])] for run in runs}
+    per_seed = {run: [run_summary(e, c) for e, c in zip(evaluations[run], curves[run])] for run in runs}
     table = {run: {column: mean_interval([r[column] for r in rows]) for column in COLUMNS}
              for run, rows in per_seed.items()}
     initial_rows = [json.loads((output_dir / f"seed_{s}" / "data" / "initial_policy.json").read_text())
                     for s in seeds]
-    frozen_accuracy = [json.loads((output_dir / f"seed_{s}" / "runs" / runs[0] / "gold_eval.json").read_text())
-                       ["proxy_accuracy_initial_policy_pairs"] for s in seeds]
+    # Every run of a seed carries the same proxy accuracy on the initial policy's pairs.
+    proxy_accuracy = [e["proxy_accuracy_initial_policy_pairs"] for e in evaluations[runs[0]]]
     initial = {"gold": mean_interval([r["gold"] for r in initial_rows]),
                "rm_pairs": mean_interval([r["rm_pairs"] for r in initial_rows]),
-               "proxy_accuracy": mean_interval(frozen_accuracy)}
+               "proxy_accuracy": mean_interval(proxy_accuracy)}
     paired = {}
     if "frozen" in runs:
         paired = {run: {column: mean_interval([paired_differences(r, f)[column] for r, f in
