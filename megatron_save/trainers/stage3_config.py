@@ -9,6 +9,7 @@ from omegaconf import MISSING
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
+from megatron_save.trainers.offload import OffloadSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
 
 RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "r2m")
@@ -143,6 +144,8 @@ class Stage3Config:
     """Rollout engine and sampling."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline layout shared by the policy, its reference and the reward model."""
+    offload: OffloadSettings = field(default_factory=OffloadSettings)
+    """Optimizer states, gradient buffers and reference weights moved off the GPU while idle."""
 
 
 def check_stage3_config(cfg: Stage3Config) -> None:

@@ -34,6 +34,7 @@ from megatron_save.rollout import TransformersRolloutEngine
 from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
 from megatron_save.rollout.distributed import generate_data_parallel, is_rollout_rank, sync_weights
 from megatron_save.trainers.common import ensure_output_dir, progress, run_from_command_line
+from megatron_save.trainers.offload import IdleOffload
 from megatron_save.trainers.optimizer import TrainState, build_train_state
 from megatron_save.trainers.policy_update import policy_mini_batches, policy_rows, token_advantages, update_policy
 from megatron_save.trainers.rl_groups import (
@@ -94,6 +95,8 @@ class Stage3Run:
     """Static preference pairs of the offline_bt strategy."""
     r2m_state: TrainState | None = None
     """R2M's policy-feedback head with its optimizer (the r2m strategy; the reward model itself stays frozen)."""
+    offload: IdleOffload | None = None
+    """Moves idle optimizer states, gradient buffers and reference weights off the device between phases."""
 
     def trained_states(self) -> dict[str, TrainState]:
         """The models this run trains, by checkpoint name."""
@@ -153,8 +156,10 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     if cfg.reward.strategy == "r2m":
         head = build_r2m_head(reward_model, policy, cfg.reward.r2m_width, cfg.seed)
         r2m_state = build_train_state(head, cfg.reward.optim, cfg.total_steps)
-    return Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
-                     reward_tokenizer, policy_hf, offline_pairs, r2m_state)
+    run = Stage3Run(prompts, policy, policy_state, reference, reward_model, reward_state, engine, policy_tokenizer,
+                    reward_tokenizer, policy_hf, offline_pairs, r2m_state)
+    run.offload = IdleOffload(cfg.offload, run.trained_states(), reference)
+    return run
 
 
 _SUMMARY = ("filter/reward_mean", "filter/keep_rate", "filter/kept_prompts_fraction", "rm/reward_loss",
@@ -206,6 +211,7 @@ def train_stage3(cfg: Stage3Config) -> Path:
         truncate_history(Path(cfg.output_dir) / ROLLOUT_LOG, start)
         logger.info("resumed from %s at step %d", checkpoint, start)
     run.sync_rollout_weights()
+    run.offload.offload_all()
     writer = MetricsWriter(cfg.output_dir, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
     bar = progress(cfg.total_steps, f"stage 3 ({cfg.reward.strategy})")
     bar.update(start)
@@ -219,7 +225,8 @@ def train_stage3(cfg: Stage3Config) -> Path:
                         keep=f"{metrics.get('filter/keep_rate', float('nan')):.2f}")
         bar.update()
         if step == last or (cfg.save_every and step % cfg.save_every == 0):
-            save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints)
+            with run.offload.resident(*run.trained_states()):
+                save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints)
     bar.close()
     writer.close()
     if last == cfg.total_steps:
@@ -253,7 +260,7 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         if strategy.startswith("save") and not partition.prompt_keep.any():
             counters["value_only_rm_updates"] += 1
             logger.info("step %d: every prompt filtered out; value-only reward-model update", step)
-        with timer.phase("rm_update"):
+        with timer.phase("rm_update"), run.offload.resident("reward"):
             metrics |= update_reward_model(run.reward_state, cfg.reward, groups, scores, partition, step, rm_pad,
                                            cfg.seed, run.offline_pairs)
         with timer.phase("rescore"):
@@ -313,7 +320,7 @@ def r2m_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) ->
     log_rollouts(run, cfg, step, groups, scores, partition)
     if run.policy_state is not None:
         metrics |= train_policy(run, cfg, groups, scores, partition, counters, timer, step)
-    with timer.phase("rm_update"):
+    with timer.phase("rm_update"), run.offload.resident("r2m_head"):
         feedback.policy_hidden, feedback.policy_mask = policy_hidden_states(
             run.policy, groups, feedback.slots, policy_pad, settings.micro_batch_size * cfg.rollout.sampling.n)
         metrics |= update_r2m_head(run.r2m_state, feedback, groups.valid, omega, settings.r2m_alpha)
@@ -328,12 +335,12 @@ def train_policy(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, score
         counters["policy_updates_skipped_nothing_kept"] += 1
         logger.warning("step %d: the filter kept no response; policy update skipped", step)
         return {}
-    with timer.phase("policy_logprobs"):
+    with timer.phase("policy_logprobs"), run.offload.resident("reference"):
         advantages = token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths)
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
                                                     pad_id_of(run.policy_tokenizer))
-    with timer.phase("policy_update"):
+    with timer.phase("policy_update"), run.offload.resident("policy"):
         metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, cfg.rollout.sampling.max_new_tokens)
     with timer.phase("weight_sync"):
         run.sync_rollout_weights()
