@@ -2,5 +2,6 @@
 
 from megatron_save.rollout.engine import RolloutEngine, Rollouts, SamplingSettings
 from megatron_save.rollout.transformers_engine import TransformersRolloutEngine
+from megatron_save.rollout.vllm_engine import VLLMRolloutEngine, VLLMSettings
 
-__all__ = ["RolloutEngine", "Rollouts", "SamplingSettings", "TransformersRolloutEngine"]
+__all__ = ["RolloutEngine", "Rollouts", "SamplingSettings", "TransformersRolloutEngine", "VLLMRolloutEngine", "VLLMSettings"]

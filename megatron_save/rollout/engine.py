@@ -66,3 +66,20 @@ class RolloutEngine(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Loads the policy's new weights, given as (HF name, full tensor) pairs."""
         ...
+
+
+def check_weight_stream(incoming: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+                        optional: set[str]) -> None:
+    """Refuses new policy weights (HF name -> tensor) that do not fit the rollout model's ``expected`` shapes,
+    before any is loaded: unknown names, wrong shapes, and missing names (except ``optional`` ones, such as an
+    LM head tied to the embedding)."""
+    unknown = sorted(set(incoming) - set(expected))
+    if unknown:
+        raise KeyError(f"update_weights: the rollout model has no tensor {unknown[0]!r}")
+    for name, tensor in incoming.items():
+        if expected[name] != tensor.shape:
+            raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
+                             f"the rollout model expects {tuple(expected[name])}")
+    missing = sorted(set(expected) - set(incoming) - optional)
+    if missing:
+        raise ValueError(f"update_weights: no new value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from megatron_save.rollout.engine import Rollouts, SamplingSettings
+from megatron_save.rollout.engine import Rollouts, SamplingSettings, check_weight_stream
 
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -108,17 +108,8 @@ class TransformersRolloutEngine:
         # a bad stream leaves the model untouched.
         incoming = dict(named_tensors)
         params = self.model.state_dict()
-        unknown = sorted(set(incoming) - set(params))
-        if unknown:
-            raise KeyError(f"update_weights: the rollout model has no tensor {unknown[0]!r}")
-        for name, tensor in incoming.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
-                                 f"the rollout model expects {tuple(params[name].shape)}")
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        missing = sorted(set(params) - set(incoming) - tied)
-        if missing:
-            raise ValueError(f"update_weights: no new value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        check_weight_stream(incoming, {name: p.shape for name, p in params.items()}, optional=tied)
         for name, tensor in incoming.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         self.weights_loaded = True

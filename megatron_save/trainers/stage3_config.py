@@ -9,13 +9,14 @@ from omegaconf import MISSING
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
+from megatron_save.rollout.vllm_engine import VLLMSettings, check_vllm_layout
 from megatron_save.trainers.offload import OffloadSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
 
 RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "r2m")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 POLICY_LOSSES = ("ppo_clip", "gspo")
-ROLLOUT_BACKENDS = ("transformers", "megatron")
+ROLLOUT_BACKENDS = ("transformers", "megatron", "vllm")
 
 
 @dataclass
@@ -89,9 +90,11 @@ class RolloutSettings:
     """How responses are sampled."""
 
     backend: str = "transformers"
-    """transformers (HF generate on the first rank of each model-parallel group, fed by weight sync) or megatron
+    """transformers (HF generate on the first rank of each model-parallel group, fed by weight sync), megatron
     (Megatron-Core's static inference engine on the sharded policy itself: no weight copy; top_k or top_p, not
-    both; stops at EOS only)."""
+    both; stops at EOS only) or vllm (vLLM's engine on every rank, GPU only, fed by weight sync)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """rollout.backend=vllm: engine size, GPU memory share, sleep between rollouts."""
     max_batch_size: int = 64
     """Sequences generated at once on one rank (bounds the KV cache; the rest waits for the next batch)."""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(
@@ -159,6 +162,8 @@ def check_stage3_config(cfg: Stage3Config) -> None:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
     if cfg.rollout.backend == "megatron":
         check_megatron_sampling(cfg.rollout.sampling)
+    if cfg.rollout.backend == "vllm":
+        check_vllm_layout(cfg.rollout.vllm, cfg.parallel.tensor_model_parallel_size)
     if cfg.reward.strategy == "offline_bt" and not cfg.reward.offline_data:
         raise ValueError("reward.strategy=offline_bt needs reward.offline_data (preference pairs)")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":

@@ -33,6 +33,7 @@ from megatron_save.models.gpt_config import DTYPES, model_shape
 from megatron_save.rollout import TransformersRolloutEngine
 from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
 from megatron_save.rollout.distributed import generate_data_parallel, is_rollout_rank, sync_weights
+from megatron_save.rollout.vllm_engine import VLLMRolloutEngine
 from megatron_save.trainers.common import ensure_output_dir, progress, run_from_command_line
 from megatron_save.trainers.offload import IdleOffload
 from megatron_save.trainers.optimizer import TrainState, build_train_state
@@ -82,9 +83,9 @@ class Stage3Run:
     """This rank's stage of the reward model (unwrapped)."""
     reward_state: TrainState | None
     """Reward model with optimizer and schedule; None for the frozen strategy."""
-    engine: TransformersRolloutEngine | MegatronRolloutEngine | None
+    engine: TransformersRolloutEngine | MegatronRolloutEngine | VLLMRolloutEngine | None
     """Rollout engine: transformers on the first rank of each model-parallel group (None elsewhere), or
-    Megatron-Core's on every rank."""
+    Megatron-Core's or vLLM's on every rank."""
     policy_tokenizer: Any
     """The policy's tokenizer (prompts, and decoding responses for the RM)."""
     reward_tokenizer: Any
@@ -143,10 +144,12 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     if cfg.reward.strategy == "offline_bt":
         offline_pairs, _ = load_preference_pairs(cfg.reward.offline_data, reward_tokenizer, cfg.reward.max_length,
                                                  cfg.reward.offline_split)
-    engine = None
+    engine, longest = None, cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
     if cfg.rollout.backend == "megatron":
-        longest = cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
         engine = MegatronRolloutEngine(policy, policy_tokenizer, longest, cfg.rollout.max_batch_size)
+    elif cfg.rollout.backend == "vllm":
+        engine = VLLMRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, cfg.rollout.vllm,
+                                   DTYPES[policy_meta.dtype], longest, cfg.rollout.max_batch_size, cfg.seed)
     elif is_rollout_rank():
         # Behaviour log-probs are not needed (the policy's own are recomputed) and would keep a full vocabulary
         # of scores per generated token.

@@ -196,6 +196,11 @@ def test_config_refusals_name_the_setting():
     cfg.policy.loss = "dpo"
     with pytest.raises(ValueError, match="policy.loss='dpo'"):
         check_stage3_config(cfg)
+    cfg = Stage3Config(output_dir="o", train_data="d")
+    cfg.rollout.backend = "vllm"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="rollout.backend=vllm needs CUDA GPUs"):
+            check_stage3_config(cfg)
 
 
 def test_latest_checkpoint_marker(tmp_path):
