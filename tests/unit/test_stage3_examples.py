@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import REPO
 
 from megatron_save.config import load_config
@@ -30,3 +31,14 @@ def test_overlays_override_in_order():
                       ["policy.clip_high=0.001"])
     assert (cfg.policy.loss, cfg.policy.clip_low, cfg.policy.clip_high) == ("gspo", 3e-4, 0.001)
     assert cfg.rollout.sampling.n == 16 and cfg.total_steps == 320  # Table 8 kept
+
+
+def test_vllm_overlay_loads_and_is_refused_without_cuda():
+    cfg = load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml", EXAMPLES / "rollout/vllm.yaml"])
+    assert (cfg.rollout.backend, cfg.rollout.vllm.tensor_parallel_size) == ("vllm", 2)
+    assert cfg.offload.optimizer and cfg.offload.gradients and cfg.offload.reference
+    if torch.cuda.is_available():
+        check_stage3_config(cfg)
+    else:
+        with pytest.raises(ValueError, match="rollout.backend=vllm needs CUDA GPUs"):
+            check_stage3_config(cfg)
