@@ -4,4 +4,6 @@ from megatron_save.rollout.engine import RolloutEngine, Rollouts, SamplingSettin
 from megatron_save.rollout.transformers_engine import TransformersRolloutEngine
 from megatron_save.rollout.vllm_engine import VLLMRolloutEngine, VLLMSettings
 
-__all__ = ["RolloutEngine", "Rollouts", "SamplingSettings", "TransformersRolloutEngine", "VLLMRolloutEngine", "VLLMSettings"]
+__all__ = [
+    "RolloutEngine", "Rollouts", "SamplingSettings", "TransformersRolloutEngine", "VLLMRolloutEngine", "VLLMSettings",
+]

@@ -48,14 +48,29 @@ class VLLMSettings:
     """Decode without CUDA graphs (less memory and start-up time, slower decoding)."""
 
 
-def check_vllm_layout(settings: VLLMSettings, policy_tensor_parallel: int) -> None:
-    """Refuses a vLLM layout whose engines would span data-parallel shares, or a machine without CUDA."""
+def check_vllm_settings(settings: VLLMSettings, sampling: SamplingSettings, policy_tensor_parallel: int) -> None:
+    """Refuses, naming the setting, what vLLM would reject at the first rollout or later: no CUDA, no torchrun
+    (the external launcher reads RANK and LOCAL_RANK), an engine spanning data-parallel shares, and sampling
+    values outside vLLM's ranges."""
     if not torch.cuda.is_available():
         raise ValueError("rollout.backend=vllm needs CUDA GPUs; on CPU use rollout.backend=megatron or transformers")
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        raise ValueError("rollout.backend=vllm runs under torchrun (vLLM's external launcher reads RANK and "
+                         "LOCAL_RANK): launch with torchrun --nproc-per-node N")
     if settings.tensor_parallel_size < 1 or policy_tensor_parallel % settings.tensor_parallel_size:
         raise ValueError(f"rollout.vllm.tensor_parallel_size={settings.tensor_parallel_size} must divide "
                          f"parallel.tensor_model_parallel_size={policy_tensor_parallel}: a vLLM engine's ranks "
                          "must share one data-parallel share of the prompts")
+    if not 0.0 <= sampling.temperature <= 2.0:
+        raise ValueError(f"rollout.sampling.temperature={sampling.temperature}: vLLM accepts 0 to 2")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"rollout.sampling.top_p={sampling.top_p}: vLLM accepts (0, 1]")
+
+
+def request_seed(seed: int, row: int) -> int:
+    """Sampling seed of request ``row`` under a rank's seed: distinct for every (seed, row) with fewer than 10^6
+    rows (the ranks' seeds are consecutive, so ``seed + row`` would give rank d's row r + 1 rank d + 1's row r)."""
+    return (seed * 1_000_003 + row) % 2**63
 
 
 def import_vllm() -> Any:
@@ -88,14 +103,13 @@ class VLLMRolloutEngine:
     collective = True
     shares_policy_weights = False
 
-    def __init__(self, model_dir: str | Path, settings: VLLMSettings, dtype: str, max_model_len: int,
+    def __init__(self, model_dir: str | Path, settings: VLLMSettings, dtype: torch.dtype, max_model_len: int,
                  max_batch_size: int, seed: int, return_logprobs: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         # Read when the engine is built: the engine stays in this process, so update_weights reaches its model.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        vllm = import_vllm()
-        self.vllm = vllm
+        self.vllm = import_vllm()
         self.settings = settings
         self.return_logprobs = return_logprobs
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -106,7 +120,7 @@ class VLLMRolloutEngine:
         self.tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         self.weights_loaded = any(any(Path(model_dir).glob(pattern)) for pattern in _WEIGHT_PATTERNS)
         with preserved_global_rng():
-            self.llm = vllm.LLM(
+            self.llm = self.vllm.LLM(
                 model=str(model_dir), dtype=dtype, seed=seed, tensor_parallel_size=settings.tensor_parallel_size,
                 distributed_executor_backend="external_launcher",
                 gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -131,7 +145,7 @@ class VLLMRolloutEngine:
             self.asleep = False
 
     def sampling_params(self, sampling: SamplingSettings, row: int) -> Any:
-        """vLLM's SamplingParams for one response: row ``row`` of the request gets seed ``seed + row``."""
+        """vLLM's SamplingParams for response ``row`` of a request (its own seed, from the request's)."""
         stop_ids = sorted({self.tokenizer.eos_token_id, *sampling.stop_token_ids} - {None})
         greedy = sampling.temperature == 0
         return self.vllm.SamplingParams(
@@ -139,7 +153,7 @@ class VLLMRolloutEngine:
             top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,  # -1: off, in every vLLM release
             max_tokens=sampling.max_new_tokens, stop_token_ids=stop_ids, ignore_eos=False,
             logprobs=0 if self.return_logprobs else None,  # 0: the sampled token's own log-prob only
-            seed=None if sampling.seed is None else sampling.seed + row, detokenize=False,
+            seed=None if sampling.seed is None else request_seed(sampling.seed, row), detokenize=False,
         )
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:

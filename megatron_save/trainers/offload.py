@@ -1,10 +1,13 @@
-"""Idle training state off the GPU between the phases of a stage-3 step, with Megatron-Core's own offload calls.
+"""Idle training state off the GPU between the phases of a stage-3 step.
 
 A SAVE step runs rollout, scoring, the reward-model update and the policy update one after another on the same
-ranks, so each model's optimizer state and gradient buffers sit unused through most of the step. Megatron-Core
-0.16 moves an optimizer's state to host memory (``MegatronOptimizer.offload_to_cpu`` / ``restore_from_cpu``) and
-frees and reallocates DDP gradient buffers (``DistributedDataParallel.offload_grad_buffers`` /
-``restore_grad_buffers``); :class:`IdleOffload` calls them so that only the phase's own model holds them.
+ranks, so each model's optimizer state and gradient buffers sit unused through most of the step. Gradient
+buffers are freed and reallocated with Megatron-Core's ``DistributedDataParallel.offload_grad_buffers`` /
+``restore_grad_buffers``. Megatron's optimizer ``offload_to_cpu`` is not used: it moves every parameter of the
+optimizer's groups, and some of those are the model's own weights (all of them in fp32 training; the fp32 reward
+and value heads of a bf16 reward model, which scoring needs on the device). :func:`optimizer_own_tensors`
+selects what the optimizer alone holds (Adam moments, fp32 main copies of bf16 / fp16 weights) and only that
+moves.
 """
 
 from __future__ import annotations
@@ -27,22 +30,65 @@ class OffloadSettings:
     """What leaves the GPU while it is idle between the phases of a step (room for larger rollout batches)."""
 
     optimizer: bool = False
-    """Adam moments and fp32 main weights of each trained model to host memory outside its own update (bf16 /
-    fp16 models: with fp32 weights Megatron's optimizer holds the model's own parameters, which stay)."""
+    """Each trained model's Adam moments and fp32 main copies of bf16 / fp16 weights to host memory outside its
+    own update (weights the optimizer steps in place, fp32 ones, stay)."""
     gradients: bool = False
     """Free each trained model's gradient buffers outside its own update (reallocated and zeroed before it)."""
     reference: bool = False
     """The frozen reference policy's weights to host memory except while its log-probs are computed."""
 
 
-def optimizer_holds_model_weights(state: TrainState) -> bool:
-    """True when the optimizer's parameters share storage with the model's weights (fp32 training, where
-    Megatron's optimizer steps the model's own parameters): moving them would move the model."""
-    weights = {p.untyped_storage().data_ptr() for p in state.module.parameters()}
-    weights |= {b.param_data.untyped_storage().data_ptr() for b in state.model.buffers if b.param_data is not None}
-    weights.discard(0)
-    return any(p.untyped_storage().data_ptr() in weights
-               for group in state.optimizer.param_groups for p in group["params"])
+def _model_storages(state: TrainState) -> set[int]:
+    """Addresses of the storages of the model's weights (its parameters and DDP's contiguous parameter buffers)."""
+    storages = {p.untyped_storage().data_ptr() for p in state.module.parameters()}
+    storages |= {b.param_data.untyped_storage().data_ptr() for b in state.model.buffers if b.param_data is not None}
+    return storages - {0}
+
+
+def optimizer_own_tensors(state: TrainState) -> tuple[list[torch.Tensor], list[tuple[dict, str]]]:
+    """What the optimizer holds apart from the model: (its group parameters that share no storage with the
+    model's weights, i.e. fp32 main copies of low-precision weights; the (state dict, key) slots of its state
+    tensors, e.g. Adam's moments)."""
+    model = _model_storages(state)
+    chained = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
+    inner = [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
+    params = [p for o in inner for group in o.param_groups for p in group["params"]
+              if p.untyped_storage().data_ptr() not in model]
+    slots = [(values, key) for o in inner for values in o.state.values()
+             for key, value in values.items() if isinstance(value, torch.Tensor)]
+    return params, slots
+
+
+@dataclass
+class MovedTensors:
+    """Optimizer tensors moved to host memory, each with the device it came from."""
+
+    params: list[tuple[torch.Tensor, torch.device]]
+    """Group parameters (moved through ``.data``, so the optimizer keeps the same objects)."""
+    slots: list[tuple[dict, str, torch.device]]
+    """(state dict, key) slots of state tensors."""
+
+
+def optimizer_to_host(state: TrainState) -> MovedTensors:
+    """Moves the optimizer's own device tensors to host memory; returns what moved."""
+    params, slots = optimizer_own_tensors(state)
+    moved = MovedTensors([(p, p.device) for p in params if p.device.type != "cpu"],
+                         [(values, key, values[key].device) for values, key in slots
+                          if values[key].device.type != "cpu"])
+    for param, _ in moved.params:
+        param.data = param.data.cpu()
+    for values, key, _ in moved.slots:
+        values[key] = values[key].cpu()
+    return moved
+
+
+def optimizer_back(moved: MovedTensors) -> None:
+    """Puts what :func:`optimizer_to_host` moved back on its device (host-resident state, such as the step
+    counter of torch's Adam, never left and stays on the host)."""
+    for param, device in moved.params:
+        param.data = param.data.to(device)
+    for values, key, device in moved.slots:
+        values[key] = values[key].to(device)
 
 
 class IdleOffload:
@@ -54,18 +100,12 @@ class IdleOffload:
     """
 
     def __init__(self, settings: OffloadSettings, states: dict[str, TrainState], reference: torch.nn.Module | None):
-        if settings.optimizer:
-            for name, state in states.items():
-                if optimizer_holds_model_weights(state):
-                    raise ValueError(
-                        f"offload.optimizer=true: the {name} optimizer steps the model's own fp32 weights, which "
-                        "every phase that runs the model needs; train in bf16 (convert with --dtype bf16) or set "
-                        "offload.optimizer=false")
         self.settings = settings
         self.states = states
         self.reference = reference if settings.reference else None
         self.cuda = torch.cuda.is_available()
         self.offloaded: set[str] = set()
+        self.moved: dict[str, MovedTensors] = {}
         if self.managed():
             moved = [what for what, on in (("optimizer states", settings.optimizer),
                                            ("gradient buffers", settings.gradients)) if on and states]
@@ -86,7 +126,7 @@ class IdleOffload:
             else:
                 state = self.states[name]
                 if self.settings.optimizer:
-                    state.optimizer.offload_to_cpu()
+                    self.moved[name] = optimizer_to_host(state)
                 if self.settings.gradients:
                     state.model.offload_grad_buffers(synchronize=self.cuda, empty_cache=self.cuda)
             self.offloaded.add(name)
@@ -101,7 +141,7 @@ class IdleOffload:
             else:
                 state = self.states[name]
                 if self.settings.optimizer:
-                    state.optimizer.restore_from_cpu()
+                    optimizer_back(self.moved.pop(name))
                 if self.settings.gradients:
                     state.model.restore_grad_buffers(synchronize=self.cuda)
             self.offloaded.discard(name)

@@ -9,7 +9,7 @@ from omegaconf import MISSING
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
-from megatron_save.rollout.vllm_engine import VLLMSettings, check_vllm_layout
+from megatron_save.rollout.vllm_engine import VLLMSettings, check_vllm_settings
 from megatron_save.trainers.offload import OffloadSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
 
@@ -163,7 +163,7 @@ def check_stage3_config(cfg: Stage3Config) -> None:
     if cfg.rollout.backend == "megatron":
         check_megatron_sampling(cfg.rollout.sampling)
     if cfg.rollout.backend == "vllm":
-        check_vllm_layout(cfg.rollout.vllm, cfg.parallel.tensor_model_parallel_size)
+        check_vllm_settings(cfg.rollout.vllm, cfg.rollout.sampling, cfg.parallel.tensor_model_parallel_size)
     if cfg.reward.strategy == "offline_bt" and not cfg.reward.offline_data:
         raise ValueError("reward.strategy=offline_bt needs reward.offline_data (preference pairs)")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":

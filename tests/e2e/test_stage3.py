@@ -79,11 +79,11 @@ def test_megatron_rollouts_and_r2m_match_across_layouts(tiny_models, rl_data, tm
 
 def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_models, rl_data, tmp_path, world_of_one):
     """Two data-parallel ranks: 3 steps straight vs 2 steps, exit, relaunch; identical parameters. The resumed
-    launches also free idle gradient buffers and move the reference between phases (offload), which must change
-    nothing either, checkpoints written and read included."""
+    launches also offload idle state between phases (gradient buffers freed; optimizer and reference moves, which
+    have nothing to move on CPU), which must change nothing either, checkpoints written and read included."""
     common = (tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"], "total_steps=3",
               "reward.strategy=save", "parallel.tensor_model_parallel_size=1", "prompts_per_step=4")
-    offload = ("offload.gradients=true", "offload.reference=true")
+    offload = ("offload.gradients=true", "offload.optimizer=true", "offload.reference=true")
     run_stage3(2, tmp_path / "straight", *common)
     run_stage3(2, tmp_path / "resumed", *common, *offload, "exit_after_steps=2")
     assert not (tmp_path / "resumed" / "policy").exists()

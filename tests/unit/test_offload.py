@@ -1,8 +1,8 @@
 """Idle-state offload between stage-3 phases: gradient buffers are really freed and come back zeroed, only the
-named model is resident, and optimizer offload is refused where it would move the model's own weights.
+named model is resident, and the optimizer offload selects the optimizer's own tensors, never the model's weights.
 
-On CPU Megatron's optimizer ``offload_to_cpu`` has nothing to move (its tensors are not on CUDA); freeing the
-gradient buffers releases their storage on any device, which is what is measured here."""
+Freeing gradient buffers releases their storage on any device, which is measured here. Moving optimizer tensors
+to host memory moves nothing on CPU (they are there already): what is tested is which tensors would move."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_save.checkpoint import build_model_from_checkpoint
-from megatron_save.trainers.offload import IdleOffload, OffloadSettings, optimizer_holds_model_weights
+from megatron_save.trainers.offload import IdleOffload, OffloadSettings, optimizer_own_tensors, optimizer_to_host
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 
 
@@ -46,23 +46,15 @@ def test_gradient_buffers_are_freed_while_idle_and_zeroed_when_back(tiny_models,
 
 
 def test_training_inside_resident_matches_training_without_offload(tiny_models, world_of_one):
-    from helpers import token_batch
-
-    from megatron_save.data.batching import DemonstrationBatch
-    from megatron_save.trainers.sft import sft_loss
-    from megatron_save.trainers.step import train_step
-
-    input_ids, mask = token_batch(batch=2, seq=10)
-    batch = DemonstrationBatch(input_ids=input_ids, attention_mask=mask, loss_mask=mask[:, 1:].clone())
     results = []
-    for settings in (OffloadSettings(), OffloadSettings(gradients=True)):
+    for settings in (OffloadSettings(), OffloadSettings(optimizer=True, gradients=True)):
         torch.manual_seed(0)
         states = _states(tiny_models["llama-lm"]["mg"])
         offload = IdleOffload(settings, states, reference=None)
         offload.offload_all()
         for _ in range(2):
             with offload.resident("policy"):
-                train_step(states["policy"], [batch], sft_loss, ["loss"])
+                _one_step(states["policy"])
         results.append({n: p.detach().clone() for n, p in states["policy"].module.named_parameters()})
     for name, value in results[0].items():
         assert torch.equal(value, results[1][name]), name
@@ -83,8 +75,43 @@ def test_reference_moves_only_when_managed(tiny_models, world_of_one):
     assert IdleOffload(OffloadSettings(), {}, reference).managed() == []
 
 
-def test_optimizer_offload_is_refused_for_fp32_weights(tiny_models, world_of_one):
-    states = _states(tiny_models["llama-lm"]["mg"])
-    assert optimizer_holds_model_weights(states["policy"])
-    with pytest.raises(ValueError, match=r"offload.optimizer=true: the policy optimizer steps the model's own fp32"):
-        IdleOffload(OffloadSettings(optimizer=True), states, reference=None)
+def _one_step(state) -> None:
+    from helpers import token_batch
+
+    from megatron_save.data.batching import DemonstrationBatch
+    from megatron_save.trainers.sft import sft_loss
+    from megatron_save.trainers.step import train_step
+
+    input_ids, mask = token_batch(batch=2, seq=10)
+    batch = DemonstrationBatch(input_ids=input_ids, attention_mask=mask, loss_mask=mask[:, 1:].clone())
+    train_step(state, [batch], sft_loss, ["loss"])
+
+
+def test_optimizer_offload_leaves_fp32_weights_in_place(tiny_models, world_of_one):
+    state = _states(tiny_models["llama-lm"]["mg"])["policy"]
+    _one_step(state)
+    params, slots = optimizer_own_tensors(state)
+    assert params == []  # fp32 training: every group parameter is a model weight, stepped in place
+    keys = {key for values, key in slots}
+    assert {"exp_avg", "exp_avg_sq"} <= keys
+    assert len([1 for _, key in slots if key == "exp_avg"]) == len(list(state.module.parameters()))
+    moved = optimizer_to_host(state)  # all of it is on the host already
+    assert moved.params == [] and moved.slots == []
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
+def test_optimizer_offload_of_a_bf16_reward_model_keeps_its_fp32_heads(distributed, tiny_models, world_of_one,
+                                                                         tmp_path):
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+
+    convert_hf_to_megatron(tiny_models["llama-rmv"]["hf"], tmp_path / "bf16", dtype="bf16")
+    model = build_model_from_checkpoint(tmp_path / "bf16")[0]
+    state = build_train_state(model, OptimizerSettings(lr=1e-3, use_distributed_optimizer=distributed), 4)
+    heads = {name: p for name, p in model.named_parameters() if p.dtype == torch.float32}
+    assert sorted(heads) == ["output_layer.reward_head.weight", "output_layer.value_head.weight"]
+    params, _ = optimizer_own_tensors(state)
+    # One fp32 main copy per bf16 weight (a shard of it with the distributed optimizer), none of them a head.
+    assert all(p.dtype == torch.float32 for p in params)
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in model.parameters() if p.dtype == torch.bfloat16)
+    model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in model_storages for p in params)

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.rollout import SamplingSettings, VLLMRolloutEngine, VLLMSettings
-from megatron_save.rollout.vllm_engine import check_vllm_layout, preserved_global_rng
+from megatron_save.rollout.vllm_engine import check_vllm_settings, preserved_global_rng, request_seed
 
 
 @dataclass
@@ -70,7 +70,7 @@ class StandInLLM:
         outputs = []
         for prompt, p in zip(prompts, params):
             ids = prompt["prompt_token_ids"]
-            start = 10 + ids[-1] + (p.seed or 0)
+            start = 10 + ids[-1] + (p.seed or 0) % 1000
             if ids[-1] % 2:
                 tokens, reason = [start, start + 1, p.stop_token_ids[0]], "stop"
             else:
@@ -148,10 +148,11 @@ def test_generate_groups_responses_and_reads_vllm_outputs(stand_in_vllm, tiny_mo
     assert engine.llm.events == ["sleep1", "wake_up", "generate", "sleep1"]
     assert rollouts.prompt_ids == [[5, 7], [6, 8]]
     stop = min(3, eos)
-    # Rows 0-3 carry seeds 100-103 (10 + last prompt token + seed starts each response). Prompt 0 (last token
-    # odd) stops after 2 tokens, the stop token kept; prompt 1 runs to max_new_tokens.
-    assert rollouts.response_ids == [[[117, 118, stop], [118, 119, stop]],
-                                     [[120, 121, 122, 123], [121, 122, 123, 124]]]
+    # Row r carries seed 100 * 1000003 + r, = 300 + r mod 1000 (10 + last prompt token + that starts each
+    # response). Prompt 0 (last token odd) stops after 2 tokens, the stop token kept; prompt 1 runs to
+    # max_new_tokens.
+    assert rollouts.response_ids == [[[317, 318, stop], [318, 319, stop]],
+                                     [[320, 321, 322, 323], [321, 322, 323, 324]]]
     assert rollouts.truncated == [[False, False], [True, True]]
     assert rollouts.logprobs[0][0] == pytest.approx([-0.1, -0.2, -0.3])
     assert len(rollouts.logprobs[1][1]) == 4
@@ -163,7 +164,8 @@ def test_sampling_params_follow_the_settings(stand_in_vllm, tiny_models):
     params = engine.sampling_params(SamplingSettings(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=9,
                                                      stop_token_ids=[3], seed=10), row=4)
     assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (1, 0.7, 0.8, 20, 9)
-    assert params.stop_token_ids == sorted({3, eos}) and params.seed == 14 and params.logprobs is None
+    assert params.stop_token_ids == sorted({3, eos}) and params.seed == 10 * 1_000_003 + 4
+    assert params.logprobs is None
     greedy = engine.sampling_params(SamplingSettings(temperature=0.0, top_p=0.8, top_k=0), row=0)
     assert (greedy.top_p, greedy.top_k, greedy.seed) == (1.0, -1, None)
 
@@ -199,18 +201,33 @@ def test_update_weights_checks_the_stream_then_loads_it_awake(family, stand_in_v
     engine.generate([[5, 7]], SamplingSettings(n=1, max_new_tokens=3))
 
 
+def test_request_seeds_never_repeat_across_neighbouring_ranks():
+    # Rank d samples with seed base + d; 64 rows per rank.
+    seeds = [request_seed(1234 + rank, row) for rank in range(8) for row in range(64)]
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_refusals_name_the_setting(monkeypatch, tiny_models, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)
     shutil.copytree(tiny_models["llama-lm"]["hf"], tmp_path / "hf")
     with pytest.raises(ImportError, match="rollout.backend=vllm needs vLLM"):
         _engine(tmp_path / "hf")
+    sampling = SamplingSettings()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="rollout.backend=vllm needs CUDA GPUs"):
-            check_vllm_layout(VLLMSettings(), 2)
+            check_vllm_settings(VLLMSettings(), sampling, 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="runs under torchrun"):
+        check_vllm_settings(VLLMSettings(), sampling, 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ValueError, match=r"rollout.vllm.tensor_parallel_size=4 must divide .*size=2"):
-        check_vllm_layout(VLLMSettings(tensor_parallel_size=4), 2)
-    check_vllm_layout(VLLMSettings(tensor_parallel_size=2), 4)
+        check_vllm_settings(VLLMSettings(tensor_parallel_size=4), sampling, 2)
+    for field, value in (("temperature", 2.5), ("top_p", 0.0)):
+        with pytest.raises(ValueError, match=f"rollout.sampling.{field}={value}"):
+            check_vllm_settings(VLLMSettings(), SamplingSettings(**{field: value}), 2)
+    check_vllm_settings(VLLMSettings(tensor_parallel_size=2), sampling, 4)
 
 
 def test_preserved_global_rng_restores_every_generator():
