@@ -30,6 +30,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # rollout.backend=vllm: its own environment, since vLLM pins the CUDA torch it was built with.
+        "vllm": ["vllm>=0.25"],
         "dev": ["pytest>=8"],
     },
 )

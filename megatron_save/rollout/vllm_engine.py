@@ -78,9 +78,9 @@ def import_vllm() -> Any:
     try:
         import vllm
     except ImportError as error:
-        raise ImportError("rollout.backend=vllm needs vLLM on a GPU machine: install it in its own environment "
-                          "(pip install vllm, then pip install -e . without a torch pin); or use "
-                          "rollout.backend=megatron or transformers") from error
+        raise ImportError("rollout.backend=vllm needs vLLM on a GPU machine: pip install -e \".[vllm]\" in its own "
+                          "environment (vLLM pins its CUDA torch); or use rollout.backend=megatron or transformers"
+                          ) from error
     return vllm
 
 
