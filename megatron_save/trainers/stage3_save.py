@@ -233,7 +233,8 @@ def train_stage3(cfg: Stage3Config) -> Path:
     bar.close()
     writer.close()
     if last == cfg.total_steps:
-        save_final_models(run, cfg)
+        with run.offload.resident(*run.trained_states()):  # R2M's final checkpoint holds its optimizer
+            save_final_models(run, cfg)
     else:
         logger.info("exit_after_steps=%d reached at step %d; launch again to resume", cfg.exit_after_steps, last)
     return Path(cfg.output_dir)

@@ -30,7 +30,10 @@ VARIANTS = {
     "mean_reward": ["reward.strategy=mean_reward"],
     "hl_bt": ["reward.strategy=hl_bt"],
     "frozen_policy": ["policy.frozen=true"],
-    "r2m": ["reward.strategy=r2m", "reward.r2m_width=16"],
+    # With every offload on: R2M's head trains in its own resident window and its final checkpoint holds its
+    # optimizer.
+    "r2m": ["reward.strategy=r2m", "reward.r2m_width=16", "offload.optimizer=true", "offload.gradients=true",
+            "offload.reference=true"],
     "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
     "rloo": ["policy.advantage=rloo", "policy.mini_batches=2", "policy.micro_batch_size=2"],
     "dr_grpo": ["policy.advantage=dr_grpo", "policy.aggregation=seq-mean-token-sum-norm"],
