@@ -55,8 +55,6 @@ def build_model(
         # Megatron builds on the CPU when asked to (use_cpu_initialization) and never moves the model itself.
         model.cuda(torch.cuda.current_device())
     if args.config.params_dtype != torch.float32:
-        # The local spec builds its norms in fp32 whatever params_dtype says; the scalar heads stay fp32.
+        # The local spec builds its norms in fp32 whatever params_dtype says.
         model.to(args.config.params_dtype)
-        if isinstance(model, RewardGPTModel) and model.post_process:
-            model.output_layer.float()
     return model

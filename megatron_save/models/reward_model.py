@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
+from torch.nn import functional as F
 
 
 class ScalarHeads(nn.Module):
@@ -17,19 +18,21 @@ class ScalarHeads(nn.Module):
     Stands where GPTModel keeps its vocab projection, so Megatron's own forward and pipeline schedules
     drive it. The heads are replicated on every tensor-parallel rank of the last pipeline stage.
     The value head reads a detached hidden state: it never sends gradient into the backbone.
+    The head weights are stored in the model's dtype like every other weight (Megatron's mixed-precision
+    optimizer keeps their fp32 main copies and checkpoints only models of one dtype) and upcast for the product.
     """
 
-    def __init__(self, hidden_size: int, value_head: bool):
+    def __init__(self, hidden_size: int, value_head: bool, dtype: torch.dtype):
         super().__init__()
-        self.reward_head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32)
-        self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32) if value_head else None
+        self.reward_head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+        self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype) if value_head else None
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
         # hidden_states: [S, B, H] -> scores: [S, B, 1] (reward) or [S, B, 2] (reward, value)
         hidden = hidden_states.float()
-        scores = [self.reward_head(hidden)]
+        scores = [F.linear(hidden, self.reward_head.weight.float())]
         if self.value_head is not None:
-            scores.append(self.value_head(hidden.detach()))
+            scores.append(F.linear(hidden.detach(), self.value_head.weight.float()))
         return torch.cat(scores, dim=-1), None
 
 
@@ -41,7 +44,8 @@ class RewardGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.has_value_head = value_head
         if self.post_process:
-            self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head)
+            self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head,
+                                            dtype=self.config.params_dtype)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # LanguageModule.sharded_state_dict expects a vocab ``output_layer.weight``; the scalar heads are plain

@@ -4,10 +4,9 @@ A SAVE step runs rollout, scoring, the reward-model update and the policy update
 ranks, so each model's optimizer state and gradient buffers sit unused through most of the step. Gradient
 buffers are freed and reallocated with Megatron-Core's ``DistributedDataParallel.offload_grad_buffers`` /
 ``restore_grad_buffers``. Megatron's optimizer ``offload_to_cpu`` is not used: it moves every parameter of the
-optimizer's groups, and some of those are the model's own weights (all of them in fp32 training; the fp32 reward
-and value heads of a bf16 reward model, which scoring needs on the device). :func:`optimizer_own_tensors`
-selects what the optimizer alone holds (Adam moments, fp32 main copies of bf16 / fp16 weights) and only that
-moves.
+optimizer's groups, and in fp32 training those are the model's own weights, which rollout sync and scoring need
+on the device. :func:`optimizer_own_tensors` selects what the optimizer alone holds (Adam moments, fp32 main
+copies of bf16 / fp16 weights) and only that moves.
 """
 
 from __future__ import annotations

@@ -100,18 +100,17 @@ def test_optimizer_offload_leaves_fp32_weights_in_place(tiny_models, world_of_on
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
-def test_optimizer_offload_of_a_bf16_reward_model_keeps_its_fp32_heads(distributed, tiny_models, world_of_one,
-                                                                         tmp_path):
+def test_optimizer_offload_of_a_bf16_reward_model_selects_its_fp32_main_copies(distributed, tiny_models,
+                                                                                world_of_one, tmp_path):
     from megatron_save.checkpoint.convert import convert_hf_to_megatron
 
     convert_hf_to_megatron(tiny_models["llama-rmv"]["hf"], tmp_path / "bf16", dtype="bf16")
     model = build_model_from_checkpoint(tmp_path / "bf16")[0]
     state = build_train_state(model, OptimizerSettings(lr=1e-3, use_distributed_optimizer=distributed), 4)
-    heads = {name: p for name, p in model.named_parameters() if p.dtype == torch.float32}
-    assert sorted(heads) == ["output_layer.reward_head.weight", "output_layer.value_head.weight"]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     params, _ = optimizer_own_tensors(state)
-    # One fp32 main copy per bf16 weight (a shard of it with the distributed optimizer), none of them a head.
+    # One fp32 main copy per bf16 weight (a shard of it with the distributed optimizer), heads included.
     assert all(p.dtype == torch.float32 for p in params)
-    assert sum(p.numel() for p in params) == sum(p.numel() for p in model.parameters() if p.dtype == torch.bfloat16)
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in model.parameters())
     model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert not any(p.untyped_storage().data_ptr() in model_storages for p in params)

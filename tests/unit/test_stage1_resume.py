@@ -12,8 +12,12 @@ from megatron_save.testing import save_tiny_hf_model
 from megatron_save.testing.synthetic import synthetic_preference_rows, write_jsonl
 
 
-def test_resumed_stage1_matches_uninterrupted(tmp_path):
-    convert_hf_to_megatron(save_tiny_hf_model("qwen2", tmp_path / "hf", reward_model=True), tmp_path / "rm")
+# bf16: Megatron's mixed-precision optimizer (fp32 main copies) checkpoints and restores the reward model, value
+# head included.
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resumed_stage1_matches_uninterrupted(dtype, tmp_path):
+    hf_dir = save_tiny_hf_model("qwen2", tmp_path / "hf", reward_model=True, value_head=dtype == "bf16")
+    convert_hf_to_megatron(hf_dir, tmp_path / "rm", dtype=dtype)
     data = write_jsonl(synthetic_preference_rows(72, seed=2), tmp_path / "pairs.jsonl")
 
     def config(output_dir, **changes):

@@ -13,7 +13,8 @@ import torch
 
 
 # The value head of a value-anchored reward model has no place in transformers' *ForSequenceClassification; it
-# travels beside the HF weights as this file holding one fp32 tensor "value_head.weight" of shape [1, hidden].
+# travels beside the HF weights as this file holding one tensor "value_head.weight" of shape [1, hidden] (in the
+# checkpoint's dtype).
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_TENSOR = "value_head.weight"
 
