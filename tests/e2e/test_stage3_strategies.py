@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import REPO, read_metrics
 
+from megatron_save.checkpoint import build_model_from_checkpoint
 from megatron_save.config import load_config
 from megatron_save.trainers import stage3_save
 from megatron_save.trainers.stage3_config import Stage3Config
@@ -154,3 +155,30 @@ def test_policy_weights_reach_the_rollout_engine(tiny_models, rl_data, tmp_path,
         run.policy.decoder.final_layernorm.weight.add_(1.0)
     run.sync_rollout_weights()
     assert torch.equal(engine_weights["model.norm.weight"], run.policy.decoder.final_layernorm.weight)
+
+
+@pytest.mark.parametrize("strategy", ["save", "r2m"])
+def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_models, rl_data, tmp_path, world_of_one):
+    """bf16 policy and reward model (Megatron's mixed-precision optimizer with fp32 main copies): the run checkpoint
+    holds both optimizers (and R2M's head), and a resumed run ends where the uninterrupted one does."""
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+
+    policy = tmp_path / "policy_bf16"
+    reward = tmp_path / "reward_bf16"
+    convert_hf_to_megatron(tiny_models["llama-lm"]["hf"], policy, dtype="bf16")
+    convert_hf_to_megatron(tiny_models["llama-rmv"]["hf"], reward, dtype="bf16")
+    common = (f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"reward.strategy={strategy}",
+              "reward.r2m_width=8", "save_every=1")
+    straight = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "straight", *common))
+    resumed = tmp_path / "resumed"
+    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "exit_after_steps=1"))
+    assert not (resumed / "policy").exists()
+    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common))
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2]
+    for model in ("policy", "reward_model") if strategy == "save" else ("policy",):
+        before = {n: p.detach().clone() for n, p in build_model_from_checkpoint(straight / model)[0].named_parameters()}
+        after = dict(build_model_from_checkpoint(resumed / model)[0].named_parameters())
+        assert {p.dtype for p in before.values()} == {torch.bfloat16}
+        for name, value in before.items():
+            assert torch.equal(value, after[name]), f"{model}: {name} differs after resume"
+    assert read_metrics(straight)[-1]["policy/pg_loss"] == read_metrics(resumed)[-1]["policy/pg_loss"]
