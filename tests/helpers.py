@@ -17,7 +17,8 @@ LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
 
 def _launch(nproc: int, target: list[str], timeout: int) -> None:
     """torchrun on gloo from the repository root; fails with the launch's output on error."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(WORKERS.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
@@ -26,16 +27,33 @@ def _launch(nproc: int, target: list[str], timeout: int) -> None:
 
 
 def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> None:
-    """Runs ``tests/distributed/workers/<worker>`` under torchrun on gloo."""
-    _launch(nproc, [str(WORKERS / worker), *args], timeout)
+    """Runs ``tests/distributed/workers/<worker>`` under torchrun on gloo (through ``python -m workers``)."""
+    if not (WORKERS / worker).exists():
+        raise FileNotFoundError(WORKERS / worker)
+    _launch(nproc, ["-m", "workers", Path(worker).stem, *args], timeout)
+
+
+STAGE3_CPU_CONFIG = REPO / "examples" / "cpu" / "stage3_save.yaml"
 
 
 def run_stage3(nproc: int, output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str,
                timeout: int = 900) -> None:
     """Launches stage 3 with examples/cpu/stage3_save.yaml under torchrun, as a user would."""
-    _launch(nproc, ["-m", "megatron_save.trainers.stage3_save", "examples/cpu/stage3_save.yaml",
-                    f"output_dir={output_dir}", f"policy.checkpoint={policy}", f"reward.checkpoint={reward}",
-                    f"train_data={prompts}", *overrides], timeout)
+    _launch(nproc, ["-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG), f"output_dir={output_dir}",
+                    f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"train_data={prompts}",
+                    *overrides], timeout)
+
+
+def run_stage3_in_process(output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str) -> Path:
+    """run_stage3 in this process, as a world of one (the caller sets TP = PP = 1): the same config and code,
+    without a launch's start-up."""
+    from megatron_save.config import load_config
+    from megatron_save.trainers.stage3_save import train_stage3
+    from megatron_save.trainers.stage3_config import Stage3Config
+
+    return train_stage3(load_config(Stage3Config, STAGE3_CPU_CONFIG, [
+        f"output_dir={output_dir}", f"policy.checkpoint={policy}", f"reward.checkpoint={reward}",
+        f"train_data={prompts}", *overrides]))
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -28,7 +28,7 @@ def launch(args: argparse.Namespace, strategy: str, out: Path) -> list[dict]:
     """One stage-3 run; its metrics records after the warm-up step."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m",
-           "megatron_save.trainers.stage3_save", args.config, f"output_dir={out}", f"reward.strategy={strategy}",
+           "megatron_save", "stage3", args.config, f"output_dir={out}", f"reward.strategy={strategy}",
            f"policy.checkpoint={args.policy}", f"reward.checkpoint={args.reward}", f"train_data={args.prompts}",
            "tensorboard=false", "save_every=0", f"total_steps={args.steps}", *args.overrides]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)

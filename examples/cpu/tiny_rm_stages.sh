@@ -9,10 +9,10 @@ export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 python tools/make_tiny_model.py --family llama --reward-model --out "$work/hf_init"
 python tools/make_synthetic_data.py --out "$work/data"
 python tools/convert_hf_to_megatron.py --hf-dir "$work/hf_init" --out "$work/rm_init"
-torchrun --standalone --nproc-per-node 2 -m megatron_save.trainers.stage1_bt examples/cpu/stage1_bt.yaml \
+torchrun --standalone --nproc-per-node 2 -m megatron_save stage1 examples/cpu/stage1_bt.yaml \
   checkpoint="$work/rm_init" output_dir="$work/stage1" \
   train_data="$work/data/preference_train.jsonl" eval_data="$work/data/preference_eval.jsonl"
-torchrun --standalone --nproc-per-node 2 -m megatron_save.trainers.stage2_value examples/cpu/stage2_value.yaml \
+torchrun --standalone --nproc-per-node 2 -m megatron_save stage2 examples/cpu/stage2_value.yaml \
   checkpoint="$work/stage1" output_dir="$work/stage2" train_data="$work/data/responses.jsonl"
 python tools/convert_megatron_to_hf.py --ckpt "$work/stage2" --out "$work/hf_stage2"
 echo "metrics: $work/stage1/metrics.json, $work/stage2/metrics.json; HF export with value head: $work/hf_stage2"

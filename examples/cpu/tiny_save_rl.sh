@@ -15,7 +15,7 @@ python tools/make_tiny_model.py --family llama --reward-model --value-head --out
 python tools/make_synthetic_data.py --out "$work/data" --prompts 64
 python tools/convert_hf_to_megatron.py --hf-dir "$work/hf_policy" --out "$work/policy_init"
 python tools/convert_hf_to_megatron.py --hf-dir "$work/hf_rm" --out "$work/rm_init"
-torchrun --standalone --nproc-per-node 2 -m megatron_save.trainers.stage3_save examples/cpu/stage3_save.yaml \
+torchrun --standalone --nproc-per-node 2 -m megatron_save stage3 examples/cpu/stage3_save.yaml \
   output_dir="$work/rl" train_data="$work/data/prompts.jsonl" \
   policy.checkpoint="$work/policy_init" reward.checkpoint="$work/rm_init" "$@"
 echo "metrics: $work/rl/metrics.jsonl, TensorBoard: $work/rl/tensorboard; trained models: $work/rl/policy, $work/rl/reward_model"

@@ -16,7 +16,7 @@ case "$variant" in
   r2m) settings=("reward.strategy=r2m" "reward.optim.lr=1e-6") ;;   # the R2M paper's head learning rate
   *) settings=("reward.strategy=$variant") ;;
 esac
-torchrun --nproc-per-node "$GPUS" -m megatron_save.trainers.stage3_save examples/paper/stage3_save.yaml "$@" \
+torchrun --nproc-per-node "$GPUS" -m megatron_save stage3 examples/paper/stage3_save.yaml "$@" \
   output_dir="checkpoints/stage3_${variant}" "${settings[@]}"
 # Strategies that train the reward model itself leave output_dir/reward_model (frozen and r2m do not).
 if [ -d "checkpoints/stage3_${variant}/reward_model" ]; then

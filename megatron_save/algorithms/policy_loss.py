@@ -95,11 +95,12 @@ def gspo_policy_loss(
     -mean_i min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i). Written per token as in GSPO-token
     (s_i,t = SG[s_i] * pi_t / SG[pi_t]) with the mean over sequences of token means: same value and gradient.
 
-    logp, old_logp, mask [N, T]; advantages [N] (or [N, T] constant along each response).
+    logp, old_logp, mask [N, T]; advantages [N], or [N, T] reduced to each response's mean over its real tokens
+    (positions outside ``mask``, such as a prompt's, may hold anything).
     """
-    if advantages.dim() == 2:
-        advantages = advantages[:, 0]
     tokens = mask.sum(dim=1).clamp(min=1)  # [N]
+    if advantages.dim() == 2:
+        advantages = advantages.masked_fill(~mask, 0.0).sum(dim=1) / tokens  # [N]
     logp = logp.masked_fill(~mask, 0.0)  # padding may hold anything; keep it out of values and gradients
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
     sequence_log_ratio = log_ratio.sum(dim=1) / tokens  # [N]

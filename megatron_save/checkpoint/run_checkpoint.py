@@ -5,7 +5,7 @@ Layout under ``RUN_DIR/checkpoints``::
 
     step_000040/            one complete checkpoint
       <name>/               a training checkpoint (train_checkpoint.py) per trained model: policy/, reward/
-      run_state.json        step and counters
+      run_state.json        step, counters, layout and the run's settings
       rng/rank_00000.pt     Python, NumPy, torch, CUDA and Megatron model-parallel RNG states of each rank
     latest                  the name of the newest complete checkpoint, written last
 
@@ -58,6 +58,27 @@ def _layout() -> dict[str, int]:
             "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size()}
 
 
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {"a.b": value}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_changes(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...]
+                     ) -> list[str]:
+    """The settings (dotted names) that differ between a checkpoint's run and this launch, except those in
+    ``may_change`` (a name there also covers everything below it)."""
+    saved, current = _flatten(saved), _flatten(current)
+    changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+    free = lambda name: any(name == key or name.startswith(key + ".") for key in may_change)  # noqa: E731
+    return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in changed if not free(name)]
+
+
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint after ``step`` steps."""
     return f"step_{step:06d}"
@@ -75,9 +96,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainState], counters: dict[str, int],
-                        keep: int) -> Path:
-    """Collective: writes the checkpoint after ``step`` steps, then points ``latest`` at it and deletes all but
-    the ``keep`` newest."""
+                        keep: int, settings: dict[str, Any]) -> Path:
+    """Collective: writes the checkpoint after ``step`` steps (with the run's ``settings``, JSON-serialisable),
+    then points ``latest`` at it and deletes all but the ``keep`` newest."""
     root = Path(run_dir) / CHECKPOINTS_SUBDIR
     final = root / checkpoint_name(step)
     staging = root / f"{final.name}.tmp"
@@ -90,7 +111,7 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
-        state = {"step": step, "counters": counters, "layout": _layout()}
+        state = {"step": step, "counters": counters, "layout": _layout(), "settings": settings}
         (staging / RUN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -104,14 +125,20 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     return final
 
 
-def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState]) -> tuple[int, dict[str, int]]:
+def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState], settings: dict[str, Any],
+                        may_change: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
     """Collective: restores every trained model, optimizer and schedule, and this rank's RNG states; returns
-    (step, counters). The run must have the same world size and TP / PP sizes (RNG states are per rank)."""
+    (step, counters). The run must have the same world size and TP / PP sizes (RNG states are per rank) and the
+    same ``settings`` except those named in ``may_change``."""
     checkpoint = Path(checkpoint)
     payload = json.loads((checkpoint / RUN_STATE_FILE).read_text())
     if payload.get("layout", _layout()) != _layout():
         raise ValueError(f"{checkpoint} was written with {payload['layout']}; this launch has {_layout()}. Resume "
                          "with the same layout (each rank's RNG state is restored), or start a new output_dir")
+    changes = settings_changes(payload.get("settings", settings), settings, may_change)
+    if changes:
+        raise ValueError(f"{checkpoint} belongs to a run with other settings; resuming would mix two runs. "
+                         f"Changed: {'; '.join(changes)}. Launch with the run's settings, or use a new output_dir")
     for name, state in states.items():
         if not (checkpoint / name).exists():
             raise FileNotFoundError(f"{checkpoint}: no {name}/ checkpoint; was the run saved with the same "

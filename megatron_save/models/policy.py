@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,14 +46,17 @@ def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
     return partition.log() - weighted / partition  # log Z - E[x]
 
 
-def _logp_and_entropy(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """[b, S] tokens, [b, S, V / TP] logits -> [b, S - 1, 2] (log-prob of the next token, entropy)."""
-    logits = logits[:, :-1]
+def _logp_and_entropy(temperature: float, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """[b, S] tokens, [b, S, V / TP] logits -> [b, S - 1, 2] (log-prob of the next token, entropy), of the
+    distribution softmax(logits / temperature)."""
+    logits = logits[:, :-1] / temperature
     return torch.stack([token_logprobs(logits, tokens[:, 1:]), vocab_parallel_entropy(logits)], dim=-1)
 
 
-def sequence_logprobs(model: Any, input_ids: torch.Tensor, micro_batch_size: int) -> TokenLogProbs:
-    """Per-token log-probs and entropies of right-padded sequences [N, S], on every rank (forward only)."""
-    stats = pipeline_forward(model, input_ids, micro_batch_size, postprocess=_logp_and_entropy)
+def sequence_logprobs(model: Any, input_ids: torch.Tensor, micro_batch_size: int, temperature: float = 1.0
+                      ) -> TokenLogProbs:
+    """Per-token log-probs and entropies of right-padded sequences [N, S], on every rank (forward only), under
+    the policy's logits divided by ``temperature`` (RL scores the distribution its rollouts were sampled from)."""
+    stats = pipeline_forward(model, input_ids, micro_batch_size, postprocess=partial(_logp_and_entropy, temperature))
     stats = broadcast_from_last_stage(stats, (input_ids.shape[0], input_ids.shape[1] - 1, 2), torch.float32)
     return TokenLogProbs(logp=stats[..., 0], entropy=stats[..., 1])

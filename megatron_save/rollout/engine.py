@@ -27,6 +27,12 @@ class SamplingSettings:
     seed: int | None = None
     """Seed of the sampler for reproducible rollouts."""
 
+    @property
+    def logit_temperature(self) -> float:
+        """The temperature the trainer divides the policy's logits by, so that its log-probs are those of the
+        distribution the responses were drawn from (1 for greedy decoding)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 @dataclass
 class Rollouts:

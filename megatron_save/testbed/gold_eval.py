@@ -1,8 +1,8 @@
 """The testbed's Megatron work outside the trainers, under torchrun (any TP / PP): sampling from a policy
 checkpoint with Megatron-Core's inference engine, labelling by the gold reward, and scoring with reward models.
 
-    torchrun ... -m megatron_save.testbed.gold_eval collect  --policy CKPT --data-dir DIR --seed S ...
-    torchrun ... -m megatron_save.testbed.gold_eval evaluate --policy-init CKPT --proxy-rm CKPT --data-dir DIR RUN...
+    torchrun ... -m megatron_save testbed-eval collect  --policy CKPT --data-dir DIR --seed S ...
+    torchrun ... -m megatron_save testbed-eval evaluate --policy-init CKPT --proxy-rm CKPT --data-dir DIR RUN...
 
 ``collect`` samples the initial (SFT) policy for the proxy RM's gold-labelled pairs (stage 1), the response
 groups of stage 2, and held-out pairs for evaluation. ``evaluate`` measures each stage-3 run against gold: RM
@@ -163,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> None:
                     result["rm_accuracy_final_policy_pairs"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("collect", "evaluate"))
     parser.add_argument("runs", nargs="*", help="evaluate: stage-3 output directories")
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "collect" and not args.policy:
         parser.error("collect needs --policy")
     if args.command == "evaluate" and not (args.policy_init and args.proxy_rm and args.runs):

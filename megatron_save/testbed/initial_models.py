@@ -1,8 +1,8 @@
 """The testbed's starting models, as Megatron checkpoints.
 
-    python -m megatron_save.testbed.initial_models policy --out DIR --seed S --family F
+    python -m megatron_save testbed-models policy --out DIR --seed S --family F
         a tiny random policy built from a config with transformers -> DIR/policy_init
-    python -m megatron_save.testbed.initial_models reward-model --out DIR --policy CKPT --seed S
+    python -m megatron_save testbed-models reward-model --out DIR --policy CKPT --seed S
         the reward model initialised from the (SFT) policy, as InstructGPT does: the policy's backbone under a
         fresh scalar head (the policy had to read L from the prompt to answer, so V(x) can too) -> DIR/rm_init
 """
@@ -33,7 +33,7 @@ def reward_model_from_policy(policy_ckpt: Path, out: Path, seed: int, reward_hea
     return out / "rm_init"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=("policy", "reward-model"))
     parser.add_argument("--out", required=True, help="output directory")
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--family", choices=TINY_FAMILIES, default="llama", help="policy: tiny model family")
     parser.add_argument("--policy", help="reward-model: the policy checkpoint to start from")
     parser.add_argument("--reward-head-std", type=float, default=0.02, help="reward-model: initial head std")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if args.model == "policy":
         convert_hf_to_megatron(save_tiny_hf_model(args.family, out / "hf_policy", seed=args.seed),

@@ -101,10 +101,11 @@ def check_testbed_config(cfg: TestbedConfig) -> None:
         raise ValueError(f"seeds {cfg.seeds} and runs {cfg.runs} must not repeat")
 
 
-def torchrun(cfg: TestbedConfig, module: str, *args: str) -> list[str]:
-    """The command line of ``module`` under torchrun with the interpreter running the pipeline."""
+def torchrun(cfg: TestbedConfig, command: str, *args: str) -> list[str]:
+    """The command line of ``python -m megatron_save COMMAND`` under torchrun with the interpreter running the
+    pipeline."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}", "-m",
-            module, *args]
+            "megatron_save", command, *args]
 
 
 def _progress_of(log: Path) -> str:
@@ -165,11 +166,11 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     data, models = root / "data", root / "models"
     configs = cfg.configs
     steps.run(f"seed_{seed}/data", action=lambda: write_task_data(data, seed, cfg.sizes, cfg.task), outputs=(data,))
-    initial_models = [sys.executable, "-m", "megatron_save.testbed.initial_models"]
+    initial_models = [sys.executable, "-m", "megatron_save", "testbed-models"]
     steps.run(f"seed_{seed}/initial_policy", [*initial_models, "policy", "--out", str(models), "--seed", str(seed),
                                               "--family", cfg.family], outputs=(models,))
     steps.run(f"seed_{seed}/sft", torchrun(
-        cfg, "megatron_save.trainers.sft", configs.sft, f"checkpoint={models / 'policy_init'}",
+        cfg, "sft", configs.sft, f"checkpoint={models / 'policy_init'}",
         f"output_dir={models / 'policy_sft'}", f"train_data={data / 'demonstrations.jsonl'}",
         f"batch.seed={seed}", *cfg.sft_overrides), outputs=(models / "policy_sft",))
     steps.run(f"seed_{seed}/initial_reward_model", [
@@ -177,25 +178,25 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
         "--seed", str(seed), "--reward-head-std", str(cfg.reward_head_std)],
         outputs=tuple(models / name for name in ("hf_policy_export", "hf_rm", "rm_init")))
     steps.run(f"seed_{seed}/collect", torchrun(
-        cfg, "megatron_save.testbed.gold_eval", "collect", "--policy", str(models / "policy_sft"),
+        cfg, "testbed-eval", "collect", "--policy", str(models / "policy_sft"),
         "--data-dir", str(data), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
         "--tp", str(cfg.nproc)))
     steps.run(f"seed_{seed}/stage1", torchrun(
-        cfg, "megatron_save.trainers.stage1_bt", configs.stage1, f"checkpoint={models / 'rm_init'}",
+        cfg, "stage1", configs.stage1, f"checkpoint={models / 'rm_init'}",
         f"output_dir={models / 'rm_stage1'}", f"train_data={data / 'rm_pairs.jsonl'}", f"batch.seed={seed}",
         *cfg.stage1_overrides), outputs=(models / "rm_stage1",))
     steps.run(f"seed_{seed}/stage2", torchrun(
-        cfg, "megatron_save.trainers.stage2_value", configs.stage2, f"checkpoint={models / 'rm_stage1'}",
+        cfg, "stage2", configs.stage2, f"checkpoint={models / 'rm_stage1'}",
         f"output_dir={models / 'proxy_rm'}", f"train_data={data / 'value_groups.jsonl'}", f"batch.seed={seed}",
         *cfg.stage2_overrides), outputs=(models / "proxy_rm",))
     for name in cfg.runs:
         steps.run(f"seed_{seed}/rl_{name}", torchrun(
-            cfg, "megatron_save.trainers.stage3_save", configs.stage3, f"output_dir={root / 'runs' / name}",
+            cfg, "stage3", configs.stage3, f"output_dir={root / 'runs' / name}",
             f"train_data={data / 'rl_prompts.jsonl'}", f"policy.checkpoint={models / 'policy_sft'}",
             f"reward.checkpoint={models / 'proxy_rm'}", f"reward.offline_data={data / 'rm_pairs.jsonl'}",
             f"seed={seed}", "resume=false", *RUNS[name], *cfg.stage3_overrides), outputs=(root / "runs" / name,))
     steps.run(f"seed_{seed}/evaluate", torchrun(
-        cfg, "megatron_save.testbed.gold_eval", "evaluate", *[str(root / "runs" / name) for name in cfg.runs],
+        cfg, "testbed-eval", "evaluate", *[str(root / "runs" / name) for name in cfg.runs],
         "--data-dir", str(data), "--policy-init", str(models / "policy_sft"), "--proxy-rm",
         str(models / "proxy_rm"), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
         "--tp", str(cfg.nproc)))

@@ -92,12 +92,13 @@ def progress(total: int, description: str) -> tqdm:
     return tqdm(total=total, desc=description, disable=dist.get_rank() != 0, dynamic_ncols=True)
 
 
-def run_from_command_line(schema: type, train: Callable[[Any], Any], module: str, argv: list[str]) -> None:
-    """``python -m MODULE CONFIG.yaml [MORE.yaml ...] [key=value ...]``: loads the config (later files override
-    earlier ones, then the overrides), trains, shuts the process groups down."""
+def run_from_command_line(schema: type, train: Callable[[Any], Any], command: str, argv: list[str]) -> None:
+    """``python -m megatron_save COMMAND CONFIG.yaml [MORE.yaml ...] [key=value ...]``: loads the config (later
+    files override earlier ones, then the overrides), trains, shuts the process groups down."""
     files = [arg for arg in argv if "=" not in arg]
     if not files or argv[: len(files)] != files:
-        raise SystemExit(f"usage: torchrun [...] -m {module} CONFIG.yaml [MORE.yaml ...] [key=value ...]")
+        raise SystemExit(f"usage: torchrun [...] -m megatron_save {command} CONFIG.yaml [MORE.yaml ...] "
+                         "[key=value ...]")
     train(load_config(schema, files, argv[len(files):]))
     shutdown_distributed()
 

@@ -79,10 +79,11 @@ def _aggregation(settings: PolicySettings) -> str:
     return "seq-mean-token-mean" if settings.loss == "gspo" else settings.aggregation
 
 
-def policy_loss(settings: PolicySettings, norm_constant: float, batch: PolicyBatch, logits: torch.Tensor
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + kl_coef x KL to the reference, on one micro-batch. logits [b, S, V / TP]."""
-    logp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])  # [b, S - 1]
+def policy_loss(settings: PolicySettings, norm_constant: float, temperature: float, batch: PolicyBatch,
+                logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + kl_coef x KL to the reference, on one micro-batch, with log-probs of
+    softmax(logits / temperature). logits [b, S, V / TP]."""
+    logp = token_logprobs(logits[:, :-1] / temperature, batch.input_ids[:, 1:])  # [b, S - 1]
     device = logp.device
     mask, advantages = batch.loss_mask.to(device), batch.advantages.to(device)
     old_logp, ref_logp = batch.old_logp.to(device), batch.ref_logp.to(device)
@@ -120,10 +121,10 @@ def mini_batch_layout(rows: int, parts: int, ranks: int, micro_batch_size: int) 
 
 
 def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, settings: PolicySettings,
-                        pad_id: int) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
+                        pad_id: int, temperature: float = 1.0) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
     """This data-parallel rank's mini-batches of micro-batches (``mini_batch_layout``), with old and reference
-    log-probs, and the pre-update entropy / KL metrics of the whole batch. A filler row is a copy of its
-    mini-batch's first row without loss tokens."""
+    log-probs at the sampling ``temperature``, and the pre-update entropy / KL metrics of the whole batch. A filler
+    row is a copy of its mini-batch's first row without loss tokens."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mbs = settings.micro_batch_size
     layout = mini_batch_layout(len(rows.sequences), settings.mini_batches, ranks, mbs)
@@ -140,9 +141,9 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
             start = rows.prompt_lengths[i] - 1  # position t scores token t + 1: the first response token
             loss_mask[row, start : start + response_lengths[i]] = True
             advantages[row, start : start + response_lengths[i]] = rows.advantages[i]
-    old = sequence_logprobs(policy, input_ids, mbs)
-    ref_logp = sequence_logprobs(reference, input_ids, mbs).logp if reference is not None else torch.zeros_like(
-        old.logp)
+    old = sequence_logprobs(policy, input_ids, mbs, temperature)
+    ref_logp = (sequence_logprobs(reference, input_ids, mbs, temperature).logp if reference is not None
+                else torch.zeros_like(old.logp))
     batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, old.logp, ref_logp)
 
     token_mean = settings.loss != "gspo" and settings.aggregation == "token-mean"
@@ -178,9 +179,10 @@ def _pre_update_metrics(entropy: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 
 
 def update_policy(state: TrainState, mini_batches: list[list[PolicyBatch]], settings: PolicySettings,
-                  norm_constant: float) -> dict[str, float]:
-    """One optimizer step per mini-batch; returns the metrics averaged over mini-batches."""
-    loss_fn = partial(policy_loss, settings, norm_constant)
+                  norm_constant: float, temperature: float = 1.0) -> dict[str, float]:
+    """One optimizer step per mini-batch (log-probs at the sampling ``temperature``); returns the metrics averaged
+    over mini-batches."""
+    loss_fn = partial(policy_loss, settings, norm_constant, temperature)
     steps = [train_step(state, micro, loss_fn, POLICY_METRICS) for micro in mini_batches]
     names = (*POLICY_METRICS, "grad_norm", "update_skipped")
     return {f"policy/{name}": sum(s[name] for s in steps) / len(steps) for name in names}

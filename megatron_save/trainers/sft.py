@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a causal LM on demonstrations (next-token loss on the response tokens): the initial
 policy of an RL run.
 
-    torchrun --nproc-per-node N -m megatron_save.trainers.sft CONFIG.yaml [key=value ...]
+    torchrun --nproc-per-node N -m megatron_save sft CONFIG.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -125,5 +125,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     return history
 
 
+def main(argv: list[str]) -> None:
+    """``torchrun ... -m megatron_save sft CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
+    run_from_command_line(SFTConfig, train_sft, "sft", argv)
+
+
 if __name__ == "__main__":
-    run_from_command_line(SFTConfig, train_sft, "megatron_save.trainers.sft", sys.argv[1:])
+    main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Stage 1: Bradley-Terry reward-model training on preference pairs (paper eq. 11).
 
-    torchrun --nproc-per-node N -m megatron_save.trainers.stage1_bt CONFIG.yaml [key=value ...]
+    torchrun --nproc-per-node N -m megatron_save stage1 CONFIG.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -129,5 +129,10 @@ def train_stage1(cfg: Stage1Config) -> dict:
     return history
 
 
+def main(argv: list[str]) -> None:
+    """``torchrun ... -m megatron_save stage1 CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
+    run_from_command_line(Stage1Config, train_stage1, "stage1", argv)
+
+
 if __name__ == "__main__":
-    run_from_command_line(Stage1Config, train_stage1, "megatron_save.trainers.stage1_bt", sys.argv[1:])
+    main(sys.argv[1:])

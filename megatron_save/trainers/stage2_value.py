@@ -1,7 +1,7 @@
 """Stage 2: value-anchor integration (paper eq. 12). The reward model is frozen; only the value head learns
 to predict, from the prompt alone, the mean frozen-RM reward of K sampled responses.
 
-    torchrun --nproc-per-node N -m megatron_save.trainers.stage2_value CONFIG.yaml [key=value ...]
+    torchrun --nproc-per-node N -m megatron_save stage2 CONFIG.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -128,5 +128,10 @@ def train_stage2(cfg: Stage2Config) -> dict:
     return history
 
 
+def main(argv: list[str]) -> None:
+    """``torchrun ... -m megatron_save stage2 CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
+    run_from_command_line(Stage2Config, train_stage2, "stage2", argv)
+
+
 if __name__ == "__main__":
-    run_from_command_line(Stage2Config, train_stage2, "megatron_save.trainers.stage2_value", sys.argv[1:])
+    main(sys.argv[1:])

@@ -1,7 +1,7 @@
 """Stage 3: RL with an online, self-improving reward model (paper Algorithm 2), and every baseline of the paper
 through ``reward.strategy`` and ``policy.frozen``.
 
-    torchrun --nproc-per-node N -m megatron_save.trainers.stage3_save CONFIG.yaml [key=value ...]
+    torchrun --nproc-per-node N -m megatron_save stage3 CONFIG.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ from megatron_save.utils.metrics import MetricsWriter, PhaseTimer, truncate_hist
 
 logger = get_logger("trainers.stage3_save")
 ROLLOUT_LOG = "rollouts.jsonl"
+# Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
+RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "keep_checkpoints", "log_every",
+                     "rollout_log", "tensorboard", "wandb_project", "offload")
 
 
 @dataclass
@@ -206,16 +209,16 @@ def train_stage3(cfg: Stage3Config) -> Path:
     run = build_stage3_run(cfg)
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
-    start, counters = 0, Counter()
+    start, counters, settings = 0, Counter(), asdict(cfg)
     if checkpoint is not None:
-        start, saved = load_run_checkpoint(checkpoint, run.trained_states())
+        start, saved = load_run_checkpoint(checkpoint, run.trained_states(), settings, RESUMABLE_CHANGES)
         counters.update(saved)
         truncate_history(Path(cfg.output_dir) / "metrics.jsonl", start)
         truncate_history(Path(cfg.output_dir) / ROLLOUT_LOG, start)
         logger.info("resumed from %s at step %d", checkpoint, start)
     run.sync_rollout_weights()
     run.offload.offload_all()
-    writer = MetricsWriter(cfg.output_dir, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+    writer = MetricsWriter(cfg.output_dir, cfg.tensorboard, cfg.wandb_project, settings)
     bar = progress(cfg.total_steps, f"stage 3 ({cfg.reward.strategy})")
     bar.update(start)
     last = min(cfg.total_steps, start + cfg.exit_after_steps) if cfg.exit_after_steps else cfg.total_steps
@@ -229,7 +232,8 @@ def train_stage3(cfg: Stage3Config) -> Path:
         bar.update()
         if step == last or (cfg.save_every and step % cfg.save_every == 0):
             with run.offload.resident(*run.trained_states()):
-                save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints)
+                save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints,
+                                    settings)
     bar.close()
     writer.close()
     if last == cfg.total_steps:
@@ -339,13 +343,15 @@ def train_policy(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, score
         counters["policy_updates_skipped_nothing_kept"] += 1
         logger.warning("step %d: the filter kept no response; policy update skipped", step)
         return {}
+    sampling = cfg.rollout.sampling
     with timer.phase("policy_logprobs"), run.offload.resident("reference"):
         advantages = token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths)
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
-                                                    pad_id_of(run.policy_tokenizer))
+                                                    pad_id_of(run.policy_tokenizer), sampling.logit_temperature)
     with timer.phase("policy_update"), run.offload.resident("policy"):
-        metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, cfg.rollout.sampling.max_new_tokens)
+        metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, sampling.max_new_tokens,
+                                 sampling.logit_temperature)
     with timer.phase("weight_sync"):
         run.sync_rollout_weights()
     return metrics
@@ -374,5 +380,10 @@ def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
     logger.info("stage 3 finished: %s", cfg.output_dir)
 
 
+def main(argv: list[str]) -> None:
+    """``torchrun ... -m megatron_save stage3 CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
+    run_from_command_line(Stage3Config, train_stage3, "stage3", argv)
+
+
 if __name__ == "__main__":
-    run_from_command_line(Stage3Config, train_stage3, "megatron_save.trainers.stage3_save", sys.argv[1:])
+    main(sys.argv[1:])

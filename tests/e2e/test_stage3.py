@@ -1,13 +1,15 @@
 """Stage 3 end to end on CPU through torchrun, as a user launches it: a tiny SAVE run with the models at TP=2,
-the same first step at every parallel layout, and an interrupted run resumed to the exact parameters."""
+the same first step at every parallel layout (TP=1 in this process), and a run resumed from a checkpoint to the
+exact parameters."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
-from helpers import read_metrics, run_stage3
+from helpers import read_metrics, run_stage3, run_stage3_in_process
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 
@@ -46,14 +48,20 @@ def test_tiny_save_run_trains_all_three_parts(save_run, tiny_models, world_of_on
     assert any(not torch.equal(before_policy[n], after_policy[n]) for n in before_policy), "policy unchanged"
 
 
-@pytest.mark.parametrize("layout", ["tp1", "pp2", "tp2pp2"])
-def test_first_step_matches_across_layouts(layout, save_run, tiny_models, rl_data, tmp_path):
-    """The TP=2 run's first step (rollouts, RM update, policy update) at TP=1, PP=2 and TP=2 x PP=2."""
+def _first_step(layout: str, output_dir, tiny_models, rl_data, *overrides: str) -> dict:
+    """The metrics of step 1 of a run at ``layout`` (TP=1 in this process, the others under torchrun)."""
     tp, pp = {"tp1": (1, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}[layout]
-    run_stage3(tp * pp, tmp_path / layout, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"],
-               rl_data["prompts"], "total_steps=4", "exit_after_steps=1", f"parallel.tensor_model_parallel_size={tp}",
-               f"parallel.pipeline_model_parallel_size={pp}")
-    _same_step(read_metrics(save_run)[0], read_metrics(tmp_path / layout)[0])
+    args = (output_dir, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
+            "total_steps=4", "exit_after_steps=1", f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.pipeline_model_parallel_size={pp}", *overrides)
+    run_stage3_in_process(*args) if layout == "tp1" else run_stage3(tp * pp, *args)
+    return read_metrics(output_dir)[0]
+
+
+@pytest.mark.parametrize("layout", ["tp1", "pp2", "tp2pp2"])
+def test_first_step_matches_across_layouts(layout, save_run, tiny_models, rl_data, tmp_path, world_of_one):
+    """The TP=2 run's first step (rollouts, RM update, policy update) at TP=1, PP=2 and TP=2 x PP=2."""
+    _same_step(read_metrics(save_run)[0], _first_step(layout, tmp_path / layout, tiny_models, rl_data))
 
 
 def _same_step(reference: dict, record: dict) -> None:
@@ -64,34 +72,39 @@ def _same_step(reference: dict, record: dict) -> None:
         assert record[name] == pytest.approx(reference[name], rel=1e-4, abs=1e-5), name
 
 
-def test_megatron_rollouts_and_r2m_match_across_layouts(tiny_models, rl_data, tmp_path):
+def test_megatron_rollouts_and_r2m_match_across_layouts(tiny_models, rl_data, tmp_path, world_of_one):
     """rollout.backend=megatron (sampling with the sharded policy) with the R2M strategy (policy hidden states into
     a replicated head): TP=2 x PP=2 gives TP=1's first step."""
-    for name, (tp, pp) in (("tp1", (1, 1)), ("tp2pp2", (2, 2))):
-        run_stage3(tp * pp, tmp_path / name, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"],
-                   rl_data["prompts"], "total_steps=4", "exit_after_steps=1", "rollout.backend=megatron",
-                   "reward.strategy=r2m", "reward.r2m_width=16", "reward.optim.lr=1e-2",
-                   f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}")
-    reference = read_metrics(tmp_path / "tp1")[0]
+    settings = ("rollout.backend=megatron", "reward.strategy=r2m", "reward.r2m_width=16", "reward.optim.lr=1e-2")
+    reference = _first_step("tp1", tmp_path / "tp1", tiny_models, rl_data, *settings)
     assert reference["rm/grebt_loss"] > 0
-    _same_step(reference, read_metrics(tmp_path / "tp2pp2")[0])
+    _same_step(reference, _first_step("tp2pp2", tmp_path / "tp2pp2", tiny_models, rl_data, *settings))
 
 
 def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_models, rl_data, tmp_path, world_of_one):
-    """Two data-parallel ranks: 3 steps straight vs 2 steps, exit, relaunch; identical parameters. The resumed
-    launches also offload idle state between phases (gradient buffers freed; optimizer and reference moves, which
-    have nothing to move on CPU), which must change nothing either, checkpoints written and read included."""
+    """Two data-parallel ranks: a 3-step run checkpointed after every step, and a copy of what it held after step
+    2 resumed from there; identical parameters and last step. The resumed launch also offloads idle state between
+    phases (gradient buffers freed; optimizer and reference moves, which have nothing to move on CPU), which must
+    change nothing either. (exit_after_steps, which ends a launch with such a checkpoint, is tested in process.)"""
     common = (tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"], "total_steps=3",
-              "reward.strategy=save", "parallel.tensor_model_parallel_size=1", "prompts_per_step=4")
-    offload = ("offload.gradients=true", "offload.optimizer=true", "offload.reference=true")
-    run_stage3(2, tmp_path / "straight", *common)
-    run_stage3(2, tmp_path / "resumed", *common, *offload, "exit_after_steps=2")
-    assert not (tmp_path / "resumed" / "policy").exists()
-    run_stage3(2, tmp_path / "resumed", *common, *offload)
+              "save_every=1", "keep_checkpoints=3", "reward.strategy=save", "parallel.tensor_model_parallel_size=1",
+              "prompts_per_step=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_stage3(2, straight, *common)
+    # The run directory as an interruption after step 2 leaves it: no step-3 checkpoint, no final models.
+    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("step_000003"))
+    for final_model in ("policy", "reward_model"):
+        shutil.rmtree(resumed / final_model)
+    (resumed / "checkpoints" / "latest").write_text("step_000002\n")
+    run_stage3(2, resumed, *common, "offload.gradients=true", "offload.optimizer=true", "offload.reference=true")
     for model in ("policy", "reward_model"):
-        straight, resumed = _parameters(tmp_path / "straight" / model), _parameters(tmp_path / "resumed" / model)
-        for name, value in straight.items():
-            assert torch.equal(value, resumed[name]), f"{model}: {name} differs after resume"
-    assert read_metrics(tmp_path / "straight")[-1]["policy/pg_loss"] == read_metrics(tmp_path / "resumed")[-1][
-        "policy/pg_loss"]
-    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+        expected, actual = _parameters(straight / model), _parameters(resumed / model)
+        for name, value in expected.items():
+            assert torch.equal(value, actual[name]), f"{model}: {name} differs after resume"
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3]
+    assert read_metrics(straight)[-1] == {**read_metrics(resumed)[-1], **_timings(read_metrics(straight)[-1])}
+
+
+def _timings(record: dict) -> dict:
+    """What may differ between two runs of the same step: wall times, throughput and memory."""
+    return {k: v for k, v in record.items() if k.startswith(("time/", "throughput/", "memory/"))}

@@ -80,23 +80,29 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
 
 
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
+    """A NaN in the first scoring skips step 1; an inf in step 2's re-scoring (after the RM update) skips its
+    policy update only; step 3 runs whole. Both counted."""
     real_score_groups = stage3_save.score_groups
     calls = []
 
-    def score_with_a_nan_on_the_first_call(*args, **kwargs):
+    def score_with_non_finite_values(*args, **kwargs):
         scores = real_score_groups(*args, **kwargs)
         calls.append(1)
         if len(calls) == 1:
             scores.rewards[0, 1] = float("nan")
+        if len(calls) == 3:  # step 2: score, then re-score
+            scores.rewards[1, 0] = float("inf")
         return scores
 
-    monkeypatch.setattr(stage3_save, "score_groups", score_with_a_nan_on_the_first_call)
-    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "nan"))
-    first, second = read_metrics(out)
+    monkeypatch.setattr(stage3_save, "score_groups", score_with_non_finite_values)
+    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "nan", "total_steps=3"))
+    first, second, third = read_metrics(out)
     assert first["counters/steps_skipped_non_finite_scores"] == 1
     assert not any(k.startswith(("rm/", "policy/")) for k in first)
-    assert second["counters/steps_skipped_non_finite_scores"] == 1
-    assert math.isfinite(second["rm/value_loss"]) and math.isfinite(second["policy/pg_loss"])
+    assert math.isfinite(second["rm/value_loss"]) and "policy/pg_loss" not in second
+    assert second["counters/policy_updates_skipped_non_finite_scores"] == 1
+    assert third["counters/steps_skipped_non_finite_scores"] == 1
+    assert math.isfinite(third["rm/value_loss"]) and math.isfinite(third["policy/pg_loss"])
 
 
 def test_every_prompt_filtered_gives_a_value_only_update(tiny_models, rl_data, tmp_path, world_of_one):
@@ -173,7 +179,10 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
     resumed = tmp_path / "resumed"
     stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "exit_after_steps=1"))
     assert not (resumed / "policy").exists()
-    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common))
+    if strategy == "save":  # a relaunch with other settings would mix two runs: refused, naming the change
+        with pytest.raises(ValueError, match=r"other settings.*policy\.kl_coef: 0\.04 -> 0\.02"):
+            stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "policy.kl_coef=0.02"))
+    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "offload.gradients=true"))
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2]
     for model in ("policy", "reward_model") if strategy == "save" else ("policy",):
         before = {n: p.detach().clone() for n, p in build_model_from_checkpoint(straight / model)[0].named_parameters()}

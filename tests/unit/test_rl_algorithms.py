@@ -114,6 +114,54 @@ def test_gspo_matches_the_sequence_level_objective():
     assert torch.allclose(grad, expected_grad, atol=1e-6)
 
 
+def test_gspo_reads_token_advantages_on_real_tokens_only():
+    """[N, T] advantages (as the trainer builds them: zero on prompt positions, the response's advantage on its
+    tokens) give the loss and gradient of the [N] per-response advantages."""
+    generator = torch.Generator().manual_seed(2)
+    logp = (torch.randn(3, 6, generator=generator) * 0.3 - 2).requires_grad_()
+    old = logp.detach() + torch.randn(3, 6, generator=generator) * 0.1
+    mask = torch.tensor([[False, True, True, True, False, False], [False, False, True, True, True, True],
+                         [True, True, False, False, False, False]])
+    per_response = torch.tensor([0.7, -1.3, 2.0])
+    token_advantages = torch.where(mask, per_response[:, None], torch.full((3, 6), 9.0))  # 9: never read
+    by_token = gspo_policy_loss(logp, old, token_advantages, mask, 0.2, 0.2)
+    by_response = gspo_policy_loss(logp, old, per_response, mask, 0.2, 0.2)
+    (grad_token,) = torch.autograd.grad(by_token.loss, logp)
+    (grad_response,) = torch.autograd.grad(by_response.loss, logp)
+    assert by_token.loss.item() == pytest.approx(by_response.loss.item()) and by_token.loss.item() != 0
+    assert torch.allclose(grad_token, grad_response) and grad_token.abs().sum() > 0
+
+
+def test_rloo_matches_the_published_formula_with_masked_members():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(5, 6, generator=generator)
+    valid = torch.rand(5, 6, generator=generator) > 0.3
+    valid[:, :2] = True
+    advantages = rloo_advantages(scores, valid)
+    for i in range(5):
+        members = valid[i].nonzero().flatten().tolist()
+        for j in members:  # Kool et al. 2019 / Ahmadian et al. 2024: r_j - mean of the other k - 1 rewards
+            others = [scores[i, k].item() for k in members if k != j]
+            assert advantages[i, j].item() == pytest.approx(scores[i, j].item() - sum(others) / len(others),
+                                                            abs=1e-5)
+        assert torch.all(advantages[i][~valid[i]] == 0)
+
+
+def test_k3_is_an_unbiased_estimate_of_the_exact_kl():
+    """Averaged under pi, k3 (and k1) give KL(pi || pi_ref) exactly; the gradient of the per-token k3 is
+    1 - pi_ref / pi with respect to log pi (Schulman 2020, verl's low_var_kl)."""
+    generator = torch.Generator().manual_seed(4)
+    pi = torch.softmax(torch.randn(10, generator=generator), 0)
+    ref = torch.softmax(pi.log() + 0.5 * torch.randn(10, generator=generator), 0)  # k3 stays below its clamp
+    exact = (pi * (pi.log() - ref.log())).sum()
+    for kind in ("k1", "k3"):
+        estimate = (pi * kl_penalty(pi.log()[None], ref.log()[None], kind)[0]).sum()
+        assert estimate.item() == pytest.approx(exact.item(), rel=1e-5), kind
+    logp = pi.log()[None].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(kl_penalty(logp, ref.log()[None], "k3").sum(), logp)
+    assert torch.allclose(grad[0], 1 - ref / pi, atol=1e-5)
+
+
 def test_kl_estimators_by_hand():
     logp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
     d = math.log(0.5) - math.log(0.25)

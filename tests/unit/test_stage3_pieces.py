@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
-from megatron_save.algorithms import grpo_advantages, ppo_clip_policy_loss, reinforce_pp_advantages, save_partition
+from megatron_save.algorithms import (
+    grpo_advantages,
+    gspo_policy_loss,
+    ppo_clip_policy_loss,
+    reinforce_pp_advantages,
+    save_partition,
+)
 from megatron_save.checkpoint.run_checkpoint import latest_checkpoint
 from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
 from megatron_save.data.prompts import Prompt, load_prompts
@@ -115,15 +121,21 @@ def _rows() -> PolicyRows:
     return PolicyRows(sequences, prompt_lengths, advantages)
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "gspo"])
 def test_policy_micro_batch_losses_add_up_to_the_whole_batch_loss(aggregation, tiny_models, world_of_one):
+    """Megatron's mean of the micro-batch losses is the whole batch's loss; for GSPO, with each response's
+    advantage read from its own tokens (the batch's advantage rows are zero on prompt positions)."""
     from megatron_save.checkpoint import build_model_from_checkpoint
 
     policy, _, _ = build_model_from_checkpoint(tiny_models["llama-lm"]["mg"])
+    loss_kind = "gspo" if aggregation == "gspo" else "ppo_clip"
     settings = PolicySettings(checkpoint="unused", micro_batch_size=2, mini_batches=1, kl_coef=0.1,
-                              aggregation=aggregation)
+                              aggregation="token-mean" if loss_kind == "gspo" else aggregation, loss=loss_kind,
+                              clip_low=0.2, clip_high=0.2)
     rows = _rows()
-    (micro_batches,), metrics = policy_mini_batches(policy, policy, rows, settings, pad_id=0)
+    temperature = 0.7  # log-probs of the sampling distribution softmax(logits / 0.7)
+    (micro_batches,), metrics = policy_mini_batches(policy, policy, rows, settings, pad_id=0,
+                                                    temperature=temperature)
     assert len(micro_batches) == 3  # 5 rows + 1 filler in micro-batches of 2
     assert metrics["policy/kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy
     for batch, (sequence, prompt) in zip([b for m in micro_batches for b in m.split(1)],
@@ -134,29 +146,37 @@ def test_policy_micro_batch_losses_add_up_to_the_whole_batch_loss(aggregation, t
     # Shifted "new" log-probs: logits of the old policy plus noise.
     generator = torch.Generator().manual_seed(1)
     losses, all_logp, all_batches = [], [], []
+    next_token_logp = lambda logits, ids: torch.log_softmax(logits[:, :-1] / temperature, -1).gather(  # noqa: E731
+        -1, ids[:, 1:, None])[..., 0]
     for batch in micro_batches:
         with torch.no_grad():
             logits = policy(batch.input_ids, batch.position_ids(), None)
+        assert torch.allclose(batch.old_logp[batch.loss_mask], next_token_logp(logits, batch.input_ids)[
+            batch.loss_mask], atol=1e-5)
         logits = logits + 0.3 * torch.randn(logits.shape, generator=generator)
-        loss, _ = policy_loss(settings, 1.0, batch, logits)
+        loss, _ = policy_loss(settings, 1.0, temperature, batch, logits)
         losses.append(loss)
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+        logp = next_token_logp(logits, batch.input_ids)
         all_logp.append(logp)
         all_batches.append(batch)
     # Megatron averages the micro-batch losses: that must be the loss of the whole batch at once.
     megatron_loss = torch.stack(losses).mean()
     cat = lambda name: torch.cat([getattr(b, name) for b in all_batches])  # noqa: E731
     logp, mask = torch.cat(all_logp), cat("loss_mask")
-    whole = ppo_clip_policy_loss(logp, cat("old_logp"), cat("advantages"), mask, 0.2, 0.2, aggregation=aggregation)
     kl_tokens = torch.exp(cat("ref_logp") - logp) - (cat("ref_logp") - logp) - 1
     real = mask.any(dim=1)  # the filler row is no sequence of the batch
     if aggregation == "token-mean":
-        kl = kl_tokens[mask].mean()
-        expected = whole.loss + 0.1 * kl
+        whole = ppo_clip_policy_loss(logp, cat("old_logp"), cat("advantages"), mask, 0.2, 0.2)
+        expected = whole.loss + 0.1 * kl_tokens[mask].mean()
     else:
         per_sequence = lambda t: (t * mask).sum(1)[real] / mask.sum(1)[real]  # noqa: E731
-        surrogate = ppo_clip_policy_loss(logp[real], cat("old_logp")[real], cat("advantages")[real], mask[real],
-                                         0.2, 0.2, aggregation=aggregation).loss
+        if loss_kind == "gspo":
+            surrogate = gspo_policy_loss(logp[real], cat("old_logp")[real], per_sequence(cat("advantages")),
+                                         mask[real], 0.2, 0.2).loss
+            assert abs(surrogate.item()) > 1e-3  # the advantages reach the loss
+        else:
+            surrogate = ppo_clip_policy_loss(logp[real], cat("old_logp")[real], cat("advantages")[real],
+                                             mask[real], 0.2, 0.2, aggregation=aggregation).loss
         expected = surrogate + 0.1 * per_sequence(kl_tokens).mean()
     assert megatron_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 

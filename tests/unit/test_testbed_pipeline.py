@@ -70,5 +70,6 @@ def test_progress_of_reads_the_last_bar_of_a_child_log(tmp_path):
 
 
 def test_children_run_under_this_interpreter():
-    command = torchrun(TestbedConfig(nproc=2), "megatron_save.trainers.sft", "a.yaml")
+    command = torchrun(TestbedConfig(nproc=2), "sft", "a.yaml")
     assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in command
+    assert command[-4:] == ["-m", "megatron_save", "sft", "a.yaml"]
