@@ -5,8 +5,9 @@ and with reward.strategy=save, alternating, each as its own torchrun launch.
         --policy CKPT --reward CKPT --prompts PROMPTS.jsonl [key=value ...]
 
 Prints, per phase, the mean time of a step (the first step of each launch is warm-up and left out) and the
-SAVE / GRPO ratio of the step time and of peak memory: GPU memory per phase when CUDA is present, else the
-host's peak resident memory of rank 0. The paper's implementation costs 1.12x time and 1.24x memory; the goal
+SAVE / GRPO ratio of the step time (the sum of the timed phases: rollout, scoring, updates, weight sync; not the
+metrics and checkpoint writing around them) and of peak memory: GPU memory per phase when CUDA is present, else
+the host's peak resident memory of rank 0. The paper's implementation costs 1.12x time and 1.24x memory; the goal
 here is at most 1.05x and 1.10x.
 """
 
@@ -49,11 +50,15 @@ def main() -> None:
     parser.add_argument("--policy", required=True, help="policy checkpoint")
     parser.add_argument("--reward", required=True, help="reward-model checkpoint with a value head")
     parser.add_argument("--prompts", required=True, help="RL prompts file")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per launch")
+    parser.add_argument("--nproc", type=int, default=2,
+                        help="processes (GPUs) per launch: a multiple of the config's TP x PP")
     parser.add_argument("--steps", type=int, default=4, help="steps per launch (the first is warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="frozen / save launch pairs, alternating")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
     args = parser.parse_args()
+    if args.steps < 2 or args.rounds < 1:
+        parser.error(f"--steps {args.steps} --rounds {args.rounds}: each launch needs a warm-up step and at least "
+                     "one measured step (--steps >= 2), and --rounds >= 1")
 
     records: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
     with tempfile.TemporaryDirectory() as work:

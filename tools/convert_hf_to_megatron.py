@@ -7,11 +7,13 @@ that loads at any TP / PP.
 
 import argparse
 
-from megatron_save.checkpoint.convert import convert_hf_to_megatron
-from megatron_save.distributed import shutdown_distributed
-
 
 def main() -> None:
+    # Imported here, not at the top: Megatron-Core's checkpoint writer starts a helper with multiprocessing's spawn
+    # method, which runs this script's top level again; kept light, that helper imports no torch or Megatron.
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+    from megatron_save.distributed import shutdown_distributed
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="HF model directory (or a hub name, on a cluster)")
     parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")

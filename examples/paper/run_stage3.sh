@@ -5,7 +5,9 @@
 #                                                          #   save_no_curriculum, r2m; frozen_policy = SAVE w/o
 #                                                          #   policy optimization)
 #   bash examples/paper/run_stage3.sh save examples/algorithms/gspo.yaml policy.kl_coef=0.02
-# A launch resumes from output_dir/checkpoints/latest when there is one.
+# Each variant and YAML overlay gets its own run directory (checkpoints/stage3_save_gspo above; OUTPUT_DIR=...
+# chooses another). A launch resumes from its run directory's checkpoints/latest when there is one; a launch with
+# other settings than the run's is refused.
 set -euo pipefail
 GPUS=${GPUS:-4}
 variant=${1:-save}
@@ -16,10 +18,14 @@ case "$variant" in
   r2m) settings=("reward.strategy=r2m" "reward.optim.lr=1e-6") ;;   # the R2M paper's head learning rate
   *) settings=("reward.strategy=$variant") ;;
 esac
+name="stage3_${variant}"
+for arg in "$@"; do
+  case "$arg" in *.yaml) name="${name}_$(basename "$arg" .yaml)" ;; esac
+done
+out=${OUTPUT_DIR:-checkpoints/$name}
 torchrun --nproc-per-node "$GPUS" -m megatron_save stage3 examples/paper/stage3_save.yaml "$@" \
-  output_dir="checkpoints/stage3_${variant}" "${settings[@]}"
+  output_dir="$out" "${settings[@]}"
 # Strategies that train the reward model itself leave output_dir/reward_model (frozen and r2m do not).
-if [ -d "checkpoints/stage3_${variant}/reward_model" ]; then
-  python tools/convert_megatron_to_hf.py --ckpt "checkpoints/stage3_${variant}/reward_model" \
-    --out "hf/stage3_${variant}_reward_model"
+if [ -d "$out/reward_model" ]; then
+  python tools/convert_megatron_to_hf.py --ckpt "$out/reward_model" --out "hf/${name}_reward_model"
 fi

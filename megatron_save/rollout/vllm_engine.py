@@ -50,8 +50,9 @@ class VLLMSettings:
 
 def check_vllm_settings(settings: VLLMSettings, sampling: SamplingSettings, policy_tensor_parallel: int) -> None:
     """Refuses, naming the setting, what vLLM would reject at the first rollout or later: no CUDA, no torchrun
-    (the external launcher reads RANK and LOCAL_RANK), an engine spanning data-parallel shares, and sampling
-    values outside vLLM's ranges."""
+    (the external launcher reads RANK and LOCAL_RANK), an engine spanning data-parallel shares, sleep mode with
+    PyTorch's expandable segments (vLLM's sleep-mode allocator asserts they are off), and sampling values outside
+    vLLM's ranges."""
     if not torch.cuda.is_available():
         raise ValueError("rollout.backend=vllm needs CUDA GPUs; on CPU use rollout.backend=megatron or transformers")
     if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
@@ -61,6 +62,10 @@ def check_vllm_settings(settings: VLLMSettings, sampling: SamplingSettings, poli
         raise ValueError(f"rollout.vllm.tensor_parallel_size={settings.tensor_parallel_size} must divide "
                          f"parallel.tensor_model_parallel_size={policy_tensor_parallel}: a vLLM engine's ranks "
                          "must share one data-parallel share of the prompts")
+    if settings.sleep_between_rollouts and "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        raise ValueError("rollout.vllm.sleep_between_rollouts=true cannot run with PYTORCH_CUDA_ALLOC_CONF="
+                         f"{os.environ['PYTORCH_CUDA_ALLOC_CONF']!r} (vLLM's sleep mode needs expandable segments "
+                         "off): unset it, or set rollout.vllm.sleep_between_rollouts=false")
     if not 0.0 <= sampling.temperature <= 2.0:
         raise ValueError(f"rollout.sampling.temperature={sampling.temperature}: vLLM accepts 0 to 2")
     if not 0.0 < sampling.top_p <= 1.0:
@@ -150,7 +155,7 @@ class VLLMRolloutEngine:
         greedy = sampling.temperature == 0
         return self.vllm.SamplingParams(
             n=1, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-            top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,  # -1: off, in every vLLM release
+            top_k=0 if greedy else sampling.top_k,  # 0: off (vLLM also still takes the older -1)
             max_tokens=sampling.max_new_tokens, stop_token_ids=stop_ids, ignore_eos=False,
             logprobs=0 if self.return_logprobs else None,  # 0: the sampled token's own log-prob only
             seed=None if sampling.seed is None else request_seed(sampling.seed, row), detokenize=False,
@@ -184,7 +189,7 @@ class VLLMRolloutEngine:
         """Checks the whole stream first (a bad one loads nothing), then hands it to vLLM's loaders."""
         incoming = dict(named_tensors)
         check_weight_stream(incoming, self.expected_shapes, optional=self.tied)
-        # vLLM 0.33 refuses a tied LM head that arrives without being the embedding.
+        # vLLM's Llama / Qwen loaders skip a tied LM head; it is the embedding, which arrives anyway.
         weights = [(name, tensor) for name, tensor in incoming.items() if name not in self.tied]
         self._wake_up()
         self.llm.apply_model(lambda model: model.load_weights(weights))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,17 @@ def partition_feedback(strategy: str, scores: GroupScores, valid: torch.Tensor, 
         anchor = scores.values
     pos, neg, prompt_keep = save_partition(scores.rewards, anchor, valid, threshold)
     return FeedbackPartition(threshold, pos | neg, pos, neg, prompt_keep, anchor)
+
+
+def rm_update_feedback(strategy: str, groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition,
+                       skip_truncated: bool) -> tuple[RolloutGroups, FeedbackPartition]:
+    """The groups and partition the reward model learns from: the step's own, or, with ``skip_truncated``, those
+    without the responses cut at max_new_tokens (the paper's RM update leaves out responses over its generation
+    limit; the policy still trains on them)."""
+    if not skip_truncated or not (groups.valid & groups.truncated).any():
+        return groups, partition
+    complete = replace(groups, valid=groups.valid & ~groups.truncated)
+    return complete, partition_feedback(strategy, scores, complete.valid, partition.threshold)
 
 
 def feedback_metrics(groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition, prefix: str

@@ -65,6 +65,9 @@ class RewardSettings:
     """lambda_V, weight of the value loss (eq. 21)."""
     max_length: int = 2048
     """Conversations longer than this (RM tokens) are left out of scoring and of both updates (counted)."""
+    update_skips_truncated: bool = False
+    """Leave responses cut at rollout.sampling.max_new_tokens out of the RM update (they are scored, and the policy
+    trains on them); the paper's RM update skips responses over its 1024-token generation limit."""
     micro_batch_size: int = 2
     """Prompts (each with its G responses) per forward pass of the RM update; scoring uses this x G sequences."""
     r2m_width: int = 2048

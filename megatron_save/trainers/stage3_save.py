@@ -48,6 +48,7 @@ from megatron_save.trainers.rl_groups import (
     non_finite_scores,
     partition_feedback,
     prepare_groups,
+    rm_update_feedback,
     rollout_metrics,
     score_groups,
 )
@@ -265,12 +266,14 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     metrics |= feedback_metrics(groups, scores, partition, "filter")
     log_rollouts(run, cfg, step, groups, scores, partition)
     if run.reward_state is not None:
-        if strategy.startswith("save") and not partition.prompt_keep.any():
+        rm_groups, rm_partition = rm_update_feedback(strategy, groups, scores, partition,
+                                                     cfg.reward.update_skips_truncated)
+        if strategy.startswith("save") and not rm_partition.prompt_keep.any():
             counters["value_only_rm_updates"] += 1
             logger.info("step %d: every prompt filtered out; value-only reward-model update", step)
         with timer.phase("rm_update"), run.offload.resident("reward"):
-            metrics |= update_reward_model(run.reward_state, cfg.reward, groups, scores, partition, step, rm_pad,
-                                           cfg.seed, run.offline_pairs)
+            metrics |= update_reward_model(run.reward_state, cfg.reward, rm_groups, scores, rm_partition, step,
+                                           rm_pad, cfg.seed, run.offline_pairs)
         with timer.phase("rescore"):
             scores = score_groups(run.reward_model, groups, rm_pad, score_micro_batch)
         if non_finite_scores(scores, groups.valid):

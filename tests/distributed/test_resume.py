@@ -10,13 +10,19 @@ from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron_save.testing.synthetic import synthetic_preference_rows, write_jsonl
 
 
-@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
-def test_resume_restores_weights_optimizer_and_group_lrs(tiny_models, tmp_path, optimizer):
-    pairs = write_jsonl(synthetic_preference_rows(16, seed=5), tmp_path / "pairs.jsonl")
-    flags = ["--distributed-optimizer"] if optimizer == "distributed" else []
+@pytest.fixture(scope="module")
+def resume_results(tiny_models, tmp_path_factory) -> dict:
+    """One launch runs both optimizer kinds (one process start-up instead of two)."""
+    root = tmp_path_factory.mktemp("resume")
+    pairs = write_jsonl(synthetic_preference_rows(16, seed=5), root / "pairs.jsonl")
     torchrun("resume_worker.py", 2, "--ckpt", str(tiny_models["llama-rmv"]["mg"]), "--pairs", str(pairs),
-             "--save-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out.json"), *flags)
-    result = read_json(tmp_path / "out.json")
+             "--save-dir", str(root / "ckpt"), "--out", str(root / "out.json"))
+    return read_json(root / "out.json")
+
+
+@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+def test_resume_restores_weights_optimizer_and_group_lrs(resume_results, optimizer):
+    result = resume_results[optimizer]
     if optimizer == "distributed" and not HAVE_APEX_OR_TE:
         # megatron-core 0.16.1 cannot load a torch-AdamW distributed optimizer; we refuse instead of drifting.
         assert "needs Transformer Engine or NVIDIA Apex" in result["refused"]

@@ -34,9 +34,21 @@ def test_tiny_save_run_trains_all_three_parts(save_run, tiny_models, world_of_on
         for name in ("rm/value_loss", "rm/reward_loss", "policy/pg_loss", "policy/kl_loss", "policy/grad_norm"):
             assert record[name] is not None and math.isfinite(record[name]), (record["step"], name)
     assert any(r["rm/reward_loss"] > 0 for r in records), [r["rm/reward_loss"] for r in records]
-    for name in ("time/rollout_s", "time/rm_update_s", "time/policy_update_s", "time/weight_sync_s",
-                 "filter/keep_rate", "filter/kept_prompts_fraction", "policy/entropy", "rollout/response_length"):
-        assert name in records[-1]
+    # What the run reports each step: the filter (keep rate, |B~| / |B|, |Y+| and |Y-|, the anchor's
+    # calibration, reward mean / std) before and after the RM update, the RM and policy losses, KL, entropy, clip
+    # fraction, response length, throughput, and the time of every phase.
+    reported = [f"{when}/{name}" for when in ("filter", "filter_after_rm_update") for name in (
+        "keep_rate", "kept_prompts_fraction", "positives_per_prompt", "negatives_per_prompt", "anchor_bias",
+        "anchor_abs_error", "reward_mean", "reward_std", "threshold_mu")]
+    reported += ["rm/reward_loss", "rm/value_loss", "policy/pg_loss", "policy/kl_loss", "policy/kl_to_reference",
+                 "policy/entropy", "policy/clip_fraction", "rollout/response_length", "rollout/truncated_fraction",
+                 "throughput/response_tokens_per_s", "memory/host_peak_rss_gib", "time/step_s"]
+    reported += [f"time/{phase}_s" for phase in ("rollout", "score", "rm_update", "rescore", "policy_logprobs",
+                                                 "policy_update", "weight_sync")]
+    for record in records:
+        missing = [name for name in reported if record.get(name) is None or not math.isfinite(record[name])]
+        assert not missing, (record["step"], missing)
+    assert all(0 <= r["filter/keep_rate"] <= 1 and r["throughput/response_tokens_per_s"] > 0 for r in records)
     assert list((save_run / "tensorboard").glob("events.out.tfevents.*"))
 
     before_rm, after_rm = _parameters(tiny_models["llama-rmv"]["mg"]), _parameters(save_run / "reward_model")

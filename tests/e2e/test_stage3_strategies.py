@@ -25,7 +25,7 @@ def _config(tiny_models, rl_data, out, *overrides: str) -> Stage3Config:
 
 
 VARIANTS = {
-    "save_no_curriculum": ["reward.strategy=save_no_curriculum"],
+    "save_no_curriculum": ["reward.strategy=save_no_curriculum", "reward.update_skips_truncated=true"],
     "frozen_rm": ["reward.strategy=frozen"],
     "offline_bt": ["reward.strategy=offline_bt", "reward.offline_batch_size=8"],
     "mean_reward": ["reward.strategy=mean_reward"],

@@ -28,6 +28,7 @@ from megatron_save.trainers.rl_groups import (
     non_finite_scores,
     partition_feedback,
     prepare_groups,
+    rm_update_feedback,
 )
 from megatron_save.trainers.rm_update import offline_pair_indices
 from megatron_save.trainers.stage3_config import PolicySettings, Stage3Config, check_stage3_config
@@ -80,6 +81,26 @@ def test_partition_by_strategy():
         assert torch.equal(plain.kept, valid) and not plain.prompt_keep.any() and plain.anchor is None
     with pytest.raises(ValueError, match="value head"):
         partition_feedback("save", GroupScores(rewards, None), valid, 0.5)
+
+
+def test_rm_update_can_leave_truncated_responses_out():
+    tokenizer = tiny_tokenizer()
+    prompts = [_prompt(tokenizer, "hi"), _prompt(tokenizer, "yo")]
+    eos = tokenizer.eos_token_id
+    rollouts = Rollouts(prompt_ids=[p.ids for p in prompts], response_ids=[[[5, eos], [6, 7], [8, eos]]] * 2,
+                        truncated=[[False, True, False], [True, True, False]])
+    groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=64, drop_truncated=False)
+    scores = GroupScores(torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, -1.0]]), torch.tensor([0.5, 0.5]))
+    partition = partition_feedback("save", scores, groups.valid, 0.5)
+    assert partition.prompt_keep.tolist() == [True, True]
+    same_groups, same_partition = rm_update_feedback("save", groups, scores, partition, skip_truncated=False)
+    assert same_groups is groups and same_partition is partition
+    complete, rm_partition = rm_update_feedback("save", groups, scores, partition, skip_truncated=True)
+    assert complete.valid.tolist() == [[True, False, True], [False, False, True]]
+    assert groups.valid.all()  # the step's own groups (the policy's) keep every response
+    # prompt 1 keeps only its negative response: no longer in B~
+    assert rm_partition.pos_mask.tolist() == [[True, False, False], [False, False, False]]
+    assert rm_partition.prompt_keep.tolist() == [True, False] and rm_partition.threshold == partition.threshold
 
 
 def test_filter_threshold_and_non_finite_counts():

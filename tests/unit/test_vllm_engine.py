@@ -167,7 +167,7 @@ def test_sampling_params_follow_the_settings(stand_in_vllm, tiny_models):
     assert params.stop_token_ids == sorted({3, eos}) and params.seed == 10 * 1_000_003 + 4
     assert params.logprobs is None
     greedy = engine.sampling_params(SamplingSettings(temperature=0.0, top_p=0.8, top_k=0), row=0)
-    assert (greedy.top_p, greedy.top_k, greedy.seed) == (1.0, -1, None)
+    assert (greedy.top_p, greedy.top_k, greedy.seed) == (1.0, 0, None)
 
 
 def test_an_aborted_response_is_an_error(stand_in_vllm, tiny_models):
@@ -227,6 +227,11 @@ def test_refusals_name_the_setting(monkeypatch, tiny_models, tmp_path):
     for field, value in (("temperature", 2.5), ("top_p", 0.0)):
         with pytest.raises(ValueError, match=f"rollout.sampling.{field}={value}"):
             check_vllm_settings(VLLMSettings(), SamplingSettings(**{field: value}), 2)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(ValueError, match="sleep_between_rollouts=true cannot run with PYTORCH_CUDA_ALLOC_CONF"):
+        check_vllm_settings(VLLMSettings(), sampling, 2)
+    check_vllm_settings(VLLMSettings(sleep_between_rollouts=False), sampling, 2)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     check_vllm_settings(VLLMSettings(tensor_parallel_size=2), sampling, 4)
 
 

@@ -1,6 +1,8 @@
-"""torchrun worker (2 ranks): train 4 steps straight at TP=2, and 2 steps + save + load at PP=2 + 2 steps.
+"""torchrun worker (2 ranks): train 4 steps straight at TP=2, and 2 steps + save + load at PP=2 + 2 steps, with
+the plain and with the distributed optimizer.
 
-Writes {"straight": ..., "resumed": ..., "lrs_saved": ..., "lrs_loaded": ...} to --out.
+Writes {"plain": {"straight": ..., "resumed": ..., "lrs_saved": ..., "lrs_loaded": ...}, "distributed": ...}
+(or {"refused": message} for an optimizer whose state cannot be resumed) to --out.
 """
 
 import argparse
@@ -51,42 +53,40 @@ def rewards_on(state, pairs):
     return score_sequences(state.module, input_ids, mask, micro_batch_size=2).rewards.tolist()
 
 
+def resume_run(ckpt, pairs, save_dir, distributed_optimizer) -> dict:
+    """Both runs with one optimizer kind; returns their losses, rewards and group learning rates."""
+    set_model_parallel(ParallelConfig(tensor_model_parallel_size=2))
+    straight = fresh_state(ckpt, distributed_optimizer)
+    straight_losses = steps(straight, pairs, 0, STEPS)
+    straight_rewards = rewards_on(straight, pairs)
+
+    first = fresh_state(ckpt, distributed_optimizer)
+    losses = steps(first, pairs, 0, 2)
+    save_train_checkpoint(first, save_dir, step=2)
+    lrs_saved = group_learning_rates(first)
+    set_model_parallel(ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2))
+    resumed = fresh_state(ckpt, distributed_optimizer)
+    try:
+        step = load_train_checkpoint(resumed, save_dir)
+    except UnsupportedResumeError as error:
+        return {"refused": str(error)}
+    lrs_loaded = group_learning_rates(resumed)
+    losses += steps(resumed, pairs, step, STEPS)
+    return {"straight": straight_losses, "resumed": losses, "lrs_saved": lrs_saved, "lrs_loaded": lrs_loaded,
+            "step": step, "straight_rewards": straight_rewards, "resumed_rewards": rewards_on(resumed, pairs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--pairs", required=True)
     parser.add_argument("--save-dir", required=True)
-    parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     init_distributed(ParallelConfig(tensor_model_parallel_size=2))
     pairs, _ = load_preference_pairs(args.pairs, AutoTokenizer.from_pretrained(Path(args.ckpt) / "hf"), 128)
-
-    straight = fresh_state(args.ckpt, args.distributed_optimizer)
-    straight_losses = steps(straight, pairs, 0, STEPS)
-    straight_rewards = rewards_on(straight, pairs)
-
-    first = fresh_state(args.ckpt, args.distributed_optimizer)
-    losses = steps(first, pairs, 0, 2)
-    save_train_checkpoint(first, args.save_dir, step=2)
-    lrs_saved = group_learning_rates(first)
-    set_model_parallel(ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2))
-    resumed = fresh_state(args.ckpt, args.distributed_optimizer)
-    try:
-        step = load_train_checkpoint(resumed, args.save_dir)
-    except UnsupportedResumeError as error:
-        if dist.get_rank() == 0:
-            Path(args.out).write_text(json.dumps({"refused": str(error)}))
-        shutdown_distributed()
-        return
-    lrs_loaded = group_learning_rates(resumed)
-    losses += steps(resumed, pairs, step, STEPS)
-    resumed_rewards = rewards_on(resumed, pairs)
-
-    set_model_parallel(ParallelConfig(tensor_model_parallel_size=2))
-    results = {"straight": straight_losses, "resumed": losses, "lrs_saved": lrs_saved, "lrs_loaded": lrs_loaded,
-               "step": step,
-               "straight_rewards": straight_rewards, "resumed_rewards": resumed_rewards}
+    results = {kind: resume_run(args.ckpt, pairs, Path(args.save_dir) / kind, kind == "distributed")
+               for kind in ("plain", "distributed")}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown_distributed()
