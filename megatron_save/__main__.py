@@ -28,6 +28,7 @@ COMMANDS = {
 
 
 def main(argv: list[str]) -> None:
+    """Runs ``COMMANDS[argv[0]]``'s ``main`` with the rest of the arguments."""
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: torchrun [...] -m megatron_save COMMAND ARGS... (or python -m megatron_save ...)\n"
                          f"commands: {', '.join(COMMANDS)}")

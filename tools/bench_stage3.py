@@ -4,6 +4,8 @@ and with reward.strategy=save, alternating, each as its own torchrun launch.
     python tools/bench_stage3.py --config examples/cpu/stage3_save.yaml --nproc 2 --rounds 2 \
         --policy CKPT --reward CKPT --prompts PROMPTS.jsonl [key=value ...]
 
+(--nproc defaults to 2, the CPU config's TP=2; on one GPU pass --nproc 1 parallel.tensor_model_parallel_size=1.)
+
 Prints, per phase, the mean time of a step (the first step of each launch is warm-up and left out) and the
 SAVE / GRPO ratio of the step time (the sum of the timed phases: rollout, scoring, updates, weight sync; not the
 metrics and checkpoint writing around them) and of peak memory: GPU memory per phase when CUDA is present, else

@@ -28,6 +28,9 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.trainers.optimizer import TrainState
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger("checkpoint.run_checkpoint")
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -72,11 +75,26 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def settings_changes(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...]
                      ) -> list[str]:
     """The settings (dotted names) that differ between a checkpoint's run and this launch, except those in
-    ``may_change`` (a name there also covers everything below it)."""
+    ``may_change`` (a name there also covers everything below it). Names only one side has (a setting added or
+    removed by another version of megatron-save) are not compared."""
     saved, current = _flatten(saved), _flatten(current)
-    changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+    changed = sorted(name for name in saved.keys() & current.keys() if saved[name] != current[name])
     free = lambda name: any(name == key or name.startswith(key + ".") for key in may_change)  # noqa: E731
-    return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in changed if not free(name)]
+    return [f"{name}: {saved[name]!r} -> {current[name]!r}" for name in changed if not free(name)]
+
+
+def check_run_settings(checkpoint: str | Path, settings: dict[str, Any], may_change: tuple[str, ...] = ()) -> None:
+    """Refuses to resume ``checkpoint`` with other ``settings`` than its run's (except ``may_change``), naming the
+    changes; reads one small file, so a launch can call it before building any model."""
+    saved = json.loads((Path(checkpoint) / RUN_STATE_FILE).read_text()).get("settings")
+    if saved is None:
+        logger.warning("%s records no settings (written by an older megatron-save): resuming without checking "
+                       "that this launch has the run's settings", checkpoint)
+        return
+    changes = settings_changes(saved, settings, may_change)
+    if changes:
+        raise ValueError(f"{checkpoint} belongs to a run with other settings; resuming would mix two runs. "
+                         f"Changed: {'; '.join(changes)}. Launch with the run's settings, or use a new output_dir")
 
 
 def checkpoint_name(step: int) -> str:
@@ -125,20 +143,15 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     return final
 
 
-def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState], settings: dict[str, Any],
-                        may_change: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
+def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState]) -> tuple[int, dict[str, int]]:
     """Collective: restores every trained model, optimizer and schedule, and this rank's RNG states; returns
-    (step, counters). The run must have the same world size and TP / PP sizes (RNG states are per rank) and the
-    same ``settings`` except those named in ``may_change``."""
+    (step, counters). The run must have the same world size and TP / PP sizes (RNG states are per rank); check its
+    settings first with :func:`check_run_settings`."""
     checkpoint = Path(checkpoint)
     payload = json.loads((checkpoint / RUN_STATE_FILE).read_text())
     if payload.get("layout", _layout()) != _layout():
         raise ValueError(f"{checkpoint} was written with {payload['layout']}; this launch has {_layout()}. Resume "
                          "with the same layout (each rank's RNG state is restored), or start a new output_dir")
-    changes = settings_changes(payload.get("settings", settings), settings, may_change)
-    if changes:
-        raise ValueError(f"{checkpoint} belongs to a run with other settings; resuming would mix two runs. "
-                         f"Changed: {'; '.join(changes)}. Launch with the run's settings, or use a new output_dir")
     for name, state in states.items():
         if not (checkpoint / name).exists():
             raise FileNotFoundError(f"{checkpoint}: no {name}/ checkpoint; was the run saved with the same "

@@ -25,17 +25,22 @@ class TokenLogProbs:
     """[N, S - 1] fp32 entropy of pi(. | tokens_<=t)."""
 
 
-def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) per position from this rank's vocabulary shard. [b, S, V / TP], [b, S] -> [b, S] fp32."""
-    # Megatron's kernel may work in place on an fp32 input: hand it a copy.
-    return -vocab_parallel_cross_entropy(vocab_parallel_logits.float().clone(), labels)
+def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+                   ) -> torch.Tensor:
+    """log p(label) per position under softmax(logits / temperature), from this rank's vocabulary shard.
+    [b, S, V / TP], [b, S] -> [b, S] fp32 (the division happens in fp32: bf16 logits are not rounded again)."""
+    logits = vocab_parallel_logits.float()
+    # Megatron's kernel may work in place on an fp32 input: hand it a tensor of its own.
+    logits = logits / temperature if temperature != 1.0 else logits.clone()
+    return -vocab_parallel_cross_entropy(logits, labels)
 
 
 @torch.no_grad()
-def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax over the whole (TP-sharded) vocabulary. [b, S, V / TP] -> [b, S] fp32."""
+def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) over the whole (TP-sharded) vocabulary. [b, S, V / TP] -> [b, S]
+    fp32."""
     group = parallel_state.get_tensor_model_parallel_group()
-    logits = vocab_parallel_logits.float()
+    logits = vocab_parallel_logits.float() / temperature
     maximum = logits.max(dim=-1, keepdim=True).values
     dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - maximum
@@ -49,8 +54,9 @@ def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
 def _logp_and_entropy(temperature: float, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """[b, S] tokens, [b, S, V / TP] logits -> [b, S - 1, 2] (log-prob of the next token, entropy), of the
     distribution softmax(logits / temperature)."""
-    logits = logits[:, :-1] / temperature
-    return torch.stack([token_logprobs(logits, tokens[:, 1:]), vocab_parallel_entropy(logits)], dim=-1)
+    logits = logits[:, :-1]
+    return torch.stack([token_logprobs(logits, tokens[:, 1:], temperature), vocab_parallel_entropy(logits, temperature)],
+                       dim=-1)
 
 
 def sequence_logprobs(model: Any, input_ids: torch.Tensor, micro_batch_size: int, temperature: float = 1.0

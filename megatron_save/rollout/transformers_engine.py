@@ -90,7 +90,7 @@ class TransformersRolloutEngine:
         step_logprobs = [None] * len(rows)
         if self.return_logprobs:
             # Log-probs of the sampled tokens under the distribution they were drawn from (after temperature /
-            # top-k / top-p): the behaviour policy. The policy's own log-probs (models.policy) are at temperature 1.
+            # top-k / top-p): the behaviour policy. The trainer's own (models.policy) apply the temperature only.
             step_logprobs = self.model.compute_transition_scores(output.sequences, output.scores,
                                                                  normalize_logits=True).cpu()
         responses, truncated, logprobs = [], [], []

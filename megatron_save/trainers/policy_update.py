@@ -83,7 +83,7 @@ def policy_loss(settings: PolicySettings, norm_constant: float, temperature: flo
                 logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + kl_coef x KL to the reference, on one micro-batch, with log-probs of
     softmax(logits / temperature). logits [b, S, V / TP]."""
-    logp = token_logprobs(logits[:, :-1] / temperature, batch.input_ids[:, 1:])  # [b, S - 1]
+    logp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)  # [b, S - 1]
     device = logp.device
     mask, advantages = batch.loss_mask.to(device), batch.advantages.to(device)
     old_logp, ref_logp = batch.old_logp.to(device), batch.ref_logp.to(device)
@@ -121,7 +121,7 @@ def mini_batch_layout(rows: int, parts: int, ranks: int, micro_batch_size: int) 
 
 
 def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, settings: PolicySettings,
-                        pad_id: int, temperature: float = 1.0) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
+                        pad_id: int, *, temperature: float) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
     """This data-parallel rank's mini-batches of micro-batches (``mini_batch_layout``), with old and reference
     log-probs at the sampling ``temperature``, and the pre-update entropy / KL metrics of the whole batch. A filler
     row is a copy of its mini-batch's first row without loss tokens."""
@@ -179,7 +179,7 @@ def _pre_update_metrics(entropy: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 
 
 def update_policy(state: TrainState, mini_batches: list[list[PolicyBatch]], settings: PolicySettings,
-                  norm_constant: float, temperature: float = 1.0) -> dict[str, float]:
+                  norm_constant: float, *, temperature: float) -> dict[str, float]:
     """One optimizer step per mini-batch (log-probs at the sampling ``temperature``); returns the metrics averaged
     over mini-batches."""
     loss_fn = partial(policy_loss, settings, norm_constant, temperature)

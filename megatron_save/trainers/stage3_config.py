@@ -66,8 +66,7 @@ class RewardSettings:
     max_length: int = 2048
     """Conversations longer than this (RM tokens) are left out of scoring and of both updates (counted)."""
     update_skips_truncated: bool = False
-    """Leave responses cut at rollout.sampling.max_new_tokens out of the RM update (they are scored, and the policy
-    trains on them); the paper's RM update skips responses over its 1024-token generation limit."""
+    """Leave responses cut at max_new_tokens out of the RM update only (V then fits complete responses' rewards)."""
     micro_batch_size: int = 2
     """Prompts (each with its G responses) per forward pass of the RM update; scoring uses this x G sequences."""
     r2m_width: int = 2048
@@ -167,6 +166,9 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         check_megatron_sampling(cfg.rollout.sampling)
     if cfg.rollout.backend == "vllm":
         check_vllm_settings(cfg.rollout.vllm, cfg.rollout.sampling, cfg.parallel.tensor_model_parallel_size)
+    if cfg.reward.update_skips_truncated and cfg.reward.strategy in ("frozen", "offline_bt", "r2m"):
+        raise ValueError(f"reward.update_skips_truncated=true does nothing with reward.strategy="
+                         f"{cfg.reward.strategy}: it does not learn from the rollouts' responses")
     if cfg.reward.strategy == "offline_bt" and not cfg.reward.offline_data:
         raise ValueError("reward.strategy=offline_bt needs reward.offline_data (preference pairs)")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":

@@ -23,7 +23,12 @@ from megatron_save.checkpoint.hf import family_for
 from megatron_save.checkpoint.hf.gather import gather_hf_state
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import save_train_checkpoint
-from megatron_save.checkpoint.run_checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
+from megatron_save.checkpoint.run_checkpoint import (
+    check_run_settings,
+    latest_checkpoint,
+    load_run_checkpoint,
+    save_run_checkpoint,
+)
 from megatron_save.data.batching import pad_id_of
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.data.prompts import Prompt, load_prompts
@@ -68,7 +73,9 @@ logger = get_logger("trainers.stage3_save")
 ROLLOUT_LOG = "rollouts.jsonl"
 # Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
 RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "keep_checkpoints", "log_every",
-                     "rollout_log", "tensorboard", "wandb_project", "offload")
+                     "rollout_log", "tensorboard", "wandb_project", "offload", "parallel.timeout_minutes",
+                     "rollout.vllm.gpu_memory_utilization", "rollout.vllm.sleep_between_rollouts",
+                     "rollout.vllm.enforce_eager")
 
 
 @dataclass
@@ -207,12 +214,15 @@ def prompt_batch(prompts: list[Prompt], batch_size: int, step: int, seed: int) -
 
 def train_stage3(cfg: Stage3Config) -> Path:
     check_stage3_config(cfg)
-    run = build_stage3_run(cfg)
+    settings = asdict(cfg)
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
-    start, counters, settings = 0, Counter(), asdict(cfg)
     if checkpoint is not None:
-        start, saved = load_run_checkpoint(checkpoint, run.trained_states(), settings, RESUMABLE_CHANGES)
+        check_run_settings(checkpoint, settings, RESUMABLE_CHANGES)  # before minutes of model building
+    run = build_stage3_run(cfg)
+    ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
+    start, counters = 0, Counter()
+    if checkpoint is not None:
+        start, saved = load_run_checkpoint(checkpoint, run.trained_states())
         counters.update(saved)
         truncate_history(Path(cfg.output_dir) / "metrics.jsonl", start)
         truncate_history(Path(cfg.output_dir) / ROLLOUT_LOG, start)
@@ -268,9 +278,10 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     if run.reward_state is not None:
         rm_groups, rm_partition = rm_update_feedback(strategy, groups, scores, partition,
                                                      cfg.reward.update_skips_truncated)
+        metrics["rm/truncated_left_out"] = float((groups.valid & ~rm_groups.valid).sum())
         if strategy.startswith("save") and not rm_partition.prompt_keep.any():
             counters["value_only_rm_updates"] += 1
-            logger.info("step %d: every prompt filtered out; value-only reward-model update", step)
+            logger.info("step %d: no prompt with both Y+ and Y- for the RM update; value-only update", step)
         with timer.phase("rm_update"), run.offload.resident("reward"):
             metrics |= update_reward_model(run.reward_state, cfg.reward, rm_groups, scores, rm_partition, step,
                                            rm_pad, cfg.seed, run.offline_pairs)
@@ -351,10 +362,11 @@ def train_policy(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, score
         advantages = token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths)
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
-                                                    pad_id_of(run.policy_tokenizer), sampling.logit_temperature)
+                                                    pad_id_of(run.policy_tokenizer),
+                                                    temperature=sampling.logit_temperature)
     with timer.phase("policy_update"), run.offload.resident("policy"):
         metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, sampling.max_new_tokens,
-                                 sampling.logit_temperature)
+                                 temperature=sampling.logit_temperature)
     with timer.phase("weight_sync"):
         run.sync_rollout_weights()
     return metrics

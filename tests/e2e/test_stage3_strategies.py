@@ -36,6 +36,7 @@ VARIANTS = {
     "r2m": ["reward.strategy=r2m", "reward.r2m_width=16", "offload.optimizer=true", "offload.gradients=true",
             "offload.reference=true"],
     "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
+    "temperature": ["rollout.sampling.temperature=0.7"],
     "rloo": ["policy.advantage=rloo", "policy.mini_batches=2", "policy.micro_batch_size=2"],
     "dr_grpo": ["policy.advantage=dr_grpo", "policy.aggregation=seq-mean-token-sum-norm"],
     "reinforce_pp": ["policy.advantage=reinforce_pp", "policy.kl_coef=0"],
@@ -75,8 +76,14 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert all(r["rm/grebt_loss"] > 0 for r in records)
     if variant in ("hl_bt", "mean_reward"):
         assert any(r["rm/reward_loss"] > 0 for r in records)
+    if variant == "temperature":
+        # One optimizer step per rollout batch: its log-probs are the old ones, if both are taken at T = 0.7.
+        assert all(abs(r["policy/approx_kl"]) < 1e-6 and r["policy/clip_fraction"] == 0 for r in records)
     if variant == "save_no_curriculum":
         assert all(r["filter/threshold_mu"] == 0.5 and r["filter/keep_rate"] == 1.0 for r in records)
+        assert sum(r["rm/truncated_left_out"] for r in records) > 0  # reward.update_skips_truncated
+    elif trains_rm and variant != "r2m":
+        assert all(r["rm/truncated_left_out"] == 0 for r in records)
 
 
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
@@ -176,13 +183,16 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
     common = (f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"reward.strategy={strategy}",
               "reward.r2m_width=8", "save_every=1")
     straight = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "straight", *common))
-    resumed = tmp_path / "resumed"
-    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "exit_after_steps=1"))
+    # The interrupted run offloads idle state between phases (its checkpoint is written from there); the
+    # uninterrupted one does not.
+    resumed, offload = tmp_path / "resumed", ("offload.optimizer=true", "offload.gradients=true",
+                                              "offload.reference=true")
+    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload, "exit_after_steps=1"))
     assert not (resumed / "policy").exists()
     if strategy == "save":  # a relaunch with other settings would mix two runs: refused, naming the change
         with pytest.raises(ValueError, match=r"other settings.*policy\.kl_coef: 0\.04 -> 0\.02"):
             stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "policy.kl_coef=0.02"))
-    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "offload.gradients=true"))
+    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload))
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2]
     for model in ("policy", "reward_model") if strategy == "save" else ("policy",):
         before = {n: p.detach().clone() for n, p in build_model_from_checkpoint(straight / model)[0].named_parameters()}

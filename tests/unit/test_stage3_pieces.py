@@ -15,7 +15,7 @@ from megatron_save.algorithms import (
     reinforce_pp_advantages,
     save_partition,
 )
-from megatron_save.checkpoint.run_checkpoint import latest_checkpoint
+from megatron_save.checkpoint.run_checkpoint import check_run_settings, latest_checkpoint, settings_changes
 from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
 from megatron_save.data.prompts import Prompt, load_prompts
 from megatron_save.rollout import Rollouts
@@ -242,6 +242,28 @@ def test_config_refusals_name_the_setting():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="rollout.backend=vllm needs CUDA GPUs"):
             check_stage3_config(cfg)
+
+
+def test_resume_settings_survive_json_and_name_what_changed(tmp_path):
+    from dataclasses import asdict
+
+    from megatron_save.trainers.stage3_save import RESUMABLE_CHANGES
+
+    cfg = Stage3Config(output_dir="o", train_data="d")
+    cfg.policy.checkpoint = cfg.reward.checkpoint = "c"
+    saved = json.loads(json.dumps(asdict(cfg)))  # as run_state.json keeps them: lr 1e-07, lists, None
+    assert settings_changes(saved, asdict(cfg), RESUMABLE_CHANGES) == []
+    cfg.policy.kl_coef, cfg.rollout.sampling.stop_token_ids = 0.02, [7]
+    cfg.offload.optimizer, cfg.exit_after_steps, cfg.output_dir = True, 3, "moved"  # may change
+    assert settings_changes(saved, asdict(cfg), RESUMABLE_CHANGES) == [
+        "policy.kl_coef: 0.04 -> 0.02", "rollout.sampling.stop_token_ids: [] -> [7]"]
+    assert settings_changes({"a": 1, "old": 2}, {"a": 1, "new": 3}, ()) == []  # another version's settings
+    assert settings_changes({"offloaded": 1}, {"offloaded": 2}, ("offload",)) == ["offloaded: 1 -> 2"]
+    (tmp_path / "run_state.json").write_text(json.dumps({"step": 1, "settings": saved}))
+    with pytest.raises(ValueError, match=r"other settings.*policy\.kl_coef: 0\.04 -> 0\.02"):
+        check_run_settings(tmp_path, asdict(cfg), RESUMABLE_CHANGES)
+    (tmp_path / "run_state.json").write_text(json.dumps({"step": 1}))  # an older checkpoint: not checked
+    check_run_settings(tmp_path, asdict(cfg), RESUMABLE_CHANGES)
 
 
 def test_latest_checkpoint_marker(tmp_path):

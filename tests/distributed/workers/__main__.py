@@ -9,6 +9,8 @@ import importlib
 import sys
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m workers WORKER [ARGS ...]  (a module of tests/distributed/workers)")
     worker = sys.argv[1]
     sys.argv = [worker, *sys.argv[2:]]
     importlib.import_module(f"workers.{worker}").main()

@@ -79,10 +79,11 @@ def run(args, tokenizer, strategy: str) -> dict:
     kept[0, 0] = kept[1, 1] = kept[2, 3] = False  # 13 rows: mini-batches of 7 and 6, padded per data-parallel size
     advantages = token_advantages("grpo", rescored.rewards, kept, groups.response_lengths)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, kept, advantages)
-    mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0)
-    policy_metrics = update_policy(policy_state, mini_batches, policy_settings, norm_constant=8.0)
+    # At a sampling temperature other than 1, so the vocabulary-parallel log-probs at T are compared across layouts.
+    mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0, temperature=0.7)
+    policy_metrics = update_policy(policy_state, mini_batches, policy_settings, norm_constant=8.0, temperature=0.7)
     probe = mini_batches[0][0].input_ids  # this rank's first rows; compare the log-probs of row 0 of rank 0
-    after = sequence_logprobs(policy, probe, probe.shape[0]).logp[0]
+    after = sequence_logprobs(policy, probe, probe.shape[0], temperature=0.7).logp[0]
     return {"kept_prompts": int(partition.prompt_keep.sum()), **rm_metrics, **pre, **policy_metrics,
             "rewards_after": rescored.rewards.nan_to_num(0.0).flatten().tolist(),
             "values_after": rescored.values.nan_to_num(0.0).tolist(), "logp_after": after.tolist()}
