@@ -55,8 +55,8 @@ def _logp_and_entropy(temperature: float, tokens: torch.Tensor, logits: torch.Te
     """[b, S] tokens, [b, S, V / TP] logits -> [b, S - 1, 2] (log-prob of the next token, entropy), of the
     distribution softmax(logits / temperature)."""
     logits = logits[:, :-1]
-    return torch.stack([token_logprobs(logits, tokens[:, 1:], temperature), vocab_parallel_entropy(logits, temperature)],
-                       dim=-1)
+    logp = token_logprobs(logits, tokens[:, 1:], temperature)
+    return torch.stack([logp, vocab_parallel_entropy(logits, temperature)], dim=-1)
 
 
 def sequence_logprobs(model: Any, input_ids: torch.Tensor, micro_batch_size: int, temperature: float = 1.0

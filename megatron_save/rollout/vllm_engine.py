@@ -62,10 +62,11 @@ def check_vllm_settings(settings: VLLMSettings, sampling: SamplingSettings, poli
         raise ValueError(f"rollout.vllm.tensor_parallel_size={settings.tensor_parallel_size} must divide "
                          f"parallel.tensor_model_parallel_size={policy_tensor_parallel}: a vLLM engine's ranks "
                          "must share one data-parallel share of the prompts")
-    if settings.sleep_between_rollouts and "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        raise ValueError("rollout.vllm.sleep_between_rollouts=true cannot run with PYTORCH_CUDA_ALLOC_CONF="
-                         f"{os.environ['PYTORCH_CUDA_ALLOC_CONF']!r} (vLLM's sleep mode needs expandable segments "
-                         "off): unset it, or set rollout.vllm.sleep_between_rollouts=false")
+    for variable in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the second is newer torch's name
+        if settings.sleep_between_rollouts and "expandable_segments:True" in os.environ.get(variable, ""):
+            raise ValueError(f"rollout.vllm.sleep_between_rollouts=true cannot run with {variable}="
+                             f"{os.environ[variable]!r} (vLLM's sleep mode needs expandable segments off): unset "
+                             "it, or set rollout.vllm.sleep_between_rollouts=false")
     if not 0.0 <= sampling.temperature <= 2.0:
         raise ValueError(f"rollout.sampling.temperature={sampling.temperature}: vLLM accepts 0 to 2")
     if not 0.0 < sampling.top_p <= 1.0:
