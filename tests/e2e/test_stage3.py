@@ -4,12 +4,13 @@ exact parameters."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
 import pytest
 import torch
-from helpers import read_metrics, run_stage3, run_stage3_in_process
+from helpers import read_metrics, run_stage3, run_stage3_in_process, torchrun
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 
@@ -60,20 +61,46 @@ def test_tiny_save_run_trains_all_three_parts(save_run, tiny_models, world_of_on
     assert any(not torch.equal(before_policy[n], after_policy[n]) for n in before_policy), "policy unchanged"
 
 
-def _first_step(layout: str, output_dir, tiny_models, rl_data, *overrides: str) -> dict:
-    """The metrics of step 1 of a run at ``layout`` (TP=1 in this process, the others under torchrun)."""
-    tp, pp = {"tp1": (1, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}[layout]
-    args = (output_dir, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
+LAYOUTS = {"tp1": (1, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
+MEGATRON_R2M = ("rollout.backend=megatron", "reward.strategy=r2m", "reward.r2m_width=16", "reward.optim.lr=1e-2")
+
+
+def _first_step_settings(layout: str, output_dir, tiny_models, rl_data, *overrides: str) -> tuple:
+    """run_stage3's arguments for step 1 of a run at ``layout``."""
+    tp, pp = LAYOUTS[layout]
+    return (output_dir, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
             "total_steps=4", "exit_after_steps=1", f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}", *overrides)
-    run_stage3_in_process(*args) if layout == "tp1" else run_stage3(tp * pp, *args)
-    return read_metrics(output_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_first_steps(tiny_models, rl_data, tmp_path_factory) -> dict[str, dict]:
+    """Step 1 at TP=2 x PP=2 of the default config and of the Megatron-Core rollout backend with R2M: both runs in
+    one 4-process launch (one start-up)."""
+    root = tmp_path_factory.mktemp("tp2pp2")
+    runs = {"default": (), "megatron_r2m": MEGATRON_R2M}
+    arguments = []
+    for name, overrides in runs.items():
+        output_dir, policy, reward, prompts, *rest = _first_step_settings("tp2pp2", root / name, tiny_models,
+                                                                          rl_data, *overrides)
+        arguments += ["--settings", json.dumps([f"output_dir={output_dir}", f"policy.checkpoint={policy}",
+                                           f"reward.checkpoint={reward}", f"train_data={prompts}", *rest])]
+    torchrun("stage3_runs_worker.py", 4, *arguments)
+    return {name: read_metrics(root / name)[0] for name in runs}
 
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2", "tp2pp2"])
-def test_first_step_matches_across_layouts(layout, save_run, tiny_models, rl_data, tmp_path, world_of_one):
-    """The TP=2 run's first step (rollouts, RM update, policy update) at TP=1, PP=2 and TP=2 x PP=2."""
-    _same_step(read_metrics(save_run)[0], _first_step(layout, tmp_path / layout, tiny_models, rl_data))
+def test_first_step_matches_across_layouts(layout, save_run, tiny_models, rl_data, tmp_path, world_of_one,
+                                           request):
+    """The TP=2 run's first step (rollouts, RM update, policy update) at TP=1 (in this process), PP=2 and
+    TP=2 x PP=2."""
+    if layout == "tp2pp2":
+        record = request.getfixturevalue("tp2pp2_first_steps")["default"]
+    else:
+        settings = _first_step_settings(layout, tmp_path / layout, tiny_models, rl_data)
+        run_stage3_in_process(*settings) if layout == "tp1" else run_stage3(2, *settings)
+        record = read_metrics(tmp_path / layout)[0]
+    _same_step(read_metrics(save_run)[0], record)
 
 
 def _same_step(reference: dict, record: dict) -> None:
@@ -84,13 +111,14 @@ def _same_step(reference: dict, record: dict) -> None:
         assert record[name] == pytest.approx(reference[name], rel=1e-4, abs=1e-5), name
 
 
-def test_megatron_rollouts_and_r2m_match_across_layouts(tiny_models, rl_data, tmp_path, world_of_one):
+def test_megatron_rollouts_and_r2m_match_across_layouts(tp2pp2_first_steps, tiny_models, rl_data, tmp_path,
+                                                        world_of_one):
     """rollout.backend=megatron (sampling with the sharded policy) with the R2M strategy (policy hidden states into
     a replicated head): TP=2 x PP=2 gives TP=1's first step."""
-    settings = ("rollout.backend=megatron", "reward.strategy=r2m", "reward.r2m_width=16", "reward.optim.lr=1e-2")
-    reference = _first_step("tp1", tmp_path / "tp1", tiny_models, rl_data, *settings)
+    run_stage3_in_process(*_first_step_settings("tp1", tmp_path / "tp1", tiny_models, rl_data, *MEGATRON_R2M))
+    reference = read_metrics(tmp_path / "tp1")[0]
     assert reference["rm/grebt_loss"] > 0
-    _same_step(reference, _first_step("tp2pp2", tmp_path / "tp2pp2", tiny_models, rl_data, *settings))
+    _same_step(reference, tp2pp2_first_steps["megatron_r2m"])
 
 
 def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_models, rl_data, tmp_path, world_of_one):
