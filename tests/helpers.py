@@ -39,9 +39,8 @@ STAGE3_CPU_CONFIG = REPO / "examples" / "cpu" / "stage3_save.yaml"
 def run_stage3(nproc: int, output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str,
                timeout: int = 900) -> None:
     """Launches stage 3 with examples/cpu/stage3_save.yaml under torchrun, as a user would."""
-    _launch(nproc, ["-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG), f"output_dir={output_dir}",
-                    f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"train_data={prompts}",
-                    *overrides], timeout)
+    _launch(nproc, ["-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG),
+                    *stage3_overrides(output_dir, policy, reward, prompts, *overrides)], timeout)
 
 
 def run_stage3_in_process(output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str) -> Path:
@@ -51,9 +50,14 @@ def run_stage3_in_process(output_dir: Path, policy: Path, reward: Path, prompts:
     from megatron_save.trainers.stage3_save import train_stage3
     from megatron_save.trainers.stage3_config import Stage3Config
 
-    return train_stage3(load_config(Stage3Config, STAGE3_CPU_CONFIG, [
-        f"output_dir={output_dir}", f"policy.checkpoint={policy}", f"reward.checkpoint={reward}",
-        f"train_data={prompts}", *overrides]))
+    return train_stage3(load_config(Stage3Config, STAGE3_CPU_CONFIG,
+                                    stage3_overrides(output_dir, policy, reward, prompts, *overrides)))
+
+
+def stage3_overrides(output_dir: Path, policy: Path, reward: Path, prompts: Path, *overrides: str) -> list[str]:
+    """The key=value overrides of examples/cpu/stage3_save.yaml naming a run's directory, models and prompts."""
+    return [f"output_dir={output_dir}", f"policy.checkpoint={policy}", f"reward.checkpoint={reward}",
+            f"train_data={prompts}", *overrides]
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import read_metrics, run_stage3, run_stage3_in_process, torchrun
+from helpers import read_metrics, run_stage3, run_stage3_in_process, stage3_overrides, torchrun
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 
@@ -81,10 +81,8 @@ def tp2pp2_first_steps(tiny_models, rl_data, tmp_path_factory) -> dict[str, dict
     runs = {"default": (), "megatron_r2m": MEGATRON_R2M}
     arguments = []
     for name, overrides in runs.items():
-        output_dir, policy, reward, prompts, *rest = _first_step_settings("tp2pp2", root / name, tiny_models,
-                                                                          rl_data, *overrides)
-        arguments += ["--settings", json.dumps([f"output_dir={output_dir}", f"policy.checkpoint={policy}",
-                                           f"reward.checkpoint={reward}", f"train_data={prompts}", *rest])]
+        settings = _first_step_settings("tp2pp2", root / name, tiny_models, rl_data, *overrides)
+        arguments += ["--settings", json.dumps(stage3_overrides(*settings))]
     torchrun("stage3_runs_worker.py", 4, *arguments)
     return {name: read_metrics(root / name)[0] for name in runs}
 
