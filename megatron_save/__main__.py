@@ -9,7 +9,7 @@ Why one package entry point: Megatron-Core's checkpoint writer starts a multipro
 method, and a spawned interpreter imports the launching module again (as ``__mp_main__``) unless that module is a
 package's ``__main__``. Launched from here, that helper process of every rank imports neither torch, Megatron nor
 transformers, which saves each checkpointing rank several seconds and a few hundred MB of host memory for the
-whole run. ``-m megatron_save.trainers.stage3_save`` works too, and pays them.
+whole run. A trainer module launched directly (``-m megatron_save.trainers.stage1_bt``) pays them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ COMMANDS = {
     "sft": "megatron_save.trainers.sft",
     "stage1": "megatron_save.trainers.stage1_bt",
     "stage2": "megatron_save.trainers.stage2_value",
-    "stage3": "megatron_save.trainers.stage3_save",
+    "stage3": "megatron_save.trainers.stage3",
     "testbed-models": "megatron_save.testbed.initial_models",
     "testbed-eval": "megatron_save.testbed.gold_eval",
 }

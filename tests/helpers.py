@@ -47,8 +47,7 @@ def run_stage3_in_process(output_dir: Path, policy: Path, reward: Path, prompts:
     """run_stage3 in this process, as a world of one (the caller sets TP = PP = 1): the same config and code,
     without a launch's start-up."""
     from megatron_save.config import load_config
-    from megatron_save.trainers.stage3_save import train_stage3
-    from megatron_save.trainers.stage3_config import Stage3Config
+    from megatron_save.trainers.stage3 import Stage3Config, train_stage3
 
     return train_stage3(load_config(Stage3Config, STAGE3_CPU_CONFIG,
                                     stage3_overrides(output_dir, policy, reward, prompts, *overrides)))

@@ -1,10 +1,12 @@
 """The paper's equations as pure tensor functions (no configs, no globals); shapes in comments."""
 
 from megatron_save.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
     grpo_advantages,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
+    token_advantages,
 )
 from megatron_save.algorithms.baselines import hl_bt_loss, highest_lowest_pairs, mean_reward_anchor
 from megatron_save.algorithms.bradley_terry import bt_loss, pairwise_accuracy
@@ -18,6 +20,7 @@ from megatron_save.algorithms.save import (
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "PolicyLossOutput",
     "bt_loss",
     "grebt_loss",
@@ -32,6 +35,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "token_advantages",
     "curriculum_threshold",
     "pairwise_accuracy",
     "r2m_time_weight",

@@ -79,3 +79,29 @@ def reinforce_pp_baseline_advantages(
     centred = (scores.float() - mean).masked_fill(~valid | (count < 2), 0.0)  # [B, G]
     mask = token_mask & valid[..., None]
     return masked_whiten(centred[..., None].expand_as(token_mask), mask, eps)
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def token_advantages(kind: str, rewards: torch.Tensor, kept: torch.Tensor, response_lengths: torch.Tensor
+                     ) -> torch.Tensor:
+    """Advantages of every response token by estimator ``kind`` (one of ADVANTAGE_ESTIMATORS).
+
+    rewards, kept [B, G], response_lengths [B, G] -> [B, G, T] (T the longest response; outcome advantages are
+    constant along a response, REINFORCE++ puts the outcome reward on the last token and whitens over the batch).
+    """
+    rewards = rewards.float().nan_to_num(0.0)
+    steps = torch.arange(int(response_lengths.max().clamp(min=1)))
+    token_mask = (steps < response_lengths[..., None]) & kept[..., None]  # [B, G, T]
+    if kind in ("grpo", "dr_grpo", "rloo"):
+        per_response = (rloo_advantages(rewards, kept) if kind == "rloo"
+                        else grpo_advantages(rewards, kept, norm_by_std=kind == "grpo"))  # [B, G]
+        return per_response[..., None] * token_mask
+    if kind == "reinforce_pp_baseline":
+        return reinforce_pp_baseline_advantages(rewards, kept, token_mask)
+    if kind == "reinforce_pp":
+        last = (steps == (response_lengths[..., None] - 1)) & token_mask  # outcome reward on the last token
+        flat = token_mask.flatten(0, 1)
+        return reinforce_pp_advantages((rewards[..., None] * last).flatten(0, 1), flat).view_as(token_mask)
+    raise ValueError(f"unknown advantage estimator {kind!r}; one of {', '.join(ADVANTAGE_ESTIMATORS)}")

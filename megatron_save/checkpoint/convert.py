@@ -15,13 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from megatron_save.checkpoint.hf import (
-    VALUE_HEAD_FILE,
-    VALUE_HEAD_TENSOR,
-    family_for,
-    is_reward_model,
-    param_mappings,
-)
+from megatron_save.checkpoint.hf import VALUE_HEAD_FILE, VALUE_HEAD_TENSOR, param_mappings
 from megatron_save.checkpoint.model_checkpoint import (
     HF_SUBDIR,
     CheckpointMeta,
@@ -34,6 +28,7 @@ from megatron_save.checkpoint.safetensors_io import SafetensorsReader, write_sha
 from megatron_save.config.parallel import ParallelConfig
 from megatron_save.distributed import init_distributed
 from megatron_save.models.builder import ModelKind, build_model
+from megatron_save.models.families import family_for, is_reward_model
 from megatron_save.models.spec import SpecBackend
 from megatron_save.utils.logging import get_logger
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
+from megatron_save.models.builder import build_model
 
 META_FILE = "megatron_save.json"
 HF_SUBDIR = "hf"
@@ -119,9 +120,6 @@ def build_model_from_checkpoint(
     ``add_value_head`` gives a reward model saved without a value head a zero-initialised one (stage 2); the
     returned meta then says it has one.
     """
-    # Imported here: the model builders import the HF mappings of this package (an import cycle otherwise).
-    from megatron_save.models.builder import build_model
-
     meta, hf_config = read_checkpoint_meta(ckpt_dir)
     if add_value_head and meta.kind != "reward_model":
         raise ValueError(f"{ckpt_dir}: add_value_head needs a reward model, the checkpoint holds a {meta.kind}")

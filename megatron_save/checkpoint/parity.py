@@ -13,6 +13,7 @@ from megatron_save.checkpoint.hf import VALUE_HEAD_FILE, VALUE_HEAD_TENSOR
 from megatron_save.checkpoint.model_checkpoint import build_model_from_checkpoint
 from megatron_save.models.builder import ModelKind
 from megatron_save.models.forward import gather_vocab_logits, pipeline_forward, score_sequences
+from megatron_save.models.policy import sequence_logprobs
 
 
 def transformers_output(
@@ -74,8 +75,6 @@ def max_logprob_diff_vs_transformers(
     ckpt_dir: str | Path, hf_dir: str | Path, input_ids: torch.Tensor, mask: torch.Tensor, micro_batch_size: int = 1
 ) -> tuple[float, float]:
     """Collective, causal LMs: max |difference| of per-token log-probs and of entropies over real next tokens."""
-    from megatron_save.models.policy import sequence_logprobs
-
     model, _, _ = build_model_from_checkpoint(ckpt_dir)
     ours = sequence_logprobs(model, input_ids, micro_batch_size)  # [B, S - 1] on every rank
     log_probs = torch.log_softmax(transformers_output(hf_dir, False, input_ids, mask)[:, :-1], dim=-1)

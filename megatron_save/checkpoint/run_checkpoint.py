@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
-from megatron_save.trainers.optimizer import TrainState
+from megatron_save.models.train_state import TrainState
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("checkpoint.run_checkpoint")

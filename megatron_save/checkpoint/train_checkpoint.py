@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_save.trainers.optimizer import TrainState
+from megatron_save.models.train_state import TrainState
 
 TRAIN_STATE_FILE = "train_state.json"
 STATE_SUBDIR = "state"

@@ -1,4 +1,4 @@
-"""Length-grouped batches, padding, and the typed token batches handed to the training step."""
+"""Length-grouped batches, the padding id, and the typed token batches handed to the training step."""
 
 from __future__ import annotations
 
@@ -110,17 +110,6 @@ class PolicyBatch(TokenBatch):
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's padding id (0 when it has none: padding is masked out anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def pad_rows(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads token lists to ``length`` (default: the longest) -> input_ids [N, S], attention_mask [N, S]."""
-    length = length or max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.bool)
-    for i, sequence in enumerate(sequences):
-        input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[i, : len(sequence)] = True
-    return input_ids, mask
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group_factor: int = 32) -> list[list[int]]:

@@ -103,12 +103,16 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     check_parallel_layout(parallel, dist.get_world_size())
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-    )
+    _destroy_model_parallel()
+    existing = set(_process_groups())
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        )
+    finally:
+        # Every group that appeared is Megatron's, including those of a call that failed half-way.
+        _megatron_groups.extend(group for group in _process_groups() if group not in existing)
     model_parallel_cuda_manual_seed(parallel.seed)
     logger.info(
         "parallel layout: world %d = TP %d x PP %d x DP %d (%s)",
@@ -126,10 +130,34 @@ def compute_device() -> torch.device:
 
 
 def shutdown_distributed() -> None:
-    """Destroys Megatron's groups and the default process group."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    """Destroys Megatron's groups and the default process group (and with it every other group)."""
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_megatron_groups: list[dist.ProcessGroup] = []
+"""The process groups that set_model_parallel's Megatron initialisations created and that may still be alive."""
+
+
+def _process_groups() -> list[dist.ProcessGroup]:
+    """Every live process group of this process (the default one included); none before init_process_group."""
+    return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
+
+
+def _destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel, plus destroying the groups it only forgets.
+
+    Megatron-Core's destroy_model_parallel sets its TP / PP / DP / embedding / ... groups to None but destroys
+    only its gloo data-parallel groups: the other groups stay registered with torch.distributed, each holding
+    its communicator (three threads for a gloo group). A process that re-creates the layout (a new layout, a
+    conversion after training, tests in one process) would pile up a set of groups per call.
+    """
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    live = set(_process_groups())
+    while _megatron_groups:
+        group = _megatron_groups.pop()
+        if group in live and group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)

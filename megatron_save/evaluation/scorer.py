@@ -10,8 +10,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from megatron_save.data.batching import pad_id_of, pad_rows
+from megatron_save.data.batching import pad_id_of
 from megatron_save.data.chat import Messages, encode_conversation
+from megatron_save.utils.tensors import pad_rows
 
 # distinct token sequences -> one reward each
 SequenceScorer = Callable[[list[list[int]]], list[float]]

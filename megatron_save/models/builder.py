@@ -9,7 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_save.checkpoint.hf import family_for
+from megatron_save.models.families import family_for
 from megatron_save.models.gpt_config import gpt_args_from_hf
 from megatron_save.models.reward_model import RewardGPTModel
 from megatron_save.models.spec import SpecBackend, layer_spec

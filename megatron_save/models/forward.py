@@ -13,6 +13,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron_save.distributed.init import compute_device
 from megatron_save.models.reward_model import SequenceScores, read_scores
+from megatron_save.utils.tensors import pad_rows
 
 
 def _forward_step(postprocess, data_iterator, model):
@@ -127,8 +128,6 @@ def score_token_sequences(
     ``description`` labels the progress bar (None: no bar, for callers that show their own).
     """
     from tqdm import tqdm
-
-    from megatron_save.data.batching import pad_rows
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     chunk_size = micro_batch_size * parallel_state.get_pipeline_model_parallel_world_size()

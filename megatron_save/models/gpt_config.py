@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
-from megatron_save.checkpoint.hf import family_for, head_dim_of, rope_parameters
+from megatron_save.models.families import family_for, head_dim_of, rope_parameters
 
 if TYPE_CHECKING:
     from megatron_save.distributed.init import ModelShape

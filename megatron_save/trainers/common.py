@@ -14,9 +14,11 @@ from transformers import AutoTokenizer
 
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR, build_model_from_checkpoint, read_checkpoint_meta
 from megatron_save.config import ParallelConfig, load_config
-from megatron_save.data.batching import length_grouped_batches
+from megatron_save.data.batching import PairBatch, length_grouped_batches
+from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
+from megatron_save.utils.tensors import pad_rows
 
 
 @dataclass
@@ -75,6 +77,14 @@ def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]
         )
     share = len(indices) // ranks
     return indices[rank * share : (rank + 1) * share]
+
+
+def pair_micro_batches(pairs: list[PreferencePair], indices: list[int], settings: BatchSettings,
+                       pad_id: int) -> list[PairBatch]:
+    """This rank's micro-batches of a global batch, all padded to the global batch's longest sequence."""
+    length = max(pairs[i].length for i in indices)
+    rows = [ids for i in data_parallel_part(indices, settings) for ids in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
+    return PairBatch(*pad_rows(rows, pad_id, length)).split(2 * settings.micro_batch_size)
 
 
 def epoch_batches(lengths: list[int], settings: BatchSettings, source: str, unit: str) -> list[list[int]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_save.trainers.optimizer import TrainState
+from megatron_save.models.train_state import TrainState
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("trainers.offload")

@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from megatron.core import parallel_state
@@ -15,6 +14,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_save.models.train_state import TrainState
 
 VALUE_HEAD_PARAMS = "*value_head*"
 # megatron-core 0.16.1 matches param groups on resume by (wd_mult, lr_mult, ...), not by max_lr: groups that
@@ -50,23 +51,6 @@ class OptimizerSettings:
     """Global gradient-norm clip (0 disables)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
-
-
-@dataclass
-class TrainState:
-    """The model wrapped for training with its optimizer and LR schedule."""
-
-    model: DistributedDataParallel
-    """Megatron DDP wrapper around this rank's model stage."""
-    optimizer: Any
-    """Megatron optimizer (mixed precision on GPU, distributed when configured)."""
-    scheduler: OptimizerParamScheduler
-    """LR and weight-decay schedule, stepped once per optimizer step."""
-
-    @property
-    def module(self) -> torch.nn.Module:
-        """The unwrapped model."""
-        return self.model.module
 
 
 def build_train_state(

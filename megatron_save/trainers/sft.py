@@ -16,7 +16,7 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import DemonstrationBatch, pad_id_of, pad_rows
+from megatron_save.data.batching import DemonstrationBatch, pad_id_of
 from megatron_save.data.demonstrations import Demonstration, load_demonstrations
 from megatron_save.models.policy import sequence_logprobs, token_logprobs
 from megatron_save.trainers.common import (
@@ -33,6 +33,7 @@ from megatron_save.trainers.common import (
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
 from megatron_save.utils.logging import get_logger
+from megatron_save.utils.tensors import pad_rows
 
 logger = get_logger("trainers.sft")
 

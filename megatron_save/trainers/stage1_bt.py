@@ -16,15 +16,15 @@ from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import PairBatch, pad_id_of, pad_rows
+from megatron_save.data.batching import pad_id_of
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
-    data_parallel_part,
     ensure_output_dir,
     epoch_batches,
     hold_out,
+    pair_micro_batches,
     progress,
     run_from_command_line,
     start_from_checkpoint,
@@ -68,14 +68,6 @@ class Stage1Config:
     """Optimizer and learning-rate schedule."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel layout."""
-
-
-def pair_micro_batches(pairs: list[PreferencePair], indices: list[int], settings: BatchSettings,
-                       pad_id: int) -> list[PairBatch]:
-    """This rank's micro-batches of a global batch, all padded to the global batch's longest sequence."""
-    length = max(pairs[i].length for i in indices)
-    rows = [ids for i in data_parallel_part(indices, settings) for ids in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
-    return PairBatch(*pad_rows(rows, pad_id, length)).split(2 * settings.micro_batch_size)
 
 
 def pairwise_eval(model, pairs: list[PreferencePair], micro_batch_size: int, pad_id: int) -> float:

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.config import ParallelConfig
-from megatron_save.data.batching import PromptTargetBatch, pad_id_of, pad_rows
+from megatron_save.data.batching import PromptTargetBatch, pad_id_of
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
@@ -33,6 +33,7 @@ from megatron_save.trainers.losses import value_regression_loss
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
 from megatron_save.utils.logging import get_logger
+from megatron_save.utils.tensors import pad_rows
 
 logger = get_logger("trainers.stage2_value")
 

@@ -13,7 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_save.data.batching import TokenBatch
 from megatron_save.distributed import compute_device
 from megatron_save.models.forward import broadcast_from_last_stage
-from megatron_save.trainers.optimizer import TrainState
+from megatron_save.models.train_state import TrainState
 
 # (micro-batch, per-token head outputs [b, S, heads]) -> (loss, metrics of that micro-batch)
 LossFn = Callable[[TokenBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]

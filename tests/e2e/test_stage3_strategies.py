@@ -13,8 +13,8 @@ from helpers import REPO, read_metrics
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 from megatron_save.config import load_config
-from megatron_save.trainers import stage3_save
-from megatron_save.trainers.stage3_config import Stage3Config
+from megatron_save.trainers.stage3 import Stage3Config, loop, rollout_phase
+from megatron_save.trainers.stage3.run import build_stage3_run
 
 
 def _config(tiny_models, rl_data, out, *overrides: str) -> Stage3Config:
@@ -49,7 +49,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     overrides = VARIANTS[variant]
     if variant == "offline_bt":
         overrides = [*overrides, f"reward.offline_data={rl_data['pairs']}"]
-    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / variant, *overrides))
+    out = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / variant, *overrides))
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     trains_rm = variant != "frozen_rm"
@@ -89,7 +89,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
     """A NaN in the first scoring skips step 1; an inf in step 2's re-scoring (after the RM update) skips its
     policy update only; step 3 runs whole. Both counted."""
-    real_score_groups = stage3_save.score_groups
+    real_score_groups = rollout_phase.score_groups
     calls = []
 
     def score_with_non_finite_values(*args, **kwargs):
@@ -101,8 +101,8 @@ def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_
             scores.rewards[1, 0] = float("inf")
         return scores
 
-    monkeypatch.setattr(stage3_save, "score_groups", score_with_non_finite_values)
-    out = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "nan", "total_steps=3"))
+    monkeypatch.setattr(rollout_phase, "score_groups", score_with_non_finite_values)
+    out = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / "nan", "total_steps=3"))
     first, second, third = read_metrics(out)
     assert first["counters/steps_skipped_non_finite_scores"] == 1
     assert not any(k.startswith(("rm/", "policy/")) for k in first)
@@ -115,11 +115,11 @@ def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_
 def test_every_prompt_filtered_gives_a_value_only_update(tiny_models, rl_data, tmp_path, world_of_one):
     # m0 = 1 with a long horizon: mu(1) is about 1, so no response passes the filter.
     cfg = _config(tiny_models, rl_data, tmp_path / "filtered", "total_steps=1000", "reward.initial_margin=1.0")
-    run = stage3_save.build_stage3_run(cfg)
+    run = build_stage3_run(cfg)
     run.sync_rollout_weights()
     before = {name: param.detach().clone() for name, param in run.reward_model.named_parameters()}
     counters = Counter()
-    record = stage3_save.rl_step(run, cfg, 1, counters)
+    record = loop.rl_step(run, cfg, 1, counters)
     assert record["filter/keep_rate"] == 0.0 and record["filter/kept_prompts_fraction"] == 0.0
     assert record["counters/value_only_rm_updates"] == 1
     assert record["rm/reward_loss"] == 0.0 and record["rm/value_loss"] > 0
@@ -137,9 +137,9 @@ def test_a_step_without_any_valid_response_is_skipped(strategy, tiny_models, rl_
     # Every conversation is longer than 5 RM tokens: nothing can be scored.
     cfg = _config(tiny_models, rl_data, tmp_path / strategy, f"reward.strategy={strategy}", "reward.max_length=5",
                   "reward.r2m_width=8")
-    run = stage3_save.build_stage3_run(cfg)
+    run = build_stage3_run(cfg)
     run.sync_rollout_weights()
-    record = stage3_save.rl_step(run, cfg, 1, Counter())
+    record = loop.rl_step(run, cfg, 1, Counter())
     assert record["rollout/valid_fraction"] == 0.0
     assert "policy/pg_loss" not in record
     if strategy == "r2m":
@@ -151,17 +151,17 @@ def test_a_step_without_any_valid_response_is_skipped(strategy, tiny_models, rl_
 def test_refuses_a_save_run_without_a_value_head(tiny_models, rl_data, tmp_path, world_of_one):
     cfg = _config(tiny_models, rl_data, tmp_path / "novalue", f"reward.checkpoint={tiny_models['llama-rm']['mg']}")
     with pytest.raises(ValueError, match="reward.strategy=save needs a value head"):
-        stage3_save.train_stage3(cfg)
+        loop.train_stage3(cfg)
 
 
 def test_refuses_an_unknown_strategy(tiny_models, rl_data, tmp_path):
     with pytest.raises(ValueError, match="reward.strategy='r2d2' is not one of"):
-        stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "x", "reward.strategy=r2d2"))
+        loop.train_stage3(_config(tiny_models, rl_data, tmp_path / "x", "reward.strategy=r2d2"))
 
 
 def test_policy_weights_reach_the_rollout_engine(tiny_models, rl_data, tmp_path, world_of_one):
     cfg = _config(tiny_models, rl_data, tmp_path / "sync", "total_steps=1")
-    run = stage3_save.build_stage3_run(cfg)
+    run = build_stage3_run(cfg)
     run.sync_rollout_weights()
     engine_weights = dict(run.engine.model.named_parameters())
     with torch.no_grad():
@@ -182,17 +182,17 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
     convert_hf_to_megatron(tiny_models["llama-rmv"]["hf"], reward, dtype="bf16")
     common = (f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"reward.strategy={strategy}",
               "reward.r2m_width=8", "save_every=1")
-    straight = stage3_save.train_stage3(_config(tiny_models, rl_data, tmp_path / "straight", *common))
+    straight = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / "straight", *common))
     # The interrupted run offloads idle state between phases (its checkpoint is written from there); the
     # uninterrupted one does not.
     resumed, offload = tmp_path / "resumed", ("offload.optimizer=true", "offload.gradients=true",
                                               "offload.reference=true")
-    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload, "exit_after_steps=1"))
+    loop.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload, "exit_after_steps=1"))
     assert not (resumed / "policy").exists()
     if strategy == "save":  # a relaunch with other settings would mix two runs: refused, naming the change
         with pytest.raises(ValueError, match=r"other settings.*policy\.kl_coef: 0\.04 -> 0\.02"):
-            stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, "policy.kl_coef=0.02"))
-    stage3_save.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload))
+            loop.train_stage3(_config(tiny_models, rl_data, resumed, *common, "policy.kl_coef=0.02"))
+    loop.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload))
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2]
     for model in ("policy", "reward_model") if strategy == "save" else ("policy",):
         before = {n: p.detach().clone() for n, p in build_model_from_checkpoint(straight / model)[0].named_parameters()}
@@ -201,3 +201,33 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
         for name, value in before.items():
             assert torch.equal(value, after[name]), f"{model}: {name} differs after resume"
     assert read_metrics(straight)[-1]["policy/pg_loss"] == read_metrics(resumed)[-1]["policy/pg_loss"]
+
+
+@pytest.fixture
+def group_mean_without_curriculum():
+    """A strategy that is not in the paper, added as one row: SAVE's contrastive loss against the group mean,
+    without the curriculum filter."""
+    from megatron_save.trainers.losses import mean_reward_rm_loss
+    from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, kept_prompts, register_strategy
+
+    row = register_strategy(RMStrategy(
+        "mean_reward_no_curriculum", anchor="group_mean", curriculum=False, trains_backbone=True, value_head=False,
+        learns_from="rollouts", update="before_policy", loss=mean_reward_rm_loss,
+        loss_metrics=("reward_loss_sum", "kept_prompts"), reward_prompts=kept_prompts))
+    yield row
+    del STRATEGIES[row.name]
+
+
+def test_a_registered_row_is_a_runnable_strategy(group_mean_without_curriculum, tiny_models, rl_data, tmp_path,
+                                                 world_of_one):
+    name = group_mean_without_curriculum.name
+    out = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / name, f"reward.strategy={name}"))
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    # No curriculum: mu = 1/2 keeps every valid response; the group mean anchors the partition.
+    assert all(r["filter/threshold_mu"] == 0.5 and r["filter/keep_rate"] == 1.0 for r in records)
+    assert all("filter/anchor_bias" in r and "rm/value_loss" not in r for r in records)
+    assert any(r["rm/reward_loss"] > 0 for r in records)
+    initial = dict(build_model_from_checkpoint(tiny_models["llama-rmv"]["mg"])[0].named_parameters())
+    trained = dict(build_model_from_checkpoint(out / "reward_model")[0].named_parameters())
+    assert any(not torch.equal(initial[n], trained[n]) for n in trained if "value_head" not in n)

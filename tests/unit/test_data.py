@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from megatron_save.data.batching import PairBatch, length_grouped_batches, pad_rows
+from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
 from megatron_save.data.preference import load_preference_pairs
 from megatron_save.data.response_groups import load_response_groups
 from megatron_save.testing import tiny_tokenizer
 from megatron_save.testing.synthetic import write_jsonl
+from megatron_save.utils.tensors import pad_rows
 
 TOKENIZER = tiny_tokenizer()
 

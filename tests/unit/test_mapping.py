@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_save.checkpoint.hf import FAMILIES, param_mappings
+from megatron_save.checkpoint.hf import param_mappings
 from megatron_save.checkpoint.hf.common import _gate_up, _qkv
+from megatron_save.models.families import FAMILIES
 from megatron_save.testing import tiny_hf_config
 
 

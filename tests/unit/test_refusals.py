@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_save.checkpoint.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
-from megatron_save.checkpoint.hf import UnsupportedModelError
 from megatron_save.config import ParallelConfig
 from megatron_save.distributed import ModelShape, ParallelLayoutError, check_parallel_layout, init_distributed
+from megatron_save.models.families import UnsupportedModelError
 from megatron_save.testing import save_tiny_hf_model
 
 SHAPE = ModelShape(num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=128)

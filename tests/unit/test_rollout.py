@@ -9,9 +9,9 @@ import transformers
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 from megatron_save.checkpoint.convert import convert_hf_to_megatron
-from megatron_save.checkpoint.hf import family_for
 from megatron_save.checkpoint.hf.gather import gather_hf_state
 from megatron_save.data.chat import encode_prompt
+from megatron_save.models.families import family_for
 from megatron_save.rollout import SamplingSettings, TransformersRolloutEngine
 from megatron_save.testing import save_tiny_hf_model
 

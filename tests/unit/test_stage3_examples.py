@@ -7,7 +7,7 @@ import torch
 from helpers import REPO
 
 from megatron_save.config import load_config
-from megatron_save.trainers.stage3_config import Stage3Config, check_stage3_config
+from megatron_save.trainers.stage3 import Stage3Config, check_stage3_config
 
 EXAMPLES = REPO / "examples"
 COMBINATIONS = [

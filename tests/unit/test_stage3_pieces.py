@@ -21,8 +21,10 @@ from megatron_save.data.prompts import Prompt, load_prompts
 from megatron_save.rollout import Rollouts
 from megatron_save.testing import tiny_tokenizer
 from megatron_save.testing.synthetic import write_jsonl
-from megatron_save.trainers.policy_update import PolicyRows, policy_loss, policy_mini_batches, token_advantages
-from megatron_save.trainers.rl_groups import (
+from megatron_save.algorithms import token_advantages
+from megatron_save.trainers.stage3.batches import PolicyRows
+from megatron_save.trainers.stage3.config import PolicySettings, Stage3Config, check_stage3_config
+from megatron_save.trainers.stage3.groups import (
     GroupScores,
     filter_threshold,
     non_finite_scores,
@@ -30,9 +32,10 @@ from megatron_save.trainers.rl_groups import (
     prepare_groups,
     rm_update_feedback,
 )
-from megatron_save.trainers.rm_update import offline_pair_indices
-from megatron_save.trainers.stage3_config import PolicySettings, Stage3Config, check_stage3_config
-from megatron_save.trainers.stage3_save import prompt_batch
+from megatron_save.trainers.stage3.policy_phase import policy_loss, policy_mini_batches
+from megatron_save.trainers.stage3.reward_phase import offline_pair_indices
+from megatron_save.trainers.stage3.rollout_phase import prompt_batch
+from megatron_save.trainers.strategies import STRATEGIES
 from megatron_save.utils.metrics import MetricsWriter, truncate_history
 
 
@@ -68,19 +71,19 @@ def test_partition_by_strategy():
     rewards = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.5, float("nan")]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
     scores = GroupScores(rewards, torch.tensor([2.5, 0.25]))
-    save = partition_feedback("save", scores, valid, 0.5)
+    save = partition_feedback(STRATEGIES["save"], scores, valid, 0.5)
     expected = save_partition(rewards, scores.values, valid, 0.5)
     assert torch.equal(save.pos_mask, expected[0]) and torch.equal(save.neg_mask, expected[1])
     assert save.prompt_keep.tolist() == [True, True]
     # mean_reward anchors on the group mean: 2.0 and 0.25.
-    mean = partition_feedback("mean_reward", scores, valid, 0.5)
+    mean = partition_feedback(STRATEGIES["mean_reward"], scores, valid, 0.5)
     assert mean.anchor.tolist() == [2.0, 0.25]
     assert mean.pos_mask.tolist() == [[False, True, True], [False, True, False]]
     for strategy in ("frozen", "hl_bt", "offline_bt"):
-        plain = partition_feedback(strategy, scores, valid, 0.5)
+        plain = partition_feedback(STRATEGIES[strategy], scores, valid, 0.5)
         assert torch.equal(plain.kept, valid) and not plain.prompt_keep.any() and plain.anchor is None
     with pytest.raises(ValueError, match="value head"):
-        partition_feedback("save", GroupScores(rewards, None), valid, 0.5)
+        partition_feedback(STRATEGIES["save"], GroupScores(rewards, None), valid, 0.5)
 
 
 def test_rm_update_can_leave_truncated_responses_out():
@@ -91,11 +94,11 @@ def test_rm_update_can_leave_truncated_responses_out():
                         truncated=[[False, True, False], [True, True, False]])
     groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=64, drop_truncated=False)
     scores = GroupScores(torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, -1.0]]), torch.tensor([0.5, 0.5]))
-    partition = partition_feedback("save", scores, groups.valid, 0.5)
+    partition = partition_feedback(STRATEGIES["save"], scores, groups.valid, 0.5)
     assert partition.prompt_keep.tolist() == [True, True]
-    same_groups, same_partition = rm_update_feedback("save", groups, scores, partition, skip_truncated=False)
+    same_groups, same_partition = rm_update_feedback(STRATEGIES["save"], groups, scores, partition, skip_truncated=False)
     assert same_groups is groups and same_partition is partition
-    complete, rm_partition = rm_update_feedback("save", groups, scores, partition, skip_truncated=True)
+    complete, rm_partition = rm_update_feedback(STRATEGIES["save"], groups, scores, partition, skip_truncated=True)
     assert complete.valid.tolist() == [[True, False, True], [False, False, True]]
     assert groups.valid.all()  # the step's own groups (the policy's) keep every response
     # prompt 1 keeps only its negative response: no longer in B~
@@ -104,10 +107,10 @@ def test_rm_update_can_leave_truncated_responses_out():
 
 
 def test_filter_threshold_and_non_finite_counts():
-    assert filter_threshold("save", 1, 10, 0.5) == pytest.approx((2 - 0.6) / 2)
-    assert filter_threshold("mean_reward", 1, 10, 0.5) == pytest.approx((2 - 0.6) / 2)
-    assert filter_threshold("save_no_curriculum", 1, 10, 0.5) == 0.5
-    assert filter_threshold("hl_bt", 1, 10, 0.5) == 0.5
+    assert filter_threshold(STRATEGIES["save"], 1, 10, 0.5) == pytest.approx((2 - 0.6) / 2)
+    assert filter_threshold(STRATEGIES["mean_reward"], 1, 10, 0.5) == pytest.approx((2 - 0.6) / 2)
+    assert filter_threshold(STRATEGIES["save_no_curriculum"], 1, 10, 0.5) == 0.5
+    assert filter_threshold(STRATEGIES["hl_bt"], 1, 10, 0.5) == 0.5
     valid = torch.tensor([[True, False], [False, False]])
     rewards = torch.tensor([[float("inf"), float("nan")], [float("nan"), float("nan")]])
     assert non_finite_scores(GroupScores(rewards, torch.tensor([1.0, float("nan")])), valid) == 1
@@ -247,7 +250,7 @@ def test_config_refusals_name_the_setting():
 def test_resume_settings_survive_json_and_name_what_changed(tmp_path):
     from dataclasses import asdict
 
-    from megatron_save.trainers.stage3_save import RESUMABLE_CHANGES
+    from megatron_save.trainers.stage3.config import RESUMABLE_CHANGES
 
     cfg = Stage3Config(output_dir="o", train_data="d")
     cfg.policy.checkpoint = cfg.reward.checkpoint = "c"
@@ -288,7 +291,7 @@ def test_metrics_file_keeps_nan_out_and_truncates_on_resume(tmp_path, world_of_o
 
 
 def test_mini_batch_layout_is_the_same_at_every_data_parallel_size():
-    from megatron_save.trainers.policy_update import mini_batch_layout
+    from megatron_save.trainers.stage3.batches import mini_batch_layout
 
     for rows, parts, micro in ((13, 2, 1), (5, 4, 2), (3, 4, 1), (16, 2, 2)):
         blocks = {}

@@ -1,4 +1,5 @@
-"""What every Llama-like decoder family shares: config checks and the HF <-> Megatron weight mapping.
+"""The HF <-> Megatron weight mapping every Llama-like decoder family shares, driven by the family's facts
+(``megatron_save.models.families``: q/k/v biases, q/k norms, head width).
 
 A mapping works on full (TP=1, PP=1) tensors and Megatron-Core local-spec parameter names. The conversion
 tools use it through a world-of-one model, and dist_checkpointing reshards the result to any TP / PP.
@@ -11,34 +12,14 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_save.models.families import DecoderFamily, head_dim_of
+
 
 # The value head of a value-anchored reward model has no place in transformers' *ForSequenceClassification; it
 # travels beside the HF weights as this file holding one tensor "value_head.weight" of shape [1, hidden] (in the
 # checkpoint's dtype).
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_TENSOR = "value_head.weight"
-
-
-class UnsupportedModelError(ValueError):
-    """A Hugging Face model this package cannot represent exactly; the message names the setting."""
-
-
-@dataclass(frozen=True)
-class DecoderFamily:
-    """A Hugging Face decoder family that maps onto Megatron-Core's GPTModel."""
-
-    name: str
-    """Short name, used in checkpoint metadata (``llama``, ``qwen2``, ``qwen3``)."""
-    model_types: tuple[str, ...]
-    """Values of ``config.model_type`` that belong to the family."""
-    causal_lm_architecture: str
-    """transformers class of the causal LM, e.g. ``LlamaForCausalLM``."""
-    reward_model_architecture: str
-    """transformers class of the single-label reward model, e.g. ``LlamaForSequenceClassification``."""
-    qkv_bias: bool
-    """Biases on the q, k and v projections only (Qwen2)."""
-    qk_norm: bool
-    """RMSNorm on each query and key head before RoPE (Qwen3)."""
 
 
 @dataclass(frozen=True)
@@ -92,51 +73,6 @@ def _gate_up(name_megatron: str, hf_names: tuple[str, str]) -> ParamMapping:
         merge=lambda ts: torch.cat(ts, dim=0),
         split=lambda t: [c.contiguous() for c in torch.chunk(t, 2, dim=0)],
     )
-
-
-def head_dim_of(hf_config: Any) -> int:
-    """Per-head width: ``config.head_dim`` when set (Qwen3), else hidden / heads."""
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-
-
-def rope_parameters(hf_config: Any) -> dict:
-    """RoPE settings as one dict, from transformers 5 (``rope_parameters``) or 4 (``rope_theta`` + ``rope_scaling``)."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if params:
-        return dict(params)
-    return {"rope_type": "default", **(getattr(hf_config, "rope_scaling", None) or {}),
-            "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
-
-
-# Megatron-Core 0.16 implements Llama-3 RoPE scaling with these constants fixed; only ``factor`` is free.
-_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-def check_supported(family: DecoderFamily, hf_config: Any) -> None:
-    """Raises UnsupportedModelError naming the first setting the Megatron model cannot reproduce exactly."""
-
-    def refuse(setting: str) -> None:
-        raise UnsupportedModelError(f"{family.name} model ({hf_config.model_type}): unsupported setting {setting}")
-
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        refuse(f"hidden_act={hf_config.hidden_act!r} (only SwiGLU with silu)")
-    if getattr(hf_config, "mlp_bias", False):
-        refuse("mlp_bias=True")
-    if not family.qkv_bias and getattr(hf_config, "attention_bias", False):
-        refuse("attention_bias=True (biases on q/k/v/o projections)")
-    if getattr(hf_config, "use_sliding_window", False):
-        refuse("use_sliding_window=True")
-    if hf_config.num_attention_heads % hf_config.num_key_value_heads != 0:
-        refuse(f"num_attention_heads={hf_config.num_attention_heads} not a multiple of "
-               f"num_key_value_heads={hf_config.num_key_value_heads}")
-    rope = rope_parameters(hf_config)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        for key, value in _MEGATRON_LLAMA3_ROPE.items():
-            if float(rope.get(key, value)) != value:
-                refuse(f"rope {key}={rope[key]} (Megatron-Core's Llama-3 RoPE scaling fixes it to {value})")
-    elif rope_type != "default":
-        refuse(f"rope_type={rope_type!r} (supported: default, llama3)")
 
 
 def param_mappings(

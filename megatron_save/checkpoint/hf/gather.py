@@ -15,7 +15,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_save.checkpoint.hf.common import DecoderFamily, param_mappings
+from megatron_save.checkpoint.hf.common import param_mappings
+from megatron_save.models.families import DecoderFamily
 from megatron_save.models.reward_model import RewardGPTModel
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from helpers import LAYOUTS  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
-from megatron_save.checkpoint.hf import VALUE_HEAD_FILE, family_for  # noqa: E402
+from megatron_save.checkpoint.hf import VALUE_HEAD_FILE  # noqa: E402
 from megatron_save.checkpoint.hf.gather import gather_hf_state  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
+from megatron_save.models.families import family_for  # noqa: E402
 
 
 def main() -> None:

@@ -22,15 +22,15 @@ from megatron_save.checkpoint.train_checkpoint import (  # noqa: E402
     save_train_checkpoint,
 )
 from megatron_save.config import ParallelConfig  # noqa: E402
-from megatron_save.data.batching import pad_rows  # noqa: E402
 from megatron_save.data.preference import load_preference_pairs  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
 from megatron_save.models.forward import score_sequences  # noqa: E402
 from megatron_save.trainers.common import BatchSettings  # noqa: E402
 from megatron_save.trainers.losses import bt_pair_loss  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state, group_learning_rates  # noqa: E402
-from megatron_save.trainers.stage1_bt import pair_micro_batches  # noqa: E402
+from megatron_save.trainers.common import pair_micro_batches  # noqa: E402
 from megatron_save.trainers.step import train_step  # noqa: E402
+from megatron_save.utils.tensors import pad_rows  # noqa: E402
 
 STEPS, PAIRS = 4, 4
 

@@ -11,8 +11,7 @@ from helpers import STAGE3_CPU_CONFIG  # noqa: E402
 
 from megatron_save.config import load_config  # noqa: E402
 from megatron_save.distributed import shutdown_distributed  # noqa: E402
-from megatron_save.trainers.stage3_config import Stage3Config  # noqa: E402
-from megatron_save.trainers.stage3_save import train_stage3  # noqa: E402
+from megatron_save.trainers.stage3 import Stage3Config, train_stage3  # noqa: E402
 
 
 def main() -> None:

@@ -25,15 +25,13 @@ from megatron_save.distributed import init_distributed, set_model_parallel, shut
 from megatron_save.models.policy import sequence_logprobs  # noqa: E402
 from megatron_save.rollout import Rollouts  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
-from megatron_save.trainers.policy_update import (  # noqa: E402
-    policy_mini_batches,
-    policy_rows,
-    token_advantages,
-    update_policy,
-)
-from megatron_save.trainers.rl_groups import partition_feedback, prepare_groups, score_groups  # noqa: E402
-from megatron_save.trainers.rm_update import update_reward_model  # noqa: E402
-from megatron_save.trainers.stage3_config import PolicySettings, RewardSettings  # noqa: E402
+from megatron_save.algorithms import token_advantages  # noqa: E402
+from megatron_save.trainers.stage3.batches import policy_rows  # noqa: E402
+from megatron_save.trainers.stage3.config import PolicySettings, RewardSettings  # noqa: E402
+from megatron_save.trainers.stage3.groups import partition_feedback, prepare_groups, score_groups  # noqa: E402
+from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy  # noqa: E402
+from megatron_save.trainers.stage3.reward_phase import update_reward_model  # noqa: E402
+from megatron_save.trainers.strategies import STRATEGIES  # noqa: E402
 
 PROMPTS, GROUP = 4, 4
 
@@ -72,10 +70,10 @@ def run(args, tokenizer, strategy: str) -> dict:
 
     groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=128, drop_truncated=False)
     scores = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
-    partition = partition_feedback("save", scores, groups.valid, threshold=0.5)
-    rm_metrics = update_reward_model(reward_state, reward, groups, scores, partition, step=1, pad_id=0, seed=0)
+    partition = partition_feedback(STRATEGIES["save"], scores, groups.valid, threshold=0.5)
+    rm_metrics = update_reward_model(reward_state, STRATEGIES[strategy], reward, groups, scores, partition, step=1, pad_id=0, seed=0)
     rescored = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
-    kept = partition_feedback(strategy, rescored, groups.valid, threshold=0.5).kept.clone()
+    kept = partition_feedback(STRATEGIES[strategy], rescored, groups.valid, threshold=0.5).kept.clone()
     kept[0, 0] = kept[1, 1] = kept[2, 3] = False  # 13 rows: mini-batches of 7 and 6, padded per data-parallel size
     advantages = token_advantages("grpo", rescored.rewards, kept, groups.response_lengths)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, kept, advantages)

@@ -18,7 +18,6 @@ from helpers import LAYOUTS  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
-from megatron_save.data.batching import pad_rows  # noqa: E402
 from megatron_save.data.chat import encode_prompt  # noqa: E402
 from megatron_save.data.demonstrations import load_demonstrations  # noqa: E402
 from megatron_save.data.preference import load_preference_pairs  # noqa: E402
@@ -28,10 +27,11 @@ from megatron_save.models.forward import score_sequences  # noqa: E402
 from megatron_save.trainers.common import BatchSettings, data_parallel_part  # noqa: E402
 from megatron_save.trainers.losses import bt_pair_loss, value_regression_loss  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
-from megatron_save.trainers.stage1_bt import pair_micro_batches  # noqa: E402
+from megatron_save.trainers.common import pair_micro_batches  # noqa: E402
 from megatron_save.trainers.stage2_value import prompt_micro_batches  # noqa: E402
 from megatron_save.trainers.sft import demonstration_batch, held_out_loss, sft_loss  # noqa: E402
 from megatron_save.trainers.step import train_step  # noqa: E402
+from megatron_save.utils.tensors import pad_rows  # noqa: E402
 
 RUNS = {**{name: (tp, pp, False) for name, (tp, pp) in LAYOUTS.items()}, "tp1_distopt": (1, 1, True),
         "tp2pp2_distopt": (2, 2, True)}

@@ -6,16 +6,21 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from megatron_save.algorithms import ADVANTAGE_ESTIMATORS
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
 from megatron_save.rollout.vllm_engine import VLLMSettings, check_vllm_settings
 from megatron_save.trainers.offload import OffloadSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
+from megatron_save.trainers.strategies import STRATEGIES, strategy_named
 
-RM_STRATEGIES = ("save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "r2m")
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 POLICY_LOSSES = ("ppo_clip", "gspo")
+# Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
+RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "keep_checkpoints", "log_every",
+                     "rollout_log", "tensorboard", "wandb_project", "offload", "parallel.timeout_minutes",
+                     "rollout.vllm.gpu_memory_utilization", "rollout.vllm.sleep_between_rollouts",
+                     "rollout.vllm.enforce_eager")
 ROLLOUT_BACKENDS = ("transformers", "megatron", "vllm")
 
 
@@ -58,7 +63,8 @@ class RewardSettings:
     checkpoint: str = MISSING
     """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
     strategy: str = "save"
-    """save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt or r2m."""
+    """A row of trainers/strategies.py: save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt
+    or r2m."""
     initial_margin: float = 0.5
     """m0 of the curriculum filter (eq. 14)."""
     value_loss_weight: float = 1.0
@@ -155,8 +161,8 @@ class Stage3Config:
 
 def check_stage3_config(cfg: Stage3Config) -> None:
     """Refuses settings that cannot work, naming the setting, before any model is built."""
-    choices = {"reward.strategy": (cfg.reward.strategy, RM_STRATEGIES),
-               "policy.advantage": (cfg.policy.advantage, ADVANTAGES),
+    choices = {"reward.strategy": (cfg.reward.strategy, tuple(STRATEGIES)),
+               "policy.advantage": (cfg.policy.advantage, ADVANTAGE_ESTIMATORS),
                "policy.loss": (cfg.policy.loss, POLICY_LOSSES),
                "rollout.backend": (cfg.rollout.backend, ROLLOUT_BACKENDS)}
     for name, (value, allowed) in choices.items():
@@ -166,11 +172,12 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         check_megatron_sampling(cfg.rollout.sampling)
     if cfg.rollout.backend == "vllm":
         check_vllm_settings(cfg.rollout.vllm, cfg.rollout.sampling, cfg.parallel.tensor_model_parallel_size)
-    if cfg.reward.update_skips_truncated and cfg.reward.strategy in ("frozen", "offline_bt", "r2m"):
+    strategy = strategy_named(cfg.reward.strategy)
+    if cfg.reward.update_skips_truncated and strategy.learns_from != "rollouts":
         raise ValueError(f"reward.update_skips_truncated=true does nothing with reward.strategy="
                          f"{cfg.reward.strategy}: it does not learn from the rollouts' responses")
-    if cfg.reward.strategy == "offline_bt" and not cfg.reward.offline_data:
-        raise ValueError("reward.strategy=offline_bt needs reward.offline_data (preference pairs)")
+    if strategy.learns_from == "offline_pairs" and not cfg.reward.offline_data:
+        raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":
         raise ValueError(f"rollout.sampling.n={cfg.rollout.sampling.n}: group advantages need at least 2 "
                          "responses per prompt")

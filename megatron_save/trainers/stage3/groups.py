@@ -3,10 +3,8 @@ reward-model scores, and the value-anchored partition (Algorithm 2, lines 7-11 a
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +14,7 @@ from megatron_save.data.chat import Messages, conversation, encode_conversation,
 from megatron_save.data.prompts import Prompt
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.rollout.engine import Rollouts
-
-ANCHORED_STRATEGIES = ("save", "save_no_curriculum", "mean_reward")
-CURRICULUM_STRATEGIES = ("save", "mean_reward")
+from megatron_save.trainers.strategies import RMStrategy
 
 
 @dataclass
@@ -58,6 +54,9 @@ class GroupScores:
     """[B, G] fp32 R(x, y); NaN on invalid slots."""
     values: torch.Tensor | None
     """[B] fp32 V(x) (NaN for a prompt without a valid response); None when the RM has no value head."""
+    feedback: Any = None
+    """R2M: the reward model's and the policy's states the rewards were fused from (its head's update reuses the
+    reward model's); None otherwise."""
 
 
 @dataclass
@@ -154,31 +153,32 @@ def non_finite_scores(scores: GroupScores, valid: torch.Tensor) -> int:
     return bad
 
 
-def filter_threshold(strategy: str, step: int, total_steps: int, initial_margin: float) -> float:
-    """mu(t) of the curriculum for save and mean_reward; 1/2 (keep everything) for the others."""
-    if strategy in CURRICULUM_STRATEGIES:
+def filter_threshold(strategy: RMStrategy, step: int, total_steps: int, initial_margin: float) -> float:
+    """mu(t) of the curriculum (eq. 14) for a strategy that has one; 1/2 (keep everything) for the others."""
+    if strategy.curriculum:
         return curriculum_threshold(step, total_steps, initial_margin)
     return 0.5
 
 
-def partition_feedback(strategy: str, scores: GroupScores, valid: torch.Tensor, threshold: float
+def partition_feedback(strategy: RMStrategy, scores: GroupScores, valid: torch.Tensor, threshold: float
                        ) -> FeedbackPartition:
-    """The value-anchored filter and partition of the strategy (anchor V(x), or the group mean for mean_reward);
-    strategies without an anchor keep every valid response."""
-    if strategy not in ANCHORED_STRATEGIES:
+    """The anchored filter and partition of the strategy (anchor V(x), or the group's mean reward); a strategy
+    without an anchor keeps every valid response."""
+    if strategy.anchor == "none":
         none = torch.zeros_like(valid)
         return FeedbackPartition(threshold, valid.clone(), none, none.clone(), none.any(dim=1), None)
-    if strategy == "mean_reward":
+    if strategy.anchor == "group_mean":
         anchor = mean_reward_anchor(scores.rewards.nan_to_num(0.0), valid)
     else:
         if scores.values is None:
-            raise ValueError(f"reward.strategy={strategy} needs a reward model with a value head (stage 2 output)")
+            raise ValueError(f"reward.strategy={strategy.name} needs a reward model with a value head (stage 2 "
+                             "output)")
         anchor = scores.values
     pos, neg, prompt_keep = save_partition(scores.rewards, anchor, valid, threshold)
     return FeedbackPartition(threshold, pos | neg, pos, neg, prompt_keep, anchor)
 
 
-def rm_update_feedback(strategy: str, groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition,
+def rm_update_feedback(strategy: RMStrategy, groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition,
                        skip_truncated: bool) -> tuple[RolloutGroups, FeedbackPartition]:
     """The groups and partition the reward model learns from: the step's own, or, with ``skip_truncated``, those
     without the responses cut at max_new_tokens (the paper's RM update leaves out responses over its generation
@@ -187,61 +187,3 @@ def rm_update_feedback(strategy: str, groups: RolloutGroups, scores: GroupScores
         return groups, partition
     complete = replace(groups, valid=groups.valid & ~groups.truncated)
     return complete, partition_feedback(strategy, scores, complete.valid, partition.threshold)
-
-
-def feedback_metrics(groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition, prefix: str
-                     ) -> dict[str, float]:
-    """What the filter and partition did, and how the scores look, under ``prefix/``."""
-    valid = groups.valid
-    rewards = scores.rewards[valid]
-    metrics = {
-        "threshold_mu": partition.threshold,
-        "keep_rate": partition.kept.sum().item() / max(valid.sum().item(), 1),
-        "reward_mean": rewards.mean().item() if rewards.numel() else float("nan"),
-        "reward_std": rewards.std().item() if rewards.numel() > 1 else float("nan"),
-    }
-    if partition.anchor is not None:
-        has = valid.any(dim=1)
-        mean_reward = scores.rewards.nan_to_num(0.0).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-        gap = (partition.anchor - mean_reward)[has]
-        metrics.update({
-            "kept_prompts_fraction": partition.prompt_keep.float().mean().item(),  # |B~| / |B|
-            "positives_per_prompt": partition.pos_mask.sum(dim=1).float().mean().item(),  # |Y+|
-            "negatives_per_prompt": partition.neg_mask.sum(dim=1).float().mean().item(),  # |Y-|
-            "anchor_mean": partition.anchor[has].mean().item(),
-            "anchor_bias": gap.mean().item(),  # calibration: anchor - mean reward of the group
-            "anchor_abs_error": gap.abs().mean().item(),
-        })
-    return {f"{prefix}/{name}": value for name, value in metrics.items()}
-
-
-def rollout_metrics(groups: RolloutGroups) -> dict[str, float]:
-    """Response lengths, truncation and the invalid responses of a batch."""
-    metrics = {"rollout/response_length": groups.response_lengths.float().mean().item(),
-               "rollout/truncated_fraction": groups.truncated.float().mean().item(),
-               "rollout/valid_fraction": groups.valid.float().mean().item()}
-    for reason, count in groups.skipped.items():
-        metrics[f"rollout/invalid/{reason}"] = float(count)
-    return metrics
-
-
-def _finite_or_none(values: list[float]) -> list[float | None]:
-    return [v if v == v else None for v in values]  # NaN (an invalid slot) -> null
-
-
-def append_rollout_log(path: str | Path, step: int, groups: RolloutGroups, scores: GroupScores,
-                       partition: FeedbackPartition, policy_tokenizer: Any) -> None:
-    """Appends one JSON line per prompt of the step: the prompt's messages, its responses as the reward model read
-    them, R (null when invalid), V, and which responses the filter kept. Call on one rank."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as log:
-        for b, responses in enumerate(groups.policy_response_ids):
-            log.write(json.dumps({
-                "step": step,
-                "prompt": groups.prompts[b],
-                "responses": [policy_tokenizer.decode(r, skip_special_tokens=True) for r in responses],
-                "rewards": _finite_or_none(scores.rewards[b].tolist()),
-                "value": None if scores.values is None else _finite_or_none([scores.values[b].item()])[0],
-                "valid": groups.valid[b].tolist(),
-                "kept": partition.kept[b].tolist(),
-            }) + "\n")

@@ -1,5 +1,6 @@
-"""The R2M baseline in stage 3: rewards from the frozen reward model's last-token state fused with the policy's
-hidden states (R2MHead), and the lightweight GREBT update of that head after each policy update."""
+"""The R2M baseline in stage 3 (its Algorithm 1): rewards from the frozen reward model's last-token state fused
+with the policy's hidden states (R2MHead), and the lightweight GREBT update of that head after each policy update
+on the updated policy's states."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from typing import Any
 import torch
 
 from megatron_save.algorithms import grebt_loss
-from megatron_save.data.batching import pad_rows
 from megatron_save.distributed import compute_device
 from megatron_save.models.forward import at_last_token, broadcast_from_last_stage, final_hidden_states
 from megatron_save.models.r2m import R2MHead
-from megatron_save.trainers.optimizer import TrainState
-from megatron_save.trainers.rl_groups import RolloutGroups
+from megatron_save.models.train_state import TrainState
+from megatron_save.trainers.stage3.groups import GroupScores, RolloutGroups
+from megatron_save.utils.tensors import pad_rows
 
 
 @dataclass
@@ -101,3 +102,21 @@ def update_r2m_head(state: TrainState, feedback: PolicyFeedback, valid: torch.Te
     state.scheduler.step(1)
     return {"rm/grebt_loss": loss.item(), "rm/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "rm/update_skipped": float(not updated)}
+
+
+def score_with_r2m(state: TrainState, reward_model: Any, policy: Any, groups: RolloutGroups, omega: float, rm_pad: int,
+                   policy_pad: int, micro_batch_size: int) -> GroupScores | None:
+    """Collective: R2M's rewards of the valid responses, carrying the states they came from (the head's update
+    reuses the reward model's); None when no response is valid (there is nothing to fuse)."""
+    if not groups.valid.any():
+        return None
+    feedback = collect_feedback(reward_model, policy, groups, rm_pad, policy_pad, micro_batch_size)
+    return GroupScores(r2m_rewards(state.module, feedback, omega, groups.valid.shape), None, feedback)
+
+
+def update_r2m_after_policy(state: TrainState, policy: Any, groups: RolloutGroups, feedback: PolicyFeedback,
+                            omega: float, alpha: float, policy_pad: int, micro_batch_size: int) -> dict[str, float]:
+    """Collective: GREBT on the updated policy's hidden states of the step's responses."""
+    feedback.policy_hidden, feedback.policy_mask = policy_hidden_states(policy, groups, feedback.slots, policy_pad,
+                                                                        micro_batch_size)
+    return update_r2m_head(state, feedback, groups.valid, omega, alpha)

@@ -1,0 +1,137 @@
+"""Stage 3's batch building as pure functions: which rows each data-parallel rank trains on, their padding, loss
+masks and the loss scales that turn Megatron's average over micro-batches and ranks into the whole batch's mean.
+No model, no process group: ranks and rank are arguments, so every invariant is tested on plain tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_save.data.batching import ResponseGroupBatch
+from megatron_save.trainers.stage3.groups import FeedbackPartition, RolloutGroups
+from megatron_save.utils.tensors import pad_rows
+
+
+def response_group_batches(groups: RolloutGroups, partition: FeedbackPartition, micro_batch_size: int,
+                           pad_id: int, reward_count: int, value_count: int, ranks: int, rank: int
+                           ) -> list[ResponseGroupBatch]:
+    """Data-parallel rank ``rank`` of ``ranks``: its micro-batches of ``micro_batch_size`` prompts x G slots.
+
+    The B prompts are padded with empty groups (no valid slot: they add nothing) to a multiple of ranks x
+    micro_batch_size and split contiguously over ranks. ``reward_count`` / ``value_count`` are the whole batch's
+    denominators of the reward and value means (e.g. kept prompts; prompts with a response); a zero count switches
+    its term off.
+    """
+    prompts, group_size = groups.valid.shape
+    per_rank = -(-prompts // (ranks * micro_batch_size)) * micro_batch_size
+    slots = [(i, j) for i in range(rank * per_rank, (rank + 1) * per_rank) for j in range(group_size)]
+    sequences = [groups.rm_sequences[i][j] if i < prompts else groups.rm_sequences[0][0] for i, j in slots]
+    width = max(len(s) for row in groups.rm_sequences for s in row)
+    input_ids, attention_mask = pad_rows(sequences, pad_id, width)
+
+    def flag(mask: torch.Tensor) -> torch.Tensor:  # [B, G] -> [slots]
+        return torch.tensor([i < prompts and bool(mask[i, j]) for i, j in slots])
+
+    micro_batches = per_rank // micro_batch_size
+    batch = ResponseGroupBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        # An invalid slot holds the prompt alone, so V is read at the same position in every slot of a group.
+        prompt_lengths=torch.tensor([groups.rm_prompt_lengths[i] if i < prompts else 1 for i, _ in slots]),
+        valid=flag(groups.valid),
+        pos_mask=flag(partition.pos_mask),
+        neg_mask=flag(partition.neg_mask),
+        group_size=group_size,
+        reward_scale=micro_batches * ranks / reward_count if reward_count else 0.0,
+        value_scale=micro_batches * ranks / value_count if value_count else 0.0,
+    )
+    return batch.split(micro_batch_size * group_size)
+
+
+@dataclass
+class PolicyRows:
+    """The responses the policy trains on (identical list on every rank)."""
+
+    sequences: list[list[int]]
+    """Policy token ids of prompt + response."""
+    prompt_lengths: list[int]
+    """Policy tokens of each row's prompt."""
+    advantages: list[torch.Tensor]
+    """Per response token advantage, [len(response)] fp32 each."""
+
+    @property
+    def response_lengths(self) -> list[int]:
+        """Policy tokens of each row's response."""
+        return [len(s) - p for s, p in zip(self.sequences, self.prompt_lengths)]
+
+
+def policy_rows(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], kept: torch.Tensor,
+                advantages: torch.Tensor) -> PolicyRows:
+    """The kept responses with their advantages. kept [B, G], advantages [B, G, T]."""
+    rows = PolicyRows([], [], [])
+    for b, g in kept.nonzero().tolist():
+        response = response_ids[b][g]
+        rows.sequences.append(prompt_ids[b] + response)
+        rows.prompt_lengths.append(len(prompt_ids[b]))
+        rows.advantages.append(advantages[b, g, : len(response)])
+    return rows
+
+
+def mini_batch_layout(rows: int, parts: int, ranks: int, micro_batch_size: int) -> list[list[list[int]]]:
+    """[mini-batch][data-parallel rank] -> row indices, -1 for a filler row.
+
+    The rows are cut into ``parts`` contiguous, nearly equal mini-batches (fewer when there are fewer rows: no
+    mini-batch is empty); each is padded with fillers to a multiple of ranks x micro_batch_size and split
+    contiguously over ranks. Each optimizer step thus sees the same rows at any data-parallel size.
+    """
+    parts = min(parts, rows)
+    bounds = [rows * k // parts for k in range(parts + 1)]
+    layout = []
+    for k in range(parts):
+        block = list(range(bounds[k], bounds[k + 1]))
+        block += [-1] * (-len(block) % (ranks * micro_batch_size))
+        share = len(block) // ranks
+        layout.append([block[r * share : (r + 1) * share] for r in range(ranks)])
+    return layout
+
+
+def policy_token_rows(rows: PolicyRows, layout: list[list[list[int]]], rank: int, pad_id: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s rows of every mini-batch, in order, padded to the batch's longest row: input_ids [N, S],
+    attention_mask [N, S], and in the shifted frame (position t scores token t + 1) loss_mask [N, S - 1] and
+    advantages [N, S - 1]. A filler row is a copy of its mini-batch's first row without loss tokens."""
+    mine = [(i, part[0][0]) for part in layout for i in part[rank]]  # (row or -1, the mini-batch's first row)
+    width = max(len(s) for s in rows.sequences)
+    input_ids, attention_mask = pad_rows([rows.sequences[i if i >= 0 else first] for i, first in mine], pad_id,
+                                         width)
+    loss_mask = torch.zeros(len(mine), width - 1, dtype=torch.bool)
+    advantages = torch.zeros(len(mine), width - 1)
+    response_lengths = rows.response_lengths
+    for row, (i, _) in enumerate(mine):
+        if i >= 0:
+            start = rows.prompt_lengths[i] - 1  # the first response token
+            loss_mask[row, start : start + response_lengths[i]] = True
+            advantages[row, start : start + response_lengths[i]] = rows.advantages[i]
+    return input_ids, attention_mask, loss_mask, advantages
+
+
+def policy_loss_scales(layout: list[list[list[int]]], rank: int, response_lengths: list[int], token_mean: bool,
+                       micro_batch_size: int) -> list[list[float]]:
+    """[mini-batch][micro-batch] loss scale of rank ``rank``: the micro-batch's share of its mini-batch's tokens
+    (``token_mean``) or sequences, times micro-batches x ranks (Megatron divides by micro-batches, DDP averages
+    over ranks). Summed over every rank's micro-batches and divided by micro-batches x ranks, a mini-batch's
+    shares add up to 1."""
+    ranks = len(layout[0])
+
+    def weight(i: int) -> int:
+        return 0 if i < 0 else response_lengths[i] if token_mean else 1
+
+    scales = []
+    for part in layout:
+        total = sum(weight(i) for share in part for i in share)
+        mine = part[rank]
+        factor = len(mine) // micro_batch_size * ranks
+        scales.append([((sum(weight(i) for i in mine[m : m + micro_batch_size]) if token_mean else micro_batch_size)
+                         / total if total else 0.0) * factor for m in range(0, len(mine), micro_batch_size)])
+    return scales

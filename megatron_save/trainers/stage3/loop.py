@@ -1,0 +1,152 @@
+"""Stage 3: RL with an online, self-improving reward model (paper Algorithm 2), and every baseline of the paper
+through ``reward.strategy`` (trainers/strategies.py) and ``policy.frozen``.
+
+    torchrun --nproc-per-node N -m megatron_save stage3 CONFIG.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from megatron_save.algorithms import token_advantages
+from megatron_save.checkpoint.run_checkpoint import (
+    check_run_settings,
+    latest_checkpoint,
+    load_run_checkpoint,
+    save_run_checkpoint,
+)
+from megatron_save.data.batching import pad_id_of
+from megatron_save.trainers.common import ensure_output_dir, progress, run_from_command_line
+from megatron_save.trainers.stage3.batches import policy_rows
+from megatron_save.trainers.stage3.config import RESUMABLE_CHANGES, Stage3Config, check_stage3_config
+from megatron_save.trainers.stage3.groups import (
+    FeedbackPartition,
+    GroupScores,
+    RolloutGroups,
+    filter_threshold,
+    non_finite_scores,
+    partition_feedback,
+)
+from megatron_save.trainers.stage3.metrics import (
+    count_skip,
+    feedback_metrics,
+    finish_step,
+    rollout_metrics,
+    step_summary,
+)
+from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy
+from megatron_save.trainers.stage3.reward_phase import r2m_phase, reward_phase
+from megatron_save.trainers.stage3.rollout_phase import ROLLOUT_LOG, log_rollouts, sample_groups, score_rollouts
+from megatron_save.trainers.stage3.run import Stage3Run, build_stage3_run, save_final_models
+from megatron_save.utils.logging import get_logger
+from megatron_save.utils.metrics import MetricsWriter, PhaseTimer, truncate_history
+
+logger = get_logger("trainers.stage3")
+
+
+def train_stage3(cfg: Stage3Config) -> Path:
+    check_stage3_config(cfg)
+    settings = asdict(cfg)
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if checkpoint is not None:
+        check_run_settings(checkpoint, settings, RESUMABLE_CHANGES)  # before minutes of model building
+    run = build_stage3_run(cfg)
+    ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
+    start, counters = 0, Counter()
+    if checkpoint is not None:
+        start, saved = load_run_checkpoint(checkpoint, run.trained_states())
+        counters.update(saved)
+        truncate_history(Path(cfg.output_dir) / "metrics.jsonl", start)
+        truncate_history(Path(cfg.output_dir) / ROLLOUT_LOG, start)
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    run.sync_rollout_weights()
+    run.offload.offload_all()
+    writer = MetricsWriter(cfg.output_dir, cfg.tensorboard, cfg.wandb_project, settings)
+    bar = progress(cfg.total_steps, f"stage 3 ({cfg.reward.strategy})")
+    bar.update(start)
+    last = min(cfg.total_steps, start + cfg.exit_after_steps) if cfg.exit_after_steps else cfg.total_steps
+    for step in range(start + 1, last + 1):
+        metrics = rl_step(run, cfg, step, counters)
+        writer.write(step, metrics)
+        if cfg.log_every and step % cfg.log_every == 0:
+            logger.info("step %d/%d: %s", step, cfg.total_steps, step_summary(metrics))
+        bar.set_postfix(reward=f"{metrics.get('filter/reward_mean', float('nan')):.3f}",
+                        keep=f"{metrics.get('filter/keep_rate', float('nan')):.2f}")
+        bar.update()
+        if step == last or (cfg.save_every and step % cfg.save_every == 0):
+            with run.offload.resident(*run.trained_states()):
+                save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints,
+                                    settings)
+    bar.close()
+    writer.close()
+    if last == cfg.total_steps:
+        with run.offload.resident(*run.trained_states()):  # R2M's final checkpoint holds its optimizer
+            save_final_models(run, cfg)
+    else:
+        logger.info("exit_after_steps=%d reached at step %d; launch again to resume", cfg.exit_after_steps, last)
+    return Path(cfg.output_dir)
+
+
+def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:
+    """One step of Algorithm 2: rollout, score, partition, RM update, re-score and filter, policy update (and R2M's
+    head update after it)."""
+    timer, strategy = PhaseTimer(), run.strategy
+    with timer.phase("rollout"):
+        groups = sample_groups(run, cfg, step)
+    metrics = rollout_metrics(groups)
+    with timer.phase("score"):
+        scores = score_rollouts(run, cfg, groups, step)
+    if scores is None:
+        count_skip(counters, "steps_skipped_no_valid_response", step, "no valid response to score; step skipped")
+        return finish_step(metrics, timer, counters)
+    if non_finite_scores(scores, groups.valid):
+        count_skip(counters, "steps_skipped_non_finite_scores", step, "non-finite rewards; step skipped")
+        return finish_step(metrics, timer, counters)
+    threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
+    partition = partition_feedback(strategy, scores, groups.valid, threshold)
+    metrics |= feedback_metrics(groups, scores, partition, "filter")
+    log_rollouts(run, cfg, step, groups, scores, partition)
+    if strategy.update == "before_policy":
+        metrics |= reward_phase(run, cfg, step, groups, scores, partition, counters, timer)
+        with timer.phase("rescore"):
+            scores = score_rollouts(run, cfg, groups, step)
+        if non_finite_scores(scores, groups.valid):
+            count_skip(counters, "policy_updates_skipped_non_finite_scores", step,
+                       "non-finite rewards after the RM update; policy update skipped")
+            return finish_step(metrics, timer, counters)
+        partition = partition_feedback(strategy, scores, groups.valid, threshold)
+        metrics |= feedback_metrics(groups, scores, partition, "filter_after_rm_update")
+    if run.policy_state is not None:
+        metrics |= policy_phase(run, cfg, step, groups, scores, partition, counters, timer)
+    if strategy.update == "after_policy":
+        metrics |= r2m_phase(run, cfg, step, groups, scores, timer)
+    return finish_step(metrics, timer, counters, completed=groups)
+
+
+def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
+                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer) -> dict[str, float]:
+    """Algorithm 2, line 17 and the weight sync: advantages over the kept responses, old / reference log-probs,
+    the policy update and the new weights into the rollout engine."""
+    if not partition.kept.any():
+        count_skip(counters, "policy_updates_skipped_nothing_kept", step,
+                   "the filter kept no response; policy update skipped")
+        return {}
+    temperature = cfg.rollout.sampling.logit_temperature
+    with timer.phase("policy_logprobs"), run.offload.resident("reference"):
+        advantages = token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths)
+        rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
+        mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
+                                                    pad_id_of(run.policy_tokenizer), temperature=temperature)
+    with timer.phase("policy_update"), run.offload.resident("policy"):
+        metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, cfg.rollout.sampling.max_new_tokens,
+                                 temperature=temperature)
+    with timer.phase("weight_sync"):
+        run.sync_rollout_weights()
+    return metrics
+
+
+def main(argv: list[str]) -> None:
+    """``torchrun ... -m megatron_save stage3 CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
+    run_from_command_line(Stage3Config, train_stage3, "stage3", argv)

@@ -1,0 +1,107 @@
+"""A stage-3 step's metrics and logs: what the filter did, the rollouts, phase timings, the run's counters, the
+rollout log, and the counted skip of a step or phase."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, RolloutGroups
+from megatron_save.utils.logging import get_logger
+from megatron_save.utils.metrics import PhaseTimer
+
+logger = get_logger("trainers.stage3")
+_SUMMARY = ("filter/reward_mean", "filter/keep_rate", "filter/kept_prompts_fraction", "rm/reward_loss",
+            "rm/value_loss", "rm/grebt_loss", "rm/bt_loss", "policy/pg_loss", "policy/kl_to_reference",
+            "policy/entropy", "rollout/response_length", "time/step_s")
+
+
+def count_skip(counters: Counter, name: str, step: int, what: str) -> None:
+    """Counts ``name`` and logs why step ``step`` skips ``what`` (a step, a phase)."""
+    counters[name] += 1
+    logger.warning("step %d: %s (%d so far)", step, what, counters[name])
+
+
+def step_summary(metrics: dict[str, float]) -> str:
+    """The few numbers worth a log line, of those the step has."""
+    return " ".join(f"{name.split('/')[-1]}={metrics[name]:.4g}" for name in _SUMMARY
+                    if metrics.get(name) is not None)
+
+
+def counter_metrics(counters: Counter) -> dict[str, float]:
+    """The run's running counts (skipped steps, value-only updates, ...) as metrics."""
+    return {f"counters/{name}": float(count) for name, count in counters.items()}
+
+
+def finish_step(metrics: dict[str, float], timer: PhaseTimer, counters: Counter,
+                completed: RolloutGroups | None = None) -> dict[str, float]:
+    """A step's metrics with its phase timings and the run's counters; for a completed step (its groups given),
+    the response tokens per second too."""
+    metrics = {**metrics, **timer.reset()}
+    if completed is not None:
+        metrics["throughput/response_tokens_per_s"] = completed.response_lengths.sum().item() / metrics["time/step_s"]
+    return {**metrics, **counter_metrics(counters)}
+
+
+def feedback_metrics(groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition, prefix: str
+                     ) -> dict[str, float]:
+    """What the filter and partition did, and how the scores look, under ``prefix/``."""
+    valid = groups.valid
+    rewards = scores.rewards[valid]
+    metrics = {
+        "threshold_mu": partition.threshold,
+        "keep_rate": partition.kept.sum().item() / max(valid.sum().item(), 1),
+        "reward_mean": rewards.mean().item() if rewards.numel() else float("nan"),
+        "reward_std": rewards.std().item() if rewards.numel() > 1 else float("nan"),
+    }
+    if partition.anchor is not None:
+        has = valid.any(dim=1)
+        mean_reward = scores.rewards.nan_to_num(0.0).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+        gap = (partition.anchor - mean_reward)[has]
+        metrics.update({
+            "kept_prompts_fraction": partition.prompt_keep.float().mean().item(),  # |B~| / |B|
+            "positives_per_prompt": partition.pos_mask.sum(dim=1).float().mean().item(),  # |Y+|
+            "negatives_per_prompt": partition.neg_mask.sum(dim=1).float().mean().item(),  # |Y-|
+            "anchor_mean": partition.anchor[has].mean().item(),
+            "anchor_bias": gap.mean().item(),  # calibration: anchor - mean reward of the group
+            "anchor_abs_error": gap.abs().mean().item(),
+        })
+    return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+
+def rollout_metrics(groups: RolloutGroups) -> dict[str, float]:
+    """Response lengths, truncation and the invalid responses of a batch."""
+    metrics = {"rollout/response_length": groups.response_lengths.float().mean().item(),
+               "rollout/truncated_fraction": groups.truncated.float().mean().item(),
+               "rollout/valid_fraction": groups.valid.float().mean().item()}
+    for reason, count in groups.skipped.items():
+        metrics[f"rollout/invalid/{reason}"] = float(count)
+    return metrics
+
+
+def _finite_or_none(values: list[float]) -> list[float | None]:
+    return [v if v == v else None for v in values]  # NaN (an invalid slot) -> null
+
+
+def append_rollout_log(path: str | Path, step: int, groups: RolloutGroups, scores: GroupScores,
+                       partition: FeedbackPartition, policy_tokenizer: Any) -> None:
+    """Rank 0 appends one JSON line per prompt of the step: the prompt's messages, its responses as the reward
+    model read them, R (null when invalid), V, and which responses the filter kept."""
+    if torch.distributed.get_rank() != 0:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        for b, responses in enumerate(groups.policy_response_ids):
+            log.write(json.dumps({
+                "step": step,
+                "prompt": groups.prompts[b],
+                "responses": [policy_tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+                "rewards": _finite_or_none(scores.rewards[b].tolist()),
+                "value": None if scores.values is None else _finite_or_none([scores.values[b].item()])[0],
+                "valid": groups.valid[b].tolist(),
+                "kept": partition.kept[b].tolist(),
+            }) + "\n")

@@ -1,0 +1,107 @@
+"""The reward-model phase of stage 3: before the policy update (Algorithm 2, lines 12-14), one optimizer step by
+the strategy's loss on the step's rollouts or on static pairs; after it, R2M's head update."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+from megatron.core import parallel_state
+
+from megatron_save.data.batching import length_grouped_batches, pad_id_of
+from megatron_save.data.preference import PreferencePair
+from megatron_save.models.train_state import TrainState
+from megatron_save.trainers.common import BatchSettings, pair_micro_batches
+from megatron_save.trainers.optimizer import backbone_frozen
+from megatron_save.trainers.stage3.batches import response_group_batches
+from megatron_save.trainers.stage3.config import RewardSettings, Stage3Config
+from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, RolloutGroups, rm_update_feedback
+from megatron_save.trainers.stage3.r2m import update_r2m_after_policy
+from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch
+from megatron_save.trainers.stage3.run import Stage3Run
+from megatron_save.trainers.step import train_step
+from megatron_save.trainers.strategies import RMStrategy
+from megatron_save.utils.logging import get_logger
+from megatron_save.utils.metrics import PhaseTimer
+
+logger = get_logger("trainers.stage3")
+
+
+def reward_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
+                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer) -> dict[str, float]:
+    """Collective: the reward model's update on the step's feedback (Algorithm 2, lines 12-14), leaving truncated
+    responses out with ``reward.update_skips_truncated``."""
+    rm_groups, rm_partition = rm_update_feedback(run.strategy, groups, scores, partition,
+                                                 cfg.reward.update_skips_truncated)
+    metrics = {"rm/truncated_left_out": float((groups.valid & ~rm_groups.valid).sum())}
+    if run.strategy.value_head and not rm_partition.prompt_keep.any():
+        counters["value_only_rm_updates"] += 1
+        logger.info("step %d: no prompt with both Y+ and Y- for the RM update; value-only update", step)
+    with timer.phase("rm_update"), run.offload.resident("reward"):
+        metrics |= update_reward_model(run.reward_state, run.strategy, cfg.reward, rm_groups, scores, rm_partition,
+                                       step, pad_id_of(run.reward_tokenizer), cfg.seed, run.offline_pairs)
+    return metrics
+
+
+def offline_pair_indices(lengths: list[int], batch_size: int, step: int, seed: int) -> list[int]:
+    """The static pairs of RM update ``step`` (1-based) for offline_bt: epochs of length-grouped batches in a
+    seeded order, a function of the step alone (so a resumed run continues the same sequence)."""
+    per_epoch = len(lengths) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"reward.offline_data has {len(lengths)} pairs, fewer than offline_batch_size={batch_size}")
+    epoch, index = divmod(step - 1, per_epoch)
+    return length_grouped_batches(lengths, batch_size, seed=seed + epoch)[index]
+
+
+def update_reward_model(state: TrainState, strategy: RMStrategy, settings: RewardSettings, groups: RolloutGroups,
+                        scores: GroupScores, partition: FeedbackPartition, step: int, pad_id: int, seed: int,
+                        offline_pairs: list[PreferencePair] | None = None) -> dict[str, float]:
+    """Collective: one optimizer step of the reward model by its strategy's loss; returns the step's metrics."""
+    if strategy.learns_from == "offline_pairs":
+        return _update_on_offline_pairs(state, strategy, settings, offline_pairs, step, pad_id, seed)
+    value_count = int(groups.valid.any(dim=1).sum())
+    reward_count = int(strategy.reward_prompts(scores.rewards, groups.valid, partition).sum())
+    learns_value = strategy.value_head and value_count > 0
+    if reward_count == 0 and not learns_value:
+        # Nothing to learn from: an optimizer step on a zero gradient would still move Adam's weights.
+        return {"rm/reward_loss": 0.0, "rm/update_skipped": 1.0}
+    loss_fn = (partial(strategy.loss, value_loss_weight=settings.value_loss_weight) if strategy.value_head
+               else strategy.loss)
+    ranks = parallel_state.get_data_parallel_world_size()
+    micro_batches = response_group_batches(groups, partition, settings.micro_batch_size, pad_id, reward_count,
+                                           value_count, ranks, parallel_state.get_data_parallel_rank())
+    if reward_count == 0:
+        # A value-only update (no prompt in B~): the backbone and reward head must stay where they are (with a
+        # zero gradient, Adam's momentum would still move them).
+        with backbone_frozen(state):
+            metrics = train_step(state, micro_batches, loss_fn, strategy.loss_metrics)
+    else:
+        metrics = train_step(state, micro_batches, loss_fn, strategy.loss_metrics)
+    # train_step averages micro-batch sums over micro-batches x ranks: undo it to report the batch means.
+    total = len(micro_batches) * ranks
+    report = {"rm/reward_loss": metrics["reward_loss_sum"] * total / max(reward_count, 1),
+              "rm/grad_norm": metrics["grad_norm"], "rm/update_skipped": metrics["update_skipped"]}
+    if "value_loss_sum" in metrics:
+        report["rm/value_loss"] = metrics["value_loss_sum"] * total / max(value_count, 1)
+    return report
+
+
+def _update_on_offline_pairs(state: TrainState, strategy: RMStrategy, settings: RewardSettings,
+                             pairs: list[PreferencePair], step: int, pad_id: int, seed: int) -> dict[str, float]:
+    """Continual offline BT: one optimizer step on the step's batch of static pairs."""
+    indices = offline_pair_indices([p.length for p in pairs], settings.offline_batch_size, step, seed)
+    batch = BatchSettings(global_batch_size=settings.offline_batch_size, micro_batch_size=settings.micro_batch_size)
+    metrics = train_step(state, pair_micro_batches(pairs, indices, batch, pad_id), strategy.loss,
+                         strategy.loss_metrics)
+    return {"rm/bt_loss": metrics["loss"], "rm/bt_accuracy": metrics["accuracy"], "rm/grad_norm": metrics["grad_norm"]}
+
+
+def r2m_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
+              timer: PhaseTimer) -> dict[str, float]:
+    """Collective: R2M's GREBT step of its head after the policy update, on the updated policy's states."""
+    omega = r2m_omega(cfg, step)
+    with timer.phase("rm_update"), run.offload.resident("r2m_head"):
+        metrics = update_r2m_after_policy(run.r2m_state, run.policy, groups, scores.feedback, omega,
+                                          cfg.reward.r2m_alpha, pad_id_of(run.policy_tokenizer),
+                                          score_micro_batch(cfg))
+    return {"r2m/omega": omega, **metrics}

@@ -1,0 +1,114 @@
+"""The reward-model strategies of stage 3 (``reward.strategy``): SAVE, its ablation and every baseline of the paper,
+one row each. Every other module asks this table what a strategy does; adding one is a row, its loss function and
+its tests (``register_strategy`` adds a row at run time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from megatron_save.algorithms import highest_lowest_pairs
+from megatron_save.trainers.losses import bt_pair_loss, hl_bt_rm_loss, mean_reward_rm_loss, save_rm_loss
+
+Anchor = Literal["value_head", "group_mean", "none"]
+LearnsFrom = Literal["rollouts", "offline_pairs", "policy_feedback", "nothing"]
+UpdateTime = Literal["before_policy", "after_policy", "never"]
+RewardSource = Literal["reward_model", "r2m_head"]
+
+
+def kept_prompts(rewards: torch.Tensor, valid: torch.Tensor, partition: Any) -> torch.Tensor:
+    """[B] bool, B~ of the anchored partition: prompts with both Y+ and Y- non-empty. rewards, valid [B, G]."""
+    return partition.prompt_keep
+
+
+def prompts_with_a_pair(rewards: torch.Tensor, valid: torch.Tensor, partition: Any) -> torch.Tensor:
+    """[B] bool, prompts with a highest- and a lowest-reward response that differ (HL-BT's pairs)."""
+    return highest_lowest_pairs(rewards.nan_to_num(0.0), valid)[2]
+
+
+@dataclass(frozen=True)
+class RMStrategy:
+    """What one reward-model strategy anchors on, filters, trains, and when."""
+
+    name: str
+    """The ``reward.strategy`` value."""
+    anchor: Anchor
+    """What splits a group into Y+ / Y- (eqs. 13, 15-17): V(x) of the value head, the group's mean reward, or
+    nothing (every valid response is kept, there is no partition)."""
+    curriculum: bool
+    """The curriculum filter mu(t) of eq. 14 applies; otherwise mu = 1/2, which keeps every response."""
+    trains_backbone: bool
+    """The reward model's backbone and reward head have an optimizer (a run checkpoint and a final model)."""
+    value_head: bool
+    """Needs a value head in ``reward.checkpoint`` and trains it with eq. 21 beside the reward loss."""
+    learns_from: LearnsFrom
+    """What the update reads: the step's scored rollouts, the static pairs of ``reward.offline_data``, the policy's
+    hidden states (R2M's head), or nothing."""
+    update: UpdateTime
+    """When the update runs: before the policy update (the batch is then re-scored, Algorithm 2 lines 12-15),
+    after it (R2M trains its head on the updated policy's states), or never."""
+    rewards: RewardSource = "reward_model"
+    """What scores the rollouts: the reward model itself, or R2M's head over its and the policy's states."""
+    loss: Callable[..., Any] | None = None
+    """The update's loss on one micro-batch, (batch, scores) -> (loss, metrics); None when nothing trains or the
+    trained part has its own step (R2M)."""
+    loss_metrics: tuple[str, ...] = ()
+    """Names of the metrics ``loss`` returns (averaged by the training step)."""
+    reward_prompts: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
+    """For an update on rollouts: (rewards [B, G], valid [B, G], partition) -> [B] bool, the prompts the reward
+    term averages over (its denominator across micro-batches and ranks)."""
+
+
+STRATEGIES: dict[str, RMStrategy] = {}
+
+
+def register_strategy(strategy: RMStrategy) -> RMStrategy:
+    """Adds a row to the table (refusing a name already taken); returns it."""
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"reward.strategy {strategy.name!r} is already registered")
+    if strategy.trains_backbone and strategy.loss is None:
+        raise ValueError(f"reward.strategy {strategy.name!r} trains the reward model but has no loss")
+    if strategy.learns_from == "rollouts" and strategy.reward_prompts is None:
+        raise ValueError(f"reward.strategy {strategy.name!r} learns from rollouts but names no reward_prompts")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def strategy_named(name: str) -> RMStrategy:
+    """The row of ``name``; refuses an unknown one with the list of names."""
+    if name not in STRATEGIES:
+        raise ValueError(f"reward.strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+for _row in (
+    # SAVE (Algorithm 2): value-anchored softmax contrastive loss (eqs. 18-20) + value loss (eq. 21), curriculum.
+    RMStrategy("save", anchor="value_head", curriculum=True, trains_backbone=True, value_head=True,
+               learns_from="rollouts", update="before_policy", loss=save_rm_loss,
+               loss_metrics=("reward_loss_sum", "value_loss_sum", "kept_prompts"), reward_prompts=kept_prompts),
+    # SAVE without the curriculum filter (ablation, paper Table 5).
+    RMStrategy("save_no_curriculum", anchor="value_head", curriculum=False, trains_backbone=True, value_head=True,
+               learns_from="rollouts", update="before_policy", loss=save_rm_loss,
+               loss_metrics=("reward_loss_sum", "value_loss_sum", "kept_prompts"), reward_prompts=kept_prompts),
+    # Plain RL against the initial reward model.
+    RMStrategy("frozen", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
+               learns_from="nothing", update="never"),
+    # Continual offline Bradley-Terry on static preference pairs.
+    RMStrategy("offline_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
+               learns_from="offline_pairs", update="before_policy", loss=bt_pair_loss,
+               loss_metrics=("loss", "accuracy")),
+    # SAVE's contrastive loss with the group's mean reward as the anchor, no value head.
+    RMStrategy("mean_reward", anchor="group_mean", curriculum=True, trains_backbone=True, value_head=False,
+               learns_from="rollouts", update="before_policy", loss=mean_reward_rm_loss,
+               loss_metrics=("reward_loss_sum", "kept_prompts"), reward_prompts=kept_prompts),
+    # Bradley-Terry on each group's highest- vs lowest-reward response.
+    RMStrategy("hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
+               learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
+               loss_metrics=("reward_loss_sum", "pairs"), reward_prompts=prompts_with_a_pair),
+    # R2M (arXiv 2601.22664): the frozen RM's state fused with the policy's; GREBT trains the head after the policy.
+    RMStrategy("r2m", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
+               learns_from="policy_feedback", update="after_policy", rewards="r2m_head"),
+):
+    register_strategy(_row)
