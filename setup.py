@@ -28,6 +28,7 @@ setup(
         # The gold-reward testbed's plots.
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["megatron-save=megatron_save.__main__:cli"]},
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         # rollout.backend=vllm: its own environment, since vLLM pins the CUDA torch it was built with.

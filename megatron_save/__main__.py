@@ -9,7 +9,10 @@ Why one package entry point: Megatron-Core's checkpoint writer starts a multipro
 method, and a spawned interpreter imports the launching module again (as ``__mp_main__``) unless that module is a
 package's ``__main__``. Launched from here, that helper process of every rank imports neither torch, Megatron nor
 transformers, which saves each checkpointing rank several seconds and a few hundred MB of host memory for the
-whole run. A trainer module launched directly (``-m megatron_save.trainers.stage1_bt``) pays them.
+whole run. A trainer module launched directly (``-m megatron_save.trainers.stage1_bt``) pays them. The
+``megatron-save`` console command (``megatron-save COMMAND ...``; under torchrun ``torchrun --no-python ...
+megatron-save COMMAND ...``) is the same: its launcher script imports only this module, so the spawned helper,
+which re-runs that script, stays as light.
 """
 
 from __future__ import annotations
@@ -35,5 +38,10 @@ def main(argv: list[str]) -> None:
     importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``megatron-save`` console command."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -38,11 +38,23 @@ def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 @pytest.fixture
 def world_of_one():
-    """torch.distributed and Megatron's groups in this process, as a single rank at TP=1, PP=1."""
+    """torch.distributed and Megatron's groups in this process, as a single rank at TP=1, PP=1.
+
+    One world serves the whole session (conversions and in-process runs join it too): init_distributed keeps a
+    running default group and replaces Megatron's groups, destroying the previous ones, so the process holds
+    one set of groups (and their gloo threads) however many tests ask for it. pytest_sessionfinish ends it.
+    """
     from megatron_save.config import ParallelConfig
     from megatron_save.distributed import init_distributed
 
     init_distributed(ParallelConfig())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Destroys the in-process world, if any test started one, and with it every process group."""
+    init = sys.modules.get("megatron_save.distributed.init")
+    if init is not None and init.dist.is_initialized():
+        init.shutdown_distributed()
 
 
 @pytest.fixture(scope="session")

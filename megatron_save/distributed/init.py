@@ -98,21 +98,29 @@ def init_distributed(parallel: ParallelConfig, shape: ModelShape | None = None) 
 
 
 def set_model_parallel(parallel: ParallelConfig) -> None:
-    """(Re)creates Megatron's TP / PP / DP groups over the running world and seeds the model-parallel RNG."""
+    """Lays Megatron's TP / PP / DP groups over the running world and seeds the model-parallel RNG.
+
+    Groups that set_model_parallel already made for this TP x PP over this world are kept (models built on them
+    stay usable, and re-initialising costs nothing); another layout replaces them, destroying the old ones.
+    """
+    global _megatron_layout
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     check_parallel_layout(parallel, dist.get_world_size())
-    _destroy_model_parallel()
-    existing = set(_process_groups())
-    try:
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        )
-    finally:
-        # Every group that appeared is Megatron's, including those of a call that failed half-way.
-        _megatron_groups.extend(group for group in _process_groups() if group not in existing)
+    layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    if not _has_megatron_layout(layout):
+        _destroy_model_parallel()
+        existing = set(_process_groups())
+        try:
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+                pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            )
+        finally:
+            # Every group that appeared is Megatron's, including those of a call that failed half-way.
+            _megatron_groups.extend(group for group in _process_groups() if group not in existing)
+        _megatron_layout = (*layout, parallel_state.get_tensor_model_parallel_group())
     model_parallel_cuda_manual_seed(parallel.seed)
     logger.info(
         "parallel layout: world %d = TP %d x PP %d x DP %d (%s)",
@@ -138,6 +146,8 @@ def shutdown_distributed() -> None:
 
 _megatron_groups: list[dist.ProcessGroup] = []
 """The process groups that set_model_parallel's Megatron initialisations created and that may still be alive."""
+_megatron_layout: tuple | None = None
+"""(TP, PP, Megatron's TP group) of the layout that _megatron_groups make; None when there is none."""
 
 
 def _process_groups() -> list[dist.ProcessGroup]:
@@ -145,19 +155,41 @@ def _process_groups() -> list[dist.ProcessGroup]:
     return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
 
 
+def _has_megatron_layout(layout: tuple[int, int]) -> bool:
+    """Whether Megatron's groups are still the live ones that set_model_parallel made for ``layout`` (TP, PP).
+
+    False when anything else re-initialised or destroyed them, or destroyed the world they were made in.
+    """
+    from megatron.core import parallel_state
+
+    if _megatron_layout is None or _megatron_layout[:2] != layout or not parallel_state.model_parallel_is_initialized():
+        return False
+    live = set(_process_groups())
+    return parallel_state.get_tensor_model_parallel_group() is _megatron_layout[2] and all(
+        group in live for group in _megatron_groups)
+
+
 def _destroy_model_parallel() -> None:
     """Megatron's destroy_model_parallel, plus destroying the groups it only forgets.
 
     Megatron-Core's destroy_model_parallel sets its TP / PP / DP / embedding / ... groups to None but destroys
     only its gloo data-parallel groups: the other groups stay registered with torch.distributed, each holding
-    its communicator (three threads for a gloo group). A process that re-creates the layout (a new layout, a
-    conversion after training, tests in one process) would pile up a set of groups per call.
+    its communicator (three threads for a gloo group), and a process that re-created the layout (a new layout,
+    a conversion after training, tests in one process) piled up a set of groups per call. A few of its globals
+    it does not even reset (the intra-partial data-parallel groups); those are cleared here too, so that once
+    nothing else holds a destroyed group (a model built on it) its communicator and threads are freed.
     """
+    global _megatron_layout
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    destroyed = list(_megatron_groups)
     live = set(_process_groups())
     while _megatron_groups:
         group = _megatron_groups.pop()
         if group in live and group is not dist.GroupMember.WORLD:
             dist.destroy_process_group(group)
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, dist.ProcessGroup) and any(value is group for group in destroyed):
+            setattr(parallel_state, name, None)
+    _megatron_layout = None
