@@ -11,8 +11,8 @@ python tools/make_synthetic_data.py --out "$work/data"
 python tools/convert_hf_to_megatron.py --hf-dir "$work/hf_init" --out "$work/rm_init"
 torchrun --standalone --nproc-per-node 2 -m megatron_save stage1 examples/cpu/stage1_bt.yaml \
   checkpoint="$work/rm_init" output_dir="$work/stage1" \
-  train_data="$work/data/preference_train.jsonl" eval_data="$work/data/preference_eval.jsonl"
+  data.train_data="$work/data/preference_train.jsonl" data.eval_data="$work/data/preference_eval.jsonl"
 torchrun --standalone --nproc-per-node 2 -m megatron_save stage2 examples/cpu/stage2_value.yaml \
-  checkpoint="$work/stage1" output_dir="$work/stage2" train_data="$work/data/responses.jsonl"
+  checkpoint="$work/stage1" output_dir="$work/stage2" data.train_data="$work/data/responses.jsonl"
 python tools/convert_megatron_to_hf.py --ckpt "$work/stage2" --out "$work/hf_stage2"
 echo "metrics: $work/stage1/metrics.json, $work/stage2/metrics.json; HF export with value head: $work/hf_stage2"

@@ -171,7 +171,7 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
                                               "--family", cfg.family], outputs=(models,))
     steps.run(f"seed_{seed}/sft", torchrun(
         cfg, "sft", configs.sft, f"checkpoint={models / 'policy_init'}",
-        f"output_dir={models / 'policy_sft'}", f"train_data={data / 'demonstrations.jsonl'}",
+        f"output_dir={models / 'policy_sft'}", f"data.train_data={data / 'demonstrations.jsonl'}",
         f"batch.seed={seed}", *cfg.sft_overrides), outputs=(models / "policy_sft",))
     steps.run(f"seed_{seed}/initial_reward_model", [
         *initial_models, "reward-model", "--out", str(models), "--policy", str(models / "policy_sft"),
@@ -183,11 +183,11 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
         "--tp", str(cfg.nproc)))
     steps.run(f"seed_{seed}/stage1", torchrun(
         cfg, "stage1", configs.stage1, f"checkpoint={models / 'rm_init'}",
-        f"output_dir={models / 'rm_stage1'}", f"train_data={data / 'rm_pairs.jsonl'}", f"batch.seed={seed}",
+        f"output_dir={models / 'rm_stage1'}", f"data.train_data={data / 'rm_pairs.jsonl'}", f"batch.seed={seed}",
         *cfg.stage1_overrides), outputs=(models / "rm_stage1",))
     steps.run(f"seed_{seed}/stage2", torchrun(
         cfg, "stage2", configs.stage2, f"checkpoint={models / 'rm_stage1'}",
-        f"output_dir={models / 'proxy_rm'}", f"train_data={data / 'value_groups.jsonl'}", f"batch.seed={seed}",
+        f"output_dir={models / 'proxy_rm'}", f"data.train_data={data / 'value_groups.jsonl'}", f"batch.seed={seed}",
         *cfg.stage2_overrides), outputs=(models / "proxy_rm",))
     for name in cfg.runs:
         steps.run(f"seed_{seed}/rl_{name}", torchrun(

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 from megatron.core import parallel_state
+from omegaconf import MISSING
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -19,6 +20,22 @@ from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.utils.tensors import pad_rows
+
+
+@dataclass
+class DataSettings:
+    """Where a stage's training and held-out examples come from (each stage's config says its row format)."""
+
+    train_data: str = MISSING
+    """Training rows: a json / jsonl / parquet file, or a hub dataset name."""
+    split: str = "train"
+    """Split of a hub dataset (train_data and eval_data)."""
+    eval_data: str | None = None
+    """Held-out rows of the same format; when unset, the first ``eval_fraction`` of train_data is held out."""
+    eval_fraction: float = 0.05
+    """Share of train_data held out when eval_data is unset."""
+    max_length: int = 2048
+    """Examples whose conversation (prompt + response) is longer, in tokens, are skipped (and counted)."""
 
 
 @dataclass
@@ -51,10 +68,23 @@ def hold_out(examples: list, fraction: float, source: str) -> tuple[list, list]:
     """(training, held-out) with the first ``fraction`` of ``examples`` held out; refuses an empty side."""
     count = int(len(examples) * fraction)
     if count == 0 or count == len(examples):
-        raise ValueError(f"{source}: holding out eval_fraction={fraction} of {len(examples)} examples leaves "
-                         f"{'nothing to evaluate' if count == 0 else 'nothing to train on'}; set eval_data or "
-                         "eval_fraction")
+        raise ValueError(f"{source}: holding out data.eval_fraction={fraction} of {len(examples)} examples leaves "
+                         f"{'nothing to evaluate' if count == 0 else 'nothing to train on'}; set data.eval_data or "
+                         "data.eval_fraction")
     return examples[count:], examples[:count]
+
+
+def load_examples(settings: DataSettings, loader: Callable[..., tuple[list, Any]], tokenizer) -> tuple[list, list]:
+    """(training, held-out) examples: ``loader(path, tokenizer, max_length, split)`` of train_data, and of
+    eval_data when it is set, else the first eval_fraction of train_data; refuses an empty held-out set."""
+    load = lambda path: loader(path, tokenizer, settings.max_length, settings.split)[0]  # noqa: E731
+    train = load(settings.train_data)
+    if not settings.eval_data:
+        return hold_out(train, settings.eval_fraction, settings.train_data)
+    held_out = load(settings.eval_data)
+    if not held_out:
+        raise ValueError(f"data.eval_data {settings.eval_data}: no examples to evaluate")
+    return train, held_out
 
 
 def ensure_output_dir(path: str, resuming: bool) -> None:

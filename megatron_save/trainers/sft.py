@@ -21,10 +21,11 @@ from megatron_save.data.demonstrations import Demonstration, load_demonstrations
 from megatron_save.models.policy import sequence_logprobs, token_logprobs
 from megatron_save.trainers.common import (
     BatchSettings,
+    DataSettings,
     data_parallel_part,
     ensure_output_dir,
     epoch_batches,
-    hold_out,
+    load_examples,
     progress,
     run_from_command_line,
     start_from_checkpoint,
@@ -46,14 +47,8 @@ class SFTConfig:
     """Causal-LM checkpoint to start from (made by tools/convert_hf_to_megatron.py)."""
     output_dir: str = MISSING
     """Where the trained checkpoint and metrics.json go."""
-    train_data: str = MISSING
-    """Demonstrations: json / jsonl / parquet rows of {"prompt", "response"}, or a hub dataset name."""
-    eval_fraction: float = 0.05
-    """Share of train_data held out for the held-out loss."""
-    split: str = "train"
-    """Split of a hub dataset."""
-    max_length: int = 2048
-    """Demonstrations with a longer conversation are skipped (and counted)."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """Demonstrations, rows of {"prompt", "response"}, and the held-out ones for the held-out loss."""
     batch: BatchSettings = field(default_factory=BatchSettings)
     """Batch sizes in demonstrations, epochs, data-order seed."""
     optim: OptimizerSettings = field(default_factory=OptimizerSettings)
@@ -100,9 +95,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         raise ValueError(f"{cfg.checkpoint}: holds a {meta.kind}; supervised fine-tuning needs a causal_lm")
     ensure_output_dir(cfg.output_dir, resuming=False)
     pad_id = pad_id_of(tokenizer)
-    demonstrations, _ = load_demonstrations(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
-    train, held_out = hold_out(demonstrations, cfg.eval_fraction, cfg.train_data)
-    batches = epoch_batches([len(d.ids) for d in train], cfg.batch, cfg.train_data, "demonstrations")
+    train, held_out = load_examples(cfg.data, load_demonstrations, tokenizer)
+    batches = epoch_batches([len(d.ids) for d in train], cfg.batch, cfg.data.train_data, "demonstrations")
     state = build_train_state(model, cfg.optim, total_steps=len(batches))
     evaluate = lambda: held_out_loss(model, held_out, pad_id, cfg.batch.micro_batch_size)  # noqa: E731
 

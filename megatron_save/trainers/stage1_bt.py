@@ -21,9 +21,10 @@ from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
+    DataSettings,
     ensure_output_dir,
     epoch_batches,
-    hold_out,
+    load_examples,
     pair_micro_batches,
     progress,
     run_from_command_line,
@@ -46,16 +47,8 @@ class Stage1Config:
     """Reward-model checkpoint to start from (made by tools/convert_hf_to_megatron.py)."""
     output_dir: str = MISSING
     """Where the trained checkpoint and metrics.json go."""
-    train_data: str = MISSING
-    """Preference pairs: a json / jsonl / parquet file, or a hub dataset name."""
-    eval_data: str | None = None
-    """Held-out pairs; when unset, ``eval_fraction`` of train_data is held out."""
-    eval_fraction: float = 0.05
-    """Share of train_data held out when eval_data is unset."""
-    split: str = "train"
-    """Split of a hub dataset."""
-    max_length: int = 2048
-    """Pairs with a longer conversation are skipped (and counted)."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """Preference pairs, rows of {"prompt", "chosen", "rejected"}, and the held-out ones for the accuracy."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only before and after training)."""
     save_every: int = 0
@@ -79,20 +72,12 @@ def pairwise_eval(model, pairs: list[PreferencePair], micro_batch_size: int, pad
     return pairwise_accuracy(rewards[0::2], rewards[1::2]).item()
 
 
-def load_pairs(cfg: Stage1Config, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Training and held-out pairs (eval_data, or the first eval_fraction of train_data)."""
-    train_pairs, _ = load_preference_pairs(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
-    if cfg.eval_data:
-        return train_pairs, load_preference_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)[0]
-    return hold_out(train_pairs, cfg.eval_fraction, cfg.train_data)
-
-
 def train_stage1(cfg: Stage1Config) -> dict:
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
     ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
     pad_id = pad_id_of(tokenizer)
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
-    batches = epoch_batches([p.length for p in train_pairs], cfg.batch, cfg.train_data, "pairs")
+    train_pairs, eval_pairs = load_examples(cfg.data, load_preference_pairs, tokenizer)
+    batches = epoch_batches([p.length for p in train_pairs], cfg.batch, cfg.data.train_data, "pairs")
     state = build_train_state(model, cfg.optim, total_steps=len(batches))
     start = load_train_checkpoint(state, cfg.resume_from) if cfg.resume_from else 0
     evaluate = partial(pairwise_eval, model, eval_pairs, cfg.batch.micro_batch_size, pad_id)

@@ -20,10 +20,11 @@ from megatron_save.data.response_groups import ResponseGroup, load_response_grou
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
+    DataSettings,
     data_parallel_part,
     ensure_output_dir,
     epoch_batches,
-    hold_out,
+    load_examples,
     progress,
     run_from_command_line,
     start_from_checkpoint,
@@ -46,16 +47,9 @@ class Stage2Config:
     """Stage-1 reward model; a value head is added (zero-initialised) when it has none."""
     output_dir: str = MISSING
     """Where the checkpoint with the fitted value head and metrics.json go."""
-    train_data: str = MISSING
-    """jsonl / json / parquet rows of {"prompt", "responses": [K strings]} sampled from the policy."""
-    eval_data: str | None = None
-    """Held-out rows; when unset, ``eval_fraction`` of train_data is held out."""
-    eval_fraction: float = 0.1
-    """Share of prompts held out when eval_data is unset."""
-    split: str = "train"
-    """Split of a hub dataset."""
-    max_length: int = 2048
-    """Responses whose conversation is longer are skipped (and counted)."""
+    data: DataSettings = field(default_factory=lambda: DataSettings(eval_fraction=0.1))
+    """Rows of {"prompt", "responses": [K strings]} sampled from the policy (a response whose conversation is
+    longer than max_length is skipped), and the held-out prompts (by default 10%) for the value report."""
     score_micro_batch_size: int = 8
     """Sequences per forward pass when scoring responses with the frozen reward model."""
     batch: BatchSettings = field(default_factory=lambda: BatchSettings(global_batch_size=32, micro_batch_size=4))
@@ -98,15 +92,11 @@ def train_stage2(cfg: Stage2Config) -> dict:
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True)
     ensure_output_dir(cfg.output_dir, resuming=False)
     pad_id = pad_id_of(tokenizer)
-    groups, _ = load_response_groups(cfg.train_data, tokenizer, cfg.max_length, cfg.split)
-    if cfg.eval_data:
-        eval_groups, _ = load_response_groups(cfg.eval_data, tokenizer, cfg.max_length, cfg.split)
-    else:
-        groups, eval_groups = hold_out(groups, cfg.eval_fraction, cfg.train_data)
+    groups, eval_groups = load_examples(cfg.data, load_response_groups, tokenizer)
     targets = mean_frozen_rewards(model, groups, cfg.score_micro_batch_size, pad_id)
     eval_targets = mean_frozen_rewards(model, eval_groups, cfg.score_micro_batch_size, pad_id)
 
-    batches = epoch_batches([len(g.prompt_ids) for g in groups], cfg.batch, cfg.train_data, "prompts")
+    batches = epoch_batches([len(g.prompt_ids) for g in groups], cfg.batch, cfg.data.train_data, "prompts")
     state = build_train_state(model, cfg.optim, total_steps=len(batches), freeze_all_but_value_head=True)
     history = {"eval": [{"step": 0, **value_report(model, eval_groups, eval_targets, cfg.batch.micro_batch_size,
                                                    pad_id)}]}

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_save.checkpoint.convert import convert_hf_to_megatron
 from megatron_save.trainers.stage1_bt import Stage1Config, train_stage1
-from megatron_save.trainers.common import BatchSettings
+from megatron_save.trainers.common import BatchSettings, DataSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
 from megatron_save.testing import save_tiny_hf_model
 from megatron_save.testing.synthetic import synthetic_preference_rows, write_jsonl
@@ -22,7 +22,7 @@ def test_resumed_stage1_matches_uninterrupted(dtype, tmp_path):
 
     def config(output_dir, **changes):
         return Stage1Config(checkpoint=str(tmp_path / "rm"), output_dir=str(tmp_path / output_dir),
-                            train_data=str(data), eval_fraction=0.12, max_length=96,
+                            data=DataSettings(train_data=str(data), eval_fraction=0.12, max_length=96),
                             batch=BatchSettings(global_batch_size=16, micro_batch_size=4),
                             optim=OptimizerSettings(lr=1e-3, warmup_steps=1), **changes)
 
