@@ -11,6 +11,14 @@ from megatron_save.algorithms.advantages import (
 from megatron_save.algorithms.baselines import hl_bt_loss, highest_lowest_pairs, mean_reward_anchor
 from megatron_save.algorithms.bradley_terry import bt_loss, pairwise_accuracy
 from megatron_save.algorithms.policy_loss import PolicyLossOutput, gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
+from megatron_save.algorithms.prime import (
+    OUTCOME_LABEL_RULES,
+    accuracy_filter,
+    implicit_prm_loss,
+    implicit_process_rewards,
+    outcome_labels,
+    prime_advantages,
+)
 from megatron_save.algorithms.r2m import grebt_loss, group_reward_entropy, r2m_time_weight
 from megatron_save.algorithms.save import (
     curriculum_threshold,
@@ -21,6 +29,12 @@ from megatron_save.algorithms.save import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "OUTCOME_LABEL_RULES",
+    "accuracy_filter",
+    "implicit_prm_loss",
+    "implicit_process_rewards",
+    "outcome_labels",
+    "prime_advantages",
     "PolicyLossOutput",
     "bt_loss",
     "grebt_loss",

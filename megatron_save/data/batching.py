@@ -107,6 +107,22 @@ class PolicyBatch(TokenBatch):
     sequences): turns a micro-batch mean into its part of the global mean after Megatron's averaging."""
 
 
+@dataclass
+class ImplicitPrmBatch(TokenBatch):
+    """Prompt + response rows of PRIME's implicit-PRM update, in the policy's shifted frame (position t scores
+    token t + 1)."""
+
+    loss_mask: torch.Tensor
+    """[N, S - 1] bool, True where token t + 1 is a response token (filler rows: all False)."""
+    ref_logp: torch.Tensor
+    """[N, S - 1] fp32 log-probs under the PRM's frozen reference."""
+    labels: torch.Tensor
+    """[N] fp32 outcome label of each row's response in [0, 1] (0 on filler rows)."""
+    loss_scale: torch.Tensor
+    """[N] fp32 weight of each row: (micro-batches x data-parallel ranks) / rows of the whole batch, 0 on filler
+    rows, so that Megatron's averaging yields the batch's mean loss."""
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's padding id (0 when it has none: padding is masked out anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

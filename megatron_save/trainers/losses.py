@@ -8,13 +8,15 @@ from megatron_save.algorithms import (
     bt_loss,
     highest_lowest_pairs,
     hl_bt_loss,
+    implicit_prm_loss,
     mean_reward_anchor,
     pairwise_accuracy,
     save_reward_loss,
     value_anchor_loss,
 )
-from megatron_save.data.batching import PairBatch, PromptTargetBatch, ResponseGroupBatch
+from megatron_save.data.batching import ImplicitPrmBatch, PairBatch, PromptTargetBatch, ResponseGroupBatch
 from megatron_save.models.forward import at_last_token
+from megatron_save.models.policy import token_logprobs
 
 
 def bt_pair_loss(batch: PairBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -86,3 +88,17 @@ def hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torc
     pairs = highest_lowest_pairs(rewards, valid)[2].sum()
     reward_sum = hl_bt_loss(rewards, valid) * pairs
     return batch.reward_scale * reward_sum, {"reward_loss_sum": reward_sum, "pairs": pairs.float()}
+
+
+def prime_prm_loss(batch: ImplicitPrmBatch, logits: torch.Tensor, beta: float = 0.05
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PRIME's implicit-PRM cross-entropy (its eq. 4) on a micro-batch, with log-probs from the vocabulary-parallel
+    logits [b, S, V / TP]; metrics are row-weighted like the loss (their averages are the batch's means)."""
+    logp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])  # [b, S - 1]
+    device = logp.device
+    losses, sequence_rewards = implicit_prm_loss(logp, batch.ref_logp.to(device), batch.loss_mask.to(device),
+                                                 batch.labels.to(device), beta)  # [b], [b]
+    weights = batch.loss_scale.to(device)
+    correct = ((sequence_rewards > 0).float() == (batch.labels.to(device) > 0.5).float()).float()
+    return (weights * losses).sum(), {"prm_loss": (weights * losses).sum().detach(),
+                                      "prm_accuracy": (weights * correct).sum()}

@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from megatron_save.algorithms import highest_lowest_pairs
-from megatron_save.trainers.losses import bt_pair_loss, hl_bt_rm_loss, mean_reward_rm_loss, save_rm_loss
+from megatron_save.trainers.losses import bt_pair_loss, hl_bt_rm_loss, mean_reward_rm_loss, prime_prm_loss, save_rm_loss
 
 Anchor = Literal["value_head", "group_mean", "none"]
 LearnsFrom = Literal["rollouts", "offline_pairs", "policy_feedback", "nothing"]
@@ -19,7 +19,8 @@ RewardSource = Literal["reward_model", "r2m_head"]
 
 
 def kept_prompts(rewards: torch.Tensor, valid: torch.Tensor, partition: Any) -> torch.Tensor:
-    """[B] bool, B~ of the anchored partition: prompts with both Y+ and Y- non-empty. rewards, valid [B, G]."""
+    """[B] bool, B~ of the anchored partition: prompts with both Y+ and Y- non-empty (PRIME: the prompts its
+    accuracy filter keeps). rewards, valid [B, G]."""
     return partition.prompt_keep
 
 
@@ -59,6 +60,10 @@ class RMStrategy:
     reward_prompts: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
     """For an update on rollouts: (rewards [B, G], valid [B, G], partition) -> [B] bool, the prompts the reward
     term averages over (its denominator across micro-batches and ranks)."""
+    implicit_prm: bool = False
+    """Trains PRIME's implicit process reward model (a causal LM against its frozen reference) on outcome labels
+    instead of the reward model, which stays frozen and only labels; the policy's advantages then combine the
+    PRM's token-level rewards with the labels (``reward.prime``)."""
 
 
 STRATEGIES: dict[str, RMStrategy] = {}
@@ -107,6 +112,11 @@ for _row in (
     RMStrategy("hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
                loss_metrics=("reward_loss_sum", "pairs"), reward_prompts=prompts_with_a_pair),
+    # PRIME (arXiv 2502.01456): an implicit PRM trained online on outcome labels (from the frozen RM or a
+    # verifier); its token-level rewards and the labels' RLOO make the advantages.
+    RMStrategy("prime", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
+               learns_from="rollouts", update="before_policy", loss=prime_prm_loss,
+               loss_metrics=("prm_loss", "prm_accuracy"), reward_prompts=kept_prompts, implicit_prm=True),
     # R2M (arXiv 2601.22664): the frozen RM's state fused with the policy's; GREBT trains the head after the policy.
     RMStrategy("r2m", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
                learns_from="policy_feedback", update="after_policy", rewards="r2m_head"),

@@ -35,6 +35,9 @@ VARIANTS = {
     # optimizer.
     "r2m": ["reward.strategy=r2m", "reward.r2m_width=16", "offload.optimizer=true", "offload.gradients=true",
             "offload.reference=true"],
+    # PRIME with its accuracy filter opened (4 responses per prompt), the PRM at a tiny model's learning rate.
+    "prime": ["reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-3",
+              "reward.prime.accuracy_low=0.0", "reward.prime.accuracy_high=1.0", "offload.gradients=true"],
     "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
     "temperature": ["rollout.sampling.temperature=0.7"],
     "rloo": ["policy.advantage=rloo", "policy.mini_batches=2", "policy.micro_batch_size=2"],
@@ -54,7 +57,9 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     assert [r["step"] for r in records] == [1, 2]
     trains_rm = variant != "frozen_rm"
     trains_policy = variant != "frozen_policy"
-    assert (out / "reward_model").exists() == (trains_rm and variant != "r2m")  # R2M trains only its head
+    # R2M trains only its head, PRIME its implicit PRM.
+    assert (out / "reward_model").exists() == (trains_rm and variant not in ("r2m", "prime"))
+    assert (out / "prm").exists() == (out / "checkpoints" / "step_000002" / "prm").exists() == (variant == "prime")
     assert (out / "checkpoints" / "step_000002" / "r2m_head").exists() == (variant == "r2m")
     assert (out / "policy").exists() == trains_policy
     for record in records:
@@ -74,6 +79,11 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     if variant == "r2m":
         assert records[0]["r2m/omega"] == 0.6  # max(cos(pi / 2) / 2 + 1/2, Omega = 0.6)
         assert all(r["rm/grebt_loss"] > 0 for r in records)
+    if variant == "prime":
+        for record in records:
+            assert record["prm/loss"] > 0 and 0 <= record["prm/accuracy"] <= 1 and record["prm/update_skipped"] == 0
+            kept = sum(sum(row["kept"]) for row in rollouts if row["step"] == record["step"])
+            assert record["prm/trained_responses"] == kept > 0
     if variant in ("hl_bt", "mean_reward"):
         assert any(r["rm/reward_loss"] > 0 for r in records)
     if variant == "temperature":
@@ -84,6 +94,8 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert sum(r["rm/truncated_left_out"] for r in records) > 0  # reward.update_skips_truncated
     elif trains_rm and variant != "r2m":
         assert all(r["rm/truncated_left_out"] == 0 for r in records)
+    prm_trained = variant == "prime"
+    assert all(("prm/loss" in r) == prm_trained for r in records)
 
 
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from megatron_save.algorithms import ADVANTAGE_ESTIMATORS
+from megatron_save.algorithms import ADVANTAGE_ESTIMATORS, OUTCOME_LABEL_RULES
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
@@ -56,6 +56,43 @@ class PolicySettings:
     """Optimizer of the policy (``value_head_lr`` is unused)."""
 
 
+PRIME_LABELS = (*OUTCOME_LABEL_RULES, "verifier")
+
+
+@dataclass
+class PrimeSettings:
+    """reward.strategy=prime: the implicit process reward model, its outcome labels and its advantages (defaults
+    from PRIME's paper and released configuration)."""
+
+    checkpoint: str | None = None
+    """Causal-LM checkpoint of the implicit PRM and of its frozen reference (null: policy.checkpoint, as PRIME
+    initialises both from the SFT policy). It must share the policy's tokenizer: its rewards are per policy token."""
+    beta: float = 0.05
+    """beta of r_phi(y_t) = beta * log(pi_phi / pi_ref) (PRIME: 0.05)."""
+    labels: str = "above_group_mean"
+    """Outcome labels: above_group_mean (1 where the frozen RM scores a response above its group's mean),
+    top_of_group (1 on each group's best response) or verifier (``verifier`` grades each response)."""
+    verifier: str | None = None
+    """labels=verifier: ``module:function`` called as function(prompt_text, response_text) -> label in [0, 1]."""
+    accuracy_low: float = 0.2
+    """PRIME's accuracy filter: prompts whose mean label is below this are left out of both updates."""
+    accuracy_high: float = 0.8
+    """... and those above this."""
+    recompute_after_update: bool = False
+    """Score the policy update with the updated PRM (a second PRM forward, PRIME's "double forward"); false uses
+    the rewards of the forward before the update, as PRIME's default."""
+    process_coef: float = 5.0
+    """Weight of the process rewards' returns in the advantage (PRIME's released configuration: 5)."""
+    outcome_coef: float = 5.0
+    """Weight of the outcome labels' RLOO advantage (PRIME's released configuration: 5)."""
+    whiten_advantages: bool = True
+    """Whiten the combined advantages over the batch's response tokens (PRIME's released code)."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass of the PRM and its reference."""
+    optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-6, decay_style="constant"))
+    """Optimizer of the PRM (PRIME: lr 1e-6; ``value_head_lr`` is unused)."""
+
+
 @dataclass
 class RewardSettings:
     """The reward model and how it is updated during RL."""
@@ -63,8 +100,8 @@ class RewardSettings:
     checkpoint: str = MISSING
     """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
     strategy: str = "save"
-    """A row of trainers/strategies.py: save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt
-    or r2m."""
+    """A row of trainers/strategies.py: save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt,
+    r2m or prime."""
     initial_margin: float = 0.5
     """m0 of the curriculum filter (eq. 14)."""
     value_loss_weight: float = 1.0
@@ -87,6 +124,8 @@ class RewardSettings:
     """offline_bt: split of a hub dataset (HuggingFaceH4/ultrafeedback_binarized: train_prefs)."""
     offline_batch_size: int = 32
     """offline_bt: pairs per RM update."""
+    prime: PrimeSettings = field(default_factory=PrimeSettings)
+    """prime: the implicit PRM, its labels and advantages (the reward model above stays frozen and labels)."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(
         lr=1e-7, value_head_lr=1e-5, decay_style="constant"))
     """Optimizer: backbone + reward head at ``lr``, value head at ``value_head_lr`` (paper: 1e-7 and 1e-5); for
@@ -178,6 +217,8 @@ def check_stage3_config(cfg: Stage3Config) -> None:
                          f"{cfg.reward.strategy}: it does not learn from the rollouts' responses")
     if strategy.learns_from == "offline_pairs" and not cfg.reward.offline_data:
         raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
+    if strategy.implicit_prm:
+        _check_prime(cfg)
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":
         raise ValueError(f"rollout.sampling.n={cfg.rollout.sampling.n}: group advantages need at least 2 "
                          "responses per prompt")
@@ -187,3 +228,24 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"keep_checkpoints={cfg.keep_checkpoints}: at least the latest checkpoint must be kept")
     if cfg.policy.mini_batches < 1:
         raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")
+
+
+def _check_prime(cfg: Stage3Config) -> None:
+    prime = cfg.reward.prime
+    if cfg.policy.advantage != "rloo":
+        raise ValueError(f"reward.strategy=prime computes PRIME's advantages (RLOO on the outcome labels plus the "
+                         f"implicit process rewards' returns): set policy.advantage=rloo (got "
+                         f"{cfg.policy.advantage!r})")
+    if prime.labels not in PRIME_LABELS:
+        raise ValueError(f"reward.prime.labels={prime.labels!r} is not one of {', '.join(PRIME_LABELS)}")
+    if (prime.labels == "verifier") != bool(prime.verifier):
+        raise ValueError("reward.prime.verifier (module:function) is needed with reward.prime.labels=verifier and "
+                         f"only then (labels={prime.labels!r}, verifier={prime.verifier!r})")
+    if prime.verifier and ":" not in prime.verifier:
+        raise ValueError(f"reward.prime.verifier={prime.verifier!r}: expected module:function")
+    if not 0.0 <= prime.accuracy_low <= prime.accuracy_high <= 1.0:
+        raise ValueError(f"reward.prime.accuracy_low={prime.accuracy_low} and accuracy_high={prime.accuracy_high} "
+                         "must satisfy 0 <= low <= high <= 1")
+    if prime.beta <= 0 or prime.micro_batch_size < 1:
+        raise ValueError(f"reward.prime.beta={prime.beta} must be > 0 and micro_batch_size="
+                         f"{prime.micro_batch_size} >= 1")

@@ -47,6 +47,19 @@ class RolloutGroups:
 
 
 @dataclass
+class OutcomeFeedback:
+    """PRIME's view of a batch: outcome labels, its accuracy filter and the implicit PRM's token rewards."""
+
+    labels: torch.Tensor
+    """[B, G] fp32 outcome label of each response in [0, 1] (0 on invalid slots)."""
+    prompts_in_range: torch.Tensor
+    """[B] bool, prompts whose mean label lies inside the accuracy filter's range."""
+    process_rewards: torch.Tensor | None = None
+    """[B, G, T] fp32 r_phi(y_t) of the kept responses' tokens (T the longest response; 0 elsewhere); None until
+    the PRM phase computed them."""
+
+
+@dataclass
 class GroupScores:
     """Reward-model scores of rollout groups."""
 
@@ -57,6 +70,8 @@ class GroupScores:
     feedback: Any = None
     """R2M: the reward model's and the policy's states the rewards were fused from (its head's update reuses the
     reward model's); None otherwise."""
+    outcome: OutcomeFeedback | None = None
+    """PRIME: outcome labels of the responses and the PRM's token rewards; None for other strategies."""
 
 
 @dataclass
@@ -150,6 +165,8 @@ def non_finite_scores(scores: GroupScores, valid: torch.Tensor) -> int:
     bad = int((~torch.isfinite(scores.rewards) & valid).sum())
     if scores.values is not None:
         bad += int((~torch.isfinite(scores.values) & valid.any(dim=1)).sum())
+    if scores.outcome is not None and scores.outcome.process_rewards is not None:
+        bad += int((~torch.isfinite(scores.outcome.process_rewards)).sum())
     return bad
 
 
@@ -163,10 +180,14 @@ def filter_threshold(strategy: RMStrategy, step: int, total_steps: int, initial_
 def partition_feedback(strategy: RMStrategy, scores: GroupScores, valid: torch.Tensor, threshold: float
                        ) -> FeedbackPartition:
     """The anchored filter and partition of the strategy (anchor V(x), or the group's mean reward); a strategy
-    without an anchor keeps every valid response."""
+    without an anchor keeps every valid response, or with outcome labels (PRIME) those of the prompts inside its
+    accuracy filter's range (then B~)."""
     if strategy.anchor == "none":
         none = torch.zeros_like(valid)
-        return FeedbackPartition(threshold, valid.clone(), none, none.clone(), none.any(dim=1), None)
+        if scores.outcome is None:
+            return FeedbackPartition(threshold, valid.clone(), none, none.clone(), none.any(dim=1), None)
+        prompt_keep = scores.outcome.prompts_in_range & valid.any(dim=1)
+        return FeedbackPartition(threshold, valid & prompt_keep[:, None], none, none.clone(), prompt_keep, None)
     if strategy.anchor == "group_mean":
         anchor = mean_reward_anchor(scores.rewards.nan_to_num(0.0), valid)
     else:

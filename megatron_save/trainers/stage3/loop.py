@@ -37,6 +37,7 @@ from megatron_save.trainers.stage3.metrics import (
     step_summary,
 )
 from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy
+from megatron_save.trainers.stage3.prime import prime_token_advantages
 from megatron_save.trainers.stage3.reward_phase import r2m_phase, reward_phase
 from megatron_save.trainers.stage3.rollout_phase import ROLLOUT_LOG, log_rollouts, sample_groups, score_rollouts
 from megatron_save.trainers.stage3.run import Stage3Run, build_stage3_run, save_final_models
@@ -109,9 +110,8 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     metrics |= feedback_metrics(groups, scores, partition, "filter")
     log_rollouts(run, cfg, step, groups, scores, partition)
     if strategy.update == "before_policy":
-        metrics |= reward_phase(run, cfg, step, groups, scores, partition, counters, timer)
-        with timer.phase("rescore"):
-            scores = score_rollouts(run, cfg, groups, step)
+        scores, rm_metrics = reward_phase(run, cfg, step, groups, scores, partition, counters, timer)
+        metrics |= rm_metrics
         if non_finite_scores(scores, groups.valid):
             count_skip(counters, "policy_updates_skipped_non_finite_scores", step,
                        "non-finite rewards after the RM update; policy update skipped")
@@ -135,7 +135,9 @@ def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
         return {}
     temperature = cfg.rollout.sampling.logit_temperature
     with timer.phase("policy_logprobs"), run.offload.resident("reference"):
-        advantages = token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths)
+        advantages = (prime_token_advantages(scores, partition, groups.response_lengths, cfg.reward.prime)
+                      if scores.outcome is not None else
+                      token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths))
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
                                                     pad_id_of(run.policy_tokenizer), temperature=temperature)

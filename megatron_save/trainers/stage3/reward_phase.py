@@ -1,11 +1,13 @@
-"""The reward-model phase of stage 3: before the policy update (Algorithm 2, lines 12-14), one optimizer step by
-the strategy's loss on the step's rollouts or on static pairs; after it, R2M's head update."""
+"""The reward-model phase of stage 3: before the policy update (Algorithm 2, lines 12-15), one optimizer step by
+the strategy's loss on the step's rollouts or on static pairs and the re-score, or PRIME's implicit-PRM update;
+after it, R2M's head update."""
 
 from __future__ import annotations
 
 from collections import Counter
 from functools import partial
 
+import torch
 from megatron.core import parallel_state
 
 from megatron_save.data.batching import length_grouped_batches, pad_id_of
@@ -16,8 +18,9 @@ from megatron_save.trainers.optimizer import backbone_frozen
 from megatron_save.trainers.stage3.batches import response_group_batches
 from megatron_save.trainers.stage3.config import RewardSettings, Stage3Config
 from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, RolloutGroups, rm_update_feedback
+from megatron_save.trainers.stage3.prime import update_implicit_prm, with_process_rewards
 from megatron_save.trainers.stage3.r2m import update_r2m_after_policy
-from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch
+from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch, score_rollouts
 from megatron_save.trainers.stage3.run import Stage3Run
 from megatron_save.trainers.step import train_step
 from megatron_save.trainers.strategies import RMStrategy
@@ -28,19 +31,38 @@ logger = get_logger("trainers.stage3")
 
 
 def reward_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
-                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer) -> dict[str, float]:
-    """Collective: the reward model's update on the step's feedback (Algorithm 2, lines 12-14), leaving truncated
-    responses out with ``reward.update_skips_truncated``."""
+                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer
+                 ) -> tuple[GroupScores | None, dict[str, float]]:
+    """Collective: the update before the policy's on the step's feedback, leaving truncated responses out with
+    ``reward.update_skips_truncated``: the reward model's (Algorithm 2, lines 12-14), then the re-score (line 15);
+    or PRIME's implicit PRM, whose token rewards join the scores. Returns the scores the policy update uses."""
     rm_groups, rm_partition = rm_update_feedback(run.strategy, groups, scores, partition,
                                                  cfg.reward.update_skips_truncated)
     metrics = {"rm/truncated_left_out": float((groups.valid & ~rm_groups.valid).sum())}
+    if run.strategy.implicit_prm:
+        return prime_phase(run, cfg, groups, scores, partition, rm_partition.kept, timer, metrics)
     if run.strategy.value_head and not rm_partition.prompt_keep.any():
         counters["value_only_rm_updates"] += 1
         logger.info("step %d: no prompt with both Y+ and Y- for the RM update; value-only update", step)
     with timer.phase("rm_update"), run.offload.resident("reward"):
         metrics |= update_reward_model(run.reward_state, run.strategy, cfg.reward, rm_groups, scores, rm_partition,
                                        step, pad_id_of(run.reward_tokenizer), cfg.seed, run.offline_pairs)
-    return metrics
+    with timer.phase("rescore"):
+        return score_rollouts(run, cfg, groups, step), metrics
+
+
+def prime_phase(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, scores: GroupScores,
+                partition: FeedbackPartition, trained: torch.Tensor, timer: PhaseTimer, metrics: dict[str, float]
+                ) -> tuple[GroupScores, dict[str, float]]:
+    """Collective: PRIME's PRM rewards of the kept responses and its update on the ``trained`` ones [B, G]
+    (the frozen reward model is not re-scored: it did not change)."""
+    if not partition.kept.any():
+        return scores, metrics | {"prm/update_skipped": 1.0}
+    with timer.phase("rm_update"), run.offload.resident("prm", "reference"):
+        process_rewards, prm_metrics = update_implicit_prm(
+            run.prm_state, run.prm_reference, run.strategy, cfg.reward.prime, groups, partition.kept, trained,
+            scores.outcome.labels, pad_id_of(run.policy_tokenizer))
+    return with_process_rewards(scores, process_rewards), metrics | prm_metrics
 
 
 def offline_pair_indices(lengths: list[int], batch_size: int, step: int, seed: int) -> list[int]:

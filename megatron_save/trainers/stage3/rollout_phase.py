@@ -19,6 +19,7 @@ from megatron_save.trainers.stage3.groups import (
     score_groups,
 )
 from megatron_save.trainers.stage3.metrics import append_rollout_log
+from megatron_save.trainers.stage3.prime import label_outcomes
 from megatron_save.trainers.stage3.r2m import score_with_r2m
 from megatron_save.trainers.stage3.run import Stage3Run
 
@@ -55,13 +56,16 @@ def r2m_omega(cfg: Stage3Config, step: int) -> float:
 
 
 def score_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, step: int) -> GroupScores | None:
-    """Collective: R (and V) of the step's responses by the strategy's reward source; None when that source has
-    nothing to score."""
+    """Collective: R (and V) of the step's responses by the strategy's reward source (with PRIME's outcome labels
+    for its strategy); None when that source has nothing to score."""
     if run.strategy.rewards == "r2m_head":
         return score_with_r2m(run.r2m_state, run.reward_model, run.policy, groups, r2m_omega(cfg, step),
                               pad_id_of(run.reward_tokenizer), pad_id_of(run.policy_tokenizer),
                               score_micro_batch(cfg))
-    return score_groups(run.reward_model, groups, pad_id_of(run.reward_tokenizer), score_micro_batch(cfg))
+    scores = score_groups(run.reward_model, groups, pad_id_of(run.reward_tokenizer), score_micro_batch(cfg))
+    if run.strategy.implicit_prm:
+        scores.outcome = label_outcomes(cfg.reward.prime, groups, scores.rewards, run.policy_tokenizer, run.verifier)
+    return scores
 
 
 def log_rollouts(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,

@@ -1,5 +1,5 @@
-"""A stage-3 run's setup and teardown: process groups, the policy, its reference, the reward model (and R2M's head)
-with their optimizers, the rollout engine, the prompts; the final models at the end."""
+"""A stage-3 run's setup and teardown: process groups, the policy, its reference, the reward model (and R2M's head,
+or PRIME's implicit PRM) with their optimizers, the rollout engine, the prompts; the final models at the end."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from megatron_save.rollout.vllm_engine import VLLMRolloutEngine
 from megatron_save.trainers.offload import IdleOffload
 from megatron_save.trainers.optimizer import build_train_state
 from megatron_save.trainers.stage3.config import Stage3Config
+from megatron_save.trainers.stage3.prime import load_verifier
 from megatron_save.trainers.stage3.r2m import build_r2m_head
 from megatron_save.trainers.strategies import RMStrategy, strategy_named
 from megatron_save.utils.logging import get_logger
@@ -70,10 +71,17 @@ class Stage3Run:
     """R2M's policy-feedback head with its optimizer (the r2m strategy; the reward model itself stays frozen)."""
     offload: IdleOffload | None = None
     """Moves idle optimizer states, gradient buffers and reference weights off the device between phases."""
+    prm_state: TrainState | None = None
+    """PRIME's implicit process reward model (a causal LM) with its optimizer (the prime strategy)."""
+    prm_reference: Any | None = None
+    """The PRM's frozen reference: the policy's reference itself when both come from the same checkpoint."""
+    verifier: Callable[[str, str], float] | None = None
+    """PRIME's outcome verifier (reward.prime.labels=verifier)."""
 
     def trained_states(self) -> dict[str, TrainState]:
         """The models this run trains, by checkpoint name."""
-        states = {"policy": self.policy_state, "reward": self.reward_state, "r2m_head": self.r2m_state}
+        states = {"policy": self.policy_state, "reward": self.reward_state, "r2m_head": self.r2m_state,
+                  "prm": self.prm_state}
         return {name: state for name, state in states.items() if state is not None}
 
     def sync_rollout_weights(self) -> None:
@@ -151,8 +159,37 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
         r2m_state = build_train_state(head, cfg.reward.optim, cfg.total_steps)
     run = Stage3Run(strategy, prompts, policy, policy_state, reference, reward_model, reward_state, engine,
                     policy_tokenizer, reward_tokenizer, policy_hf, offline_pairs, r2m_state)
+    if strategy.implicit_prm:
+        run.prm_state, run.prm_reference = _build_implicit_prm(cfg, policy_hf, reference)
+        if cfg.reward.prime.verifier:
+            run.verifier = load_verifier(cfg.reward.prime.verifier)
     run.offload = IdleOffload(cfg.offload, run.trained_states(), reference)
     return run
+
+
+def prm_checkpoint(cfg: Stage3Config) -> str:
+    """Where PRIME's implicit PRM and its reference start: reward.prime.checkpoint, else the policy's."""
+    return cfg.reward.prime.checkpoint or cfg.policy.checkpoint
+
+
+def _build_implicit_prm(cfg: Stage3Config, policy_hf: Any, policy_reference: Any | None
+                        ) -> tuple[TrainState, Any]:
+    """PRIME's implicit PRM with its optimizer, and its frozen reference (shared with the policy's when both
+    start from the same checkpoint). The PRM must score the policy's tokens: same vocabulary."""
+    source = prm_checkpoint(cfg)
+    meta, hf_config = read_checkpoint_meta(source)
+    if meta.kind != "causal_lm":
+        raise ValueError(f"reward.prime.checkpoint={source} holds a {meta.kind}; PRIME's implicit PRM is a causal_lm")
+    if hf_config.vocab_size != policy_hf.vocab_size:
+        raise ValueError(f"reward.prime.checkpoint={source} has a vocabulary of {hf_config.vocab_size}, the policy "
+                         f"{policy_hf.vocab_size}: the PRM must share the policy's tokenizer")
+    check_parallel_layout(cfg.parallel, torch.distributed.get_world_size(), model_shape(hf_config))
+    prm, _, _ = build_model_from_checkpoint(source)
+    state = build_train_state(prm, cfg.reward.prime.optim, cfg.total_steps)
+    same_start = Path(source).resolve() == Path(cfg.policy.checkpoint).resolve()
+    reference = policy_reference if same_start and policy_reference is not None else \
+        build_model_from_checkpoint(source)[0].eval()
+    return state, reference
 
 
 def _clear_dir(path: Path) -> None:
@@ -165,7 +202,9 @@ def _clear_dir(path: Path) -> None:
 def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
     """The trained models as model checkpoints (convertible to HF with tools/convert_megatron_to_hf.py)."""
     for name, module, state, source in (("policy", run.policy, run.policy_state, cfg.policy.checkpoint),
-                                        ("reward_model", run.reward_model, run.reward_state, cfg.reward.checkpoint)):
+                                        ("reward_model", run.reward_model, run.reward_state, cfg.reward.checkpoint),
+                                        ("prm", run.prm_state and run.prm_state.module, run.prm_state,
+                                         prm_checkpoint(cfg))):
         if state is None:
             continue
         meta, _ = read_checkpoint_meta(source)
