@@ -73,8 +73,8 @@ def register_strategy(strategy: RMStrategy) -> RMStrategy:
     """Adds a row to the table (refusing a name already taken); returns it."""
     if strategy.name in STRATEGIES:
         raise ValueError(f"reward.strategy {strategy.name!r} is already registered")
-    if strategy.trains_backbone and strategy.loss is None:
-        raise ValueError(f"reward.strategy {strategy.name!r} trains the reward model but has no loss")
+    if (strategy.trains_backbone or strategy.implicit_prm) and strategy.loss is None:
+        raise ValueError(f"reward.strategy {strategy.name!r} trains a model but has no loss")
     if strategy.learns_from == "rollouts" and strategy.reward_prompts is None:
         raise ValueError(f"reward.strategy {strategy.name!r} learns from rollouts but names no reward_prompts")
     STRATEGIES[strategy.name] = strategy

@@ -1,5 +1,6 @@
-"""Stage 3's RM update (SAVE, HL-BT), re-score and policy update on fixed rollout groups give the same numbers at
-TP2 x DP2, PP2 x DP2 and TP2 x PP2 x DP1 as at TP1 x DP4 (4 gloo processes)."""
+"""Stage 3's RM update (SAVE, HL-BT), re-score and policy update, and PRIME's implicit-PRM and policy updates, on
+fixed rollout groups give the same numbers at TP2 x DP2, PP2 x DP2 and TP2 x PP2 x DP1 as at TP1 x DP4 (4 gloo
+processes)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,21 @@ def test_matches_tp1_dp4(stage3_steps, layout, strategy):
         assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert other["logp_after"][: len(reference["logp_after"])] == pytest.approx(
         reference["logp_after"][: len(other["logp_after"])], rel=1e-4, abs=1e-5)
+
+
+def test_reference_prime_step_does_something(stage3_steps):
+    reference = stage3_steps["tp1-prime"]
+    assert reference["kept"] > reference["trained"] > 0  # truncated responses: rewards, but no PRM loss
+    assert reference["prm/loss"] > 0 and reference["prm/update_skipped"] == 0 and reference["policy/pg_loss"] != 0
+    assert 0 < sum(reference["labels"]) < len(reference["labels"])
+    # The PRM starts as its reference: zero token rewards before its update, non-zero after it.
+    assert not any(reference["process_rewards"]) and any(reference["recomputed"])
+    assert any(reference["advantages"])
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1"])
+def test_prime_matches_tp1_dp4(stage3_steps, layout):
+    reference, other = stage3_steps["tp1-prime"], stage3_steps[f"{layout}-prime"]
+    assert set(other) == set(reference)
+    for key, value in reference.items():
+        assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

@@ -38,6 +38,11 @@ VARIANTS = {
     # PRIME with its accuracy filter opened (4 responses per prompt), the PRM at a tiny model's learning rate.
     "prime": ["reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-3",
               "reward.prime.accuracy_low=0.0", "reward.prime.accuracy_high=1.0", "offload.gradients=true"],
+    # PRIME's labels from a verifier (the gold testbed uses its gold reward; here a stand-in that grades the
+    # parity of a response's length), its default accuracy filter and the double forward.
+    "prime_verifier": ["reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-3",
+                       "reward.prime.labels=verifier", "reward.prime.verifier=helpers:length_parity_grade",
+                       "reward.prime.recompute_after_update=true"],
     "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
     "temperature": ["rollout.sampling.temperature=0.7"],
     "rloo": ["policy.advantage=rloo", "policy.mini_batches=2", "policy.micro_batch_size=2"],
@@ -58,8 +63,9 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     trains_rm = variant != "frozen_rm"
     trains_policy = variant != "frozen_policy"
     # R2M trains only its head, PRIME its implicit PRM.
-    assert (out / "reward_model").exists() == (trains_rm and variant not in ("r2m", "prime"))
-    assert (out / "prm").exists() == (out / "checkpoints" / "step_000002" / "prm").exists() == (variant == "prime")
+    prime = variant.startswith("prime")
+    assert (out / "reward_model").exists() == (trains_rm and variant != "r2m" and not prime)
+    assert (out / "prm").exists() == (out / "checkpoints" / "step_000002" / "prm").exists() == prime
     assert (out / "checkpoints" / "step_000002" / "r2m_head").exists() == (variant == "r2m")
     assert (out / "policy").exists() == trains_policy
     for record in records:
@@ -79,7 +85,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     if variant == "r2m":
         assert records[0]["r2m/omega"] == 0.6  # max(cos(pi / 2) / 2 + 1/2, Omega = 0.6)
         assert all(r["rm/grebt_loss"] > 0 for r in records)
-    if variant == "prime":
+    if prime:
         for record in records:
             assert record["prm/loss"] > 0 and 0 <= record["prm/accuracy"] <= 1 and record["prm/update_skipped"] == 0
             kept = sum(sum(row["kept"]) for row in rollouts if row["step"] == record["step"])
@@ -94,8 +100,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert sum(r["rm/truncated_left_out"] for r in records) > 0  # reward.update_skips_truncated
     elif trains_rm and variant != "r2m":
         assert all(r["rm/truncated_left_out"] == 0 for r in records)
-    prm_trained = variant == "prime"
-    assert all(("prm/loss" in r) == prm_trained for r in records)
+    assert all(("prm/loss" in r) == prime for r in records)
 
 
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
@@ -182,10 +187,16 @@ def test_policy_weights_reach_the_rollout_engine(tiny_models, rl_data, tmp_path,
     assert torch.equal(engine_weights["model.norm.weight"], run.policy.decoder.final_layernorm.weight)
 
 
-@pytest.mark.parametrize("strategy", ["save", "r2m"])
+PRIME = ("policy.advantage=rloo", "reward.prime.optim.lr=1e-3", "reward.prime.accuracy_low=0.0",
+         "reward.prime.accuracy_high=1.0")
+RESUMED_MODELS = {"save": ("policy", "reward_model"), "r2m": ("policy",), "prime": ("policy", "prm")}
+
+
+@pytest.mark.parametrize("strategy", ["save", "r2m", "prime"])
 def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_models, rl_data, tmp_path, world_of_one):
     """bf16 policy and reward model (Megatron's mixed-precision optimizer with fp32 main copies): the run checkpoint
-    holds both optimizers (and R2M's head), and a resumed run ends where the uninterrupted one does."""
+    holds both optimizers (and R2M's head, or PRIME's implicit PRM with its optimizer), and a resumed run ends
+    where the uninterrupted one does."""
     from megatron_save.checkpoint.convert import convert_hf_to_megatron
 
     policy = tmp_path / "policy_bf16"
@@ -193,7 +204,7 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
     convert_hf_to_megatron(tiny_models["llama-lm"]["hf"], policy, dtype="bf16")
     convert_hf_to_megatron(tiny_models["llama-rmv"]["hf"], reward, dtype="bf16")
     common = (f"policy.checkpoint={policy}", f"reward.checkpoint={reward}", f"reward.strategy={strategy}",
-              "reward.r2m_width=8", "save_every=1")
+              "reward.r2m_width=8", "save_every=1", *(PRIME if strategy == "prime" else ()))
     straight = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / "straight", *common))
     # The interrupted run offloads idle state between phases (its checkpoint is written from there); the
     # uninterrupted one does not.
@@ -206,7 +217,7 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
             loop.train_stage3(_config(tiny_models, rl_data, resumed, *common, "policy.kl_coef=0.02"))
     loop.train_stage3(_config(tiny_models, rl_data, resumed, *common, *offload))
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2]
-    for model in ("policy", "reward_model") if strategy == "save" else ("policy",):
+    for model in RESUMED_MODELS[strategy]:
         before = {n: p.detach().clone() for n, p in build_model_from_checkpoint(straight / model)[0].named_parameters()}
         after = dict(build_model_from_checkpoint(resumed / model)[0].named_parameters())
         assert {p.dtype for p in before.values()} == {torch.bfloat16}

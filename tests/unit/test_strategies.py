@@ -11,13 +11,16 @@ from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, register_s
 
 
 def test_the_paper_strategies_are_rows():
-    assert list(STRATEGIES) == ["save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "r2m"]
+    assert list(STRATEGIES) == ["save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "prime",
+                                "r2m"]
     save = STRATEGIES["save"]
     assert (save.anchor, save.curriculum, save.value_head, save.update) == ("value_head", True, True, "before_policy")
     assert not STRATEGIES["save_no_curriculum"].curriculum
     assert STRATEGIES["mean_reward"].anchor == "group_mean" and not STRATEGIES["mean_reward"].value_head
     assert STRATEGIES["r2m"].update == "after_policy" and not STRATEGIES["r2m"].trains_backbone
     assert STRATEGIES["frozen"].update == "never"
+    prime = STRATEGIES["prime"]
+    assert prime.implicit_prm and not prime.trains_backbone and prime.update == "before_policy"
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -25,7 +28,7 @@ def test_every_row_is_consistent(name):
     row = STRATEGIES[name]
     assert row.value_head == (row.anchor == "value_head")  # only the value head anchors on V(x)
     assert (row.update == "never") == (row.learns_from == "nothing")
-    assert row.trains_backbone == (row.loss is not None)
+    assert (row.trains_backbone or row.implicit_prm) == (row.loss is not None)
     assert (row.update == "after_policy") == (row.rewards == "r2m_head")
     if row.curriculum:
         assert row.anchor != "none"  # the filter measures the distance to an anchor
@@ -34,8 +37,8 @@ def test_every_row_is_consistent(name):
 
 
 def test_an_unknown_name_is_refused_with_the_list():
-    with pytest.raises(ValueError, match=r"reward.strategy='prime' is not one of save, save_no_curriculum, frozen"):
-        strategy_named("prime")
+    with pytest.raises(ValueError, match=r"reward.strategy='ppo_rm' is not one of save, save_no_curriculum, frozen"):
+        strategy_named("ppo_rm")
     with pytest.raises(ValueError, match=r"reward.strategy='save_v2' is not one of"):  # no prefix matching
         check_stage3_config(Stage3Config(output_dir="o", train_data="d", reward=dataclasses.replace(
             Stage3Config().reward, strategy="save_v2")))
@@ -70,3 +73,68 @@ def test_rows_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         STRATEGIES["save"].curriculum = False  # type: ignore[misc]
     assert isinstance(STRATEGIES["save"], RMStrategy)
+
+
+def _prime_config(**prime) -> Stage3Config:
+    cfg = Stage3Config(output_dir="o", train_data="d")
+    cfg.reward.strategy, cfg.policy.advantage = "prime", "rloo"
+    for name, value in prime.items():
+        setattr(cfg.reward.prime, name, value)
+    return cfg
+
+
+def test_prime_settings_are_checked_before_any_model():
+    check_stage3_config(_prime_config())
+    check_stage3_config(_prime_config(labels="verifier", verifier="megatron_save.testbed.task:gold_reward"))
+    cfg = _prime_config()
+    cfg.policy.advantage = "grpo"
+    with pytest.raises(ValueError, match="reward.strategy=prime computes PRIME's advantages.*policy.advantage=rloo"):
+        check_stage3_config(cfg)
+    refusals = {"reward.prime.labels='median'": dict(labels="median"),
+                "reward.prime.verifier .* is needed with reward.prime.labels=verifier": dict(labels="verifier"),
+                "and only then": dict(verifier="a:b"),
+                "expected module:function": dict(labels="verifier", verifier="gold_reward"),
+                "accuracy_low=0.9 and accuracy_high=0.8": dict(accuracy_low=0.9),
+                "reward.prime.beta=0.0 must be > 0": dict(beta=0.0)}
+    for message, prime in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            check_stage3_config(_prime_config(**prime))
+
+
+def test_prime_verifier_is_loaded_by_name_or_refused():
+    from megatron_save.testbed.task import gold_reward
+    from megatron_save.trainers.stage3.prime import load_verifier
+
+    assert load_verifier("megatron_save.testbed.task:gold_reward") is gold_reward
+    with pytest.raises(ValueError, match="reward.prime.verifier='megatron_save.testbed.task:nope': cannot load"):
+        load_verifier("megatron_save.testbed.task:nope")
+    with pytest.raises(ValueError, match="cannot load"):
+        load_verifier("no_such_module_here:f")
+
+
+def test_prime_verifier_labels_each_valid_response_and_refuses_out_of_range_grades():
+    import torch
+
+    from megatron_save.trainers.stage3.groups import RolloutGroups
+    from megatron_save.trainers.stage3.prime import verifier_labels
+
+    class Letters:  # a tokenizer stand-in: token i is the letter chr(97 + i)
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return "".join(chr(97 + i) for i in ids)
+
+    valid = torch.tensor([[True, True, False]])
+    groups = RolloutGroups(prompts=[[{"role": "system", "content": "s"}, {"role": "user", "content": "say a"}]],
+                           policy_prompt_ids=[[0]], policy_response_ids=[[[0], [1, 0], [0]]], rm_prompt_lengths=[1],
+                           rm_sequences=[[[0], [0], [0]]], valid=valid, truncated=torch.zeros_like(valid),
+                           response_lengths=torch.tensor([[1, 2, 1]]))
+    seen = []
+
+    def grade(prompt, response):
+        seen.append((prompt, response))
+        return float(response == "a")
+
+    assert verifier_labels(grade, groups, Letters()).tolist() == [[1.0, 0.0, 0.0]]
+    assert seen == [("say a", "a"), ("say a", "ba")]  # the last user turn; the invalid slot is not graded
+    with pytest.raises(ValueError, match=r"gave 2.0 for prompt 'say a'; labels must be in \[0, 1\]"):
+        verifier_labels(lambda prompt, response: 2.0, groups, Letters())

@@ -1,6 +1,6 @@
-"""torchrun worker (4 processes): stage 3's RM update (SAVE and HL-BT), re-score and policy update on fixed
-rollout groups at TP1 x DP4, TP2 x DP2, PP2 x DP2 and TP2 x PP2 x DP1, so data-parallel splitting and loss
-normalisation are checked along with tensor and pipeline parallelism.
+"""torchrun worker (4 processes): stage 3's RM update (SAVE and HL-BT), re-score and policy update, and PRIME's
+implicit-PRM update and policy update, on fixed rollout groups at TP1 x DP4, TP2 x DP2, PP2 x DP2 and TP2 x PP2 x
+DP1, so data-parallel splitting and loss normalisation are checked along with tensor and pipeline parallelism.
 
 Writes {"<layout>": {metric: value or list}} to --out.
 """
@@ -8,6 +8,7 @@ Writes {"<layout>": {metric: value or list}} to --out.
 import argparse
 import json
 import sys
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import torch
@@ -27,9 +28,15 @@ from megatron_save.rollout import Rollouts  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
 from megatron_save.algorithms import token_advantages  # noqa: E402
 from megatron_save.trainers.stage3.batches import policy_rows  # noqa: E402
-from megatron_save.trainers.stage3.config import PolicySettings, RewardSettings  # noqa: E402
+from megatron_save.trainers.stage3.config import PolicySettings, PrimeSettings, RewardSettings  # noqa: E402
 from megatron_save.trainers.stage3.groups import partition_feedback, prepare_groups, score_groups  # noqa: E402
 from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy  # noqa: E402
+from megatron_save.trainers.stage3.prime import (  # noqa: E402
+    label_outcomes,
+    prime_token_advantages,
+    update_implicit_prm,
+    with_process_rewards,
+)
 from megatron_save.trainers.stage3.reward_phase import update_reward_model  # noqa: E402
 from megatron_save.trainers.strategies import STRATEGIES  # noqa: E402
 
@@ -87,6 +94,44 @@ def run(args, tokenizer, strategy: str) -> dict:
             "values_after": rescored.values.nan_to_num(0.0).tolist(), "logp_after": after.tolist()}
 
 
+def run_prime(args, tokenizer) -> dict:
+    """PRIME: outcome labels from the frozen RM, the PRM's token rewards and update (its reference shared with the
+    policy's, as in a run), PRIME's advantages and the policy update."""
+    prompts, rollouts = fixed_rollouts(tokenizer)
+    policy, _, _ = build_model_from_checkpoint(args.policy)
+    reference, _, _ = build_model_from_checkpoint(args.policy)
+    prm, _, _ = build_model_from_checkpoint(args.policy)
+    reward_model, _, _ = build_model_from_checkpoint(args.reward)
+    settings = PrimeSettings(accuracy_low=0.0, micro_batch_size=1,
+                             optim=OptimizerSettings(lr=1e-2, decay_style="constant"))
+    policy_settings = PolicySettings(checkpoint=args.policy, micro_batch_size=1, mini_batches=2, kl_coef=0.1,
+                                     advantage="rloo", optim=OptimizerSettings(lr=1e-3, decay_style="constant"))
+    prm_state = build_train_state(prm, settings.optim, total_steps=1)
+    policy_state = build_train_state(policy, policy_settings.optim, total_steps=2)
+    strategy = STRATEGIES["prime"]
+
+    groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=128, drop_truncated=False)
+    scores = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
+    scores.outcome = label_outcomes(settings, groups, scores.rewards, tokenizer, None)
+    partition = partition_feedback(strategy, scores, groups.valid, threshold=0.5)
+    trained = partition.kept & ~groups.truncated  # as reward.update_skips_truncated leaves them out
+    process_rewards, prm_metrics = update_implicit_prm(prm_state, reference, strategy, settings, groups,
+                                                       partition.kept, trained, scores.outcome.labels, pad_id=0)
+    # The updated PRM's token rewards too (recompute_after_update), compared across layouts below.
+    recomputed, _ = update_implicit_prm(prm_state, reference, strategy, dataclasses_replace(
+        settings, recompute_after_update=True, optim=settings.optim), groups, partition.kept,
+        torch.zeros_like(trained), scores.outcome.labels, pad_id=0)
+    scores = with_process_rewards(scores, process_rewards)
+    advantages = prime_token_advantages(scores, partition, groups.response_lengths, settings)
+    rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
+    mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0, temperature=1.0)
+    policy_metrics = update_policy(policy_state, mini_batches, policy_settings, norm_constant=8.0, temperature=1.0)
+    return {"kept": int(partition.kept.sum()), "trained": int(trained.sum()), **prm_metrics, **pre,
+            **policy_metrics, "labels": scores.outcome.labels.flatten().tolist(),
+            "process_rewards": process_rewards.flatten().tolist(), "recomputed": recomputed.flatten().tolist(),
+            "advantages": advantages.flatten().tolist()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", required=True)
@@ -100,6 +145,7 @@ def main() -> None:
         set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         for strategy in ("save", "hl_bt"):
             results[f"{name}-{strategy}"] = run(args, tokenizer, strategy)
+        results[f"{name}-prime"] = run_prime(args, tokenizer)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown_distributed()
