@@ -37,6 +37,11 @@ RUNS: dict[str, list[str]] = {
     "mean_reward": ["reward.strategy=mean_reward"],
     "offline_bt": ["reward.strategy=offline_bt"],
     "save_frozen_policy": ["reward.strategy=save", "policy.frozen=true"],
+    # PRIME (RLOO, its own estimator) with labels from the proxy RM, as the paper runs it on UltraFeedback...
+    "prime": ["reward.strategy=prime", "policy.advantage=rloo"],
+    # ... and with the task's gold reward as its verifier: an upper reference, not a comparable RM strategy.
+    "prime_gold_verifier": ["reward.strategy=prime", "policy.advantage=rloo", "reward.prime.labels=verifier",
+                            "reward.prime.verifier=megatron_save.testbed.task:gold_reward"],
 }
 
 

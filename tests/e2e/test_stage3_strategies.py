@@ -52,6 +52,17 @@ VARIANTS = {
 }
 
 
+# Full-batch passes of a complete step, by model: (forward, backward). An RM update is a forward-backward and a
+# re-score another forward; the policy's old log-probs and its update (one pass over its mini-batches); PRIME's
+# PRM scores, updates (and re-scores with the double forward), its reference shared with the policy's.
+SAVE_PASSES = {"reward": (3, 1), "policy": (2, 1), "reference": (1, 0)}
+PASSES = {"frozen_rm": {**SAVE_PASSES, "reward": (1, 0)}, "frozen_policy": {"reward": (3, 1)},
+          "reinforce_pp": {"reward": (3, 1), "policy": (2, 1)},  # kl_coef = 0: no reference
+          "r2m": {"reward": (1, 0), "policy": (4, 1), "reference": (1, 0), "r2m_head": (2, 1)},
+          "prime": {"reward": (1, 0), "prm": (2, 1), "policy": (2, 1), "reference": (2, 0)},
+          "prime_verifier": {"reward": (1, 0), "prm": (3, 1), "policy": (2, 1), "reference": (2, 0)}}
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_path, world_of_one):
     overrides = VARIANTS[variant]
@@ -73,6 +84,12 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert all(v is not None and math.isfinite(v) for v in losses.values()), losses
         assert any(k.startswith("rm/") for k in record) == trains_rm
         assert ("policy/pg_loss" in record) == trains_policy
+        counted = {k.split("/")[1].rsplit("_", 1)[0] for k in record if k.startswith("passes/")}
+        expected = PASSES.get(variant, SAVE_PASSES)
+        assert counted == set(expected), counted
+        for model, (forward, backward) in expected.items():
+            assert (record.get(f"passes/{model}_forward"), record.get(f"passes/{model}_backward", 0)) == (
+                forward, backward), (record["step"], model)
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rollouts] == [1] * 4 + [2] * 4  # prompts_per_step = 4
     for row in rollouts:

@@ -30,16 +30,24 @@ from megatron_save.trainers.stage3.groups import (
     partition_feedback,
 )
 from megatron_save.trainers.stage3.metrics import (
+    add_metrics,
     count_skip,
     feedback_metrics,
     finish_step,
+    passes,
     rollout_metrics,
     step_summary,
 )
 from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy
 from megatron_save.trainers.stage3.prime import prime_token_advantages
 from megatron_save.trainers.stage3.reward_phase import r2m_phase, reward_phase
-from megatron_save.trainers.stage3.rollout_phase import ROLLOUT_LOG, log_rollouts, sample_groups, score_rollouts
+from megatron_save.trainers.stage3.rollout_phase import (
+    ROLLOUT_LOG,
+    log_rollouts,
+    sample_groups,
+    score_rollouts,
+    scoring_passes,
+)
 from megatron_save.trainers.stage3.run import Stage3Run, build_stage3_run, save_final_models
 from megatron_save.utils.logging import get_logger
 from megatron_save.utils.metrics import MetricsWriter, PhaseTimer, truncate_history
@@ -99,6 +107,7 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     metrics = rollout_metrics(groups)
     with timer.phase("score"):
         scores = score_rollouts(run, cfg, groups, step)
+    add_metrics(metrics, scoring_passes(run.strategy))
     if scores is None:
         count_skip(counters, "steps_skipped_no_valid_response", step, "no valid response to score; step skipped")
         return finish_step(metrics, timer, counters)
@@ -107,21 +116,21 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         return finish_step(metrics, timer, counters)
     threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
     partition = partition_feedback(strategy, scores, groups.valid, threshold)
-    metrics |= feedback_metrics(groups, scores, partition, "filter")
+    add_metrics(metrics, feedback_metrics(groups, scores, partition, "filter"))
     log_rollouts(run, cfg, step, groups, scores, partition)
     if strategy.update == "before_policy":
         scores, rm_metrics = reward_phase(run, cfg, step, groups, scores, partition, counters, timer)
-        metrics |= rm_metrics
+        add_metrics(metrics, rm_metrics)
         if non_finite_scores(scores, groups.valid):
             count_skip(counters, "policy_updates_skipped_non_finite_scores", step,
                        "non-finite rewards after the RM update; policy update skipped")
             return finish_step(metrics, timer, counters)
         partition = partition_feedback(strategy, scores, groups.valid, threshold)
-        metrics |= feedback_metrics(groups, scores, partition, "filter_after_rm_update")
+        add_metrics(metrics, feedback_metrics(groups, scores, partition, "filter_after_rm_update"))
     if run.policy_state is not None:
-        metrics |= policy_phase(run, cfg, step, groups, scores, partition, counters, timer)
+        add_metrics(metrics, policy_phase(run, cfg, step, groups, scores, partition, counters, timer))
     if strategy.update == "after_policy":
-        metrics |= r2m_phase(run, cfg, step, groups, scores, timer)
+        add_metrics(metrics, r2m_phase(run, cfg, step, groups, scores, timer))
     return finish_step(metrics, timer, counters, completed=groups)
 
 
@@ -141,6 +150,8 @@ def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
                                                     pad_id_of(run.policy_tokenizer), temperature=temperature)
+    # The old log-probs' forward, then the update's (its mini-batches make one pass).
+    metrics |= passes("reference", forward=int(run.reference is not None)) | passes("policy", forward=2, backward=1)
     with timer.phase("policy_update"), run.offload.resident("policy"):
         metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, cfg.rollout.sampling.max_new_tokens,
                                  temperature=temperature)

@@ -32,6 +32,20 @@ def step_summary(metrics: dict[str, float]) -> str:
                     if metrics.get(name) is not None)
 
 
+def passes(model: str, forward: int = 0, backward: int = 0) -> dict[str, float]:
+    """Full-batch passes of ``model`` (the step's sequences through it once; its mini-batches add up to one) as
+    ``passes/<model>_forward`` and ``passes/<model>_backward`` metrics, summed over a step by :func:`add_metrics`."""
+    counts = {f"passes/{model}_forward": float(forward), f"passes/{model}_backward": float(backward)}
+    return {name: count for name, count in counts.items() if count}
+
+
+def add_metrics(metrics: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """``metrics`` updated with ``new`` in place, pass counts added up; returns it."""
+    for name, value in new.items():
+        metrics[name] = metrics.get(name, 0.0) + value if name.startswith("passes/") else value
+    return metrics
+
+
 def counter_metrics(counters: Counter) -> dict[str, float]:
     """The run's running counts (skipped steps, value-only updates, ...) as metrics."""
     return {f"counters/{name}": float(count) for name, count in counters.items()}

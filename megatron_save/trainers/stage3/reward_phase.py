@@ -20,7 +20,8 @@ from megatron_save.trainers.stage3.config import RewardSettings, Stage3Config
 from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, RolloutGroups, rm_update_feedback
 from megatron_save.trainers.stage3.prime import update_implicit_prm, with_process_rewards
 from megatron_save.trainers.stage3.r2m import update_r2m_after_policy
-from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch, score_rollouts
+from megatron_save.trainers.stage3.metrics import add_metrics, passes
+from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch, score_rollouts, scoring_passes
 from megatron_save.trainers.stage3.run import Stage3Run
 from megatron_save.trainers.step import train_step
 from megatron_save.trainers.strategies import RMStrategy
@@ -47,8 +48,11 @@ def reward_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
     with timer.phase("rm_update"), run.offload.resident("reward"):
         metrics |= update_reward_model(run.reward_state, run.strategy, cfg.reward, rm_groups, scores, rm_partition,
                                        step, pad_id_of(run.reward_tokenizer), cfg.seed, run.offline_pairs)
+    if "rm/grad_norm" in metrics:  # an update with nothing to learn returns before any pass
+        add_metrics(metrics, passes("reward", forward=1, backward=1))
     with timer.phase("rescore"):
-        return score_rollouts(run, cfg, groups, step), metrics
+        scores = score_rollouts(run, cfg, groups, step)
+    return scores, add_metrics(metrics, scoring_passes(run.strategy))
 
 
 def prime_phase(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, scores: GroupScores,
@@ -62,7 +66,12 @@ def prime_phase(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, scores
         process_rewards, prm_metrics = update_implicit_prm(
             run.prm_state, run.prm_reference, run.strategy, cfg.reward.prime, groups, partition.kept, trained,
             scores.outcome.labels, pad_id_of(run.policy_tokenizer))
-    return with_process_rewards(scores, process_rewards), metrics | prm_metrics
+    # Token rewards (PRM and reference forwards), the update's forward-backward, the double forward's re-score.
+    updated = int(prm_metrics["prm/trained_responses"] > 0)
+    forwards = 1 + updated * (1 + int(cfg.reward.prime.recompute_after_update))
+    reference = "reference" if run.prm_reference is run.reference else "prm_reference"
+    prm_passes = passes("prm", forward=forwards, backward=updated) | passes(reference, forward=1)
+    return with_process_rewards(scores, process_rewards), metrics | prm_metrics | prm_passes
 
 
 def offline_pair_indices(lengths: list[int], batch_size: int, step: int, seed: int) -> list[int]:
@@ -126,4 +135,5 @@ def r2m_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroup
         metrics = update_r2m_after_policy(run.r2m_state, run.policy, groups, scores.feedback, omega,
                                           cfg.reward.r2m_alpha, pad_id_of(run.policy_tokenizer),
                                           score_micro_batch(cfg))
-    return {"r2m/omega": omega, **metrics}
+    # The updated policy's hidden states, then the head's forward-backward (not a backbone pass).
+    return {"r2m/omega": omega, **metrics, **passes("policy", forward=1), **passes("r2m_head", forward=1, backward=1)}

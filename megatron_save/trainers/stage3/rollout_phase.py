@@ -18,10 +18,11 @@ from megatron_save.trainers.stage3.groups import (
     prepare_groups,
     score_groups,
 )
-from megatron_save.trainers.stage3.metrics import append_rollout_log
+from megatron_save.trainers.stage3.metrics import append_rollout_log, passes
 from megatron_save.trainers.stage3.prime import label_outcomes
 from megatron_save.trainers.stage3.r2m import score_with_r2m
 from megatron_save.trainers.stage3.run import Stage3Run
+from megatron_save.trainers.strategies import RMStrategy
 
 ROLLOUT_LOG = "rollouts.jsonl"
 
@@ -66,6 +67,14 @@ def score_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, ste
     if run.strategy.implicit_prm:
         scores.outcome = label_outcomes(cfg.reward.prime, groups, scores.rewards, run.policy_tokenizer, run.verifier)
     return scores
+
+
+def scoring_passes(strategy: RMStrategy) -> dict[str, float]:
+    """The passes of one scoring by the strategy's reward source: the reward model, and for R2M the policy's
+    hidden states and its head."""
+    if strategy.rewards == "r2m_head":
+        return passes("reward", forward=1) | passes("policy", forward=1) | passes("r2m_head", forward=1)
+    return passes("reward", forward=1)
 
 
 def log_rollouts(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
