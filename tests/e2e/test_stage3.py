@@ -63,6 +63,8 @@ def test_tiny_save_run_trains_all_three_parts(save_run, tiny_models, world_of_on
 
 LAYOUTS = {"tp1": (1, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
 MEGATRON_R2M = ("rollout.backend=megatron", "reward.strategy=r2m", "reward.r2m_width=16", "reward.optim.lr=1e-2")
+PRIME = ("reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-2",
+         "reward.prime.accuracy_low=0.0", "reward.prime.recompute_after_update=true")
 
 
 def _first_step_settings(layout: str, output_dir, tiny_models, rl_data, *overrides: str) -> tuple:
@@ -75,10 +77,10 @@ def _first_step_settings(layout: str, output_dir, tiny_models, rl_data, *overrid
 
 @pytest.fixture(scope="module")
 def tp2pp2_first_steps(tiny_models, rl_data, tmp_path_factory) -> dict[str, dict]:
-    """Step 1 at TP=2 x PP=2 of the default config and of the Megatron-Core rollout backend with R2M: both runs in
-    one 4-process launch (one start-up)."""
+    """Step 1 at TP=2 x PP=2 of the default config, of the Megatron-Core rollout backend with R2M, and of PRIME:
+    the runs in one 4-process launch (one start-up)."""
     root = tmp_path_factory.mktemp("tp2pp2")
-    runs = {"default": (), "megatron_r2m": MEGATRON_R2M}
+    runs = {"default": (), "megatron_r2m": MEGATRON_R2M, "prime": PRIME}
     arguments = []
     for name, overrides in runs.items():
         settings = _first_step_settings("tp2pp2", root / name, tiny_models, rl_data, *overrides)
@@ -102,8 +104,9 @@ def test_first_step_matches_across_layouts(layout, save_run, tiny_models, rl_dat
 
 
 def _same_step(reference: dict, record: dict) -> None:
-    compared = [k for k in reference if k.split("/")[0] in ("rm", "r2m", "policy", "filter", "filter_after_rm_update",
-                                                           "rollout") and reference[k] is not None]
+    compared = [k for k in reference if k.split("/")[0] in ("rm", "r2m", "prm", "policy", "filter",
+                                                           "filter_after_rm_update", "rollout", "passes")
+                and reference[k] is not None]
     assert len(compared) > 15 and any(k.startswith("rm/") for k in compared)
     for name in compared:
         assert record[name] == pytest.approx(reference[name], rel=1e-4, abs=1e-5), name
@@ -117,6 +120,16 @@ def test_megatron_rollouts_and_r2m_match_across_layouts(tp2pp2_first_steps, tiny
     reference = read_metrics(tmp_path / "tp1")[0]
     assert reference["rm/grebt_loss"] > 0
     _same_step(reference, tp2pp2_first_steps["megatron_r2m"])
+
+
+def test_prime_matches_across_layouts(tp2pp2_first_steps, tiny_models, rl_data, tmp_path, world_of_one):
+    """PRIME through the whole loop (labels, accuracy filter, PRM update and double forward, its advantages, the
+    policy update): TP=2 x PP=2 gives TP=1's first step."""
+    run_stage3_in_process(*_first_step_settings("tp1", tmp_path / "tp1", tiny_models, rl_data, *PRIME))
+    reference = read_metrics(tmp_path / "tp1")[0]
+    assert reference["prm/loss"] > 0 and reference["passes/prm_forward"] == 3
+    _same_step(reference, tp2pp2_first_steps["prime"])
+    assert tp2pp2_first_steps["prime"]["prm/loss"] == pytest.approx(reference["prm/loss"], rel=1e-4)
 
 
 def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_models, rl_data, tmp_path, world_of_one):
