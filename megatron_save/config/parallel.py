@@ -17,5 +17,6 @@ class ParallelConfig:
     """torch.distributed backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
     seed: int = 1234
     """Seed of Megatron's model-parallel RNG tracker (dropout and initialisation)."""
-    timeout_minutes: int = 30
-    """Collective timeout of the process groups."""
+    timeout_minutes: float = 30.0
+    """Collective timeout of every process group, Megatron's included: a rank that waits longer for the others
+    (a stalled or dead rank) fails with a timeout error, and torchrun ends the job."""

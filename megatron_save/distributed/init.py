@@ -108,7 +108,8 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     check_parallel_layout(parallel, dist.get_world_size())
-    layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    # The timeout is part of the key: Megatron's groups carry it from their creation.
+    layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, parallel.timeout_minutes)
     if not _has_megatron_layout(layout):
         _destroy_model_parallel()
         existing = set(_process_groups())
@@ -116,6 +117,7 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=parallel.tensor_model_parallel_size,
                 pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+                distributed_timeout_minutes=parallel.timeout_minutes,
             )
         finally:
             # Every group that appeared is Megatron's, including those of a call that failed half-way.
@@ -155,17 +157,18 @@ def _process_groups() -> list[dist.ProcessGroup]:
     return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
 
 
-def _has_megatron_layout(layout: tuple[int, int]) -> bool:
-    """Whether Megatron's groups are still the live ones that set_model_parallel made for ``layout`` (TP, PP).
+def _has_megatron_layout(layout: tuple[int, int, int]) -> bool:
+    """Whether Megatron's groups are still the live ones that set_model_parallel made for ``layout`` (TP, PP,
+    timeout in minutes).
 
     False when anything else re-initialised or destroyed them, or destroyed the world they were made in.
     """
     from megatron.core import parallel_state
 
-    if _megatron_layout is None or _megatron_layout[:2] != layout or not parallel_state.model_parallel_is_initialized():
+    if _megatron_layout is None or _megatron_layout[:3] != layout or not parallel_state.model_parallel_is_initialized():
         return False
     live = set(_process_groups())
-    return parallel_state.get_tensor_model_parallel_group() is _megatron_layout[2] and all(
+    return parallel_state.get_tensor_model_parallel_group() is _megatron_layout[3] and all(
         group in live for group in _megatron_groups)
 
 
