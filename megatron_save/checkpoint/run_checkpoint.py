@@ -6,7 +6,8 @@ Layout under ``RUN_DIR/checkpoints``::
     step_000040/            one complete checkpoint
       <name>/               a training checkpoint (train_checkpoint.py) per trained model: policy/, reward/
       run_state.json        step, counters, layout and the run's settings
-      rng/rank_00000.pt     Python, NumPy, torch, CUDA and Megatron model-parallel RNG states of each rank
+      rng/rank_00000.safetensors   Python, NumPy, torch, CUDA and Megatron model-parallel RNG states of each rank
+                            (tensors and JSON metadata: nothing in a run checkpoint of ours is unpickled)
     latest                  the name of the newest complete checkpoint, written last
 
 A checkpoint is written under ``step_N.tmp`` and renamed when every rank has finished; ``latest`` is replaced
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.models.train_state import TrainState
@@ -37,21 +40,44 @@ LATEST_FILE = "latest"
 RUN_STATE_FILE = "run_state.json"
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}
+def save_rng_states(path: Path) -> None:
+    """This rank's Python, NumPy, torch, CUDA and Megatron model-parallel RNG states as tensors in a safetensors
+    file (the few scalars in its metadata): nothing in it is unpickled when it is read back."""
+    version, python_keys, gauss = random.getstate()
+    generator, numpy_keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {"python": torch.tensor(python_keys, dtype=torch.int64),
+               "numpy": torch.from_numpy(numpy_keys.astype(np.int64)), "torch": torch.get_rng_state()}
+    tensors |= {f"megatron.{name}": state.cpu() for name, state in
+                tensor_parallel.get_cuda_rng_tracker().get_states().items()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    metadata = {"python": json.dumps([version, gauss]),
+                "numpy": json.dumps([generator, position, has_gauss, cached_gaussian])}
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path), metadata=metadata)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def load_rng_states(path: Path) -> None:
+    """Restores the RNG states :func:`save_rng_states` wrote (safetensors: tensors and JSON, no pickle)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if {"python", "numpy", "torch"} - tensors.keys() or {"python", "numpy"} - metadata.keys():
+        raise ValueError(f"{path}: not an RNG-state file of megatron-save (tensors {sorted(tensors)})")
+    version, gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    generator, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+    np.random.set_state((generator, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
+    torch.set_rng_state(tensors["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name.removeprefix("megatron."): state for name, state in tensors.items() if name.startswith("megatron.")})
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def rng_file(checkpoint: Path, rank: int) -> Path:
+    """Rank ``rank``'s RNG-state file in a run checkpoint."""
+    return checkpoint / "rng" / f"rank_{rank:05d}.safetensors"
 
 
 def _layout() -> dict[str, int]:
@@ -126,7 +152,7 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     dist.barrier()
     for name, state in states.items():
         save_train_checkpoint(state, staging / name, step)
-    torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    save_rng_states(rng_file(staging, dist.get_rank()))
     dist.barrier()
     if dist.get_rank() == 0:
         state = {"step": step, "counters": counters, "layout": _layout(), "settings": settings}
@@ -157,9 +183,13 @@ def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState]) -
             raise FileNotFoundError(f"{checkpoint}: no {name}/ checkpoint; was the run saved with the same "
                                     "strategy and policy.frozen setting?")
         load_train_checkpoint(state, checkpoint / name)
-    rng_file = checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if not rng_file.exists():
-        raise FileNotFoundError(f"{rng_file}: no RNG state for rank {dist.get_rank()}; resume with the world size "
+    states = rng_file(checkpoint, dist.get_rank())
+    if not states.exists():
+        if list((checkpoint / "rng").glob("rank_*.pt")):
+            raise FileNotFoundError(f"{checkpoint}: RNG states in pickle files (rng/rank_*.pt, an older "
+                                    "megatron-save), which are not loaded since a pickle can run code; start a new "
+                                    "output_dir, or resume with the version that wrote it")
+        raise FileNotFoundError(f"{states}: no RNG state for rank {dist.get_rank()}; resume with the world size "
                                 "the run was saved with")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    load_rng_states(states)
     return payload["step"], payload["counters"]
