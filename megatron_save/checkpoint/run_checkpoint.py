@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.models.train_state import TrainState
+from megatron_save.utils.files import atomic_write_text, fsync_directory, fsync_tree
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("checkpoint.run_checkpoint")
@@ -157,16 +158,25 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     if dist.get_rank() == 0:
         state = {"step": step, "counters": counters, "layout": _layout(), "settings": settings}
         (staging / RUN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        fsync_tree(staging)  # every rank's files, then the names, are on disk before the rename publishes them
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        marker = root / f"{LATEST_FILE}.tmp"
-        marker.write_text(final.name + "\n")
-        marker.rename(root / LATEST_FILE)
+        fsync_directory(root)
+        atomic_write_text(root / LATEST_FILE, final.name + "\n")
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[: max(len(complete) - keep, 0)]:
             shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Collective: deletes ``step_N.tmp`` directories an interrupted checkpoint write left (rank 0)."""
+    if dist.get_rank() == 0:
+        for staging in (Path(run_dir) / CHECKPOINTS_SUBDIR).glob("step_*.tmp"):
+            logger.warning("removing %s, left by an interrupted checkpoint write", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
 
 
 def load_run_checkpoint(checkpoint: str | Path, states: dict[str, TrainState]) -> tuple[int, dict[str, int]]:

@@ -19,6 +19,7 @@ from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
+from megatron_save.utils.files import LOCK_FILE, RunLock
 from megatron_save.utils.tensors import pad_rows
 
 
@@ -91,7 +92,7 @@ def ensure_output_dir(path: str, resuming: bool) -> None:
     """Collective: refuses a non-empty output directory before any work, unless the run resumes into it."""
     if dist.get_rank() == 0:
         directory = Path(path)
-        if directory.exists() and any(directory.iterdir()) and not resuming:
+        if directory.exists() and any(p.name != LOCK_FILE for p in directory.iterdir()) and not resuming:
             raise FileExistsError(f"output_dir {path} exists and is not empty; choose a new one")
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -134,12 +135,15 @@ def progress(total: int, description: str) -> tqdm:
 
 def run_from_command_line(schema: type, train: Callable[[Any], Any], command: str, argv: list[str]) -> None:
     """``python -m megatron_save COMMAND CONFIG.yaml [MORE.yaml ...] [key=value ...]``: loads the config (later
-    files override earlier ones, then the overrides), trains, shuts the process groups down."""
+    files override earlier ones, then the overrides), trains holding the run directory's lock, shuts the process
+    groups down."""
     files = [arg for arg in argv if "=" not in arg]
     if not files or argv[: len(files)] != files:
         raise SystemExit(f"usage: torchrun [...] -m megatron_save {command} CONFIG.yaml [MORE.yaml ...] "
                          "[key=value ...]")
-    train(load_config(schema, files, argv[len(files):]))
+    cfg = load_config(schema, files, argv[len(files):])
+    with RunLock(cfg.output_dir):
+        train(cfg)
     shutdown_distributed()
 
 

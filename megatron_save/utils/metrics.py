@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_save.utils.files import atomic_write_text
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("metrics")
@@ -68,8 +69,22 @@ def truncate_history(path: str | Path, last_step: int) -> None:
     path = Path(path)
     if dist.get_rank() != 0 or not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines):  # a write cut short by a crash: the step it belonged to runs again
+                logger.warning("%s: dropping its torn last line %d (%s)", path, number, error)
+                continue
+            raise ValueError(f"{path}, line {number}: not a JSON record with a step ({error}); fix or remove "
+                             "the line to resume") from error
+        if step <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class PhaseTimer:

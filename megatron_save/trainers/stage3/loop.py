@@ -15,6 +15,7 @@ from megatron_save.checkpoint.run_checkpoint import (
     check_run_settings,
     latest_checkpoint,
     load_run_checkpoint,
+    remove_stale_staging,
     save_run_checkpoint,
 )
 from megatron_save.data.batching import pad_id_of
@@ -63,6 +64,7 @@ def train_stage3(cfg: Stage3Config) -> Path:
         check_run_settings(checkpoint, settings, RESUMABLE_CHANGES)  # before minutes of model building
     run = build_stage3_run(cfg)
     ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
+    remove_stale_staging(cfg.output_dir)
     start, counters = 0, Counter()
     if checkpoint is not None:
         start, saved = load_run_checkpoint(checkpoint, run.trained_states())

@@ -33,6 +33,7 @@ from megatron_save.trainers.stage3.config import Stage3Config
 from megatron_save.trainers.stage3.prime import load_verifier
 from megatron_save.trainers.stage3.r2m import build_r2m_head
 from megatron_save.trainers.strategies import RMStrategy, strategy_named
+from megatron_save.utils.files import fsync_directory, fsync_tree
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("trainers.stage3")
@@ -192,11 +193,24 @@ def _build_implicit_prm(cfg: Stage3Config, policy_hf: Any, policy_reference: Any
     return state, reference
 
 
-def _clear_dir(path: Path) -> None:
-    """Collective: removes a final output a relaunch of a finished run writes again."""
-    if torch.distributed.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
+def _publish(staging: Path, final: Path) -> None:
+    """Collective: a finished final output, synced, replaces the one a relaunch of a finished run wrote before."""
     torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        fsync_tree(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        fsync_directory(final.parent)
+    torch.distributed.barrier()
+
+
+def _staging(final: Path) -> Path:
+    """Collective: an empty directory beside ``final`` to write it in."""
+    staging = final.with_name(f"{final.name}.tmp")
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    torch.distributed.barrier()
+    return staging
 
 
 def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
@@ -208,10 +222,14 @@ def save_final_models(run: Stage3Run, cfg: Stage3Config) -> None:
         if state is None:
             continue
         meta, _ = read_checkpoint_meta(source)
-        _clear_dir(Path(cfg.output_dir) / name)
-        save_model_checkpoint(module, Path(cfg.output_dir) / name, meta, Path(source) / HF_SUBDIR)
+        final = Path(cfg.output_dir) / name
+        staging = _staging(final)
+        save_model_checkpoint(module, staging, meta, Path(source) / HF_SUBDIR)
+        _publish(staging, final)
     if run.r2m_state is not None:
         # R2M's trained part is its head (the reward model is unchanged): a training checkpoint of it.
-        _clear_dir(Path(cfg.output_dir) / "r2m_head")
-        save_train_checkpoint(run.r2m_state, Path(cfg.output_dir) / "r2m_head", cfg.total_steps)
+        final = Path(cfg.output_dir) / "r2m_head"
+        staging = _staging(final)
+        save_train_checkpoint(run.r2m_state, staging, cfg.total_steps)
+        _publish(staging, final)
     logger.info("stage 3 finished: %s", cfg.output_dir)

@@ -1,0 +1,107 @@
+"""Crash-consistent file writes: atomic replacement of a small file, fsync of a finished directory tree, and the
+lock that keeps a second launch out of a run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger("utils.files")
+LOCK_FILE = ".megatron_save.lock"
+
+
+def fsync_directory(path: Path) -> None:
+    """Makes the directory's entries (new names, renames) durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync of every file under ``root``, then of every directory, deepest first (data before names)."""
+    directories = [root]
+    for path in sorted(root.rglob("*")):
+        if path.is_dir():
+            directories.append(path)
+        elif path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        fsync_directory(directory)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves either the old or the new content: a synced temporary
+    file renamed over it, then the directory synced."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    fsync_directory(path.parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """A lock file in a run directory, held for the launch's lifetime by its first rank: a second launch into the
+    same directory is refused at once, naming the holder; a lock left by a dead process of this host is taken
+    over (with a warning). Ranks other than the first never touch it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise NotADirectoryError(f"output_dir {self.path.parent} is a file, not a directory")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale(holder["host"])
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(json.dumps(holder) + "\n")
+            self.held = True
+            return self
+        raise RuntimeError(f"{self.path}: could not take the run lock")
+
+    def _take_over_if_stale(self, host: str) -> None:
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("host") == host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+            logger.warning("%s: taking over the lock of process %d, which is no longer running", self.path,
+                           owner["pid"])
+            self.path.unlink(missing_ok=True)
+            return
+        raise RuntimeError(f"{self.path.parent} is in use by another launch (lock {self.path}: host "
+                           f"{owner.get('host', '?')}, pid {owner.get('pid', '?')}); wait for it to end, or remove "
+                           "the lock file if that launch is gone")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
