@@ -10,6 +10,7 @@ Layout of ``CKPT_DIR``::
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,6 +22,12 @@ from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
 from megatron_save.models.builder import build_model
+from megatron_save.utils.files import MANIFEST_FILE, CorruptCheckpointError, verify_manifest, write_manifest
+from megatron_save.utils.logging import get_logger
+
+logger = get_logger("checkpoint.model_checkpoint")
+VERIFY_ENV = "MEGATRON_SAVE_VERIFY"
+_verified: set[tuple[str, int, str]] = set()  # checkpoints this process verified (path, manifest mtime, mode)
 
 META_FILE = "megatron_save.json"
 HF_SUBDIR = "hf"
@@ -71,7 +78,8 @@ def ensure_new_dir(path: str | Path) -> Path:
 
 
 def save_model_checkpoint(model: Any, ckpt_dir: str | Path, meta: CheckpointMeta, hf_dir: str | Path) -> None:
-    """Collective: every rank writes its shards; rank 0 writes the metadata and copies the HF side files."""
+    """Collective: every rank writes its shards; rank 0 writes the metadata, copies the HF side files and writes
+    the manifest of every file's size and SHA-256."""
     ckpt_dir = Path(ckpt_dir)
     weights_dir = ckpt_dir / WEIGHTS_SUBDIR
     if dist.get_rank() == 0:
@@ -79,8 +87,10 @@ def save_model_checkpoint(model: Any, ckpt_dir: str | Path, meta: CheckpointMeta
         copy_hf_side_files(hf_dir, ckpt_dir / HF_SUBDIR)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(weights_dir))
+    dist.barrier()
     if dist.get_rank() == 0:
         (ckpt_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        write_manifest(ckpt_dir)
     dist.barrier()
 
 
@@ -101,12 +111,44 @@ def load_model_checkpoint(model: Any, ckpt_dir: str | Path, skip_prefixes: tuple
 
     Parameters whose names start with one of ``skip_prefixes`` keep their current values.
     """
+    verify_collectively(ckpt_dir)
     sharded = model.sharded_state_dict()
     skipped = {key for key in sharded if key.startswith(skip_prefixes)} if skip_prefixes else set()
     state = dist_checkpointing.load({k: v for k, v in sharded.items() if k not in skipped},
                                     str(Path(ckpt_dir) / WEIGHTS_SUBDIR))
     state.update({key: model.state_dict()[key] for key in skipped})
     model.load_state_dict(state)
+
+
+def checkpoint_verification() -> str:
+    """How loads check a checkpoint against its manifest: ``hash`` (default: sizes and SHA-256), ``size``, or
+    ``off``, from the environment variable MEGATRON_SAVE_VERIFY."""
+    mode = os.environ.get(VERIFY_ENV, "hash")
+    if mode not in ("hash", "size", "off"):
+        raise ValueError(f"{VERIFY_ENV}={mode!r}: expected hash, size or off")
+    return mode
+
+
+def verify_collectively(root: str | Path, mode: str | None = None) -> None:
+    """Collective: rank 0 checks ``root`` against its manifest (``mode``, default checkpoint_verification());
+    every rank raises CorruptCheckpointError naming the first bad file if it fails."""
+    mode = mode or checkpoint_verification()
+    manifest = Path(root) / MANIFEST_FILE
+    key = (str(Path(root).resolve()), manifest.stat().st_mtime_ns if manifest.exists() else 0, mode)
+    if mode == "off" or key in _verified:  # a policy, its reference and the PRM often share one checkpoint
+        return
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            if not verify_manifest(Path(root), hashes=mode == "hash"):
+                logger.warning("%s has no %s (written by an older megatron-save): loaded unverified", root,
+                               MANIFEST_FILE)
+        except CorruptCheckpointError as caught:
+            error = [str(caught)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CorruptCheckpointError(error[0])
+    _verified.add(key)
 
 
 def build_model_from_checkpoint(

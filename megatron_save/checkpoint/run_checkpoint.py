@@ -31,7 +31,14 @@ from safetensors.torch import save_file
 
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.models.train_state import TrainState
-from megatron_save.utils.files import atomic_write_text, fsync_directory, fsync_tree
+from megatron_save.utils.files import (
+    CorruptCheckpointError,
+    atomic_write_text,
+    fsync_directory,
+    fsync_tree,
+    verify_manifest,
+    write_manifest,
+)
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("checkpoint.run_checkpoint")
@@ -113,7 +120,12 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any], may_change:
 def check_run_settings(checkpoint: str | Path, settings: dict[str, Any], may_change: tuple[str, ...] = ()) -> None:
     """Refuses to resume ``checkpoint`` with other ``settings`` than its run's (except ``may_change``), naming the
     changes; reads one small file, so a launch can call it before building any model."""
-    saved = json.loads((Path(checkpoint) / RUN_STATE_FILE).read_text()).get("settings")
+    try:
+        saved = json.loads((Path(checkpoint) / RUN_STATE_FILE).read_text()).get("settings")
+    except (OSError, ValueError) as error:  # a damaged checkpoint: the resume falls back to an older one
+        logger.warning("%s: cannot read its settings yet (%s); checked once a checkpoint that verifies is chosen",
+                       checkpoint, error)
+        return
     if saved is None:
         logger.warning("%s records no settings (written by an older megatron-save): resuming without checking "
                        "that this launch has the run's settings", checkpoint)
@@ -130,14 +142,61 @@ def checkpoint_name(step: int) -> str:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The checkpoint ``latest`` names, or None (not verified: see :func:`choose_resume_checkpoint`)."""
     marker = Path(run_dir) / CHECKPOINTS_SUBDIR / LATEST_FILE
     if not marker.exists():
         return None
-    path = marker.parent / marker.read_text().strip()
-    if not (path / RUN_STATE_FILE).exists():
-        raise FileNotFoundError(f"{marker} names {path.name}, which is missing or incomplete")
-    return path
+    return marker.parent / marker.read_text().strip()
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a resume may use, best first: the one ``latest`` names, then every other complete one,
+    newest first."""
+    root = Path(run_dir) / CHECKPOINTS_SUBDIR
+    latest = latest_checkpoint(run_dir)
+    others = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and p != latest),
+                    reverse=True)
+    return ([latest] if latest is not None else []) + others
+
+
+def verify_run_checkpoint(checkpoint: Path, hashes: bool = True) -> None:
+    """Raises CorruptCheckpointError naming the first bad file of a run checkpoint (its manifest, or for one
+    written before manifests, its run state)."""
+    if not checkpoint.is_dir():
+        raise CorruptCheckpointError(f"{checkpoint}: missing")
+    verify_manifest(checkpoint, hashes)
+    try:
+        json.loads((checkpoint / RUN_STATE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{checkpoint / RUN_STATE_FILE}: unreadable ({error})") from error
+
+
+def choose_resume_checkpoint(run_dir: str | Path, verify: str = "hash") -> Path | None:
+    """Collective: the best checkpoint of the run that verifies (``verify``: hash, size or off), or None when the
+    run has none. When ``latest`` fails, the newest older one that verifies is taken, with a warning naming both;
+    when none does, the error names every failure."""
+    chosen, failures = [None], []
+    if dist.get_rank() == 0:
+        for candidate in resume_candidates(run_dir):
+            try:
+                if verify != "off":
+                    verify_run_checkpoint(candidate, hashes=verify == "hash")
+            except CorruptCheckpointError as error:
+                failures.append(str(error))
+                logger.warning("cannot resume from %s: %s", candidate, error)
+                continue
+            chosen = [str(candidate)]
+            if failures:
+                logger.warning("resuming from %s instead of the damaged %s", candidate,
+                               resume_candidates(run_dir)[0])
+            break
+        if chosen[0] is None and failures:
+            chosen = [f"error: {'; '.join(failures)}"]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is not None and chosen[0].startswith("error: "):
+        raise CorruptCheckpointError(f"{run_dir}: no checkpoint verifies ({chosen[0][7:]}); start a new "
+                                     "output_dir or set resume=false")
+    return Path(chosen[0]) if chosen[0] is not None else None
 
 
 def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainState], counters: dict[str, int],
@@ -158,6 +217,7 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     if dist.get_rank() == 0:
         state = {"step": step, "counters": counters, "layout": _layout(), "settings": settings}
         (staging / RUN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        write_manifest(staging)
         fsync_tree(staging)  # every rank's files, then the names, are on disk before the rename publishes them
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)

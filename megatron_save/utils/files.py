@@ -3,6 +3,7 @@ lock that keeps a second launch out of a run directory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -105,3 +106,53 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+MANIFEST_FILE = "manifest.json"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files do not match its manifest."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root: Path) -> None:
+    """``root/manifest.json``: the size and SHA-256 of every file under ``root`` (written last, atomically)."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+                   and not p.name.startswith("."))
+    entries = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    atomic_write_text(root / MANIFEST_FILE, json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify_manifest(root: Path, hashes: bool = True) -> bool:
+    """Checks the files under ``root`` against its manifest: every file present with its size, and (``hashes``)
+    its SHA-256; raises CorruptCheckpointError naming the first bad file. Returns False when there is no manifest
+    (a checkpoint written before manifests existed)."""
+    root = Path(root)
+    manifest = root / MANIFEST_FILE
+    if not manifest.exists():
+        return False
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        raise CorruptCheckpointError(f"{manifest}: unreadable manifest ({error})") from error
+    for name, entry in entries.items():
+        path = root / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: listed in {manifest} but missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CorruptCheckpointError(f"{path}: {path.stat().st_size} bytes, {manifest} says {entry['bytes']}")
+    if hashes:
+        for name, entry in entries.items():
+            if _sha256(root / name) != entry["sha256"]:
+                raise CorruptCheckpointError(f"{root / name}: SHA-256 differs from {manifest} (the file is "
+                                             "damaged or was changed)")
+    return True

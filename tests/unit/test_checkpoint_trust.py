@@ -62,16 +62,22 @@ def test_a_planted_pickle_of_rng_states_is_not_executed(tmp_path, world_of_one):
     assert not marker.exists()
 
 
-def test_a_planted_pickle_in_megatrons_common_state_is_not_executed(tiny_models, tmp_path, world_of_one):
-    """dist_checkpointing's common.pt is read by torch.load with weights_only (torch >= 2.6 default): a doctored
-    one is refused, not run. (Its .metadata is plain pickle by torch's format: see README, trusting checkpoints.)"""
+def test_a_planted_pickle_in_megatrons_common_state_is_not_executed(tiny_models, tmp_path, world_of_one,
+                                                                     monkeypatch):
+    """The manifest refuses a doctored common.pt before anything reads it; and without verification,
+    dist_checkpointing reads it with torch.load's weights_only (torch >= 2.6 default), which refuses it too. (Its
+    .metadata is plain pickle by torch's format: see README, trusting checkpoints.)"""
     import shutil
 
     from megatron_save.checkpoint import build_model_from_checkpoint
+    from megatron_save.utils.files import CorruptCheckpointError
 
     checkpoint, marker = tmp_path / "doctored", tmp_path / "pwned"
     shutil.copytree(tiny_models["llama-lm"]["mg"], checkpoint)
     torch.save(Planted(marker), checkpoint / "weights" / "common.pt")
+    with pytest.raises(CorruptCheckpointError, match=r"weights/common.pt: \d+ bytes, .*manifest.json says"):
+        build_model_from_checkpoint(checkpoint)
+    monkeypatch.setenv("MEGATRON_SAVE_VERIFY", "off")
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
         build_model_from_checkpoint(checkpoint)
     assert not marker.exists()

@@ -269,13 +269,30 @@ def test_resume_settings_survive_json_and_name_what_changed(tmp_path):
     check_run_settings(tmp_path, asdict(cfg), RESUMABLE_CHANGES)
 
 
-def test_latest_checkpoint_marker(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "latest").write_text("step_000004\n")
-    (tmp_path / "checkpoints" / "step_000004.tmp").mkdir()  # an interrupted write is never the latest
-    with pytest.raises(FileNotFoundError, match="missing or incomplete"):
-        latest_checkpoint(tmp_path)
+def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path, world_of_one):
+    from megatron_save.checkpoint.run_checkpoint import choose_resume_checkpoint
+    from megatron_save.utils.files import CorruptCheckpointError, write_manifest
+
+    assert latest_checkpoint(tmp_path) is None and choose_resume_checkpoint(tmp_path) is None
+    root = tmp_path / "checkpoints"
+    for step in (2, 3):
+        (root / f"step_00000{step}" / "rng").mkdir(parents=True)
+        (root / f"step_00000{step}" / "run_state.json").write_text(json.dumps({"step": step}))
+        (root / f"step_00000{step}" / "rng" / "rank_00000.safetensors").write_bytes(b"0123456789")
+        write_manifest(root / f"step_00000{step}")
+    (root / "latest").write_text("step_000004\n")
+    (root / "step_000004.tmp").mkdir()  # an interrupted write is never a candidate
+    assert choose_resume_checkpoint(tmp_path) == root / "step_000003"  # latest names a missing one
+    (root / "latest").write_text("step_000003\n")
+    assert choose_resume_checkpoint(tmp_path) == root / "step_000003"
+    # Same size, one byte changed: the size check passes, the hash does not.
+    (root / "step_000003" / "rng" / "rank_00000.safetensors").write_bytes(b"0123456780")
+    assert choose_resume_checkpoint(tmp_path, "size") == root / "step_000003"
+    assert choose_resume_checkpoint(tmp_path) == root / "step_000002"
+    (root / "step_000002" / "run_state.json").write_text('{"ste')
+    with pytest.raises(CorruptCheckpointError, match=r"no checkpoint verifies .*step_000003/rng/rank_00000"
+                       r".safetensors: SHA-256 differs.*step_000002/run_state.json: \d+ bytes"):
+        choose_resume_checkpoint(tmp_path)
 
 
 def test_metrics_file_keeps_nan_out_and_truncates_on_resume(tmp_path, world_of_one):

@@ -13,11 +13,13 @@ from pathlib import Path
 from megatron_save.algorithms import token_advantages
 from megatron_save.checkpoint.run_checkpoint import (
     check_run_settings,
+    choose_resume_checkpoint,
     latest_checkpoint,
     load_run_checkpoint,
     remove_stale_staging,
     save_run_checkpoint,
 )
+from megatron_save.checkpoint.model_checkpoint import checkpoint_verification
 from megatron_save.data.batching import pad_id_of
 from megatron_save.trainers.common import ensure_output_dir, progress, run_from_command_line
 from megatron_save.trainers.stage3.batches import policy_rows
@@ -59,12 +61,15 @@ logger = get_logger("trainers.stage3")
 def train_stage3(cfg: Stage3Config) -> Path:
     check_stage3_config(cfg)
     settings = asdict(cfg)
-    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if checkpoint is not None:
-        check_run_settings(checkpoint, settings, RESUMABLE_CHANGES)  # before minutes of model building
+    latest = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if latest is not None:
+        check_run_settings(latest, settings, RESUMABLE_CHANGES)  # before minutes of model building
     run = build_stage3_run(cfg)
-    ensure_output_dir(cfg.output_dir, resuming=checkpoint is not None)
+    ensure_output_dir(cfg.output_dir, resuming=latest is not None)
     remove_stale_staging(cfg.output_dir)
+    checkpoint = choose_resume_checkpoint(cfg.output_dir, checkpoint_verification()) if cfg.resume else None
+    if checkpoint is not None and checkpoint != latest:
+        check_run_settings(checkpoint, settings, RESUMABLE_CHANGES)
     start, counters = 0, Counter()
     if checkpoint is not None:
         start, saved = load_run_checkpoint(checkpoint, run.trained_states())
