@@ -1,0 +1,112 @@
+"""Fault injection: a tiny stage-3 run at TP=2 killed with SIGKILL (every process of the launch: torchrun and
+its ranks, which run in sessions of their own) after its first checkpoint, inside a checkpoint write and inside
+the final models' write, relaunched each time, ends with exactly the parameters and metrics of an uninterrupted
+run; and a second launch into a running run's directory is refused at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from helpers import REPO, STAGE3_CPU_CONFIG, read_metrics, run_stage3, stage3_overrides
+
+from megatron_save.checkpoint import build_model_from_checkpoint
+from megatron_save.utils.files import LOCK_FILE
+
+
+def _launch(output_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG), *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (the ranks leave torchrun's process group)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
+    """SIGKILL to the launch and all its processes as soon as ``ready()``; fails if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended before the kill point:\n{process.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.01)
+    for pid in [process.pid, *_descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def _parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in build_model_from_checkpoint(checkpoint)[0].named_parameters()}
+
+
+def test_killed_and_relaunched_run_ends_as_the_uninterrupted_one(tiny_models, rl_data, tmp_path, world_of_one):
+    models = (tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"])
+    settings = ("total_steps=4", "save_every=1", "keep_checkpoints=2", "rollout_log=true", "tensorboard=false")
+    straight, faulty = tmp_path / "straight", tmp_path / "faulty"
+    run_stage3(2, straight, *models, *settings)
+    overrides = stage3_overrides(faulty, *models, *settings)
+    checkpoints = faulty / "checkpoints"
+
+    first = _launch(faulty, *overrides)
+    _kill_when(first, lambda: (checkpoints / "latest").exists())  # step 1 checkpointed, step 2 under way
+    assert not (faulty / "policy").exists()
+
+    second = _launch(faulty, *overrides)
+    lock = faulty / LOCK_FILE
+
+    def second_holds_the_lock() -> bool:  # it took over the dead first launch's lock
+        try:
+            return json.loads(lock.read_text())["pid"] in _descendants(second.pid)
+        except (OSError, ValueError, KeyError):
+            return False
+
+    deadline = time.monotonic() + 300
+    while not second_holds_the_lock():
+        assert second.poll() is None and time.monotonic() < deadline, "the relaunch never took the lock"
+        time.sleep(0.05)
+    # While it runs, another launch into the same directory stops at once, naming the holder.
+    refused = subprocess.run([sys.executable, "-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG), *overrides],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert refused.returncode != 0 and "is in use by another launch" in refused.stderr, refused.stderr[-2000:]
+    _kill_when(second, lambda: any(checkpoints.glob("step_*.tmp")))  # inside a checkpoint write
+
+    third = _launch(faulty, *overrides)
+    _kill_when(third, lambda: any(faulty.glob("*.tmp")))  # inside the final models' write
+    assert any(faulty.glob("*.tmp"))
+
+    run_stage3(2, faulty, *models, *settings)  # the last relaunch runs to the end
+    assert not any(faulty.glob("*.tmp")) and not any(checkpoints.glob("*.tmp"))
+    for model in ("policy", "reward_model"):
+        expected, actual = _parameters(straight / model), _parameters(faulty / model)
+        for name, value in expected.items():
+            assert torch.equal(value, actual[name]), f"{model}: {name} differs after the faults"
+    timing = ("time/", "throughput/", "memory/")
+    records = [{k: v for k, v in r.items() if not k.startswith(timing)} for r in read_metrics(faulty)]
+    assert records == [{k: v for k, v in r.items() if not k.startswith(timing)} for r in read_metrics(straight)]
+    assert (faulty / "rollouts.jsonl").read_text() == (straight / "rollouts.jsonl").read_text()
