@@ -100,9 +100,16 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, Any]:
     meta_path = ckpt_dir / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE}; not a megatron-save model checkpoint")
-    meta = CheckpointMeta(**json.loads(meta_path.read_text()))
+    try:
+        meta = CheckpointMeta(**json.loads(meta_path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{meta_path}: not a valid checkpoint description ({error})") from None
     if meta.format_version != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.format_version}, this package reads {FORMAT_VERSION}")
+    hf_config = ckpt_dir / HF_SUBDIR / "config.json"
+    if not hf_config.is_file():
+        raise FileNotFoundError(f"{hf_config}: missing; the checkpoint's transformers config is needed to build "
+                                "the model")
     return meta, AutoConfig.from_pretrained(ckpt_dir / HF_SUBDIR)
 
 

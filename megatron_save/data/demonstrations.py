@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_save.data.chat import conversation, encode_conversation, encode_prompt, response_text
-from megatron_save.data.loading import field_value, load_rows, require_fields
+from megatron_save.data.loading import chat_value, load_rows, require_fields
 from megatron_save.data.preference import LoadReport
 
 
@@ -34,7 +34,7 @@ def load_demonstrations(source: str, tokenizer: Any, max_length: int, split: str
     demonstrations = []
     for index, row in enumerate(rows):
         report.rows += 1
-        prompt, response = field_value(row, "prompt", index, source), field_value(row, "response", index, source)
+        prompt, response = chat_value(row, "prompt", index, source), chat_value(row, "response", index, source)
         if not response_text(response).strip():
             report.skipped["empty response"] += 1
             continue

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_save.data.chat import conversation, encode_conversation, response_text
-from megatron_save.data.loading import field_value, load_rows, require_fields
+from megatron_save.data.loading import chat_value, load_rows, require_fields
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -62,14 +62,18 @@ def load_preference_pairs(
     pairs = []
     for index, row in enumerate(rows):
         report.rows += 1
-        chosen = field_value(row, "chosen", index, source)
-        rejected = field_value(row, "rejected", index, source)
-        prompt = field_value(row, "prompt", index, source) if has_prompt else None
+        chosen = chat_value(row, "chosen", index, source)
+        rejected = chat_value(row, "rejected", index, source)
+        prompt = chat_value(row, "prompt", index, source) if has_prompt else None
         if prompt is None and not (_has_user_turn(chosen) and _has_user_turn(rejected)):
             raise ValueError(f"{source}: row {index} has no 'prompt' field, and its chosen / rejected are not "
                              "conversations with a user turn")
         if not response_text(chosen).strip() or not response_text(rejected).strip():
             report.skipped["empty response"] += 1
+            continue
+        if prompt is not None and not _prompt_text(prompt).strip() and not (
+                _has_user_turn(chosen) and _has_user_turn(rejected)):
+            report.skipped["empty prompt"] += 1  # the pair would be scored without any user turn
             continue
         pair = PreferencePair(
             chosen_ids=encode_conversation(tokenizer, conversation(prompt, chosen)),
@@ -86,3 +90,10 @@ def load_preference_pairs(
 
 def _has_user_turn(response: Any) -> bool:
     return isinstance(response, list) and any(m.get("role") == "user" for m in response)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """The text of a prompt's user turns."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(m["content"] for m in prompt if m["role"] == "user")

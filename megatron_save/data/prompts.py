@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_save.data.chat import Messages, encode_prompt, prompt_messages
-from megatron_save.data.loading import field_value, load_rows, require_fields
+from megatron_save.data.loading import chat_value, load_rows, require_fields
 from megatron_save.data.preference import LoadReport
 
 
@@ -33,7 +33,7 @@ def load_prompts(source: str, tokenizer: Any, max_prompt_length: int, split: str
     prompts = []
     for index, row in enumerate(rows):
         report.rows += 1
-        messages = prompt_messages(field_value(row, "prompt", index, source))
+        messages = prompt_messages(chat_value(row, "prompt", index, source))
         if not any((m.get("content") or "").strip() for m in messages):
             report.skipped["empty prompt"] += 1
             continue

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
-from megatron_save.data.loading import field_value, load_rows, require_fields
+from megatron_save.data.loading import chat_value, field_value, load_rows, require_fields
 from megatron_save.data.preference import LoadReport
 
 
@@ -34,7 +34,7 @@ def load_response_groups(
     groups = []
     for index, row in enumerate(rows):
         report.rows += 1
-        prompt = field_value(row, "prompt", index, source)
+        prompt = chat_value(row, "prompt", index, source)
         responses = field_value(row, "responses", index, source)
         if not isinstance(responses, list):
             raise ValueError(f"{source}: row {index}: 'responses' must be a list of strings")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,18 @@ from omegaconf import MISSING
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR, build_model_from_checkpoint, read_checkpoint_meta
+from megatron_save.checkpoint.model_checkpoint import (
+    HF_SUBDIR,
+    META_FILE,
+    build_model_from_checkpoint,
+    read_checkpoint_meta,
+)
 from megatron_save.config import ParallelConfig, load_config
 from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
+from megatron_save.trainers.optimizer import DECAY_STYLES, OptimizerSettings
 from megatron_save.utils.files import LOCK_FILE, RunLock
 from megatron_save.utils.tensors import pad_rows
 
@@ -152,3 +159,32 @@ def write_json(path: str | Path, payload: Any) -> None:
     if dist.get_rank() == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+_DATA_FIELDS = ("train_data", "eval_data", "offline_data")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def check_settings(cfg: Any, prefix: str = "") -> None:
+    """Refuses, before any model is built and naming the setting: a negative learning rate or warm-up, a
+    min_lr_ratio outside [0, 1], an unknown decay style, an output_dir that is a file, a local data file or a
+    model checkpoint that does not exist. Walks every nested settings dataclass of ``cfg``."""
+    for item in dataclasses.fields(cfg):
+        name, value = f"{prefix}{item.name}", getattr(cfg, item.name)
+        if dataclasses.is_dataclass(value):
+            check_settings(value, f"{name}.")
+        if isinstance(value, OptimizerSettings):
+            if value.lr < 0 or value.value_head_lr < 0 or value.warmup_steps < 0:
+                raise ValueError(f"{name}: lr={value.lr}, value_head_lr={value.value_head_lr} and warmup_steps="
+                                 f"{value.warmup_steps} must be >= 0")
+            if not 0.0 <= value.min_lr_ratio <= 1.0 or value.decay_style not in DECAY_STYLES:
+                raise ValueError(f"{name}: min_lr_ratio={value.min_lr_ratio} must be in [0, 1] and decay_style="
+                                 f"{value.decay_style!r} one of {', '.join(DECAY_STYLES)}")
+        if item.name == "output_dir" and isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{name}={value} is a file, not a directory")
+        if item.name in _DATA_FIELDS and isinstance(value, str) and value.endswith(_DATA_SUFFIXES) \
+                and not Path(value).is_file():
+            raise FileNotFoundError(f"{name}={value}: no such data file")
+        if item.name == "checkpoint" and isinstance(value, str) and not (Path(value) / META_FILE).is_file():
+            raise FileNotFoundError(f"{name}={value}: not a model checkpoint (no {META_FILE}; convert one with "
+                                    "tools/convert_hf_to_megatron.py)")

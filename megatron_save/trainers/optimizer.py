@@ -23,6 +23,7 @@ VALUE_HEAD_PARAMS = "*value_head*"
 # lr_mult keeps the value-head group apart. The 0.16 scheduler computes each group's LR from its own
 # max_lr / min_lr and does not multiply by lr_mult, so the tag changes no learning rate.
 VALUE_HEAD_GROUP_TAG = 2.0
+DECAY_STYLES = ("constant", "linear", "cosine")
 
 
 @dataclass

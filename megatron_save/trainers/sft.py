@@ -22,6 +22,7 @@ from megatron_save.models.policy import sequence_logprobs, token_logprobs
 from megatron_save.trainers.common import (
     BatchSettings,
     DataSettings,
+    check_settings,
     data_parallel_part,
     ensure_output_dir,
     epoch_batches,
@@ -90,6 +91,7 @@ def held_out_loss(model, demonstrations: list[Demonstration], pad_id: int, micro
 
 
 def train_sft(cfg: SFTConfig) -> dict:
+    check_settings(cfg)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
     if meta.kind != "causal_lm":
         raise ValueError(f"{cfg.checkpoint}: holds a {meta.kind}; supervised fine-tuning needs a causal_lm")

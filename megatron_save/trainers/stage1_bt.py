@@ -22,6 +22,7 @@ from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
     DataSettings,
+    check_settings,
     ensure_output_dir,
     epoch_batches,
     load_examples,
@@ -73,6 +74,7 @@ def pairwise_eval(model, pairs: list[PreferencePair], micro_batch_size: int, pad
 
 
 def train_stage1(cfg: Stage1Config) -> dict:
+    check_settings(cfg)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
     ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
     pad_id = pad_id_of(tokenizer)

@@ -21,6 +21,7 @@ from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
     BatchSettings,
     DataSettings,
+    check_settings,
     data_parallel_part,
     ensure_output_dir,
     epoch_batches,
@@ -89,6 +90,7 @@ def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, ind
 
 
 def train_stage2(cfg: Stage2Config) -> dict:
+    check_settings(cfg)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True)
     ensure_output_dir(cfg.output_dir, resuming=False)
     pad_id = pad_id_of(tokenizer)
