@@ -81,3 +81,21 @@ def test_a_planted_pickle_in_megatrons_common_state_is_not_executed(tiny_models,
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
         build_model_from_checkpoint(checkpoint)
     assert not marker.exists()
+
+
+def test_flipped_bytes_in_a_shard_stop_an_export_naming_the_file(tiny_models, tmp_path, world_of_one):
+    import shutil
+
+    from megatron_save.checkpoint.convert import convert_megatron_to_hf
+    from megatron_save.utils.files import CorruptCheckpointError
+
+    checkpoint = tmp_path / "damaged"
+    shutil.copytree(tiny_models["llama-lm"]["mg"], checkpoint)
+    shard = sorted((checkpoint / "weights").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    middle = slice(len(data) // 2, len(data) // 2 + 4000)
+    data[middle] = bytes(b ^ 0xFF for b in data[middle])
+    shard.write_bytes(bytes(data))  # same size: only the hash can tell
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name}: SHA-256 differs"):
+        convert_megatron_to_hf(checkpoint, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
