@@ -82,22 +82,14 @@ def _ties_score(rows: Rows, scores: Scores) -> tuple[float, dict]:
     both = [n for n in margins["tied"] if n in margins["ref"] and n in diffs]
     cp = _mean([float(margins["tied"][n] > diffs[n]) for n in both])
     cp_hard = _mean([float(min(margins["ref"][n], margins["tied"][n]) > diffs[n]) for n in both])
-    m = _mean([_nan_to_num(_tanh_ratio(min(margins["ref"][n], margins["tied"][n]), diffs[n])) for n in both])
+    # allenai's margin term leaves out ids whose correct answers score exactly alike (no scale to compare with).
+    spread = [n for n in both if diffs[n] > 0]
+    m = _mean([math.tanh(min(margins["ref"][n], margins["tied"][n]) / diffs[n] - 1) for n in spread]) if spread \
+        else 0.0
     ref_acc, tied_acc = _mean(accurate["ref"]), _mean(accurate["tied"])
     score = 0.30 * tied_acc + 0.30 * ref_acc + 0.20 * cp + 0.20 * cp_hard + 0.01 * m
     return score, {"ref_accuracy": ref_acc, "tied_accuracy": tied_acc, "correctness_preferred": cp,
                    "correctness_preferred_hard": cp_hard, "correctness_margin_score": m}
-
-
-def _tanh_ratio(margin: float, diff: float) -> float:
-    """tanh(margin / diff - 1) with numpy's division semantics (x/0 = +-inf, 0/0 = nan)."""
-    if diff == 0:
-        return math.nan if margin == 0 else math.tanh(math.copysign(math.inf, margin))
-    return math.tanh(margin / diff - 1)
-
-
-def _nan_to_num(x: float) -> float:
-    return 0.0 if math.isnan(x) else x
 
 
 def rewardbench2(rows: Rows, scores: Scores) -> tuple[float, dict]:

@@ -64,12 +64,6 @@ def test_rewardbench2_best_of_n_and_ties():
     assert score == pytest.approx((50 + 25 + 50) / 3)
 
 
-def test_rewardbench2_margin_term_uses_numpy_division():
-    rows = [{"id": "ref:7", "subset": "Ties", "num_correct": 1}, {"id": "tied:7", "subset": "Ties", "num_correct": 2}]
-    _, subsets = scoring.rewardbench2(rows, [[3, 1], [2, 2, 1]])  # diff 0, min margin 1 -> tanh(inf) = 1
-    assert subsets["ties_details"]["correctness_margin_score"] == 1.0
-
-
 def test_rm_bench_style_matrix():
     rows = [{"id": 1, "domain": "chat"}, {"id": 2, "domain": "chat"}, {"id": 3, "domain": "safety-refuse"},
             {"id": 4, "domain": "safety-response"}]
@@ -189,3 +183,18 @@ def test_duplicates_and_inconsistent_rows_are_refused(tmp_path):
     rb2 = {"id": "x", "prompt": "p", "chosen": ["a", "b"], "rejected": ["c"], "num_correct": 1, "subset": "Math"}
     with pytest.raises(ValueError, match="num_correct=1 but 2 chosen"):
         BENCHMARKS["rewardbench2"].responses(rb2)
+
+
+def test_rewardbench2_ties_margin_leaves_out_exact_ties():
+    """An id whose two correct answers score exactly alike counts in cp and cp_hard, not in the margin term
+    (allenai's rule): only id 1's tanh(2) remains, where including id 3 would add tanh(+inf) = 1."""
+    rows, scores = rewardbench2_fixture()
+    rows = [*rows, {"id": "ref:3", "subset": "Ties", "num_correct": 1},
+            {"id": "tied:3", "subset": "Ties", "num_correct": 2}]
+    scores = [*scores[:6], [2, 3], [2, 1, 1.5], [5, 1], [3, 3, 0]]  # id 2 made accurate-free; id 3 exact tie
+    ties = scoring.rewardbench2(rows, scores)[1]["ties_details"]
+    # id 2: margin -1 (ref), -0.5 (tied), diff 1 -> tanh(-2); id 3: margin 4 / 3, diff 0 -> left out
+    assert ties["correctness_margin_score"] == pytest.approx((math.tanh(2) + math.tanh(-2)) / 2)
+    assert ties["correctness_preferred"] == pytest.approx(2 / 3)  # ids 1 and 3: margin > diff
+    rows, scores = rows[-2:], scores[-2:]  # only the exact tie: no id for the margin term, m = 0
+    assert scoring.rewardbench2(rows, scores)[1]["ties_details"]["correctness_margin_score"] == 0.0
