@@ -115,10 +115,10 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     metrics = rollout_metrics(groups)
     with timer.phase("score"):
         scores = score_rollouts(run, cfg, groups, step)
-    add_metrics(metrics, scoring_passes(run.strategy))
     if scores is None:
         count_skip(counters, "steps_skipped_no_valid_response", step, "no valid response to score; step skipped")
         return finish_step(metrics, timer, counters)
+    add_metrics(metrics, scoring_passes(run.strategy))
     if non_finite_scores(scores, groups.valid):
         count_skip(counters, "steps_skipped_non_finite_scores", step, "non-finite rewards; step skipped")
         return finish_step(metrics, timer, counters)
