@@ -12,10 +12,15 @@ set -euo pipefail
 GPUS=${GPUS:-4}
 variant=${1:-save}
 shift || true
+# stage3_save.yaml leaves truncated responses out of the RM update (F.1); strategies that do not learn from the
+# rollouts' responses have no such update, so they turn it off.
+no_rollout_update="reward.update_skips_truncated=false"
 case "$variant" in
   frozen_policy) settings=("reward.strategy=save" "policy.frozen=true") ;;
-  offline_bt) settings=("reward.strategy=offline_bt" "reward.offline_data=data/ultrafeedback_binarized_pairs.jsonl") ;;
-  r2m) settings=("reward.strategy=r2m" "reward.optim.lr=1e-6") ;;   # the R2M paper's head learning rate
+  frozen) settings=("reward.strategy=frozen" "$no_rollout_update") ;;
+  offline_bt) settings=("reward.strategy=offline_bt" "reward.offline_data=data/ultrafeedback_binarized_pairs.jsonl"
+                        "$no_rollout_update") ;;
+  r2m) settings=("reward.strategy=r2m" "reward.optim.lr=1e-6" "$no_rollout_update") ;;   # R2M's head LR
   # PRIME (Table 3): its RLOO advantages; the implicit PRM starts from the policy, labels from the frozen RM.
   prime) settings=("reward.strategy=prime" "policy.advantage=rloo"
                    "reward.prime.optim.use_distributed_optimizer=true") ;;
