@@ -34,8 +34,7 @@ from megatron_save.models.train_state import TrainState
 from megatron_save.utils.files import (
     CorruptCheckpointError,
     atomic_write_text,
-    fsync_directory,
-    fsync_tree,
+    publish_directory,
     verify_manifest,
     write_manifest,
 )
@@ -177,7 +176,8 @@ def choose_resume_checkpoint(run_dir: str | Path, verify: str = "hash") -> Path 
     when none does, the error names every failure."""
     chosen, failures = [None], []
     if dist.get_rank() == 0:
-        for candidate in resume_candidates(run_dir):
+        candidates = resume_candidates(run_dir)
+        for candidate in candidates:
             try:
                 if verify != "off":
                     verify_run_checkpoint(candidate, hashes=verify == "hash")
@@ -187,8 +187,7 @@ def choose_resume_checkpoint(run_dir: str | Path, verify: str = "hash") -> Path 
                 continue
             chosen = [str(candidate)]
             if failures:
-                logger.warning("resuming from %s instead of the damaged %s", candidate,
-                               resume_candidates(run_dir)[0])
+                logger.warning("resuming from %s instead of the damaged %s", candidate, candidates[0])
             break
         if chosen[0] is None and failures:
             chosen = [f"error: {'; '.join(failures)}"]
@@ -218,10 +217,7 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
         state = {"step": step, "counters": counters, "layout": _layout(), "settings": settings}
         (staging / RUN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         write_manifest(staging)
-        fsync_tree(staging)  # every rank's files, then the names, are on disk before the rename publishes them
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        fsync_directory(root)
+        publish_directory(staging, final)
         atomic_write_text(root / LATEST_FILE, final.name + "\n")
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[: max(len(complete) - keep, 0)]:

@@ -25,11 +25,12 @@ def conversation(prompt: str | Messages | None, response: str | Messages) -> Mes
     return prompt_messages(prompt or []) + list(response)
 
 
-def response_text(response: str | Messages) -> str:
-    """The assistant text of a response (for emptiness checks)."""
+def response_text(response: str | Messages, role: str = "assistant") -> str:
+    """The text of a response's ``role`` turns (a prompt's with role="user"), for emptiness checks; a string is
+    its own text."""
     if isinstance(response, str):
         return response
-    return "".join(m.get("content") or "" for m in response if m.get("role") == "assistant")
+    return "".join(m.get("content") or "" for m in response if m.get("role") == role)
 
 
 def _drop_duplicated_bos(tokenizer: Any, ids: list[int]) -> list[int]:

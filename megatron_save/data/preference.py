@@ -71,7 +71,7 @@ def load_preference_pairs(
         if not response_text(chosen).strip() or not response_text(rejected).strip():
             report.skipped["empty response"] += 1
             continue
-        if prompt is not None and not _prompt_text(prompt).strip() and not (
+        if prompt is not None and not response_text(prompt, role="user").strip() and not (
                 _has_user_turn(chosen) and _has_user_turn(rejected)):
             report.skipped["empty prompt"] += 1  # the pair would be scored without any user turn
             continue
@@ -91,9 +91,3 @@ def load_preference_pairs(
 def _has_user_turn(response: Any) -> bool:
     return isinstance(response, list) and any(m.get("role") == "user" for m in response)
 
-
-def _prompt_text(prompt: Any) -> str:
-    """The text of a prompt's user turns."""
-    if isinstance(prompt, str):
-        return prompt
-    return "".join(m["content"] for m in prompt if m["role"] == "user")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -35,6 +36,15 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
     for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
         fsync_directory(directory)
+
+
+def publish_directory(staging: Path, final: Path) -> None:
+    """Replaces ``final`` with the finished ``staging`` directory so that a crash leaves one of them whole: every
+    file and name under ``staging`` synced, then the rename, then the parent directory synced."""
+    fsync_tree(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    fsync_directory(final.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -33,7 +33,7 @@ from megatron_save.trainers.stage3.config import Stage3Config
 from megatron_save.trainers.stage3.prime import load_verifier
 from megatron_save.trainers.stage3.r2m import build_r2m_head
 from megatron_save.trainers.strategies import RMStrategy, strategy_named
-from megatron_save.utils.files import fsync_directory, fsync_tree
+from megatron_save.utils.files import publish_directory
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("trainers.stage3")
@@ -197,10 +197,7 @@ def _publish(staging: Path, final: Path) -> None:
     """Collective: a finished final output, synced, replaces the one a relaunch of a finished run wrote before."""
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        fsync_tree(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        fsync_directory(final.parent)
+        publish_directory(staging, final)
     torch.distributed.barrier()
 
 

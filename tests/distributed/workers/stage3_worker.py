@@ -8,7 +8,6 @@ Writes {"<layout>": {metric: value or list}} to --out.
 import argparse
 import json
 import sys
-from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import torch
@@ -117,10 +116,9 @@ def run_prime(args, tokenizer) -> dict:
     trained = partition.kept & ~groups.truncated  # as reward.update_skips_truncated leaves them out
     process_rewards, prm_metrics = update_implicit_prm(prm_state, reference, strategy, settings, groups,
                                                        partition.kept, trained, scores.outcome.labels, pad_id=0)
-    # The updated PRM's token rewards too (recompute_after_update), compared across layouts below.
-    recomputed, _ = update_implicit_prm(prm_state, reference, strategy, dataclasses_replace(
-        settings, recompute_after_update=True, optim=settings.optim), groups, partition.kept,
-        torch.zeros_like(trained), scores.outcome.labels, pad_id=0)
+    # A second call with nothing to train: its token rewards are the updated PRM's, compared across layouts below.
+    recomputed, _ = update_implicit_prm(prm_state, reference, strategy, settings, groups, partition.kept,
+                                        torch.zeros_like(trained), scores.outcome.labels, pad_id=0)
     scores = with_process_rewards(scores, process_rewards)
     advantages = prime_token_advantages(scores, partition, groups.response_lengths, settings)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
