@@ -55,11 +55,14 @@ def make_scorer(args: argparse.Namespace):
     if args.ckpt:
         from megatron_save.checkpoint import read_checkpoint_meta
         from megatron_save.config import ParallelConfig
-        from megatron_save.distributed import init_distributed
+        from megatron_save.distributed import ParallelLayoutError, init_distributed
         from megatron_save.models.gpt_config import model_shape
 
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-        init_distributed(parallel, model_shape(read_checkpoint_meta(args.ckpt)[1]))
+        try:
+            init_distributed(parallel, model_shape(read_checkpoint_meta(args.ckpt)[1], args.ckpt))
+        except ParallelLayoutError as error:  # before any process group exists: one line on every rank
+            raise SystemExit(f"eval_rm: {error}") from None
         score_sequences, tokenizer = megatron_sequence_scorer(args.ckpt, args.batch_size)
     else:
         score_sequences, tokenizer = hf_sequence_scorer(args.hf_model, args.batch_size)

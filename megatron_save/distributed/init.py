@@ -33,6 +33,8 @@ class ModelShape:
     """Key/value heads (GQA groups), split over tensor-parallel ranks."""
     vocab_size: int
     """Rows of the embedding table, split over tensor-parallel ranks."""
+    source: str = ""
+    """The model these dimensions belong to (a checkpoint or config path), named in a refusal."""
 
 
 def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: ModelShape | None = None) -> None:
@@ -47,21 +49,19 @@ def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: Mode
         )
     if shape is None:
         return
-    if shape.num_attention_heads % tp != 0:
-        raise ParallelLayoutError(
-            f"tensor_model_parallel_size={tp} does not divide the {shape.num_attention_heads} attention heads"
-        )
-    if shape.num_query_groups % tp != 0:
-        raise ParallelLayoutError(
-            f"tensor_model_parallel_size={tp} does not divide the {shape.num_query_groups} query groups "
-            "(key/value heads)"
-        )
+    named = f"{shape.source}: " if shape.source else ""
+    for size, count, what in ((tp, shape.num_attention_heads, "attention heads"),
+                              (tp, shape.num_query_groups, "query groups (key/value heads)")):
+        if count % size != 0:
+            raise ParallelLayoutError(f"{named}tensor_model_parallel_size={size} does not divide the {count} {what}")
     if shape.vocab_size % tp != 0:
         raise ParallelLayoutError(
-            f"tensor_model_parallel_size={tp} does not divide the vocabulary size {shape.vocab_size}"
+            f"{named}tensor_model_parallel_size={tp} does not divide the vocabulary size {shape.vocab_size}"
         )
     if shape.num_layers % pp != 0:
-        raise ParallelLayoutError(f"pipeline_model_parallel_size={pp} does not divide the {shape.num_layers} layers")
+        raise ParallelLayoutError(
+            f"{named}pipeline_model_parallel_size={pp} does not divide the {shape.num_layers} layers"
+        )
 
 
 def _free_port() -> int:
@@ -70,13 +70,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(parallel: ParallelConfig, shape: ModelShape | None = None) -> None:
+def init_distributed(parallel: ParallelConfig, *shapes: ModelShape) -> None:
     """Starts torch.distributed from torchrun's environment (or as a world of one) and Megatron's groups.
 
-    The layout is checked before any process group is created, so a bad layout fails fast on every rank.
+    The layout is checked against every model the job will build (``shapes``) before any process group is
+    created, so a bad layout fails fast on every rank with one ParallelLayoutError.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_parallel_layout(parallel, world_size, shape)
+    check_parallel_layout(parallel, world_size)
+    for shape in shapes:
+        check_parallel_layout(parallel, world_size, shape)
     cuda = torch.cuda.is_available()
     if not cuda:
         cpu_compat.install()

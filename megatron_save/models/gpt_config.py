@@ -89,8 +89,9 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
     )
 
 
-def model_shape(hf_config: Any) -> "ModelShape":
-    """The dimensions a parallel layout must divide, for the start-up check."""
+def model_shape(hf_config: Any, source: str = "") -> "ModelShape":
+    """The dimensions a parallel layout must divide, for the start-up check; ``source`` names the model in a
+    refusal."""
     from megatron_save.distributed.init import ModelShape
 
     return ModelShape(
@@ -98,4 +99,5 @@ def model_shape(hf_config: Any) -> "ModelShape":
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
         vocab_size=hf_config.vocab_size,
+        source=str(source),
     )

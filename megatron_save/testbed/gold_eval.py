@@ -25,7 +25,7 @@ from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR, build_model_fro
 from megatron_save.config import ParallelConfig
 from megatron_save.data.batching import pad_id_of
 from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
-from megatron_save.distributed import init_distributed, shutdown_distributed
+from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.rollout import SamplingSettings
@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "evaluate" and not (args.policy_init and args.proxy_rm and args.runs):
         parser.error("evaluate needs --policy-init, --proxy-rm and at least one run directory")
     checkpoint = args.policy or args.policy_init
-    init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
-                     model_shape(read_checkpoint_meta(checkpoint)[1]))
+    models = [path for path in (checkpoint, args.proxy_rm) if path]
+    try:
+        init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
+                         *(model_shape(read_checkpoint_meta(path)[1], path) for path in models))
+    except ParallelLayoutError as error:  # before any process group exists: one line on every rank
+        raise SystemExit(f"gold_eval: {error}") from None
     collect(args) if args.command == "collect" else evaluate(args)
     shutdown_distributed()
 

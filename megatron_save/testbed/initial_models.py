@@ -12,24 +12,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
 from megatron_save.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_save.testing import TINY_FAMILIES, save_tiny_hf_model
 
 
 def reward_model_from_policy(policy_ckpt: Path, out: Path, seed: int, reward_head_std: float) -> Path:
-    """Exports the policy to HF, loads its backbone as a one-label ``*ForSequenceClassification`` with a fresh
-    head (std ``reward_head_std``), and converts that back: out/hf_policy_export, out/hf_rm, out/rm_init."""
+    """Exports the policy to HF and converts it as a reward model: its backbone under a fresh reward head
+    (std ``reward_head_std``) and a zero value head: out/hf_policy_export, out/rm_init."""
     hf_policy = convert_megatron_to_hf(policy_ckpt, out / "hf_policy_export")
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(hf_policy, num_labels=1, dtype=torch.float32)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, reward_head_std)
-    model.save_pretrained(out / "hf_rm")
-    AutoTokenizer.from_pretrained(hf_policy).save_pretrained(out / "hf_rm")
-    convert_hf_to_megatron(out / "hf_rm", out / "rm_init")
+    convert_hf_to_megatron(hf_policy, out / "rm_init", as_reward_model=True, reward_head_std=reward_head_std,
+                           seed=seed)
     return out / "rm_init"
 
 

@@ -181,7 +181,7 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     steps.run(f"seed_{seed}/initial_reward_model", [
         *initial_models, "reward-model", "--out", str(models), "--policy", str(models / "policy_sft"),
         "--seed", str(seed), "--reward-head-std", str(cfg.reward_head_std)],
-        outputs=tuple(models / name for name in ("hf_policy_export", "hf_rm", "rm_init")))
+        outputs=tuple(models / name for name in ("hf_policy_export", "rm_init")))
     steps.run(f"seed_{seed}/collect", torchrun(
         cfg, "testbed-eval", "collect", "--policy", str(models / "policy_sft"),
         "--data-dir", str(data), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),

@@ -23,7 +23,7 @@ from megatron_save.checkpoint.model_checkpoint import (
 from megatron_save.config import ParallelConfig, load_config
 from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.preference import PreferencePair
-from megatron_save.distributed import init_distributed, shutdown_distributed
+from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.trainers.optimizer import DECAY_STYLES, OptimizerSettings
 from megatron_save.utils.files import LOCK_FILE, RunLock
@@ -66,7 +66,7 @@ def start_from_checkpoint(checkpoint: str, parallel: ParallelConfig, add_value_h
     Returns (model, meta, tokenizer).
     """
     _, hf_config = read_checkpoint_meta(checkpoint)
-    init_distributed(parallel, model_shape(hf_config))
+    init_distributed(parallel, model_shape(hf_config, f"checkpoint={checkpoint}"))
     model, meta, _ = build_model_from_checkpoint(checkpoint, add_value_head=add_value_head)
     tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / HF_SUBDIR)
     return model, meta, tokenizer
@@ -150,7 +150,10 @@ def run_from_command_line(schema: type, train: Callable[[Any], Any], command: st
                          "[key=value ...]")
     cfg = load_config(schema, files, argv[len(files):])
     with RunLock(cfg.output_dir):
-        train(cfg)
+        try:
+            train(cfg)
+        except ParallelLayoutError as error:  # raised before any process group exists: one line, no traceback
+            raise SystemExit(f"megatron_save {command}: {error}") from None
     shutdown_distributed()
 
 

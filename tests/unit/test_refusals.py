@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import REPO
+
 from megatron_save.checkpoint.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_save.config import ParallelConfig
 from megatron_save.distributed import ModelShape, ParallelLayoutError, check_parallel_layout, init_distributed
@@ -150,3 +152,27 @@ def test_refuses_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a megatron-save model checkpoint"):
         convert_megatron_to_hf(tmp_path / "empty", tmp_path / "hf")
+
+
+def test_stage3_checks_every_model_before_any_process_group(tmp_path, monkeypatch, rl_data):
+    """A reward model that PP=2 cannot split (3 layers) is refused by name before torch.distributed starts, as
+    one line (SystemExit), not a traceback from inside Megatron on every rank."""
+    from megatron_save.trainers.stage3 import Stage3Config, train_stage3
+    from megatron_save.trainers.common import run_from_command_line
+
+    policy = tmp_path / "policy"
+    reward = tmp_path / "reward"
+    convert_hf_to_megatron(save_tiny_hf_model("llama", tmp_path / "policy-hf"), policy)
+    convert_hf_to_megatron(save_tiny_hf_model("llama", tmp_path / "rm-hf", reward_model=True, value_head=True,
+                                              num_hidden_layers=3), reward)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", pytest.fail)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    argv = [str(REPO / "examples/cpu/stage3_save.yaml"), f"output_dir={tmp_path / 'run'}", f"policy.checkpoint={policy}",
+            f"reward.checkpoint={reward}", f"train_data={rl_data['prompts']}",
+            "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
+    with pytest.raises(SystemExit) as refusal:
+        run_from_command_line(Stage3Config, train_stage3, "stage3", argv)
+    message = str(refusal.value)
+    assert message == (f"megatron_save stage3: reward.checkpoint={reward}: pipeline_model_parallel_size=2 does "
+                       "not divide the 3 layers")

@@ -18,7 +18,6 @@ from megatron_save.checkpoint.train_checkpoint import save_train_checkpoint
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.data.prompts import Prompt, load_prompts
 from megatron_save.distributed import init_distributed
-from megatron_save.distributed.init import check_parallel_layout
 from megatron_save.models.families import family_for
 from megatron_save.models.gpt_config import DTYPES, model_shape
 from megatron_save.models.train_state import TrainState
@@ -131,8 +130,12 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     if strategy.value_head and not reward_meta.value_head:
         raise ValueError(f"reward.strategy={strategy.name} needs a value head: {cfg.reward.checkpoint} has none; "
                          "run stage 2 (python -m megatron_save stage2) on it first")
-    init_distributed(cfg.parallel, model_shape(policy_hf))
-    check_parallel_layout(cfg.parallel, torch.distributed.get_world_size(), model_shape(reward_hf))
+    shapes = [model_shape(policy_hf, f"policy.checkpoint={cfg.policy.checkpoint}"),
+              model_shape(reward_hf, f"reward.checkpoint={cfg.reward.checkpoint}")]
+    if strategy.implicit_prm:
+        shapes.append(model_shape(read_checkpoint_meta(prm_checkpoint(cfg))[1],
+                                  f"reward.prime.checkpoint={prm_checkpoint(cfg)}"))
+    init_distributed(cfg.parallel, *shapes)
     policy_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.policy.checkpoint) / HF_SUBDIR)
     reward_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.reward.checkpoint) / HF_SUBDIR)
     prompts, _ = load_prompts(cfg.train_data, policy_tokenizer, cfg.max_prompt_length, cfg.split)
@@ -184,7 +187,6 @@ def _build_implicit_prm(cfg: Stage3Config, policy_hf: Any, policy_reference: Any
     if hf_config.vocab_size != policy_hf.vocab_size:
         raise ValueError(f"reward.prime.checkpoint={source} has a vocabulary of {hf_config.vocab_size}, the policy "
                          f"{policy_hf.vocab_size}: the PRM must share the policy's tokenizer")
-    check_parallel_layout(cfg.parallel, torch.distributed.get_world_size(), model_shape(hf_config))
     prm, _, _ = build_model_from_checkpoint(source)
     state = build_train_state(prm, cfg.reward.prime.optim, cfg.total_steps)
     same_start = Path(source).resolve() == Path(cfg.policy.checkpoint).resolve()
