@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from megatron_save.rollout.engine import Rollouts, SamplingSettings, check_weight_stream
 
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def generation_config_for(sampling: SamplingSettings, stop_ids: list[int], pad_id: int, bos_id: int | None,
+                          output_scores: bool) -> GenerationConfig:
+    """The GenerationConfig of one generate() call, every option that shapes the sampling distribution stated.
+
+    generate() fills an option left unset (None) from the model's generation_config, then from transformers'
+    global defaults (top_k=50): sampling states top_k=0 to mean no top-k filtering. Greedy decoding states
+    do_sample=False and leaves the sampling options unset: one set beside do_sample=False (top_k=0 included)
+    makes transformers 5 warn "generation flags are not valid and may be ignored: ['top_k']". Everything goes in
+    the config, not in generate()'s keyword arguments, which transformers 5 deprecates beside a config.
+    """
+    from transformers import GenerationConfig
+
+    greedy = sampling.temperature == 0
+    distribution = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+        "top_k": sampling.top_k or 0}  # 0 (or None): every token, never transformers' default of 50
+    return GenerationConfig(**distribution, max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids,
+                            pad_token_id=pad_id, bos_token_id=bos_id, num_return_sequences=1,
+                            output_scores=output_scores, return_dict_in_generate=True)
 
 
 class TransformersRolloutEngine:
@@ -43,11 +66,12 @@ class TransformersRolloutEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         eos = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        # generate() fills every unset option from the checkpoint's generation_config (repetition penalties and
-        # the like): rollouts must come from the policy's own distribution, shaped only by SamplingSettings.
-        # (GenerationConfig's own default is top_k=50: switch it off too.)
+        # generate() fills every option its GenerationConfig leaves unset from the model's generation_config, read
+        # from the checkpoint's generation_config.json (repetition penalties, top_k=20 and the like): rollouts must
+        # come from the policy's own distribution, shaped only by SamplingSettings, so the model keeps token ids
+        # alone and each call states its sampling (generation_config_for).
         self.model.generation_config = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=eos,
-                                                        pad_token_id=self.pad_id, top_k=0)
+                                                        pad_token_id=self.pad_id)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> Rollouts:
@@ -78,14 +102,10 @@ class TransformersRolloutEngine:
             input_ids[i, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[i, width - len(prompt):] = 1
         stop_ids = sorted({self.tokenizer.eos_token_id, *sampling.stop_token_ids} - {None})
-        greedy = sampling.temperature == 0
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids, pad_token_id=self.pad_id,
-            output_scores=self.return_logprobs, return_dict_in_generate=True,
-        )
+        config = generation_config_for(sampling, stop_ids, self.pad_id, self.tokenizer.bos_token_id,
+                                       self.return_logprobs)
+        output = self.model.generate(input_ids=input_ids.to(self.device),
+                                     attention_mask=attention_mask.to(self.device), generation_config=config)
         sequences = output.sequences[:, width:].cpu()
         step_logprobs = [None] * len(rows)
         if self.return_logprobs:

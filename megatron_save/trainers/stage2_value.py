@@ -38,6 +38,8 @@ from megatron_save.utils.logging import get_logger
 from megatron_save.utils.tensors import pad_rows
 
 logger = get_logger("trainers.stage2_value")
+# Held-out prompts a correlation needs to mean anything: with 2 every non-constant pair correlates at +-1.
+MIN_CORRELATION_PROMPTS = 5
 
 
 @dataclass
@@ -68,16 +70,33 @@ def mean_frozen_rewards(model, groups: list[ResponseGroup], micro_batch_size: in
     return torch.stack([r.mean() for r in rewards.rewards.split([len(g.sequence_ids) for g in groups])])
 
 
+def value_correlation(values: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """Pearson correlation of V(x) [P] with the mean frozen rewards [P]; None from fewer than
+    MIN_CORRELATION_PROMPTS prompts, and while V or the targets are constant (e.g. a zero-initialised head), where
+    it is undefined."""
+    if len(values) < MIN_CORRELATION_PROMPTS or not (values.std() > 0 and targets.std() > 0):
+        return None
+    return torch.corrcoef(torch.stack([values.float(), targets.float()]))[0, 1].item()
+
+
+def too_few_prompts_warning(count: int) -> str | None:
+    """Why the report has no held-out correlation from ``count`` prompts, naming the settings to change; None when
+    there are enough."""
+    if count >= MIN_CORRELATION_PROMPTS:
+        return None
+    return (f"only {count} held-out prompts: value_correlation needs at least {MIN_CORRELATION_PROMPTS} and is "
+            "reported as null; raise data.eval_fraction or set data.eval_data to more prompts")
+
+
 def value_report(model, groups: list[ResponseGroup], targets: torch.Tensor, micro_batch_size: int,
-                 pad_id: int) -> dict[str, float]:
-    """Held-out value MSE and Pearson correlation of V(x) with the mean frozen reward (None while V or the
-    targets are constant, e.g. a zero-initialised head, where it is undefined)."""
+                 pad_id: int) -> dict[str, float | int | None]:
+    """Held-out value MSE and Pearson correlation of V(x) with the mean frozen reward (:func:`value_correlation`),
+    with the number of held-out prompts they come from."""
     prompts = [g.prompt_ids for g in groups]
     values = score_token_sequences(model, prompts, pad_id, micro_batch_size, [len(p) for p in prompts],
                                    description="held-out values").values
-    defined = len(groups) > 1 and values.std() > 0 and targets.std() > 0
-    correlation = torch.corrcoef(torch.stack([values, targets]))[0, 1].item() if defined else None
-    return {"value_mse": torch.mean((values - targets) ** 2).item(), "value_correlation": correlation}
+    return {"value_mse": torch.mean((values - targets) ** 2).item(),
+            "value_correlation": value_correlation(values, targets), "eval_prompts": len(groups)}
 
 
 def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, indices: list[int],
@@ -97,6 +116,9 @@ def train_stage2(cfg: Stage2Config) -> dict:
     groups, eval_groups = load_examples(cfg.data, load_response_groups, tokenizer)
     targets = mean_frozen_rewards(model, groups, cfg.score_micro_batch_size, pad_id)
     eval_targets = mean_frozen_rewards(model, eval_groups, cfg.score_micro_batch_size, pad_id)
+    warning = too_few_prompts_warning(len(eval_groups))
+    if warning is not None:
+        logger.warning(warning)
 
     batches = epoch_batches([len(g.prompt_ids) for g in groups], cfg.batch, cfg.data.train_data, "prompts")
     state = build_train_state(model, cfg.optim, total_steps=len(batches), freeze_all_but_value_head=True)

@@ -3,6 +3,9 @@ update_weights from a Megatron policy through the weight-sync gather."""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -126,3 +129,78 @@ def test_megatron_engine_refuses_sampling_it_cannot_honour():
         check_megatron_sampling(SamplingSettings(top_k=20, top_p=0.8))
     with pytest.raises(ValueError, match="stop_token_ids"):
         check_megatron_sampling(SamplingSettings(stop_token_ids=[5]))
+
+
+@pytest.fixture(scope="module")
+def opinionated_policy(policies):
+    """Policy ``a`` whose generation_config.json asks for its own sampling (top_k=20, temperature 0.5, top-p 0.5,
+    a repetition penalty), as released checkpoints do: none of it may reach the rollouts."""
+    a, _, root = policies
+    model = transformers.AutoModelForCausalLM.from_pretrained(a)
+    model.generation_config = transformers.GenerationConfig(
+        do_sample=True, top_k=20, temperature=0.5, top_p=0.5, repetition_penalty=2.0, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(root / "opinionated")
+    transformers.AutoTokenizer.from_pretrained(a).save_pretrained(root / "opinionated")
+    return root / "opinionated"
+
+
+GENERATION_CASES = {
+    "greedy": SamplingSettings(n=1, temperature=0.0, max_new_tokens=5),
+    "no_top_k": SamplingSettings(n=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5, seed=3),
+    "paper": SamplingSettings(n=2, temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=5, seed=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATION_CASES))
+def test_generation_emits_no_generation_flag_warning(case, opinionated_policy, caplog):
+    # transformers warns through its own logger, which does not propagate, and only once per message a process:
+    # listen on it directly and forget what earlier tests emitted.
+    transformers.utils.logging.warning_once.cache_clear()
+    library_logger = transformers.utils.logging.get_logger("transformers")
+    library_logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = TransformersRolloutEngine(opinionated_policy)
+            engine.generate(_prompts(engine), GENERATION_CASES[case])
+    finally:
+        library_logger.removeHandler(caplog.handler)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records
+                                                   if r.levelno >= logging.WARNING]
+    assert not [m for m in messages if "generation" in m.lower() or "top_k" in m], messages
+
+
+def _top_k_logprobs(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Log-probs [T, V] of the distribution top-k sampling draws from (-inf outside each row's k best)."""
+    kth = logits.topk(k, dim=-1).values[:, -1:]
+    return torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_settings_are_honoured_over_the_checkpoints_generation_config(top_k, policies, opinionated_policy):
+    """top_k=0 samples from every token although generation_config.json says top_k=20 (and temperature 0.5, ...);
+    top_k=5 keeps 5: the behaviour log-probs are the model's own at temperature 1, cut to the asked top-k."""
+    a, _, _ = policies
+    engine = TransformersRolloutEngine(opinionated_policy)
+    prompts = _prompts(engine)
+    rollouts = engine.generate(prompts, SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=top_k,
+                                                         max_new_tokens=6, seed=11))
+    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    for prompt, responses, logprobs in zip(prompts, rollouts.response_ids, rollouts.logprobs):
+        for response, behaviour in zip(responses, logprobs):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+            table = _top_k_logprobs(logits, top_k) if top_k else torch.log_softmax(logits, dim=-1)
+            expected = table.gather(-1, torch.tensor(response)[:, None])[:, 0]
+            assert torch.isfinite(expected).all()  # every sampled token is inside the asked top-k
+            assert torch.allclose(torch.tensor(behaviour), expected, atol=1e-4)
+
+
+def test_sampling_with_top_k_unset_means_every_token():
+    from megatron_save.rollout.transformers_engine import generation_config_for
+
+    config = generation_config_for(SamplingSettings(temperature=1.0, top_k=None), [2], 0, 1, True)
+    assert config.do_sample and config.top_k == 0  # not transformers' default of 50
+    greedy = generation_config_for(SamplingSettings(temperature=0.0, top_k=20), [2], 0, 1, True)
+    assert not greedy.do_sample and greedy.top_k is None and greedy.temperature is None

@@ -17,10 +17,10 @@ from megatron_save.trainers.strategies import STRATEGIES, strategy_named
 
 POLICY_LOSSES = ("ppo_clip", "gspo")
 # Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
-RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "keep_checkpoints", "log_every",
-                     "rollout_log", "tensorboard", "wandb_project", "offload", "parallel.timeout_minutes",
-                     "rollout.vllm.gpu_memory_utilization", "rollout.vllm.sleep_between_rollouts",
-                     "rollout.vllm.enforce_eager")
+RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "save_final_checkpoint",
+                     "keep_checkpoints", "log_every", "rollout_log", "tensorboard", "wandb_project", "offload",
+                     "parallel.timeout_minutes", "rollout.vllm.gpu_memory_utilization",
+                     "rollout.vllm.sleep_between_rollouts", "rollout.vllm.enforce_eager")
 ROLLOUT_BACKENDS = ("transformers", "megatron", "vllm")
 
 
@@ -170,7 +170,9 @@ class Stage3Config:
     seed: int = 1234
     """Seed of the prompt order and of the samplers."""
     save_every: int = 0
-    """Write a resumable run checkpoint every this many steps (0: only at the end)."""
+    """Write a resumable run checkpoint every this many steps (0: only at the end, see save_final_checkpoint)."""
+    save_final_checkpoint: bool = True
+    """Write a run checkpoint at total_steps too (false: the final models alone, nothing to resume them from)."""
     keep_checkpoints: int = 2
     """Run checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
     exit_after_steps: int = 0

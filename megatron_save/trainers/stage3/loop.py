@@ -40,6 +40,7 @@ from megatron_save.trainers.stage3.metrics import (
     passes,
     rollout_metrics,
     step_summary,
+    value_only_run_warning,
 )
 from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy
 from megatron_save.trainers.stage3.prime import prime_token_advantages
@@ -92,18 +93,30 @@ def train_stage3(cfg: Stage3Config) -> Path:
         bar.set_postfix(reward=f"{metrics.get('filter/reward_mean', float('nan')):.3f}",
                         keep=f"{metrics.get('filter/keep_rate', float('nan')):.2f}")
         bar.update()
-        if step == last or (cfg.save_every and step % cfg.save_every == 0):
+        if saves_run_checkpoint(cfg, step, last):
             with run.offload.resident(*run.trained_states()):
                 save_run_checkpoint(cfg.output_dir, step, run.trained_states(), dict(counters), cfg.keep_checkpoints,
                                     settings)
     bar.close()
     writer.close()
+    warning = value_only_run_warning(run.strategy, counters, last)
+    if warning is not None:
+        logger.warning(warning)
     if last == cfg.total_steps:
         with run.offload.resident(*run.trained_states()):  # R2M's final checkpoint holds its optimizer
             save_final_models(run, cfg)
     else:
         logger.info("exit_after_steps=%d reached at step %d; launch again to resume", cfg.exit_after_steps, last)
     return Path(cfg.output_dir)
+
+
+def saves_run_checkpoint(cfg: Stage3Config, step: int, last: int) -> bool:
+    """Whether ``step`` of a launch that ends at step ``last`` writes a run checkpoint: at total_steps only with
+    save_final_checkpoint (a finished run's final models need none), otherwise every save_every steps and at the
+    end of a launch that stops before total_steps (exit_after_steps: the next launch resumes from it)."""
+    if step == cfg.total_steps:
+        return cfg.save_final_checkpoint
+    return step == last or bool(cfg.save_every and step % cfg.save_every == 0)
 
 
 def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, RolloutGroups
+from megatron_save.trainers.strategies import RMStrategy
 from megatron_save.utils.logging import get_logger
 from megatron_save.utils.metrics import PhaseTimer
 
@@ -24,6 +25,26 @@ def count_skip(counters: Counter, name: str, step: int, what: str) -> None:
     """Counts ``name`` and logs why step ``step`` skips ``what`` (a step, a phase)."""
     counters[name] += 1
     logger.warning("step %d: %s (%d so far)", step, what, counters[name])
+
+
+def value_only_run_warning(strategy: RMStrategy, counters: Counter, step: int) -> str | None:
+    """The warning for a run whose reward-model updates up to ``step`` were all value-only (B~ empty each time:
+    only the value head learned) under a strategy that trains the backbone; None otherwise. A response is kept
+    when sigmoid(|R - V|) >= mu(t), and a prompt enters B~ with kept responses on both sides of V(x): the
+    warning names the settings that usually leave B~ empty."""
+    updates, value_only = counters["rm_updates"], counters["value_only_rm_updates"]
+    if not (strategy.trains_backbone and strategy.value_head and updates > 0 and value_only >= updates):
+        return None
+    causes = ["V(x) off the rewards' scale, every response on one side of it (reward.optim.value_head_lr against "
+              "reward.optim.lr, or a stage-2 value head that did not fit)"]
+    if strategy.curriculum:
+        # mu(t) starts at (1 + m0) / 2 and reaches 1/2, which keeps every response, at step m0 * total_steps.
+        causes.insert(0, "a curriculum threshold mu(t) above sigmoid(|R - V|) of every response "
+                         "(reward.initial_margin too high for the rewards' scale and total_steps)")
+    return (f"all {updates} reward-model updates of the {step} steps so far were value-only (B~ empty: no prompt "
+            f"kept responses both above and below V(x)), so the reward model's backbone and reward head never "
+            f"learned, only its value head. Usual causes: {'; or '.join(causes)}. See filter/kept_prompts_fraction "
+            f"and filter/anchor_bias in metrics.jsonl")
 
 
 def step_summary(metrics: dict[str, float]) -> str:

@@ -42,6 +42,7 @@ def reward_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
     metrics = {"rm/truncated_left_out": float((groups.valid & ~rm_groups.valid).sum())}
     if run.strategy.implicit_prm:
         return prime_phase(run, cfg, groups, scores, partition, rm_partition.kept, timer, metrics)
+    counters["rm_updates"] += 1  # the denominator of value_only_rm_updates (value_only_run_warning)
     if run.strategy.value_head and not rm_partition.prompt_keep.any():
         counters["value_only_rm_updates"] += 1
         logger.info("step %d: no prompt with both Y+ and Y- for the RM update; value-only update", step)
