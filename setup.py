@@ -33,6 +33,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # rollout.backend=vllm: its own environment, since vLLM pins the CUDA torch it was built with.
         "vllm": ["vllm>=0.25"],
-        "dev": ["pytest>=8"],
+        # The real-model tier and tools/fetch_smollm2.py: transformers loads SmolLM2's GGUF file with these.
+        "real": ["gguf", "accelerate"],
+        "dev": ["pytest>=8", "gguf", "accelerate"],
     },
 )

@@ -2,6 +2,7 @@
 # Stages 1 and 2 of SAVE on CPU with a tiny random Llama reward model and synthetic data:
 # stage 1 (Bradley-Terry) at TP=2 on 2 processes, stage 2 (value anchor) at PP=2, then export to HF.
 # Usage: bash examples/cpu/tiny_rm_stages.sh [WORK_DIR]   (default outputs/tiny_rm)
+# Tiny random models only; for a real pretrained model see examples/cpu/real_smollm2.sh.
 set -euo pipefail
 work=${1:-outputs/tiny_rm}
 rm -rf "$work" && mkdir -p "$work"

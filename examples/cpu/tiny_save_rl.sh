@@ -5,6 +5,7 @@
 # within a group, so most steps are value-only RM updates (logged) while V(x) settles on the reward scale; the
 # contrastive term appears on steps where a group straddles V. A meaningful testbed is a separate issue.
 # Usage: bash examples/cpu/tiny_save_rl.sh [WORK_DIR] [key=value ...]   (default outputs/tiny_save)
+# Tiny random models only; for a real pretrained model see examples/cpu/real_smollm2.sh.
 set -euo pipefail
 work=${1:-outputs/tiny_save}
 shift || true
