@@ -25,6 +25,7 @@ COMMANDS = {
     "stage1": "megatron_save.trainers.stage1_bt",
     "stage2": "megatron_save.trainers.stage2_value",
     "stage3": "megatron_save.trainers.stage3",
+    "sample-responses": "megatron_save.trainers.sample_responses",
     "testbed-models": "megatron_save.testbed.initial_models",
     "testbed-eval": "megatron_save.testbed.gold_eval",
 }

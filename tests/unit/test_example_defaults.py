@@ -9,6 +9,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_save.testbed.pipeline import TestbedConfig
+from megatron_save.trainers.sample_responses import SampleResponsesConfig
 from megatron_save.trainers.sft import SFTConfig
 from megatron_save.trainers.stage1_bt import Stage1Config
 from megatron_save.trainers.stage2_value import Stage2Config
@@ -18,7 +19,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCHEMAS = {
     "cpu/stage1_bt.yaml": Stage1Config, "cpu/stage2_value.yaml": Stage2Config, "cpu/stage3_save.yaml": Stage3Config,
     "paper/stage1_bt.yaml": Stage1Config, "paper/stage2_value_anchor.yaml": Stage2Config,
-    "paper/stage3_save.yaml": Stage3Config, "rollout/vllm.yaml": Stage3Config,
+    "paper/stage3_save.yaml": Stage3Config, "paper/sample_responses.yaml": SampleResponsesConfig,
+    "rollout/vllm.yaml": Stage3Config,
     "scaling/stage3_8b.yaml": Stage3Config, "scaling/stage3_70b.yaml": Stage3Config,
     "testbed/sft.yaml": SFTConfig, "testbed/stage1_bt.yaml": Stage1Config, "testbed/stage2_value.yaml": Stage2Config,
     "testbed/stage3.yaml": Stage3Config, "testbed/full.yaml": TestbedConfig,
