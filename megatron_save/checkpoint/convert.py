@@ -103,11 +103,11 @@ def convert_hf_to_megatron(
     model = build_model(target_config, kind, meta.dtype, SpecBackend.LOCAL, value_head=value_head)
     if value_head and not has_value_head:
         torch.nn.init.zeros_(model.output_layer.value_head.weight)
-    mappings = param_mappings(family, hf_config, reward_model, has_value_head)
     if as_reward_model:
-        std = hf_config.initializer_range if reward_head_std is None else reward_head_std
-        _init_reward_head(model, std, seed)
+        _init_reward_head(model, hf_config.initializer_range if reward_head_std is None else reward_head_std, seed)
         mappings = [m for m in param_mappings(family, target_config, True) if m.megatron != _REWARD_HEAD]
+    else:
+        mappings = param_mappings(family, hf_config, reward_model, has_value_head)
     reader = SafetensorsReader(hf_dir, side_files=(VALUE_HEAD_FILE,) if has_value_head else ())
     _load_hf_weights(model, reader, mappings, hf_config, fresh_heads=as_reward_model)
     with tempfile.TemporaryDirectory() as side_files:

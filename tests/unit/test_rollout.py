@@ -88,12 +88,20 @@ def test_untruncated_sampling_logprobs_are_the_policy_logprobs(policies):
     prompts = _prompts(engine)
     rollouts = engine.generate(prompts, SamplingSettings(n=2, temperature=1.0, top_p=1.0, top_k=0,
                                                          max_new_tokens=5, seed=3))
-    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    _assert_behaviour_logprobs(a, prompts, rollouts, top_k=0)
+
+
+def _assert_behaviour_logprobs(model_dir, prompts, rollouts, top_k: int) -> None:
+    """Every sampled token's behaviour log-prob is the model's own at temperature 1, cut to ``top_k`` when set
+    (the sampled token then inside it)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for prompt, responses, logprobs in zip(prompts, rollouts.response_ids, rollouts.logprobs):
         for response, behaviour in zip(responses, logprobs):
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-            expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            table = _top_k_logprobs(logits, top_k) if top_k else torch.log_softmax(logits, dim=-1)
+            expected = table.gather(-1, torch.tensor(response)[:, None])[:, 0]
+            assert torch.isfinite(expected).all()
             assert torch.allclose(torch.tensor(behaviour), expected, atol=1e-4)
 
 
@@ -186,15 +194,7 @@ def test_sampling_settings_are_honoured_over_the_checkpoints_generation_config(t
     prompts = _prompts(engine)
     rollouts = engine.generate(prompts, SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=top_k,
                                                          max_new_tokens=6, seed=11))
-    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
-    for prompt, responses, logprobs in zip(prompts, rollouts.response_ids, rollouts.logprobs):
-        for response, behaviour in zip(responses, logprobs):
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-            table = _top_k_logprobs(logits, top_k) if top_k else torch.log_softmax(logits, dim=-1)
-            expected = table.gather(-1, torch.tensor(response)[:, None])[:, 0]
-            assert torch.isfinite(expected).all()  # every sampled token is inside the asked top-k
-            assert torch.allclose(torch.tensor(behaviour), expected, atol=1e-4)
+    _assert_behaviour_logprobs(a, prompts, rollouts, top_k)
 
 
 def test_sampling_with_top_k_unset_means_every_token():
