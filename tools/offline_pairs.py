@@ -9,7 +9,7 @@ pairs from ultrafeedback_binarized, matched to the same instruction set").
 Keeps the ultrafeedback_binarized rows (``prompt`` str, ``chosen`` / ``rejected`` chat message lists) whose prompt
 equals a selected prompt after stripping surrounding whitespace on both sides, every such row (a prompt may have
 more than one pair), and writes ``{"prompt", "chosen", "rejected"}`` JSON lines: what stage 1's ``data.train_data``
-and stage 3's ``reward.offline_data`` (reward.strategy=offline_bt, examples/paper/run_stage3.sh) read. Prints how
+and stage 3's ``reward.offline_data`` (reward.strategy=offline_bt, examples/paper/reproduce.sh) read. Prints how
 many pairs were kept, how many pair rows were skipped and why, and how many selected prompts found no pair.
 """
 

@@ -27,10 +27,18 @@ class UnsupportedResumeError(RuntimeError):
     """A training checkpoint this environment's Megatron-Core cannot restore exactly."""
 
 
-def _check_resumable(state: TrainState) -> None:
+def distributed_optimizer_state_supported() -> bool:
+    """Whether megatron-core can save and load the distributed optimizer's state here: it needs Transformer Engine
+    or NVIDIA Apex (FusedAdam). With torch.optim.AdamW, 0.16.1 asserts on save unless every parameter took the same
+    number of steps (a never-stepped optimizer, or one whose frozen parameters skipped steps, fails) and cannot load
+    the state at all."""
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
-    if state.optimizer.config.use_distributed_optimizer and not HAVE_APEX_OR_TE:
+    return HAVE_APEX_OR_TE
+
+
+def _check_resumable(state: TrainState) -> None:
+    if state.optimizer.config.use_distributed_optimizer and not distributed_optimizer_state_supported():
         raise UnsupportedResumeError(
             "resuming the distributed optimizer needs Transformer Engine or NVIDIA Apex (FusedAdam): with "
             "torch.optim.AdamW, megatron-core 0.16.1 cannot load its state (KeyError 'step'). Resume with "

@@ -31,13 +31,12 @@ def read_prompts(path: str, benchmark: str) -> list[dict]:
 
 
 def generate_answers(
-    model_dir: str | Path, prompts: list[str], sampling: SamplingSettings, batch_size: int = 8
+    engine: TransformersRolloutEngine, prompts: list[str], sampling: SamplingSettings, batch_size: int = 8
 ) -> list[tuple[str, int]]:
-    """(answer text, answer length in tokens) for each prompt, from the transformers rollout engine with the
-    model's chat template; ``sampling.n`` must be 1."""
+    """(answer text, answer length in tokens) for each prompt, from the transformers rollout engine of the policy
+    with its chat template; ``sampling.n`` must be 1."""
     if sampling.n != 1:
         raise ValueError(f"one answer per prompt: sampling.n must be 1, got {sampling.n}")
-    engine = TransformersRolloutEngine(model_dir)
     stop_ids = {engine.tokenizer.eos_token_id, *sampling.stop_token_ids}
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):

@@ -68,19 +68,29 @@ def results_table(runs: dict[str, dict[str, float]]) -> str:
     ``runs``: run name -> {benchmark name: score}. A missing benchmark shows as "-", and the average is then
     over the benchmarks present, marked with *.
     """
-    titles = [BENCHMARKS[name].title for name in PAPER_ORDER]
-    lines = ["| Method | " + " | ".join(titles) + " | Average |", "|---" * (len(titles) + 2) + "|"]
-    for run, results in runs.items():
-        present = [results[name] for name in PAPER_ORDER if name in results and not math.isnan(results[name])]
-        cells = [f"{results[name]:.1f}" if name in results else "-" for name in PAPER_ORDER]
-        average = f"{sum(present) / len(present):.1f}" if present else "-"
-        if present and len(present) < len(PAPER_ORDER):
-            average += "*"
-        lines.append(f"| {run} | " + " | ".join(cells) + f" | {average} |")
+    lines = results_header() + [results_row(run, results) for run, results in runs.items()]
     if any(len(results) < len(PAPER_ORDER) for results in runs.values()):
-        lines.append("")
-        lines.append("\\* average over the benchmarks present only")
+        lines += ["", PARTIAL_NOTE]
     return "\n".join(lines) + "\n"
+
+
+PARTIAL_NOTE = "\\* average over the benchmarks present only"
+
+
+def results_header() -> list[str]:
+    """The two header lines of the Table 1 layout: Method, the six benchmarks in the paper's order, Average."""
+    titles = [BENCHMARKS[name].title for name in PAPER_ORDER]
+    return ["| Method | " + " | ".join(titles) + " | Average |", "|---" * (len(titles) + 2) + "|"]
+
+
+def results_row(run: str, results: dict[str, float]) -> str:
+    """One line of the Table 1 layout (see results_table)."""
+    present = [results[name] for name in PAPER_ORDER if name in results and not math.isnan(results[name])]
+    cells = [f"{results[name]:.1f}" if name in results else "-" for name in PAPER_ORDER]
+    average = f"{sum(present) / len(present):.1f}" if present else "-"
+    if present and len(present) < len(PAPER_ORDER):
+        average += "*"
+    return f"| {run} | " + " | ".join(cells) + f" | {average} |"
 
 
 def read_summaries(out_dir: str | Path) -> dict[str, float]:

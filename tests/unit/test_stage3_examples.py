@@ -19,8 +19,14 @@ COMBINATIONS = [
 ]
 
 
+@pytest.fixture
+def gpu_extras(monkeypatch):
+    """Checks configs as on a GPU machine with Transformer Engine or Apex (the paper's distributed optimizer)."""
+    monkeypatch.setattr("megatron_save.trainers.stage3.config.distributed_optimizer_state_supported", lambda: True)
+
+
 @pytest.mark.parametrize("files", COMBINATIONS, ids=lambda files: "+".join(files))
-def test_example_loads(files):
+def test_example_loads(files, gpu_extras):
     cfg = load_config(Stage3Config, [EXAMPLES / f for f in files])
     check_stage3_config(cfg)
     assert cfg.policy.checkpoint and cfg.reward.checkpoint
@@ -33,7 +39,21 @@ def test_overlays_override_in_order():
     assert cfg.rollout.sampling.n == 16 and cfg.total_steps == 320  # Table 8 kept
 
 
-def test_vllm_overlay_loads_and_is_refused_without_cuda():
+def test_distributed_optimizer_checkpoints_refused_without_the_gpu_extras(monkeypatch):
+    """megatron-core 0.16.1 with torch's AdamW asserts when it saves a distributed optimizer whose parameters took
+    uneven steps (stage 3's skipped and value-only RM updates): the config check says so before any model."""
+    monkeypatch.setattr("megatron_save.trainers.stage3.config.distributed_optimizer_state_supported", lambda: False)
+    cfg = load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml"])
+    with pytest.raises(ValueError, match=r"policy.optim.use_distributed_optimizer=true with run checkpoints"):
+        check_stage3_config(cfg)
+    cfg = load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml"], ["policy.optim.use_distributed_optimizer=false"])
+    with pytest.raises(ValueError, match=r"reward.optim.use_distributed_optimizer=true"):
+        check_stage3_config(cfg)
+    check_stage3_config(load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml"],
+                                    ["save_every=0", "save_final_checkpoint=false"]))
+
+
+def test_vllm_overlay_loads_and_is_refused_without_cuda(gpu_extras):
     cfg = load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml", EXAMPLES / "rollout/vllm.yaml"])
     assert (cfg.rollout.backend, cfg.rollout.vllm.tensor_parallel_size) == ("vllm", 2)
     assert cfg.offload.optimizer and cfg.offload.gradients and cfg.offload.reference

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from megatron_save.algorithms import ADVANTAGE_ESTIMATORS, OUTCOME_LABEL_RULES
+from megatron_save.checkpoint.train_checkpoint import distributed_optimizer_state_supported
 from megatron_save.config import ParallelConfig
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
@@ -230,6 +231,26 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"keep_checkpoints={cfg.keep_checkpoints}: at least the latest checkpoint must be kept")
     if cfg.policy.mini_batches < 1:
         raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")
+    _check_run_checkpoints(cfg)
+
+
+def _check_run_checkpoints(cfg: Stage3Config) -> None:
+    """Run checkpoints hold every optimizer's state. Stage 3's optimizers take uneven steps (a skipped RM update,
+    a value-only one with the backbone frozen), which megatron-core 0.16.1 cannot write for the distributed
+    optimizer without Transformer Engine or Apex: refuse here rather than fail at the first checkpoint."""
+    writes = cfg.save_every > 0 or cfg.save_final_checkpoint or cfg.exit_after_steps > 0
+    if not writes or distributed_optimizer_state_supported():
+        return
+    for name, optim in (("policy.optim", cfg.policy.optim), ("reward.optim", cfg.reward.optim),
+                        ("reward.prime.optim", cfg.reward.prime.optim)):
+        if optim.use_distributed_optimizer:
+            raise ValueError(
+                f"{name}.use_distributed_optimizer=true with run checkpoints (save_every={cfg.save_every}, "
+                f"save_final_checkpoint={cfg.save_final_checkpoint}): without Transformer Engine or NVIDIA Apex, "
+                "megatron-core 0.16.1 cannot save the distributed optimizer once its parameters took different "
+                "numbers of steps, as stage 3's skipped and value-only updates make them. Set "
+                f"{name}.use_distributed_optimizer=false, or save_every=0 save_final_checkpoint=false (no resume), "
+                "or install the GPU extras")
 
 
 def _check_prime(cfg: Stage3Config) -> None:
