@@ -41,6 +41,20 @@ def launch(args: argparse.Namespace, strategy: str, out: Path) -> list[dict]:
     return records[1:]
 
 
+def check_launches(args: argparse.Namespace) -> None:
+    """Stage 3's config checks on what launch() would run for each strategy (its settings and overrides)."""
+    from megatron_save.config import load_config
+    from megatron_save.trainers.stage3 import Stage3Config, check_stage3_config
+
+    for strategy in STRATEGIES:
+        overrides = ["output_dir=unused", f"reward.strategy={strategy}", f"policy.checkpoint={args.policy}",
+                     f"reward.checkpoint={args.reward}", f"train_data={args.prompts}", "tensorboard=false",
+                     "save_every=0", f"total_steps={args.steps}", *args.overrides]
+        cfg = load_config(Stage3Config, args.config, overrides)
+        check_stage3_config(cfg)
+        print(f"checked {strategy}: {args.config} {' '.join(overrides)}")
+
+
 def mean_of(records: list[dict], name: str) -> float | None:
     values = [r[name] for r in records if r.get(name) is not None]
     return statistics.fmean(values) if values else None
@@ -56,8 +70,13 @@ def main() -> None:
                         help="processes (GPUs) per launch: a multiple of the config's TP x PP")
     parser.add_argument("--steps", type=int, default=4, help="steps per launch (the first is warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="frozen / save launch pairs, alternating")
+    parser.add_argument("--check-only", action="store_true",
+                        help="load and check both runs' configs (stage 3's checks), print them, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
     args = parser.parse_args()
+    if args.check_only:
+        check_launches(args)
+        return
     if args.steps < 2 or args.rounds < 1:
         parser.error(f"--steps {args.steps} --rounds {args.rounds}: each launch needs a warm-up step and at least "
                      "one measured step (--steps >= 2), and --rounds >= 1")

@@ -4,6 +4,8 @@
 # phases, then with vLLM rollouts when vLLM is importable. On a machine without CUDA it runs on CPU processes
 # (gloo) and reports host memory instead; the vLLM part is skipped.
 # Usage: bash examples/gpu/tiny_bf16_bench.sh [WORK_DIR] [NPROC] [key=value ...]   (default outputs/tiny_bf16, 1)
+# BENCH_ARGS adds flags to every tools/bench_stage3.py call (--steps N --rounds N, or --check-only to check the
+# configs and run nothing).
 set -euo pipefail
 work=${1:-outputs/tiny_bf16}
 nproc=${2:-1}
@@ -17,7 +19,7 @@ python tools/convert_hf_to_megatron.py --hf-dir "$work/hf_policy" --out "$work/p
 python tools/convert_hf_to_megatron.py --hf-dir "$work/hf_rm" --out "$work/rm_init" --dtype bf16
 bench=(python tools/bench_stage3.py --config examples/cpu/stage3_save.yaml --nproc "$nproc" --steps 6 --rounds 2
        --policy "$work/policy_init" --reward "$work/rm_init" --prompts "$work/data/prompts.jsonl"
-       parallel.tensor_model_parallel_size="$nproc" "$@")
+       ${BENCH_ARGS:-} parallel.tensor_model_parallel_size="$nproc" "$@")
 echo "== bf16, transformers rollouts"
 "${bench[@]}"
 echo "== bf16, transformers rollouts, optimizer states, gradient buffers and reference offloaded between phases"

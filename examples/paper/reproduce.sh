@@ -178,15 +178,14 @@ for hf in "${policies[@]}"; do
   p=$(name_of "$hf")
   for row in initial grpo reinforce_pp prime r2m save improved_rm; do
     wanted "$row" || continue
-    model="$hf"   # initial: the instruct policy before RL (the paper's SFT row)
-    if [ "$row" != initial ]; then
-      model="$WORK/hf/$p/$row"
-      step "export_${p}_$row" "$model" - \
-        python tools/convert_megatron_to_hf.py --ckpt "$WORK/$p/$row/policy" --out "$model"
-    fi
     answers="$WORK/answers/$row/$p"
+    policy=(--hf-model "$hf")   # initial: the instruct policy before RL (the paper's SFT row)
+    if [ "$row" != initial ]; then   # the row's policy, kept in HF format too
+      policy=(--ckpt "$WORK/$p/$row/policy" --hf-out "$WORK/hf/$p/$row")
+      [ -n "$DRY_RUN" ] || [ -e "$WORK/.done/answers_${p}_$row" ] || rm -rf "$WORK/hf/$p/$row"
+    fi
     step "answers_${p}_$row" "$answers" - \
-      python tools/export_policy_answers.py --hf-model "$model" --model-name "$p-$row" \
+      python tools/export_policy_answers.py "${policy[@]}" --model-name "$p-$row" \
       --max-new-tokens "$MAX_NEW_TOKENS" \
       --benchmark alpaca_eval --prompts "$alpaca_prompts" --out "$answers/model_outputs.json" \
       --benchmark arena_hard --prompts "$arena_prompts" --out "$answers/model_answer/$p-$row.jsonl" $ANSWER_ARGS

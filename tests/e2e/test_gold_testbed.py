@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+from helpers import REPO
 
 from megatron_save.config import load_config
-from megatron_save.testbed.pipeline import EXAMPLES, TestbedConfig, run_testbed
+from megatron_save.testbed.pipeline import EXAMPLES, TestbedConfig, check_testbed_config, run_testbed
 
 SHORT = ["sizes.demonstrations=320", "sizes.rm_prompts=96", "sizes.value_prompts=32", "sizes.rl_prompts=32",
          "sizes.eval_prompts=16", "sft_overrides=[batch.epochs=1]", "stage1_overrides=[batch.epochs=1]",
          "stage2_overrides=[batch.epochs=2]", "stage3_overrides=[total_steps=3,prompts_per_step=4]"]
+
+
+def test_the_full_comparison_config_passes_its_check():
+    cfg = load_config(TestbedConfig, [EXAMPLES / "gold_testbed.yaml", EXAMPLES / "full.yaml"])
+    check_testbed_config(cfg)
+    assert len(cfg.seeds) == 3 and "save" in cfg.runs
 
 
 def _config(out, *extra):
@@ -22,8 +32,15 @@ def _config(out, *extra):
 
 
 def test_gold_testbed_short_run(tmp_path):
+    """Through tools/gold_testbed.py, README's first command, shortened."""
     out = tmp_path / "testbed"
-    report = run_testbed(_config(out))
+    result = subprocess.run([sys.executable, "tools/gold_testbed.py", f"output_dir={out}", *SHORT], cwd=REPO,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    report = out / "report"
+    assert f"table: {report / 'results.md'} (and results.json)" in result.stdout
+    assert result.stdout.startswith((report / "results.md").read_text())
     results = json.loads((report / "results.json").read_text())
     assert set(results["table"]) == {"frozen", "save"}
     for run, stats in results["table"].items():

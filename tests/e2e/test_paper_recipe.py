@@ -77,7 +77,6 @@ def _expected_steps() -> set[str]:
     return {f"convert_{POLICY}", "convert_rm", "select_prompts", "offline_pairs", f"sample_{POLICY}",
             f"stage2_{POLICY}", *(f"stage3_{POLICY}_{row}" for row in stage3),
             "eval_initial", "eval_offline_bt", *(f"eval_{POLICY}_{row}" for row in TABLE1_PER_POLICY),
-            *(f"export_{POLICY}_{row}" for row in answers if row != "initial"),
             *(f"answers_{POLICY}_{row}" for row in answers)}
 
 

@@ -20,6 +20,7 @@ from megatron_save.distributed.init import ModelShape, check_parallel_layout
 from megatron_save.evaluation.paper_tables import ROWS
 from megatron_save.trainers.common import check_settings
 from megatron_save.trainers.sample_responses import SampleResponsesConfig, check_sample_config
+from megatron_save.trainers.stage1_bt import Stage1Config
 from megatron_save.trainers.stage2_value import Stage2Config
 from megatron_save.trainers.stage3 import Stage3Config, check_stage3_config
 
@@ -131,3 +132,13 @@ def test_a_missing_benchmark_file_is_named(tmp_path):
     # Without DRY_RUN the script would convert first; the benchmark files are looked up before anything runs.
     assert result.returncode == 1
     assert f"no {tmp_path}/nothing/reward-bench/filtered.parquet, .jsonl, .json or directory" in result.stderr
+
+
+def test_the_stage1_example_passes_its_checks(tmp_path):
+    """examples/paper/stage1_bt.yaml (an RM of one's own; the recipe does not run stage 1) on 4 GPUs."""
+    checkpoint = tmp_path / "rm"
+    stand_in_inputs([f"checkpoint={checkpoint}"])
+    cfg = load_config(Stage1Config, [REPO / "examples/paper/stage1_bt.yaml"],
+                      [f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}"])
+    check_settings(cfg)
+    check_parallel_layout(cfg.parallel, 4, PAPER_SHAPES["rm"])
