@@ -98,7 +98,7 @@ if wanted_any initial grpo reinforce_pp prime r2m save improved_rm; then
   alpaca_prompts=$(bench_data alpaca_eval/alpaca_eval)
   arena_prompts=$(bench_data arena-hard-v2.0/question)
 fi
-mkdir -p "$WORK"
+[ -n "$DRY_RUN" ] || mkdir -p "$WORK"
 
 # ---- 1. checkpoints and data -----------------------------------------------------------------------------------
 for hf in "${policies[@]}"; do

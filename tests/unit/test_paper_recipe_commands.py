@@ -50,7 +50,9 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def paper_commands(work) -> list[list[str]]:
-    return commands_of(dry_run(WORK=str(work)))
+    commands = commands_of(dry_run(WORK=str(work)))
+    assert not work.exists(), "a dry run wrote to WORK"
+    return commands
 
 
 def stand_in_inputs(args: list[str]) -> None:
