@@ -35,6 +35,6 @@ setup(
         "vllm": ["vllm>=0.25"],
         # The real-model tier and tools/fetch_smollm2.py: transformers loads SmolLM2's GGUF file with these.
         "real": ["gguf", "accelerate"],
-        "dev": ["pytest>=8", "gguf", "accelerate"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "gguf", "accelerate"],
     },
 )

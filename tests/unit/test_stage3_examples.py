@@ -51,6 +51,10 @@ def test_distributed_optimizer_checkpoints_refused_without_the_gpu_extras(monkey
         check_stage3_config(cfg)
     check_stage3_config(load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml"],
                                     ["save_every=0", "save_final_checkpoint=false"]))
+    # Only optimizers that exist count: a frozen RM (GRPO) has none.
+    check_stage3_config(load_config(Stage3Config, [EXAMPLES / "paper/stage3_save.yaml"],
+                                    ["policy.optim.use_distributed_optimizer=false", "reward.strategy=frozen",
+                                     "reward.update_skips_truncated=false"]))
 
 
 def test_vllm_overlay_loads_and_is_refused_without_cuda(gpu_extras):

@@ -241,9 +241,13 @@ def _check_run_checkpoints(cfg: Stage3Config) -> None:
     writes = cfg.save_every > 0 or cfg.save_final_checkpoint or cfg.exit_after_steps > 0
     if not writes or distributed_optimizer_state_supported():
         return
-    for name, optim in (("policy.optim", cfg.policy.optim), ("reward.optim", cfg.reward.optim),
-                        ("reward.prime.optim", cfg.reward.prime.optim)):
-        if optim.use_distributed_optimizer:
+    strategy = strategy_named(cfg.reward.strategy)
+    reward_trains = strategy.trains_backbone or strategy.learns_from == "policy_feedback"  # R2M's head
+    trained = {"policy.optim": (cfg.policy.optim, not cfg.policy.frozen),
+               "reward.optim": (cfg.reward.optim, reward_trains),
+               "reward.prime.optim": (cfg.reward.prime.optim, strategy.implicit_prm)}
+    for name, (optim, has_optimizer) in trained.items():
+        if has_optimizer and optim.use_distributed_optimizer:
             raise ValueError(
                 f"{name}.use_distributed_optimizer=true with run checkpoints (save_every={cfg.save_every}, "
                 f"save_final_checkpoint={cfg.save_final_checkpoint}): without Transformer Engine or NVIDIA Apex, "
