@@ -45,18 +45,30 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _signal(pids: list[int], number: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
-    """SIGKILL to the launch and all its processes as soon as ``ready()``; fails if the run ends first."""
+    """SIGKILL to the launch and all its processes as soon as ``ready()``; fails if the run ends first.
+
+    The processes are listed while waiting (a /proc scan takes milliseconds, on a loaded machine more than a small
+    write does), so the ranks are stopped the moment ``ready()`` holds; with the tree frozen and intact, a second
+    scan then finds any later child, and everything is killed."""
     deadline = time.monotonic() + timeout
+    known, scanned = [], 0.0
     while not ready():
         assert process.poll() is None, f"the run ended before the kill point:\n{process.stdout.read()[-3000:]}"
         assert time.monotonic() < deadline, "kill point not reached"
-        time.sleep(0.01)
-    for pid in [process.pid, *_descendants(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if time.monotonic() - scanned > 0.2:
+            known, scanned = _descendants(process.pid), time.monotonic()
+        time.sleep(0.005)
+    _signal(known, signal.SIGSTOP)
+    _signal([*_descendants(process.pid), *known, process.pid], signal.SIGKILL)
     process.wait()
 
 
