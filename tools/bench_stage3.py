@@ -27,13 +27,18 @@ from pathlib import Path
 STRATEGIES = ("frozen", "save")
 
 
+def run_overrides(args: argparse.Namespace, strategy: str, out: Path) -> list[str]:
+    """The key=value settings of one launch: the run's directory, strategy, models, prompts, then the user's."""
+    return [f"output_dir={out}", f"reward.strategy={strategy}", f"policy.checkpoint={args.policy}",
+            f"reward.checkpoint={args.reward}", f"train_data={args.prompts}", "tensorboard=false", "save_every=0",
+            f"total_steps={args.steps}", *args.overrides]
+
+
 def launch(args: argparse.Namespace, strategy: str, out: Path) -> list[dict]:
     """One stage-3 run; its metrics records after the warm-up step."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m",
-           "megatron_save", "stage3", args.config, f"output_dir={out}", f"reward.strategy={strategy}",
-           f"policy.checkpoint={args.policy}", f"reward.checkpoint={args.reward}", f"train_data={args.prompts}",
-           "tensorboard=false", "save_every=0", f"total_steps={args.steps}", *args.overrides]
+           "megatron_save", "stage3", args.config, *run_overrides(args, strategy, out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
@@ -47,9 +52,7 @@ def check_launches(args: argparse.Namespace) -> None:
     from megatron_save.trainers.stage3 import Stage3Config, check_stage3_config
 
     for strategy in STRATEGIES:
-        overrides = ["output_dir=unused", f"reward.strategy={strategy}", f"policy.checkpoint={args.policy}",
-                     f"reward.checkpoint={args.reward}", f"train_data={args.prompts}", "tensorboard=false",
-                     "save_every=0", f"total_steps={args.steps}", *args.overrides]
+        overrides = run_overrides(args, strategy, Path("unused"))
         cfg = load_config(Stage3Config, args.config, overrides)
         check_stage3_config(cfg)
         print(f"checked {strategy}: {args.config} {' '.join(overrides)}")
