@@ -59,7 +59,8 @@ class PromptTargetBatch(TokenBatch):
 
 @dataclass
 class ResponseGroupBatch(TokenBatch):
-    """Prompts with G response slots each (row i * G + j is response j of prompt i), for SAVE's RM update.
+    """Prompts with G response slots each (row i * G + j is response j of prompt i), for a reward-model update on
+    rollouts: its loss scores the rows, partitions each group and trains on the partition, all from one forward.
 
     Micro-batches must split at group boundaries (``split`` by a multiple of ``group_size``).
     """
@@ -67,18 +68,20 @@ class ResponseGroupBatch(TokenBatch):
     prompt_lengths: torch.Tensor
     """[N] tokens of each row's prompt: V(x) is read at position prompt_length - 1."""
     valid: torch.Tensor
-    """[N] bool, a real response in the slot."""
-    pos_mask: torch.Tensor
-    """[N] bool, in Y+ by the partition made with the scores before this update."""
-    neg_mask: torch.Tensor
-    """[N] bool, in Y- by that partition."""
+    """[N] bool, a real response in the slot: it is scored."""
+    trained: torch.Tensor
+    """[N] bool, a valid response the update learns from (without the truncated ones under
+    reward.update_skips_truncated)."""
     group_size: int
     """G, response slots per prompt."""
-    reward_scale: float
-    """(micro-batches x data-parallel ranks) / kept prompts of the whole batch: turns micro-batch sums into the
-    global mean of eq. 18 after Megatron's averaging."""
+    threshold: float
+    """mu(t) of the curriculum filter the loss partitions each group with (1/2 keeps every response)."""
+    sum_scale: float
+    """Micro-batches x data-parallel ranks: undoes Megatron's average over both, so that the reward term's
+    gradient is the batch's sum; the update divides it by the batch's count (|B~|, or pairs) after the pass."""
     value_scale: float
-    """(micro-batches x data-parallel ranks) / prompts of the whole batch, for eq. 21."""
+    """(micro-batches x data-parallel ranks) / prompts with a trained response in the whole batch, for eq. 21
+    (a count known before the pass)."""
 
 
 @dataclass
@@ -98,10 +101,11 @@ class PolicyBatch(TokenBatch):
     """[N, S - 1] bool, True where token t + 1 is a response token (filler rows: all False)."""
     advantages: torch.Tensor
     """[N, S - 1] fp32 advantage of each response token (constant along a response for outcome rewards)."""
-    old_logp: torch.Tensor
-    """[N, S - 1] fp32 log-probs under the policy that sampled the rollouts (before this step's update)."""
-    ref_logp: torch.Tensor
-    """[N, S - 1] fp32 log-probs under the frozen reference policy (zeros when the KL term is off)."""
+    old_logp: torch.Tensor | None
+    """[N, S - 1] fp32 log-probs under the policy that sampled the rollouts (before this step's update); None when
+    the update takes one optimizer step on fresh rollouts: its own forward is then that policy's (detached)."""
+    ref_logp: torch.Tensor | None
+    """[N, S - 1] fp32 log-probs under the frozen reference policy; None without one (the KL term is off)."""
     loss_scale: float = 1.0
     """(micro-batches x data-parallel ranks) x this micro-batch's share of the whole mini-batch's tokens (or
     sequences): turns a micro-batch mean into its part of the global mean after Megatron's averaging."""

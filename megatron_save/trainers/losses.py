@@ -11,6 +11,7 @@ from megatron_save.algorithms import (
     implicit_prm_loss,
     mean_reward_anchor,
     pairwise_accuracy,
+    save_partition,
     save_reward_loss,
     value_anchor_loss,
 )
@@ -40,54 +41,71 @@ def value_regression_loss(
     return loss + 0.0 * rewards.sum(), {"loss": loss}
 
 
+# The outputs every reward-model loss on rollouts returns beside the loss, per micro-batch: the scores the step
+# logs and partitions with (this forward's, not a second one), and the sums the update normalises.
+ROLLOUT_LOSS_OUTPUTS = ("rewards", "values", "reward_loss_sum", "reward_count", "value_loss_sum")
+
+
 def save_rm_loss(
     batch: ResponseGroupBatch, scores: torch.Tensor, value_loss_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SAVE's RM update on the groups of a micro-batch: eqs. 18-20 (reward loss over prompts kept by the
-    partition, V stop-gradient) + value_loss_weight x eq. 21 (value loss over all prompts, R stop-gradient).
+    """SAVE's RM update on the groups of a micro-batch, from this forward alone: R and V, the partition at mu(t)
+    (eqs. 13-17) over the trained responses, eqs. 18-20 (the reward loss over the kept prompts B~, V
+    stop-gradient) + value_loss_weight x eq. 21 (the value loss over prompts with a trained response, R
+    stop-gradient).
 
-    Returns micro-batch sums scaled so that Megatron's averaging over micro-batches and data-parallel ranks yields
-    the means over the whole batch. scores [k * G, S, 2] -> scalar.
+    The reward term enters as the micro-batch's sum (its gradient is divided by the batch's |B~| once the pass has
+    counted it); the value term is already the batch mean. The two touch disjoint parameters (the value head reads
+    a detached state), which is what lets them be normalised apart. scores [k * G, S, 2] -> scalar.
     """
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    rewards, valid = _group_rewards(batch, scores)  # [k, G]
-    values = scores[rows, (batch.prompt_lengths - 1).to(scores.device), 1].view(-1, batch.group_size)[:, 0]  # [k]
-    pos = batch.pos_mask.to(scores.device).view(-1, batch.group_size)
-    neg = batch.neg_mask.to(scores.device).view(-1, batch.group_size)
-    keep = pos.any(dim=1) & neg.any(dim=1)  # [k]
+    rewards, values, trained = _group_scores(batch, scores)  # [k, G], [k], [k, G]
+    pos, neg, keep = save_partition(rewards, values, trained, batch.threshold)  # [k, G], [k, G], [k]
     reward_sum = save_reward_loss(rewards, values, pos, neg, keep) * keep.sum()
-    value_sum = value_anchor_loss(values, rewards, valid) * valid.any(dim=1).sum()
-    loss = batch.reward_scale * reward_sum + value_loss_weight * batch.value_scale * value_sum
-    return loss, {"reward_loss_sum": reward_sum, "value_loss_sum": value_sum, "kept_prompts": keep.sum().float()}
-
-
-def _group_rewards(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """R at each response's last token as [k, G] groups, and the valid mask [k, G]."""
-    rewards = at_last_token(scores, batch.attention_mask)[:, 0].view(-1, batch.group_size)
-    return rewards, batch.valid.to(scores.device).view(-1, batch.group_size)
+    value_sum = value_anchor_loss(values, rewards, trained) * trained.any(dim=1).sum()
+    loss = batch.sum_scale * reward_sum + value_loss_weight * batch.value_scale * value_sum
+    return loss, _outputs(rewards, values, reward_sum, keep.sum(), value_sum)
 
 
 def mean_reward_rm_loss(
     batch: ResponseGroupBatch, scores: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The Mean Reward baseline: SAVE's contrastive loss (eqs. 18-20) with each group's mean reward
-    (stop-gradient) as the anchor in place of V(x); no value loss. Scaled as ``save_rm_loss``."""
-    rewards, valid = _group_rewards(batch, scores)  # [k, G]
-    anchor = mean_reward_anchor(rewards, valid)  # [k]
-    pos = batch.pos_mask.to(scores.device).view(-1, batch.group_size)
-    neg = batch.neg_mask.to(scores.device).view(-1, batch.group_size)
-    keep = pos.any(dim=1) & neg.any(dim=1)
+    """The Mean Reward baseline: SAVE's partition and contrastive loss (eqs. 13-20) with each group's mean reward
+    (stop-gradient) as the anchor in place of V(x); no value loss. The sum over B~, as ``save_rm_loss``."""
+    rewards, values, trained = _group_scores(batch, scores)  # [k, G], [k] or None, [k, G]
+    anchor = mean_reward_anchor(rewards, trained)  # [k]
+    pos, neg, keep = save_partition(rewards, anchor, trained, batch.threshold)
     reward_sum = save_reward_loss(rewards, anchor, pos, neg, keep) * keep.sum()
-    return batch.reward_scale * reward_sum, {"reward_loss_sum": reward_sum, "kept_prompts": keep.sum().float()}
+    return batch.sum_scale * reward_sum, _outputs(rewards, values, reward_sum, keep.sum())
 
 
 def hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The HL-BT baseline: Bradley-Terry on each group's highest vs lowest reward response. ``reward_scale``
-    turns the micro-batch's sum over pairs into the whole batch's mean over pairs."""
-    rewards, valid = _group_rewards(batch, scores)  # [k, G]
-    pairs = highest_lowest_pairs(rewards, valid)[2].sum()
-    reward_sum = hl_bt_loss(rewards, valid) * pairs
-    return batch.reward_scale * reward_sum, {"reward_loss_sum": reward_sum, "pairs": pairs.float()}
+    """The HL-BT baseline: Bradley-Terry on each group's highest vs lowest reward trained response; the sum over
+    pairs (divided by the batch's pairs after the pass)."""
+    rewards, values, trained = _group_scores(batch, scores)  # [k, G]
+    pairs = highest_lowest_pairs(rewards, trained)[2].sum()
+    reward_sum = hl_bt_loss(rewards, trained) * pairs
+    return batch.sum_scale * reward_sum, _outputs(rewards, values, reward_sum, pairs)
+
+
+def _group_scores(batch: ResponseGroupBatch, scores: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """R at each response's last token [k, G], V at each prompt's last token [k] (None without a value head; a
+    group's slots agree, the first is read), and the trained mask [k, G]."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards = at_last_token(scores, batch.attention_mask)[:, 0].view(-1, batch.group_size)
+    values = None
+    if scores.shape[-1] > 1:
+        values = scores[rows, (batch.prompt_lengths - 1).to(scores.device), 1].view(-1, batch.group_size)[:, 0]
+    return rewards, values, batch.trained.to(scores.device).view(-1, batch.group_size)
+
+
+def _outputs(rewards: torch.Tensor, values: torch.Tensor | None, reward_sum: torch.Tensor, reward_count: torch.Tensor,
+             value_sum: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """ROLLOUT_LOSS_OUTPUTS of a micro-batch (a missing value is NaN, a missing value loss 0)."""
+    values = torch.full(rewards.shape[:1], float("nan"), device=rewards.device) if values is None else values
+    return {"rewards": rewards.flatten(), "values": values, "reward_loss_sum": reward_sum,
+            "reward_count": reward_count.float(), "value_loss_sum": torch.zeros_like(reward_sum) if value_sum is None
+            else value_sum}
 
 
 def prime_prm_loss(batch: ImplicitPrmBatch, logits: torch.Tensor, beta: float = 0.05

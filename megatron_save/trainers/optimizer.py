@@ -139,6 +139,15 @@ def backbone_frozen(state: TrainState) -> Iterator[None]:
     yield
 
 
+def scale_backbone_gradients(state: TrainState, factor: float) -> None:
+    """Multiplies the reduced gradients of everything but the value head by ``factor`` (before the optimizer
+    step): Megatron's own per-token-loss normalisation scales every gradient by one global count after the
+    data-parallel reduction; a loss whose terms have their own counts on disjoint parameters scales each part."""
+    for name, param in state.model.named_parameters():
+        if param.requires_grad and not fnmatch.fnmatch(name, VALUE_HEAD_PARAMS):
+            param.main_grad.mul_(factor)
+
+
 def group_learning_rates(state: TrainState) -> dict[str, float]:
     """Current LR of the value-head group and of the rest (for logging and tests)."""
     rates = {}

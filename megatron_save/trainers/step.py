@@ -42,17 +42,15 @@ def _mean_metrics(per_micro_batch: list[dict[str, torch.Tensor]], names: Sequenc
     return dict(zip(names, values.tolist()))
 
 
-def train_step(state: TrainState, micro_batches: list[TokenBatch], loss_fn: LossFn,
-               metric_names: Sequence[str]) -> dict[str, float]:
-    """Forward + backward over this data-parallel rank's micro-batches, then one optimizer and LR step.
-
-    The gradient is the mean of the micro-batch losses, averaged over data-parallel ranks by Megatron DDP.
-    Returns the averaged metrics plus ``grad_norm`` and ``update_skipped``, identical on every rank.
-    """
+def forward_backward(state: TrainState, micro_batches: list[TokenBatch], loss_fn: LossFn
+                     ) -> list[dict[str, torch.Tensor]]:
+    """Forward + backward over this data-parallel rank's micro-batches through the pipeline schedule, gradients
+    reduced over data-parallel ranks into the grad buffers (the mean of the micro-batch losses, averaged over
+    ranks). Returns each micro-batch's metrics on the last pipeline stage ([] on other stages)."""
     state.model.train()
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
-    per_micro_batch = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn),
         data_iterator=iter(micro_batches),
         model=[state.model],
@@ -61,9 +59,23 @@ def train_step(state: TrainState, micro_batches: list[TokenBatch], loss_fn: Loss
         micro_batch_size=micro_batches[0].input_ids.shape[0],
         forward_only=False,
     )
+
+
+def optimizer_step(state: TrainState) -> dict[str, float]:
+    """One optimizer and LR step on the reduced gradients: ``grad_norm`` and ``update_skipped``."""
     update_successful, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(1)
-    metrics = _mean_metrics(per_micro_batch, metric_names)
-    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    metrics["update_skipped"] = float(not update_successful)
-    return metrics
+    return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "update_skipped": float(not update_successful)}
+
+
+def train_step(state: TrainState, micro_batches: list[TokenBatch], loss_fn: LossFn,
+               metric_names: Sequence[str]) -> dict[str, float]:
+    """Forward + backward over this data-parallel rank's micro-batches, then one optimizer and LR step.
+
+    The gradient is the mean of the micro-batch losses, averaged over data-parallel ranks by Megatron DDP.
+    Returns the averaged metrics plus ``grad_norm`` and ``update_skipped``, identical on every rank.
+    """
+    per_micro_batch = forward_backward(state, micro_batches, loss_fn)
+    step = optimizer_step(state)
+    return _mean_metrics(per_micro_batch, metric_names) | step

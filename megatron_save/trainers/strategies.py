@@ -7,26 +7,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-import torch
-
-from megatron_save.algorithms import highest_lowest_pairs
-from megatron_save.trainers.losses import bt_pair_loss, hl_bt_rm_loss, mean_reward_rm_loss, prime_prm_loss, save_rm_loss
+from megatron_save.trainers.losses import (
+    ROLLOUT_LOSS_OUTPUTS,
+    bt_pair_loss,
+    hl_bt_rm_loss,
+    mean_reward_rm_loss,
+    prime_prm_loss,
+    save_rm_loss,
+)
 
 Anchor = Literal["value_head", "group_mean", "none"]
 LearnsFrom = Literal["rollouts", "offline_pairs", "policy_feedback", "nothing"]
 UpdateTime = Literal["before_policy", "after_policy", "never"]
 RewardSource = Literal["reward_model", "r2m_head"]
-
-
-def kept_prompts(rewards: torch.Tensor, valid: torch.Tensor, partition: Any) -> torch.Tensor:
-    """[B] bool, B~ of the anchored partition: prompts with both Y+ and Y- non-empty (PRIME: the prompts its
-    accuracy filter keeps). rewards, valid [B, G]."""
-    return partition.prompt_keep
-
-
-def prompts_with_a_pair(rewards: torch.Tensor, valid: torch.Tensor, partition: Any) -> torch.Tensor:
-    """[B] bool, prompts with a highest- and a lowest-reward response that differ (HL-BT's pairs)."""
-    return highest_lowest_pairs(rewards.nan_to_num(0.0), valid)[2]
 
 
 @dataclass(frozen=True)
@@ -56,14 +49,18 @@ class RMStrategy:
     """The update's loss on one micro-batch, (batch, scores) -> (loss, metrics); None when nothing trains or the
     trained part has its own step (R2M)."""
     loss_metrics: tuple[str, ...] = ()
-    """Names of the metrics ``loss`` returns (averaged by the training step)."""
-    reward_prompts: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
-    """For an update on rollouts: (rewards [B, G], valid [B, G], partition) -> [B] bool, the prompts the reward
-    term averages over (its denominator across micro-batches and ranks)."""
+    """Names of the metrics ``loss`` returns: averaged by the training step, or for a loss on rollouts its
+    per-micro-batch scores and sums (ROLLOUT_LOSS_OUTPUTS), gathered by the update."""
     implicit_prm: bool = False
     """Trains PRIME's implicit process reward model (a causal LM against its frozen reference) on outcome labels
     instead of the reward model, which stays frozen and only labels; the policy's advantages then combine the
     PRM's token-level rewards with the labels (``reward.prime``)."""
+
+    @property
+    def scores_in_update(self) -> bool:
+        """The reward model learns from the step's rollouts before the policy, by a loss that partitions on its
+        own scores: the update's forward scores the batch too, so the step has no separate scoring forward."""
+        return self.learns_from == "rollouts" and self.update == "before_policy" and not self.implicit_prm
 
 
 STRATEGIES: dict[str, RMStrategy] = {}
@@ -75,8 +72,6 @@ def register_strategy(strategy: RMStrategy) -> RMStrategy:
         raise ValueError(f"reward.strategy {strategy.name!r} is already registered")
     if (strategy.trains_backbone or strategy.implicit_prm) and strategy.loss is None:
         raise ValueError(f"reward.strategy {strategy.name!r} trains a model but has no loss")
-    if strategy.learns_from == "rollouts" and strategy.reward_prompts is None:
-        raise ValueError(f"reward.strategy {strategy.name!r} learns from rollouts but names no reward_prompts")
     STRATEGIES[strategy.name] = strategy
     return strategy
 
@@ -92,11 +87,11 @@ for _row in (
     # SAVE (Algorithm 2): value-anchored softmax contrastive loss (eqs. 18-20) + value loss (eq. 21), curriculum.
     RMStrategy("save", anchor="value_head", curriculum=True, trains_backbone=True, value_head=True,
                learns_from="rollouts", update="before_policy", loss=save_rm_loss,
-               loss_metrics=("reward_loss_sum", "value_loss_sum", "kept_prompts"), reward_prompts=kept_prompts),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
     # SAVE without the curriculum filter (ablation, paper Table 5).
     RMStrategy("save_no_curriculum", anchor="value_head", curriculum=False, trains_backbone=True, value_head=True,
                learns_from="rollouts", update="before_policy", loss=save_rm_loss,
-               loss_metrics=("reward_loss_sum", "value_loss_sum", "kept_prompts"), reward_prompts=kept_prompts),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
     # Plain RL against the initial reward model.
     RMStrategy("frozen", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
                learns_from="nothing", update="never"),
@@ -107,16 +102,16 @@ for _row in (
     # SAVE's contrastive loss with the group's mean reward as the anchor, no value head.
     RMStrategy("mean_reward", anchor="group_mean", curriculum=True, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=mean_reward_rm_loss,
-               loss_metrics=("reward_loss_sum", "kept_prompts"), reward_prompts=kept_prompts),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
     # Bradley-Terry on each group's highest- vs lowest-reward response.
     RMStrategy("hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
-               loss_metrics=("reward_loss_sum", "pairs"), reward_prompts=prompts_with_a_pair),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
     # PRIME (arXiv 2502.01456): an implicit PRM trained online on outcome labels (from the frozen RM or a
     # verifier); its token-level rewards and the labels' RLOO make the advantages.
     RMStrategy("prime", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
                learns_from="rollouts", update="before_policy", loss=prime_prm_loss,
-               loss_metrics=("prm_loss", "prm_accuracy"), reward_prompts=kept_prompts, implicit_prm=True),
+               loss_metrics=("prm_loss", "prm_accuracy"), implicit_prm=True),
     # R2M (arXiv 2601.22664): the frozen RM's state fused with the policy's; GREBT trains the head after the policy.
     RMStrategy("r2m", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
                learns_from="policy_feedback", update="after_policy", rewards="r2m_head"),

@@ -16,15 +16,17 @@ def stage3_steps(tiny_models, tmp_path_factory):
     return read_json(out)
 
 
-@pytest.mark.parametrize("strategy", ["save", "hl_bt"])
+@pytest.mark.parametrize("strategy", ["save", "hl_bt", "save_one_step"])
 def test_reference_step_does_something(stage3_steps, strategy):
     reference = stage3_steps[f"tp1-{strategy}"]
     assert reference["rm/reward_loss"] > 0 and reference["policy/pg_loss"] != 0
-    if strategy == "save":
+    if strategy == "save_one_step":
+        assert reference["policy/entropy"] > 0 and abs(reference["policy/kl_to_reference"]) < 1e-6
+    if strategy.startswith("save"):
         assert reference["kept_prompts"] > 0 and reference["rm/value_loss"] > 0
 
 
-@pytest.mark.parametrize("strategy", ["save", "hl_bt"])
+@pytest.mark.parametrize("strategy", ["save", "hl_bt", "save_one_step"])
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1"])
 def test_matches_tp1_dp4(stage3_steps, layout, strategy):
     reference, other = stage3_steps[f"tp1-{strategy}"], stage3_steps[f"{layout}-{strategy}"]
@@ -33,8 +35,9 @@ def test_matches_tp1_dp4(stage3_steps, layout, strategy):
         if key == "logp_after":
             continue  # rows per rank differ with the data-parallel size; compared below on the shared row
         assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    # Log-probs after an lr = 1e-3 step: TP's reduction order shows at 1e-4 relative on a few tokens.
     assert other["logp_after"][: len(reference["logp_after"])] == pytest.approx(
-        reference["logp_after"][: len(other["logp_after"])], rel=1e-4, abs=1e-5)
+        reference["logp_after"][: len(other["logp_after"])], rel=3e-4, abs=1e-5)
 
 
 def test_reference_prime_step_does_something(stage3_steps):

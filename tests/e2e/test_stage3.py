@@ -44,12 +44,20 @@ def test_tiny_save_run_trains_all_three_parts(save_run, tiny_models, world_of_on
     reported += ["rm/reward_loss", "rm/value_loss", "policy/pg_loss", "policy/kl_loss", "policy/kl_to_reference",
                  "policy/entropy", "policy/clip_fraction", "rollout/response_length", "rollout/truncated_fraction",
                  "throughput/response_tokens_per_s", "memory/host_peak_rss_gib", "time/step_s"]
-    reported += [f"time/{phase}_s" for phase in ("rollout", "score", "rm_update", "rescore", "policy_logprobs",
+    # No "score" phase: the RM update's own forward scores the batch.
+    reported += [f"time/{phase}_s" for phase in ("rollout", "rm_update", "rescore", "policy_logprobs",
                                                  "policy_update", "weight_sync")]
     for record in records:
         missing = [name for name in reported if record.get(name) is None or not math.isfinite(record[name])]
         assert not missing, (record["step"], missing)
     assert all(0 <= r["filter/keep_rate"] <= 1 and r["throughput/response_tokens_per_s"] > 0 for r in records)
+    # The cost structure of a SAVE step with one policy mini-batch: the fused RM update and the re-score, the
+    # policy update whose own forward gives the old log-probs, the reference for the KL term.
+    for record in records:
+        assert "time/score_s" not in record
+        assert {k: v for k, v in record.items() if k.startswith("passes/")} == {
+            "passes/reward_forward": 2, "passes/reward_backward": 1, "passes/policy_forward": 1,
+            "passes/policy_backward": 1, "passes/reference_forward": 1}, record["step"]
     assert list((save_run / "tensorboard").glob("events.out.tfevents.*"))
 
     before_rm, after_rm = _parameters(tiny_models["llama-rmv"]["mg"]), _parameters(save_run / "reward_model")

@@ -13,7 +13,7 @@ from helpers import REPO, read_metrics
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 from megatron_save.config import load_config
-from megatron_save.trainers.stage3 import Stage3Config, loop, rollout_phase
+from megatron_save.trainers.stage3 import Stage3Config, loop, reward_phase, rollout_phase
 from megatron_save.trainers.stage3.run import build_stage3_run
 
 
@@ -30,6 +30,8 @@ VARIANTS = {
     "offline_bt": ["reward.strategy=offline_bt", "reward.offline_batch_size=8"],
     "mean_reward": ["reward.strategy=mean_reward"],
     "hl_bt": ["reward.strategy=hl_bt"],
+    # The policy update scored by the pre-update RM: no re-score.
+    "lagged": ["reward.lagged_scores=true"],
     "frozen_policy": ["policy.frozen=true"],
     # With every offload on: R2M's head trains in its own resident window and its final checkpoint holds its
     # optimizer.
@@ -52,15 +54,19 @@ VARIANTS = {
 }
 
 
-# Full-batch passes of a complete step, by model: (forward, backward). An RM update is a forward-backward and a
-# re-score another forward; the policy's old log-probs and its update (one pass over its mini-batches); PRIME's
-# PRM scores, updates (and re-scores with the double forward), its reference shared with the policy's.
-SAVE_PASSES = {"reward": (3, 1), "policy": (2, 1), "reference": (1, 0)}
-PASSES = {"frozen_rm": {**SAVE_PASSES, "reward": (1, 0)}, "frozen_policy": {"reward": (3, 1)},
-          "reinforce_pp": {"reward": (3, 1), "policy": (2, 1)},  # kl_coef = 0: no reference
-          "r2m": {"reward": (1, 0), "policy": (4, 1), "reference": (1, 0), "r2m_head": (2, 1)},
-          "prime": {"reward": (1, 0), "prm": (2, 1), "policy": (2, 1), "reference": (2, 0)},
-          "prime_verifier": {"reward": (1, 0), "prm": (3, 1), "policy": (2, 1), "reference": (2, 0)}}
+# Full-batch passes of a complete step, by model: (forward, backward). An RM update on the rollouts is one
+# forward-backward that also scores them, and the re-score another forward (none with lagged scores); continual
+# offline BT scores, updates on static pairs and re-scores. The policy's update gives its own old log-probs with
+# one mini-batch (two: a forward before it). PRIME's PRM scores, updates (and re-scores with the double
+# forward), its reference shared with the policy's.
+SAVE_PASSES = {"reward": (2, 1), "policy": (1, 1), "reference": (1, 0)}
+PASSES = {"frozen_rm": {**SAVE_PASSES, "reward": (1, 0)}, "frozen_policy": {"reward": (2, 1)},
+          "offline_bt": {**SAVE_PASSES, "reward": (3, 1)}, "lagged": {**SAVE_PASSES, "reward": (1, 1)},
+          "rloo": {**SAVE_PASSES, "policy": (2, 1)},
+          "reinforce_pp": {"reward": (2, 1), "policy": (1, 1)},  # kl_coef = 0: no reference
+          "r2m": {"reward": (1, 0), "policy": (3, 1), "reference": (1, 0), "r2m_head": (2, 1)},
+          "prime": {"reward": (1, 0), "prm": (2, 1), "policy": (1, 1), "reference": (2, 0)},
+          "prime_verifier": {"reward": (1, 0), "prm": (3, 1), "policy": (1, 1), "reference": (2, 0)}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -121,21 +127,27 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
 
 
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
-    """A NaN in the first scoring skips step 1; an inf in step 2's re-scoring (after the RM update) skips its
-    policy update only; step 3 runs whole. Both counted."""
-    real_score_groups = rollout_phase.score_groups
-    calls = []
+    """A NaN in the first scoring (the fused RM update's own forward) skips step 1 without an RM step; an inf in
+    step 2's re-scoring (after the RM update) skips its policy update only; step 3 runs whole. Both counted."""
+    real_gather, real_score_groups = reward_phase.gather_rollout_outputs, rollout_phase.score_groups
+    updates, rescores = [], []
 
-    def score_with_non_finite_values(*args, **kwargs):
-        scores = real_score_groups(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:
+    def update_scores_with_a_nan(*args, **kwargs):
+        scores, sums = real_gather(*args, **kwargs)
+        updates.append(1)
+        if len(updates) == 1:
             scores.rewards[0, 1] = float("nan")
-        if len(calls) == 3:  # step 2: score, then re-score
+        return scores, sums
+
+    def rescore_with_an_inf(*args, **kwargs):
+        scores = real_score_groups(*args, **kwargs)
+        rescores.append(1)
+        if len(rescores) == 1:  # step 2's re-score (step 1 stopped before its own)
             scores.rewards[1, 0] = float("inf")
         return scores
 
-    monkeypatch.setattr(rollout_phase, "score_groups", score_with_non_finite_values)
+    monkeypatch.setattr(reward_phase, "gather_rollout_outputs", update_scores_with_a_nan)
+    monkeypatch.setattr(rollout_phase, "score_groups", rescore_with_an_inf)
     out = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / "nan", "total_steps=3"))
     first, second, third = read_metrics(out)
     assert first["counters/steps_skipped_non_finite_scores"] == 1
@@ -175,11 +187,8 @@ def test_a_step_without_any_valid_response_is_skipped(strategy, tiny_models, rl_
     run.sync_rollout_weights()
     record = loop.rl_step(run, cfg, 1, Counter())
     assert record["rollout/valid_fraction"] == 0.0
-    assert "policy/pg_loss" not in record
-    if strategy == "r2m":
-        assert record["counters/steps_skipped_no_valid_response"] == 1
-    else:
-        assert record["rm/update_skipped"] == 1.0 and record["counters/policy_updates_skipped_nothing_kept"] == 1
+    assert record["counters/steps_skipped_no_valid_response"] == 1
+    assert not any(name.startswith(("rm/", "policy/", "passes/")) for name in record)  # no pass, no update
 
 
 def test_refuses_a_save_run_without_a_value_head(tiny_models, rl_data, tmp_path, world_of_one):
@@ -247,13 +256,13 @@ def test_a_bf16_run_resumes_to_the_uninterrupted_parameters(strategy, tiny_model
 def group_mean_without_curriculum():
     """A strategy that is not in the paper, added as one row: SAVE's contrastive loss against the group mean,
     without the curriculum filter."""
-    from megatron_save.trainers.losses import mean_reward_rm_loss
-    from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, kept_prompts, register_strategy
+    from megatron_save.trainers.losses import ROLLOUT_LOSS_OUTPUTS, mean_reward_rm_loss
+    from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, register_strategy
 
     row = register_strategy(RMStrategy(
         "mean_reward_no_curriculum", anchor="group_mean", curriculum=False, trains_backbone=True, value_head=False,
         learns_from="rollouts", update="before_policy", loss=mean_reward_rm_loss,
-        loss_metrics=("reward_loss_sum", "kept_prompts"), reward_prompts=kept_prompts))
+        loss_metrics=ROLLOUT_LOSS_OUTPUTS))
     yield row
     del STRATEGIES[row.name]
 

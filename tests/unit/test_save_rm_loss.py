@@ -31,16 +31,23 @@ def test_micro_batch_sums_make_the_global_means(tmp_path):
     rows = torch.arange(PROMPTS * GROUP)
     rewards = scores[rows, last_token_index(mask), 0].view(PROMPTS, GROUP)
     values = scores[rows, 3, 1].view(PROMPTS, GROUP)[:, 0]
-    anchor = rewards.median(dim=1).values - 1e-4  # puts responses on both sides in most groups
-    pos, neg, keep = save_partition(rewards, anchor, valid.view(PROMPTS, GROUP), 0.5)
-    assert 0 < keep.sum() < PROMPTS or keep.all()
-    expected = save_reward_loss(rewards, values, pos, neg, keep) + 0.5 * value_anchor_loss(
-        values, rewards, valid.view(PROMPTS, GROUP))
+    threshold = 0.5 + 1e-3
+    pos, neg, keep = save_partition(rewards, values, valid.view(PROMPTS, GROUP), threshold)
+    expected_reward = save_reward_loss(rewards, values, pos, neg, keep)
+    expected_value = value_anchor_loss(values, rewards, valid.view(PROMPTS, GROUP))
 
     micro_batches, data_parallel = 2, 1
-    batch = ResponseGroupBatch(input_ids, mask, prompt_lengths, valid, pos.flatten(), neg.flatten(), GROUP,
-                               reward_scale=micro_batches * data_parallel / keep.sum().item(),
-                               value_scale=micro_batches * data_parallel / PROMPTS)
-    total = sum(save_rm_loss(part, scores[i * 6 : (i + 1) * 6], value_loss_weight=0.5)[0] / micro_batches
-                for i, part in enumerate(batch.split(GROUP * 2)))
-    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    batch = ResponseGroupBatch(input_ids, mask, prompt_lengths, valid, valid.clone(), GROUP, threshold,
+                               sum_scale=micro_batches * data_parallel, value_scale=micro_batches * data_parallel / PROMPTS)
+    parts = [save_rm_loss(part, scores[i * 6 : (i + 1) * 6], value_loss_weight=0.5)
+             for i, part in enumerate(batch.split(GROUP * 2))]
+    kept = sum(out["reward_count"] for _, out in parts)
+    assert kept == keep.sum()  # each micro-batch partitions its own groups: together, the batch's partition
+    reward_sum = sum(out["reward_loss_sum"] for _, out in parts)
+    assert (reward_sum / kept).item() == pytest.approx(expected_reward.item(), rel=1e-5)
+    assert torch.equal(torch.cat([out["rewards"] for _, out in parts]), rewards.flatten())
+    assert torch.equal(torch.cat([out["values"] for _, out in parts]), values)
+    # What Megatron's averaging makes of the losses: the reward sum (divided by |B~| after the pass) and the mean
+    # value loss.
+    total = sum(loss / micro_batches for loss, _ in parts)
+    assert total.item() == pytest.approx(reward_sum.item() + 0.5 * expected_value.item(), rel=1e-5)

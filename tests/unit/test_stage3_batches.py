@@ -13,9 +13,10 @@ from megatron_save.trainers.stage3.batches import (
     mini_batch_layout,
     policy_loss_scales,
     policy_token_rows,
+    prompts_per_rank,
     response_group_batches,
 )
-from megatron_save.trainers.stage3.groups import FeedbackPartition, RolloutGroups
+from megatron_save.trainers.stage3.groups import RolloutGroups
 
 
 def _rows(shapes=((3, 4), (5, 2), (2, 6), (4, 1), (3, 3))) -> PolicyRows:
@@ -92,41 +93,36 @@ def _groups(valid: list[list[bool]]) -> RolloutGroups:
 def test_response_group_batches_cover_every_group_once_with_global_scales(ranks, micro_batch_size):
     valid = [[True, True, False], [True, False, False], [False, False, False], [True, True, True], [True, False, True]]
     groups = _groups(valid)
-    pos = torch.tensor([[True, False, False], [False] * 3, [False] * 3, [True, True, False], [False, False, True]])
-    neg = torch.tensor([[False, True, False], [False] * 3, [False] * 3, [False, False, True], [True, False, False]])
-    partition = FeedbackPartition(0.5, pos | neg, pos, neg, pos.any(1) & neg.any(1), torch.zeros(5))
-    reward_count, value_count = int(partition.prompt_keep.sum()), int(groups.valid.any(dim=1).sum())
-    seen_valid, seen_pos, kept_prompts, scaled_reward, scaled_value = [], [], 0, 0.0, 0.0
+    trained = groups.valid.clone()
+    trained[3, 2] = False  # e.g. truncated, left out of the update but still scored
+    value_count = int(trained.any(dim=1).sum())
+    seen_valid, seen_trained, scaled_sum, scaled_value = [], [], 0.0, 0.0
     batches_per_rank = set()
     for rank in range(ranks):
-        batches = response_group_batches(groups, partition, micro_batch_size, 0, reward_count, value_count, ranks,
-                                         rank)
+        batches = response_group_batches(groups, trained, 0.7, micro_batch_size, 0, ranks, rank)
         batches_per_rank.add(len(batches))
+        assert len(batches) * micro_batch_size == prompts_per_rank(5, ranks, micro_batch_size)
         for batch in batches:
             assert batch.input_ids.shape[0] == micro_batch_size * 3 and batch.group_size == 3
-            valid_rows = batch.valid.view(-1, 3)
+            assert batch.threshold == 0.7
             seen_valid += batch.valid.tolist()
-            seen_pos += batch.pos_mask.tolist()
-            keep = (batch.pos_mask.view(-1, 3).any(1) & batch.neg_mask.view(-1, 3).any(1)).sum().item()
-            kept_prompts += keep
-            # Megatron averages micro-batch losses over micro-batches x ranks: a sum over the micro-batch's kept
-            # prompts times reward_scale averages to the batch mean over kept prompts.
-            scaled_reward += batch.reward_scale * keep
-            scaled_value += batch.value_scale * valid_rows.any(1).sum().item()
+            seen_trained += batch.trained.tolist()
+            # Megatron averages micro-batch losses over micro-batches x ranks: sum_scale undoes it (a sum), and
+            # a sum over the micro-batch's prompts times value_scale averages to the batch mean.
+            scaled_sum += batch.sum_scale
+            scaled_value += batch.value_scale * batch.trained.view(-1, 3).any(1).sum().item()
             # V is read at the prompt's last token in every slot of a group, valid or not.
             for row in range(batch.input_ids.shape[0]):
                 length = int(batch.prompt_lengths[row])
                 assert batch.attention_mask[row, :length].all()
     assert len(batches_per_rank) == 1  # every rank runs the same number of micro-batches (the schedule needs it)
     total = batches_per_rank.pop() * ranks
-    assert sum(seen_valid) == groups.valid.sum() and sum(seen_pos) == pos.sum()
-    assert kept_prompts == reward_count
-    assert scaled_reward / total == pytest.approx(1.0) and scaled_value / total == pytest.approx(1.0)
+    assert sum(seen_valid) == groups.valid.sum() and sum(seen_trained) == trained.sum()
+    assert scaled_sum / total == pytest.approx(total) and scaled_value / total == pytest.approx(1.0)
+    assert value_count == 4
 
 
 def test_a_zero_count_switches_its_term_off():
     groups = _groups([[True, True], [True, False]])
-    none = torch.zeros(2, 2, dtype=torch.bool)
-    partition = FeedbackPartition(0.5, groups.valid, none, none, none.any(1), None)
-    (batch,) = response_group_batches(groups, partition, 2, 0, reward_count=0, value_count=2, ranks=1, rank=0)
-    assert batch.reward_scale == 0.0 and batch.value_scale == 1 / 2
+    (batch,) = response_group_batches(groups, torch.zeros(2, 2, dtype=torch.bool), 0.5, 2, 0, ranks=1, rank=0)
+    assert batch.value_scale == 0.0 and batch.sum_scale == 1.0

@@ -3,6 +3,8 @@ batch's loss scaling, prompt order, run checkpoints and metrics files."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -30,7 +32,7 @@ from megatron_save.trainers.stage3.groups import (
     non_finite_scores,
     partition_feedback,
     prepare_groups,
-    rm_update_feedback,
+    rm_trained,
 )
 from megatron_save.trainers.stage3.policy_phase import policy_loss, policy_mini_batches
 from megatron_save.trainers.stage3.reward_phase import offline_pair_indices
@@ -93,17 +95,9 @@ def test_rm_update_can_leave_truncated_responses_out():
     rollouts = Rollouts(prompt_ids=[p.ids for p in prompts], response_ids=[[[5, eos], [6, 7], [8, eos]]] * 2,
                         truncated=[[False, True, False], [True, True, False]])
     groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=64, drop_truncated=False)
-    scores = GroupScores(torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, -1.0]]), torch.tensor([0.5, 0.5]))
-    partition = partition_feedback(STRATEGIES["save"], scores, groups.valid, 0.5)
-    assert partition.prompt_keep.tolist() == [True, True]
-    same_groups, same_partition = rm_update_feedback(STRATEGIES["save"], groups, scores, partition, skip_truncated=False)
-    assert same_groups is groups and same_partition is partition
-    complete, rm_partition = rm_update_feedback(STRATEGIES["save"], groups, scores, partition, skip_truncated=True)
-    assert complete.valid.tolist() == [[True, False, True], [False, False, True]]
+    assert rm_trained(groups, skip_truncated=False).tolist() == groups.valid.tolist()
+    assert rm_trained(groups, skip_truncated=True).tolist() == [[True, False, True], [False, False, True]]
     assert groups.valid.all()  # the step's own groups (the policy's) keep every response
-    # prompt 1 keeps only its negative response: no longer in B~
-    assert rm_partition.pos_mask.tolist() == [[True, False, False], [False, False, False]]
-    assert rm_partition.prompt_keep.tolist() == [True, False] and rm_partition.threshold == partition.threshold
 
 
 def test_filter_threshold_and_non_finite_counts():
@@ -161,7 +155,8 @@ def test_policy_micro_batch_losses_add_up_to_the_whole_batch_loss(aggregation, t
     (micro_batches,), metrics = policy_mini_batches(policy, policy, rows, settings, pad_id=0,
                                                     temperature=temperature)
     assert len(micro_batches) == 3  # 5 rows + 1 filler in micro-batches of 2
-    assert metrics["policy/kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy
+    # One optimizer step: the old log-probs (and pre-update metrics) come from the update's own forward.
+    assert metrics == {} and all(batch.old_logp is None for batch in micro_batches)
     for batch, (sequence, prompt) in zip([b for m in micro_batches for b in m.split(1)],
                                          zip(rows.sequences, rows.prompt_lengths)):
         assert batch.loss_mask.sum() == len(sequence) - prompt
@@ -175,8 +170,7 @@ def test_policy_micro_batch_losses_add_up_to_the_whole_batch_loss(aggregation, t
     for batch in micro_batches:
         with torch.no_grad():
             logits = policy(batch.input_ids, batch.position_ids(), None)
-        assert torch.allclose(batch.old_logp[batch.loss_mask], next_token_logp(logits, batch.input_ids)[
-            batch.loss_mask], atol=1e-5)
+        batch = dataclasses.replace(batch, old_logp=next_token_logp(logits, batch.input_ids))
         logits = logits + 0.3 * torch.randn(logits.shape, generator=generator)
         loss, _ = policy_loss(settings, 1.0, temperature, batch, logits)
         losses.append(loss)

@@ -33,7 +33,8 @@ def test_every_row_is_consistent(name):
     if row.curriculum:
         assert row.anchor != "none"  # the filter measures the distance to an anchor
     if row.learns_from == "rollouts":
-        assert row.reward_prompts is not None and row.update == "before_policy"
+        assert row.update == "before_policy"
+    assert row.scores_in_update == (row.learns_from == "rollouts" and not row.implicit_prm)
 
 
 def test_an_unknown_name_is_refused_with_the_list():
@@ -49,8 +50,6 @@ def test_registration_refuses_a_taken_name_and_incomplete_rows():
         register_strategy(STRATEGIES["save"])
     with pytest.raises(ValueError, match="has no loss"):
         register_strategy(dataclasses.replace(STRATEGIES["frozen"], name="broken", trains_backbone=True))
-    with pytest.raises(ValueError, match="names no reward_prompts"):
-        register_strategy(dataclasses.replace(STRATEGIES["save"], name="broken", reward_prompts=None))
     assert "broken" not in STRATEGIES
 
 

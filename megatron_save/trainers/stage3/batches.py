@@ -9,22 +9,26 @@ from dataclasses import dataclass
 import torch
 
 from megatron_save.data.batching import ResponseGroupBatch
-from megatron_save.trainers.stage3.groups import FeedbackPartition, RolloutGroups
+from megatron_save.trainers.stage3.groups import RolloutGroups
 from megatron_save.utils.tensors import pad_rows
 
 
-def response_group_batches(groups: RolloutGroups, partition: FeedbackPartition, micro_batch_size: int,
-                           pad_id: int, reward_count: int, value_count: int, ranks: int, rank: int
-                           ) -> list[ResponseGroupBatch]:
-    """Data-parallel rank ``rank`` of ``ranks``: its micro-batches of ``micro_batch_size`` prompts x G slots.
+def prompts_per_rank(prompts: int, ranks: int, micro_batch_size: int) -> int:
+    """Prompt slots of each data-parallel rank in a reward-model update: B padded to a multiple of ranks x
+    micro_batch_size, split evenly."""
+    return -(-prompts // (ranks * micro_batch_size)) * micro_batch_size
+
+
+def response_group_batches(groups: RolloutGroups, trained: torch.Tensor, threshold: float, micro_batch_size: int,
+                           pad_id: int, ranks: int, rank: int) -> list[ResponseGroupBatch]:
+    """Data-parallel rank ``rank`` of ``ranks``: its micro-batches of ``micro_batch_size`` prompts x G slots, for
+    an update that scores, partitions at ``threshold`` and learns from the ``trained`` [B, G] responses.
 
     The B prompts are padded with empty groups (no valid slot: they add nothing) to a multiple of ranks x
-    micro_batch_size and split contiguously over ranks. ``reward_count`` / ``value_count`` are the whole batch's
-    denominators of the reward and value means (e.g. kept prompts; prompts with a response); a zero count switches
-    its term off.
+    micro_batch_size and split contiguously over ranks (``prompts_per_rank`` each).
     """
     prompts, group_size = groups.valid.shape
-    per_rank = -(-prompts // (ranks * micro_batch_size)) * micro_batch_size
+    per_rank = prompts_per_rank(prompts, ranks, micro_batch_size)
     slots = [(i, j) for i in range(rank * per_rank, (rank + 1) * per_rank) for j in range(group_size)]
     sequences = [groups.rm_sequences[i][j] if i < prompts else groups.rm_sequences[0][0] for i, j in slots]
     width = max(len(s) for row in groups.rm_sequences for s in row)
@@ -34,16 +38,17 @@ def response_group_batches(groups: RolloutGroups, partition: FeedbackPartition, 
         return torch.tensor([i < prompts and bool(mask[i, j]) for i, j in slots])
 
     micro_batches = per_rank // micro_batch_size
+    value_count = int(trained.any(dim=1).sum())
     batch = ResponseGroupBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         # An invalid slot holds the prompt alone, so V is read at the same position in every slot of a group.
         prompt_lengths=torch.tensor([groups.rm_prompt_lengths[i] if i < prompts else 1 for i, _ in slots]),
         valid=flag(groups.valid),
-        pos_mask=flag(partition.pos_mask),
-        neg_mask=flag(partition.neg_mask),
+        trained=flag(trained),
         group_size=group_size,
-        reward_scale=micro_batches * ranks / reward_count if reward_count else 0.0,
+        threshold=threshold,
+        sum_scale=float(micro_batches * ranks),
         value_scale=micro_batches * ranks / value_count if value_count else 0.0,
     )
     return batch.split(micro_batch_size * group_size)

@@ -113,6 +113,9 @@ class RewardSettings:
     """Leave responses cut at max_new_tokens out of the RM update only (V then fits complete responses' rewards)."""
     micro_batch_size: int = 2
     """Prompts (each with its G responses) per forward pass of the RM update; scoring uses this x G sequences."""
+    lagged_scores: bool = False
+    """Score the policy update with the pre-update reward model (the update's own forward) and skip the re-score
+    of Algorithm 2, line 15: one RM forward fewer per step. Off: the paper re-scores after the update."""
     r2m_width: int = 2048
     """r2m: internal width d of the cross-attention (R2M paper: 2048)."""
     r2m_alpha: float = 0.3
@@ -218,6 +221,9 @@ def check_stage3_config(cfg: Stage3Config) -> None:
     if cfg.reward.update_skips_truncated and strategy.learns_from != "rollouts":
         raise ValueError(f"reward.update_skips_truncated=true does nothing with reward.strategy="
                          f"{cfg.reward.strategy}: it does not learn from the rollouts' responses")
+    if cfg.reward.lagged_scores and not strategy.scores_in_update:
+        raise ValueError(f"reward.lagged_scores=true does nothing with reward.strategy={cfg.reward.strategy}: its "
+                         "reward model is not updated on the step's own scores")
     if strategy.learns_from == "offline_pairs" and not cfg.reward.offline_data:
         raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
     if strategy.implicit_prm:

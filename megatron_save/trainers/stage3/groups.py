@@ -4,7 +4,7 @@ reward-model scores, and the value-anchored partition (Algorithm 2, lines 7-11 a
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -199,12 +199,8 @@ def partition_feedback(strategy: RMStrategy, scores: GroupScores, valid: torch.T
     return FeedbackPartition(threshold, pos | neg, pos, neg, prompt_keep, anchor)
 
 
-def rm_update_feedback(strategy: RMStrategy, groups: RolloutGroups, scores: GroupScores, partition: FeedbackPartition,
-                       skip_truncated: bool) -> tuple[RolloutGroups, FeedbackPartition]:
-    """The groups and partition the reward model learns from: the step's own, or, with ``skip_truncated``, those
-    without the responses cut at max_new_tokens (the paper's RM update leaves out responses over its generation
-    limit; the policy still trains on them)."""
-    if not skip_truncated or not (groups.valid & groups.truncated).any():
-        return groups, partition
-    complete = replace(groups, valid=groups.valid & ~groups.truncated)
-    return complete, partition_feedback(strategy, scores, complete.valid, partition.threshold)
+def rm_trained(groups: RolloutGroups, skip_truncated: bool) -> torch.Tensor:
+    """[B, G] bool, the valid responses the reward model (or PRIME's PRM) learns from: all of them, or, with
+    ``skip_truncated``, those not cut at max_new_tokens (the paper's RM update leaves out responses over its
+    generation limit; the policy still trains on them)."""
+    return groups.valid & ~groups.truncated if skip_truncated else groups.valid

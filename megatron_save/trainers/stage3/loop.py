@@ -42,9 +42,9 @@ from megatron_save.trainers.stage3.metrics import (
     step_summary,
     value_only_run_warning,
 )
-from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy
+from megatron_save.trainers.stage3.policy_phase import old_logprobs_passes, policy_mini_batches, update_policy
 from megatron_save.trainers.stage3.prime import prime_token_advantages
-from megatron_save.trainers.stage3.reward_phase import r2m_phase, reward_phase
+from megatron_save.trainers.stage3.reward_phase import r2m_phase, reward_phase, update_on_rollouts
 from megatron_save.trainers.stage3.rollout_phase import (
     ROLLOUT_LOG,
     log_rollouts,
@@ -121,26 +121,34 @@ def saves_run_checkpoint(cfg: Stage3Config, step: int, last: int) -> bool:
 
 def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> dict[str, float]:
     """One step of Algorithm 2: rollout, score, partition, RM update, re-score and filter, policy update (and R2M's
-    head update after it)."""
+    head update after it). A strategy that updates on its own scores (SAVE, Mean Reward, HL-BT) scores,
+    partitions and updates in one reward-model forward-backward."""
     timer, strategy = PhaseTimer(), run.strategy
     with timer.phase("rollout"):
         groups = sample_groups(run, cfg, step)
     metrics = rollout_metrics(groups)
-    with timer.phase("score"):
-        scores = score_rollouts(run, cfg, groups, step)
-    if scores is None:
+    threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
+    update = None
+    if strategy.scores_in_update and groups.valid.any():
+        update = update_on_rollouts(run, cfg, groups, threshold, timer)
+        scores = update.scores
+        add_metrics(metrics, passes("reward", forward=1, backward=1))
+    else:
+        with timer.phase("score"):
+            scores = score_rollouts(run, cfg, groups, step)
+    if scores is None or not groups.valid.any():
         count_skip(counters, "steps_skipped_no_valid_response", step, "no valid response to score; step skipped")
         return finish_step(metrics, timer, counters)
-    add_metrics(metrics, scoring_passes(run.strategy))
+    if update is None:
+        add_metrics(metrics, scoring_passes(run.strategy))
     if non_finite_scores(scores, groups.valid):
         count_skip(counters, "steps_skipped_non_finite_scores", step, "non-finite rewards; step skipped")
         return finish_step(metrics, timer, counters)
-    threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
     partition = partition_feedback(strategy, scores, groups.valid, threshold)
     add_metrics(metrics, feedback_metrics(groups, scores, partition, "filter"))
     log_rollouts(run, cfg, step, groups, scores, partition)
     if strategy.update == "before_policy":
-        scores, rm_metrics = reward_phase(run, cfg, step, groups, scores, partition, counters, timer)
+        scores, rm_metrics = reward_phase(run, cfg, step, groups, scores, partition, update, counters, timer)
         add_metrics(metrics, rm_metrics)
         if non_finite_scores(scores, groups.valid):
             count_skip(counters, "policy_updates_skipped_non_finite_scores", step,
@@ -171,8 +179,10 @@ def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
                                                     pad_id_of(run.policy_tokenizer), temperature=temperature)
-    # The old log-probs' forward, then the update's (its mini-batches make one pass).
-    metrics |= passes("reference", forward=int(run.reference is not None)) | passes("policy", forward=2, backward=1)
+    # The old log-probs' forward (none when the update's own forward gives them), then the update's (its
+    # mini-batches make one pass).
+    metrics |= passes("reference", forward=int(run.reference is not None))
+    metrics |= passes("policy", forward=1 + old_logprobs_passes(mini_batches), backward=1)
     with timer.phase("policy_update"), run.offload.resident("policy"):
         metrics |= update_policy(run.policy_state, mini_batches, cfg.policy, cfg.rollout.sampling.max_new_tokens,
                                  temperature=temperature)

@@ -14,13 +14,15 @@ from megatron.core import parallel_state
 from megatron_save.algorithms import gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
 from megatron_save.algorithms.policy_loss import aggregate
 from megatron_save.data.batching import PolicyBatch
-from megatron_save.models.policy import sequence_logprobs, token_logprobs
+from megatron_save.models.policy import sequence_logprobs, token_logprobs, vocab_parallel_entropy
 from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.stage3.batches import PolicyRows, mini_batch_layout, policy_loss_scales, policy_token_rows
 from megatron_save.trainers.stage3.config import PolicySettings
 from megatron_save.trainers.step import train_step
 
 POLICY_METRICS = ("pg_loss", "kl_loss", "clip_fraction", "approx_kl")
+# Sums over the response tokens of a micro-batch, returned when the update's forward is the pre-update policy's.
+PRE_UPDATE_SUMS = ("entropy_sum", "kl_to_reference_sum", "tokens")
 
 
 def _aggregation(settings: PolicySettings) -> str:
@@ -30,39 +32,55 @@ def _aggregation(settings: PolicySettings) -> str:
 def policy_loss(settings: PolicySettings, norm_constant: float, temperature: float, batch: PolicyBatch,
                 logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + kl_coef x KL to the reference, on one micro-batch, with log-probs of
-    softmax(logits / temperature). logits [b, S, V / TP]."""
+    softmax(logits / temperature). Without old log-probs in the batch, this forward is the old policy's: its
+    detached log-probs are the old ones (ratio 1) and its entropy and KL sums are the pre-update statistics.
+    logits [b, S, V / TP]."""
     logp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)  # [b, S - 1]
     device = logp.device
     mask, advantages = batch.loss_mask.to(device), batch.advantages.to(device)
-    old_logp, ref_logp = batch.old_logp.to(device), batch.ref_logp.to(device)
+    old_logp = logp.detach() if batch.old_logp is None else batch.old_logp.to(device)
+    ref_logp = None if batch.ref_logp is None else batch.ref_logp.to(device)
     if settings.loss == "gspo":
         surrogate = gspo_policy_loss(logp, old_logp, advantages, mask, settings.clip_low, settings.clip_high)
     else:
         surrogate = ppo_clip_policy_loss(logp, old_logp, advantages, mask, settings.clip_low, settings.clip_high,
                                          settings.dual_clip, settings.aggregation, norm_constant)
     kl = torch.zeros((), device=device)
-    if settings.kl_coef > 0:
+    if settings.kl_coef > 0 and ref_logp is not None:
         kl = aggregate(kl_penalty(logp, ref_logp, settings.kl_kind), mask, _aggregation(settings), norm_constant)
     loss = (surrogate.loss + settings.kl_coef * kl) * batch.loss_scale
     # Scaled like the loss, so that the averages over micro-batches and ranks are the whole mini-batch's values.
     metrics = {"pg_loss": surrogate.loss, "kl_loss": kl, "clip_fraction": surrogate.clip_fraction,
                "approx_kl": surrogate.approx_kl}
-    return loss, {name: value * batch.loss_scale for name, value in metrics.items()}
+    metrics = {name: value * batch.loss_scale for name, value in metrics.items()}
+    if batch.old_logp is None:
+        metrics |= _pre_update_sums(logits, old_logp, ref_logp, mask, settings, temperature)
+    return loss, metrics
+
+
+def _pre_update_sums(logits: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor,
+                     settings: PolicySettings, temperature: float) -> dict[str, torch.Tensor]:
+    """PRE_UPDATE_SUMS of a micro-batch: entropy and KL to the reference summed over its response tokens, and
+    their count. logits [b, S, V / TP], logp / ref_logp / mask [b, S - 1]."""
+    entropy = vocab_parallel_entropy(logits[:, :-1].detach(), temperature)  # [b, S - 1]
+    kl = kl_penalty(logp, ref_logp, settings.kl_kind)[mask].sum() if ref_logp is not None else torch.zeros(())
+    return {"entropy_sum": entropy[mask].sum(), "kl_to_reference_sum": kl.to(logp.device),
+            "tokens": mask.sum().float()}
 
 
 def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, settings: PolicySettings,
                         pad_id: int, *, temperature: float) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
-    """Collective: this data-parallel rank's mini-batches of micro-batches (``mini_batch_layout``), with old and
-    reference log-probs at the sampling ``temperature``, and the pre-update entropy / KL metrics of the whole
-    batch."""
+    """Collective: this data-parallel rank's mini-batches of micro-batches (``mini_batch_layout``), with reference
+    log-probs at the sampling ``temperature`` and, when the update takes more than one optimizer step, old
+    log-probs and the pre-update entropy / KL metrics of the whole batch (one step: its own first forward is the
+    old policy's, and ``update_policy`` reports them)."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mbs = settings.micro_batch_size
     layout = mini_batch_layout(len(rows.sequences), settings.mini_batches, ranks, mbs)
     input_ids, attention_mask, loss_mask, advantages = policy_token_rows(rows, layout, rank, pad_id)
-    old = sequence_logprobs(policy, input_ids, mbs, temperature)
-    ref_logp = (sequence_logprobs(reference, input_ids, mbs, temperature).logp if reference is not None
-                else torch.zeros_like(old.logp))
-    batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, old.logp, ref_logp)
+    old = sequence_logprobs(policy, input_ids, mbs, temperature) if len(layout) > 1 else None
+    ref_logp = sequence_logprobs(reference, input_ids, mbs, temperature).logp if reference is not None else None
+    batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, None if old is None else old.logp, ref_logp)
     token_mean = settings.loss != "gspo" and settings.aggregation == "token-mean"
     scales = policy_loss_scales(layout, rank, rows.response_lengths, token_mean, mbs)
     mini_batches, offset = [], 0
@@ -70,9 +88,13 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
         mini_batches.append([dataclasses.replace(batch.rows(offset + m * mbs, offset + (m + 1) * mbs),
                                                  loss_scale=scale) for m, scale in enumerate(part_scales)])
         offset += len(part_scales) * mbs
-    metrics = _pre_update_metrics(old.entropy, old.logp, ref_logp if reference is not None else None, loss_mask,
-                                  settings)
+    metrics = {} if old is None else _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)
     return mini_batches, metrics
+
+
+def old_logprobs_passes(mini_batches: list[list[PolicyBatch]]) -> int:
+    """Policy forwards the old log-probs took: 0 when the update's own forward gives them, else 1."""
+    return int(mini_batches[0][0].old_logp is not None)
 
 
 def _pre_update_metrics(entropy: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -92,8 +114,18 @@ def _pre_update_metrics(entropy: torch.Tensor, logp: torch.Tensor, ref_logp: tor
 def update_policy(state: TrainState, mini_batches: list[list[PolicyBatch]], settings: PolicySettings,
                   norm_constant: float, *, temperature: float) -> dict[str, float]:
     """One optimizer step per mini-batch (log-probs at the sampling ``temperature``); returns the metrics averaged
-    over mini-batches."""
+    over mini-batches, and the pre-update entropy / KL when the update's forward was the old policy's."""
     loss_fn = partial(policy_loss, settings, norm_constant, temperature)
-    steps = [train_step(state, micro, loss_fn, POLICY_METRICS) for micro in mini_batches]
-    names = (*POLICY_METRICS, "grad_norm", "update_skipped")
-    return {f"policy/{name}": sum(s[name] for s in steps) / len(steps) for name in names}
+    own_old = not old_logprobs_passes(mini_batches)
+    names = POLICY_METRICS + PRE_UPDATE_SUMS if own_old else POLICY_METRICS
+    steps = [train_step(state, micro, loss_fn, names) for micro in mini_batches]
+    metrics = {f"policy/{name}": sum(s[name] for s in steps) / len(steps)
+               for name in (*POLICY_METRICS, "grad_norm", "update_skipped")}
+    if own_old:
+        # Means of the micro-batch sums: their ratio is the ratio of the batch's sums.
+        (step,) = steps
+        tokens = step["tokens"] or 1.0  # no token: both sums are 0
+        metrics["policy/entropy"] = step["entropy_sum"] / tokens
+        if mini_batches[0][0].ref_logp is not None:
+            metrics["policy/kl_to_reference"] = step["kl_to_reference_sum"] / tokens
+    return metrics

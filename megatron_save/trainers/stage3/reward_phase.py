@@ -1,29 +1,38 @@
-"""The reward-model phase of stage 3: before the policy update (Algorithm 2, lines 12-15), one optimizer step by
-the strategy's loss on the step's rollouts or on static pairs and the re-score, or PRIME's implicit-PRM update;
-after it, R2M's head update."""
+"""The reward-model phase of stage 3: before the policy update (Algorithm 2, lines 7-15), one optimizer step by the
+strategy's loss on the step's rollouts (a single forward-backward that also scores them) or on static pairs, and
+the re-score; or PRIME's implicit-PRM update; after it, R2M's head update."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_save.data.batching import length_grouped_batches, pad_id_of
 from megatron_save.data.preference import PreferencePair
+from megatron_save.models.forward import broadcast_from_last_stage
 from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.common import BatchSettings, pair_micro_batches
-from megatron_save.trainers.optimizer import backbone_frozen
-from megatron_save.trainers.stage3.batches import response_group_batches
+from megatron_save.trainers.optimizer import backbone_frozen, scale_backbone_gradients
+from megatron_save.trainers.stage3.batches import prompts_per_rank, response_group_batches
 from megatron_save.trainers.stage3.config import RewardSettings, Stage3Config
-from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, RolloutGroups, rm_update_feedback
+from megatron_save.trainers.stage3.groups import (
+    FeedbackPartition,
+    GroupScores,
+    RolloutGroups,
+    non_finite_scores,
+    rm_trained,
+)
+from megatron_save.trainers.stage3.metrics import add_metrics, passes
 from megatron_save.trainers.stage3.prime import update_implicit_prm, with_process_rewards
 from megatron_save.trainers.stage3.r2m import update_r2m_after_policy
-from megatron_save.trainers.stage3.metrics import add_metrics, passes
 from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch, score_rollouts, scoring_passes
 from megatron_save.trainers.stage3.run import Stage3Run
-from megatron_save.trainers.step import train_step
+from megatron_save.trainers.step import forward_backward, optimizer_step, train_step
 from megatron_save.trainers.strategies import RMStrategy
 from megatron_save.utils.logging import get_logger
 from megatron_save.utils.metrics import PhaseTimer
@@ -31,25 +40,123 @@ from megatron_save.utils.metrics import PhaseTimer
 logger = get_logger("trainers.stage3")
 
 
-def reward_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
-                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer
-                 ) -> tuple[GroupScores | None, dict[str, float]]:
-    """Collective: the update before the policy's on the step's feedback, leaving truncated responses out with
-    ``reward.update_skips_truncated``: the reward model's (Algorithm 2, lines 12-14), then the re-score (line 15);
-    or PRIME's implicit PRM, whose token rewards join the scores. Returns the scores the policy update uses."""
-    rm_groups, rm_partition = rm_update_feedback(run.strategy, groups, scores, partition,
-                                                 cfg.reward.update_skips_truncated)
-    metrics = {"rm/truncated_left_out": float((groups.valid & ~rm_groups.valid).sum())}
-    if run.strategy.implicit_prm:
-        return prime_phase(run, cfg, groups, scores, partition, rm_partition.kept, timer, metrics)
-    counters["rm_updates"] += 1  # the denominator of value_only_rm_updates (value_only_run_warning)
-    if run.strategy.value_head and not rm_partition.prompt_keep.any():
-        counters["value_only_rm_updates"] += 1
-        logger.info("step %d: no prompt with both Y+ and Y- for the RM update; value-only update", step)
+@dataclass
+class RolloutUpdate:
+    """A reward-model update on the step's rollouts (SAVE, Mean Reward, HL-BT), which is also their scoring: one
+    forward-backward scores every response, partitions each group and trains on the partition."""
+
+    scores: GroupScores
+    """R (and V) of every valid response from the update's own forward: the pre-update reward model's."""
+    reward_count: int
+    """What the reward term averaged over in the whole batch: |B~| (kept prompts), or HL-BT's pairs."""
+    metrics: dict[str, float]
+    """rm/* metrics of the update."""
+    stepped: bool
+    """The optimizer stepped: the reward model changed and the batch needs its re-score."""
+
+
+def update_on_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, threshold: float,
+                       timer: PhaseTimer) -> RolloutUpdate:
+    """Collective: Algorithm 2, lines 7-14 of the step in one reward-model forward-backward
+    (``update_reward_model``), leaving truncated responses out of the update with
+    ``reward.update_skips_truncated``."""
+    trained = rm_trained(groups, cfg.reward.update_skips_truncated)
     with timer.phase("rm_update"), run.offload.resident("reward"):
-        metrics |= update_reward_model(run.reward_state, run.strategy, cfg.reward, rm_groups, scores, rm_partition,
-                                       step, pad_id_of(run.reward_tokenizer), cfg.seed, run.offline_pairs)
-    if "rm/grad_norm" in metrics:  # an update with nothing to learn returns before any pass
+        update = update_reward_model(run.reward_state, run.strategy, cfg.reward, groups, trained, threshold,
+                                     pad_id_of(run.reward_tokenizer), run.reward_model.has_value_head)
+    update.metrics["rm/truncated_left_out"] = float((groups.valid & ~trained).sum())
+    return update
+
+
+def update_reward_model(state: TrainState, strategy: RMStrategy, settings: RewardSettings, groups: RolloutGroups,
+                        trained: torch.Tensor, threshold: float, pad_id: int, value_head: bool) -> RolloutUpdate:
+    """Collective: the strategy's loss on the last pipeline stage reads R (and V) of each micro-batch's groups,
+    partitions them at mu(t) = ``threshold`` over the ``trained`` [B, G] responses and returns the reward term's
+    sum with the value term's mean (micro-batches hold whole groups, so a partition is local); the scores and
+    sums then come back from every rank, and the optimizer steps on the backbone's gradient divided by the
+    batch's count (Megatron's per-token-loss normalisation, with a count per term), unless the scores are not
+    finite or there is nothing to learn."""
+    loss_fn = (partial(strategy.loss, value_loss_weight=settings.value_loss_weight) if strategy.value_head
+               else strategy.loss)
+    micro_batches = response_group_batches(groups, trained, threshold, settings.micro_batch_size, pad_id,
+                                           parallel_state.get_data_parallel_world_size(),
+                                           parallel_state.get_data_parallel_rank())
+    outputs = forward_backward(state, micro_batches, loss_fn)
+    scores, sums = gather_rollout_outputs(outputs, groups, settings.micro_batch_size, value_head)
+    reward_sum, reward_count, value_sum = sums.tolist()
+    value_count = int(trained.any(dim=1).sum())
+    if non_finite_scores(scores, groups.valid) or (reward_count == 0 and not (strategy.value_head and value_count)):
+        # Non-finite scores skip the step (its caller counts it); with nothing to learn, an optimizer step on a
+        # zero gradient would still move Adam's weights.
+        return RolloutUpdate(scores, int(reward_count), {"rm/reward_loss": 0.0, "rm/update_skipped": 1.0},
+                             stepped=False)
+    if reward_count == 0:
+        # Value-only (B~ empty): the backbone and reward head stay where they are (with a zero gradient, Adam's
+        # momentum would still move them).
+        with backbone_frozen(state):
+            step = optimizer_step(state)
+    else:
+        scale_backbone_gradients(state, 1.0 / reward_count)
+        step = optimizer_step(state)
+    metrics = {"rm/reward_loss": reward_sum / max(reward_count, 1), "rm/grad_norm": step["grad_norm"],
+               "rm/update_skipped": step["update_skipped"]}
+    if strategy.value_head:
+        metrics["rm/value_loss"] = value_sum / max(value_count, 1)
+    return RolloutUpdate(scores, int(reward_count), metrics, stepped=not step["update_skipped"])
+
+
+def gather_rollout_outputs(outputs: list[dict[str, torch.Tensor]], groups: RolloutGroups, micro_batch_size: int,
+                           value_head: bool) -> tuple[GroupScores, torch.Tensor]:
+    """Collective: the scores of the whole batch and the sums of reward loss, reward count and value loss [3],
+    on every rank, from the last pipeline stage's per-micro-batch ROLLOUT_LOSS_OUTPUTS of each data-parallel
+    rank (rank r holds prompts_per_rank consecutive prompts)."""
+    prompts, group_size = groups.valid.shape
+    per_rank = prompts_per_rank(prompts, parallel_state.get_data_parallel_world_size(), micro_batch_size)
+    width = per_rank * (group_size + 1) + 3
+    local = None
+    if parallel_state.is_pipeline_last_stage():
+        sums = torch.stack([torch.stack([o["reward_loss_sum"], o["reward_count"], o["value_loss_sum"]])
+                            for o in outputs]).sum(dim=0)
+        local = torch.cat([torch.cat([o["rewards"] for o in outputs]), torch.cat([o["values"] for o in outputs]),
+                           sums]).float()
+    local = broadcast_from_last_stage(local, (width,), torch.float32)
+    group = parallel_state.get_data_parallel_group()
+    gathered = torch.empty(dist.get_world_size(group) * width, dtype=torch.float32, device=local.device)
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    gathered = gathered.view(-1, width).cpu()
+    rewards = gathered[:, : per_rank * group_size].reshape(-1, group_size)[:prompts]  # [B, G]
+    rewards = rewards.masked_fill(~groups.valid, float("nan"))
+    values = None
+    if value_head:
+        values = gathered[:, per_rank * group_size : per_rank * (group_size + 1)].reshape(-1)[:prompts]  # [B]
+        values = values.masked_fill(~groups.valid.any(dim=1), float("nan"))
+    return GroupScores(rewards, values), gathered[:, -3:].sum(dim=0)
+
+
+def reward_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
+                 partition: FeedbackPartition, update: RolloutUpdate | None, counters: Counter, timer: PhaseTimer
+                 ) -> tuple[GroupScores | None, dict[str, float]]:
+    """Collective: the reward-model side of a step before the policy update: for an update on the rollouts
+    (``update``, already taken), its metrics and the re-score (Algorithm 2, line 15; skipped with
+    ``reward.lagged_scores`` or when nothing changed); otherwise continual offline BT's update and the re-score,
+    or PRIME's implicit PRM, whose token rewards join the scores. Returns the scores the policy update uses."""
+    if run.strategy.implicit_prm:
+        trained = rm_trained(groups, cfg.reward.update_skips_truncated)
+        metrics = {"rm/truncated_left_out": float((groups.valid & ~trained).sum())}
+        return prime_phase(run, cfg, groups, scores, partition, partition.kept & trained, timer, metrics)
+    counters["rm_updates"] += 1  # the denominator of value_only_rm_updates (value_only_run_warning)
+    if update is not None:
+        metrics = update.metrics
+        if run.strategy.value_head and update.reward_count == 0:
+            counters["value_only_rm_updates"] += 1
+            logger.info("step %d: no prompt with both Y+ and Y- for the RM update; value-only update", step)
+        if not update.stepped or cfg.reward.lagged_scores:
+            return scores, metrics
+    else:
+        with timer.phase("rm_update"), run.offload.resident("reward"):
+            metrics = _update_on_offline_pairs(run.reward_state, run.strategy, cfg.reward, run.offline_pairs, step,
+                                               pad_id_of(run.reward_tokenizer), cfg.seed)
+        metrics["rm/truncated_left_out"] = 0.0
         add_metrics(metrics, passes("reward", forward=1, backward=1))
     with timer.phase("rescore"):
         scores = score_rollouts(run, cfg, groups, step)
@@ -83,39 +190,6 @@ def offline_pair_indices(lengths: list[int], batch_size: int, step: int, seed: i
         raise ValueError(f"reward.offline_data has {len(lengths)} pairs, fewer than offline_batch_size={batch_size}")
     epoch, index = divmod(step - 1, per_epoch)
     return length_grouped_batches(lengths, batch_size, seed=seed + epoch)[index]
-
-
-def update_reward_model(state: TrainState, strategy: RMStrategy, settings: RewardSettings, groups: RolloutGroups,
-                        scores: GroupScores, partition: FeedbackPartition, step: int, pad_id: int, seed: int,
-                        offline_pairs: list[PreferencePair] | None = None) -> dict[str, float]:
-    """Collective: one optimizer step of the reward model by its strategy's loss; returns the step's metrics."""
-    if strategy.learns_from == "offline_pairs":
-        return _update_on_offline_pairs(state, strategy, settings, offline_pairs, step, pad_id, seed)
-    value_count = int(groups.valid.any(dim=1).sum())
-    reward_count = int(strategy.reward_prompts(scores.rewards, groups.valid, partition).sum())
-    learns_value = strategy.value_head and value_count > 0
-    if reward_count == 0 and not learns_value:
-        # Nothing to learn from: an optimizer step on a zero gradient would still move Adam's weights.
-        return {"rm/reward_loss": 0.0, "rm/update_skipped": 1.0}
-    loss_fn = (partial(strategy.loss, value_loss_weight=settings.value_loss_weight) if strategy.value_head
-               else strategy.loss)
-    ranks = parallel_state.get_data_parallel_world_size()
-    micro_batches = response_group_batches(groups, partition, settings.micro_batch_size, pad_id, reward_count,
-                                           value_count, ranks, parallel_state.get_data_parallel_rank())
-    if reward_count == 0:
-        # A value-only update (no prompt in B~): the backbone and reward head must stay where they are (with a
-        # zero gradient, Adam's momentum would still move them).
-        with backbone_frozen(state):
-            metrics = train_step(state, micro_batches, loss_fn, strategy.loss_metrics)
-    else:
-        metrics = train_step(state, micro_batches, loss_fn, strategy.loss_metrics)
-    # train_step averages micro-batch sums over micro-batches x ranks: undo it to report the batch means.
-    total = len(micro_batches) * ranks
-    report = {"rm/reward_loss": metrics["reward_loss_sum"] * total / max(reward_count, 1),
-              "rm/grad_norm": metrics["grad_norm"], "rm/update_skipped": metrics["update_skipped"]}
-    if "value_loss_sum" in metrics:
-        report["rm/value_loss"] = metrics["value_loss_sum"] * total / max(value_count, 1)
-    return report
 
 
 def _update_on_offline_pairs(state: TrainState, strategy: RMStrategy, settings: RewardSettings,

@@ -62,22 +62,23 @@ def fixed_rollouts(tokenizer) -> tuple[list[Prompt], Rollouts]:
     return prompts, Rollouts([p.ids for p in prompts], responses, truncated)
 
 
-def run(args, tokenizer, strategy: str) -> dict:
+def run(args, tokenizer, strategy: str, mini_batches: int = 2) -> dict:
     prompts, rollouts = fixed_rollouts(tokenizer)
     policy, _, _ = build_model_from_checkpoint(args.policy)
     reference, _, _ = build_model_from_checkpoint(args.policy)
     reward_model, _, _ = build_model_from_checkpoint(args.reward)
     reward = RewardSettings(checkpoint=args.reward, strategy=strategy, micro_batch_size=1,
                             optim=OptimizerSettings(lr=1e-3, value_head_lr=1e-2, decay_style="constant"))
-    policy_settings = PolicySettings(checkpoint=args.policy, micro_batch_size=1, mini_batches=2, kl_coef=0.1,
-                                     optim=OptimizerSettings(lr=1e-3, decay_style="constant"))
+    policy_settings = PolicySettings(checkpoint=args.policy, micro_batch_size=1, mini_batches=mini_batches,
+                                     kl_coef=0.1, optim=OptimizerSettings(lr=1e-3, decay_style="constant"))
     reward_state = build_train_state(reward_model, reward.optim, total_steps=1)
     policy_state = build_train_state(policy, policy_settings.optim, total_steps=2)
 
     groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=128, drop_truncated=False)
-    scores = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
-    partition = partition_feedback(STRATEGIES["save"], scores, groups.valid, threshold=0.5)
-    rm_metrics = update_reward_model(reward_state, STRATEGIES[strategy], reward, groups, scores, partition, step=1, pad_id=0, seed=0)
+    update = update_reward_model(reward_state, STRATEGIES[strategy], reward, groups, groups.valid, threshold=0.5,
+                                 pad_id=0, value_head=True)
+    rm_metrics = update.metrics
+    partition = partition_feedback(STRATEGIES["save"], update.scores, groups.valid, threshold=0.5)
     rescored = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
     kept = partition_feedback(STRATEGIES[strategy], rescored, groups.valid, threshold=0.5).kept.clone()
     kept[0, 0] = kept[1, 1] = kept[2, 3] = False  # 13 rows: mini-batches of 7 and 6, padded per data-parallel size
@@ -143,6 +144,8 @@ def main() -> None:
         set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         for strategy in ("save", "hl_bt"):
             results[f"{name}-{strategy}"] = run(args, tokenizer, strategy)
+        # One optimizer step: old log-probs and the pre-update entropy / KL from the update's own forward.
+        results[f"{name}-save_one_step"] = run(args, tokenizer, "save", mini_batches=1)
         results[f"{name}-prime"] = run_prime(args, tokenizer)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
