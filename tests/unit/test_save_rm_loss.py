@@ -51,3 +51,19 @@ def test_micro_batch_sums_make_the_global_means(tmp_path):
     # value loss.
     total = sum(loss / micro_batches for loss, _ in parts)
     assert total.item() == pytest.approx(reward_sum.item() + 0.5 * expected_value.item(), rel=1e-5)
+
+
+def test_the_value_loss_gives_the_backbone_no_gradient(tiny_models, world_of_one):
+    """The value loss (eq. 21) alone trains the value head and leaves every other gradient exactly zero. (R and V
+    leave the model as one tensor, so autograd still runs the backbone's backward on zeros: a backward-hook
+    counter on the decoder layers sees it, 4 calls here; removing that work needs separate head outputs.)"""
+    model, _, _ = build_model_from_checkpoint(tiny_models["llama-rmv"]["mg"])
+    input_ids, mask = token_batch(batch=PROMPTS * GROUP, seq=12, seed=5)
+    mask[:, :6] = True
+    scores = model(input_ids, torch.arange(12).expand_as(input_ids), None)
+    rewards = scores[torch.arange(PROMPTS * GROUP), last_token_index(mask), 0].view(PROMPTS, GROUP)
+    values = scores[:, 3, 1].view(PROMPTS, GROUP)[:, 0]
+    value_anchor_loss(values, rewards, torch.ones(PROMPTS, GROUP, dtype=torch.bool)).backward()
+    for name, param in model.named_parameters():
+        moved = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        assert moved == ("value_head" in name), name
