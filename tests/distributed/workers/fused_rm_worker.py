@@ -3,11 +3,10 @@ trains) against the three-pass reference it replaces (a no-grad scoring forward,
 forward-backward on the precomputed partition with the batch's counts known in advance), at TP1 x DP4, TP2 x DP2,
 PP2 x DP2 and TP2 x PP2 x DP1, for SAVE (with a non-empty and an empty B~), Mean Reward and HL-BT.
 
-Writes {"<layout>-<case>": {"fused": {...}, "oracle": {...}, "param_rel_diff": x, "param_change": y}} to --out.
+Writes {"<layout>-<case>": {"fused": {...}, "oracle": {...}, "param_rel_diff": x, "value_head_change": y,
+"backbone_change": z}} to --out.
 """
 
-import argparse
-import json
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -16,12 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import LAYOUTS  # noqa: E402
-from stage3_worker import fixed_rollouts  # noqa: E402
+from stage3_worker import fixed_rollouts, run_every_layout  # noqa: E402
 
 from megatron_save.algorithms import (  # noqa: E402
     highest_lowest_pairs,
@@ -31,9 +28,7 @@ from megatron_save.algorithms import (  # noqa: E402
     value_anchor_loss,
 )
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
-from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.data.batching import ResponseGroupBatch  # noqa: E402
-from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
 from megatron_save.models.forward import at_last_token  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, backbone_frozen, build_train_state  # noqa: E402
 from megatron_save.trainers.stage3.batches import prompts_per_rank, response_group_batches  # noqa: E402
@@ -126,7 +121,7 @@ def run_case(args, tokenizer, kind, threshold):
     update = update_reward_model(fused_state, STRATEGIES[kind], settings, groups, groups.valid, threshold, 0, True)
     scores, partition, reward_count, oracle_metrics = three_pass(oracle_state, oracle_model, kind, groups, threshold)
     fused_partition = partition_feedback(STRATEGIES[kind], update.scores, groups.valid, threshold)
-    diff = change = 0.0
+    diff = 0.0
     value_head_change = backbone_change = 0.0
     for (name, fused), oracle, start in zip(fused_model.named_parameters(), oracle_model.parameters(), initial):
         diff = max(diff, ((fused - oracle).abs().max() / oracle.abs().max().clamp(min=1e-12)).item())
@@ -149,28 +144,15 @@ def run_case(args, tokenizer, kind, threshold):
         "oracle": {"rewards": scores.rewards[valid].tolist(), "values": scores.values.tolist(),
                    "pos": partition.pos_mask.flatten().tolist(), "neg": partition.neg_mask.flatten().tolist(),
                    "reward_count": reward_count, "grad_norm": oracle_metrics["grad_norm"],
-                   "stepped": True, "rescored": rescored_oracle.rewards[valid].tolist(),
+                   "rescored": rescored_oracle.rewards[valid].tolist(),
                    "rescored_values": rescored_oracle.values.tolist()},
         "param_rel_diff": stats[0].item(), "value_head_change": stats[1].item(), "backbone_change": stats[2].item(),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    init_distributed(ParallelConfig())
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.policy) / "hf")
-    results = {}
-    for name, (tp, pp) in LAYOUTS.items():
-        set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-        for case, (kind, threshold) in CASES.items():
-            results[f"{name}-{case}"] = run_case(args, tokenizer, kind, threshold)
-    if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    shutdown_distributed()
+    run_every_layout(lambda args, tokenizer: {case: run_case(args, tokenizer, kind, threshold)
+                                              for case, (kind, threshold) in CASES.items()})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 implicit-PRM update and policy update, on fixed rollout groups at TP1 x DP4, TP2 x DP2, PP2 x DP2 and TP2 x PP2 x
 DP1, so data-parallel splitting and loss normalisation are checked along with tensor and pipeline parallelism.
 
-Writes {"<layout>": {metric: value or list}} to --out.
+Writes {"<layout>-<case>": {metric: value or list}} to --out.
 """
 
 import argparse
@@ -131,7 +131,9 @@ def run_prime(args, tokenizer) -> dict:
             "advantages": advantages.flatten().tolist()}
 
 
-def main() -> None:
+def run_every_layout(run_layout) -> None:
+    """The workers' main: for each layout of LAYOUTS, ``run_layout(args, tokenizer)`` -> {case: results}, written
+    to --out as {"<layout>-<case>": results} by rank 0."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", required=True)
     parser.add_argument("--reward", required=True)
@@ -142,14 +144,20 @@ def main() -> None:
     results = {}
     for name, (tp, pp) in LAYOUTS.items():
         set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-        for strategy in ("save", "hl_bt"):
-            results[f"{name}-{strategy}"] = run(args, tokenizer, strategy)
-        # One optimizer step: old log-probs and the pre-update entropy / KL from the update's own forward.
-        results[f"{name}-save_one_step"] = run(args, tokenizer, "save", mini_batches=1)
-        results[f"{name}-prime"] = run_prime(args, tokenizer)
+        results |= {f"{name}-{case}": result for case, result in run_layout(args, tokenizer).items()}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown_distributed()
+
+
+def run_layout(args, tokenizer) -> dict:
+    return {"save": run(args, tokenizer, "save"), "hl_bt": run(args, tokenizer, "hl_bt"),
+            # One optimizer step: old log-probs and the pre-update entropy / KL from the update's own forward.
+            "save_one_step": run(args, tokenizer, "save", mini_batches=1), "prime": run_prime(args, tokenizer)}
+
+
+def main() -> None:
+    run_every_layout(run_layout)
 
 
 if __name__ == "__main__":
