@@ -1,7 +1,9 @@
 """Fault injection: a tiny stage-3 run at TP=2 killed with SIGKILL (every process of the launch: torchrun and
 its ranks, which run in sessions of their own) after its first checkpoint, inside a checkpoint write and inside
 the final models' write, relaunched each time, ends with exactly the parameters and metrics of an uninterrupted
-run; and a second launch into a running run's directory is refused at once."""
+run; and a second launch into a running run's directory is refused at once. The two kills inside a write wait for
+rank 0 to stop at the start of the publication (everything written, not yet renamed), which a test entry point
+arranges: a write of a tiny model lasts milliseconds, too short to catch by polling on a loaded CI machine."""
 
 from __future__ import annotations
 
@@ -14,16 +16,21 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import REPO, STAGE3_CPU_CONFIG, read_metrics, run_stage3, stage3_overrides
+from helpers import REPO, STAGE3_CPU_CONFIG, WORKERS, read_metrics, run_stage3, stage3_overrides
 
 from megatron_save.checkpoint import build_model_from_checkpoint
 from megatron_save.utils.files import LOCK_FILE
 
 
-def _launch(output_dir: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def _launch(*overrides: str, pause_in: tuple[str, Path] | None = None) -> subprocess.Popen:
+    """Stage 3 at TP=2 in the background; with ``pause_in=(PATTERN, MARKER)`` its rank 0 writes MARKER and waits
+    when it starts publishing a directory named like PATTERN (tests/distributed/workers/stage3_paused_publish.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(WORKERS.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    entry = ["-m", "megatron_save", "stage3"] if pause_in is None else \
+        ["-m", "workers", "stage3_paused_publish", pause_in[0], str(pause_in[1])]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG), *overrides], cwd=REPO, env=env,
+                             *entry, str(STAGE3_CPU_CONFIG), *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -84,11 +91,12 @@ def test_killed_and_relaunched_run_ends_as_the_uninterrupted_one(tiny_models, rl
     overrides = stage3_overrides(faulty, *models, *settings)
     checkpoints = faulty / "checkpoints"
 
-    first = _launch(faulty, *overrides)
+    first = _launch(*overrides)
     _kill_when(first, lambda: (checkpoints / "latest").exists())  # step 1 checkpointed, step 2 under way
     assert not (faulty / "policy").exists()
 
-    second = _launch(faulty, *overrides)
+    in_checkpoint_write, in_final_write = tmp_path / "in_checkpoint_write", tmp_path / "in_final_write"
+    second = _launch(*overrides, pause_in=("step_*.tmp", in_checkpoint_write))
     lock = faulty / LOCK_FILE
 
     def second_holds_the_lock() -> bool:  # it took over the dead first launch's lock
@@ -106,11 +114,12 @@ def test_killed_and_relaunched_run_ends_as_the_uninterrupted_one(tiny_models, rl
                              cwd=REPO, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert refused.returncode != 0 and "is in use by another launch" in refused.stderr, refused.stderr[-2000:]
-    _kill_when(second, lambda: any(checkpoints.glob("step_*.tmp")))  # inside a checkpoint write
+    _kill_when(second, in_checkpoint_write.exists)  # inside a checkpoint write: all written, not yet renamed
+    assert any(checkpoints.glob("step_*.tmp"))
 
-    third = _launch(faulty, *overrides)
-    _kill_when(third, lambda: any(faulty.glob("*.tmp")))  # inside the final models' write
-    assert any(faulty.glob("*.tmp"))
+    third = _launch(*overrides, pause_in=("policy.tmp", in_final_write))
+    _kill_when(third, in_final_write.exists)  # inside the final models' write
+    assert (faulty / "policy.tmp").is_dir() and not (faulty / "policy").exists()
 
     run_stage3(2, faulty, *models, *settings)  # the last relaunch runs to the end
     assert not any(faulty.glob("*.tmp")) and not any(checkpoints.glob("*.tmp"))
