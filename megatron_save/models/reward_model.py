@@ -12,28 +12,58 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class _JoinHeads(torch.autograd.Function):
+    """``torch.cat`` of the reward and value columns whose backward runs the reward head's and the backbone's
+    only when the reward column's gradient is not all zero: a loss of the value head alone (a value-only
+    micro-batch) then costs no backbone backward. With autograd's own cat the backbone would run its whole
+    backward on zeros (Megatron's linear layers materialise a missing gradient as zeros), so the reward column
+    joins the output detached and its graph is run from this backward when needed, a nested backward as Megatron's
+    activation checkpointing does. Only where nothing upstream waits for a gradient: Megatron's pipeline schedule
+    sends every stage's input gradient back."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, reward_graph: tuple[torch.Tensor]) -> torch.Tensor:
+        # value: [S, B, 1]; reward_graph: ([S, B, 1] with its autograd graph, outside autograd's edges) -> [S, B, 2]
+        ctx.reward = reward_graph[0]
+        return torch.cat([ctx.reward.detach(), value], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # grad: [S, B, 2]; the check costs one host sync per micro-batch (a NaN counts as non-zero)
+        grad_reward = grad[..., :1]
+        if bool(grad_reward.ne(0).any()):
+            torch.autograd.backward(ctx.reward, grad_reward)
+        ctx.reward = None
+        return grad[..., 1:], None
+
+
 class ScalarHeads(nn.Module):
     """Per-token reward (and optional value) scalars from the final hidden states, computed in fp32.
 
     Stands where GPTModel keeps its vocab projection, so Megatron's own forward and pipeline schedules
     drive it. The heads are replicated on every tensor-parallel rank of the last pipeline stage.
-    The value head reads a detached hidden state: it never sends gradient into the backbone.
+    The value head reads a detached hidden state: it never sends gradient into the backbone, and (with
+    ``whole_model``) a value loss alone runs no backward of the backbone at all.
     The head weights are stored in the model's dtype like every other weight (Megatron's mixed-precision
     optimizer keeps their fp32 main copies and checkpoints only models of one dtype) and upcast for the product.
     """
 
-    def __init__(self, hidden_size: int, value_head: bool, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, value_head: bool, dtype: torch.dtype, whole_model: bool = True):
         super().__init__()
         self.reward_head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
         self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype) if value_head else None
+        self.whole_model = whole_model
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
         # hidden_states: [S, B, H] -> scores: [S, B, 1] (reward) or [S, B, 2] (reward, value)
         hidden = hidden_states.float()
-        scores = [F.linear(hidden, self.reward_head.weight.float())]
-        if self.value_head is not None:
-            scores.append(F.linear(hidden.detach(), self.value_head.weight.float()))
-        return torch.cat(scores, dim=-1), None
+        reward = F.linear(hidden, self.reward_head.weight.float())
+        if self.value_head is None:
+            return reward, None
+        value = F.linear(hidden.detach(), self.value_head.weight.float())
+        if self.whole_model and torch.is_grad_enabled() and reward.requires_grad and value.requires_grad:
+            return _JoinHeads.apply(value, (reward,)), None
+        return torch.cat([reward, value], dim=-1), None
 
 
 class RewardGPTModel(GPTModel):
@@ -44,8 +74,12 @@ class RewardGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.has_value_head = value_head
         if self.post_process:
+            # With stages before this one, the schedule waits for its input's gradient even after a value loss;
+            # with sequence parallelism the tensor-parallel ranks would check different tokens, and one could skip
+            # a backward whose collectives another runs.
             self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head,
-                                            dtype=self.config.params_dtype)
+                                            dtype=self.config.params_dtype,
+                                            whole_model=self.pre_process and not self.config.sequence_parallel)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # LanguageModule.sharded_state_dict expects a vocab ``output_layer.weight``; the scalar heads are plain

@@ -53,17 +53,75 @@ def test_micro_batch_sums_make_the_global_means(tmp_path):
     assert total.item() == pytest.approx(reward_sum.item() + 0.5 * expected_value.item(), rel=1e-5)
 
 
-def test_the_value_loss_gives_the_backbone_no_gradient(tiny_models, world_of_one):
-    """The value loss (eq. 21) alone trains the value head and leaves every other gradient exactly zero. (R and V
-    leave the model as one tensor, so autograd still runs the backbone's backward on zeros: a backward-hook
-    counter on the decoder layers sees it, 4 calls here; removing that work needs separate head outputs.)"""
-    model, _, _ = build_model_from_checkpoint(tiny_models["llama-rmv"]["mg"])
-    input_ids, mask = token_batch(batch=PROMPTS * GROUP, seq=12, seed=5)
+def _layer_backward_counter(model) -> list[int]:
+    """A list whose one entry counts the gradients that reach a decoder layer's output during backward."""
+    calls = [0]
+
+    def count(grad):
+        calls[0] += grad is not None
+
+    def watch(_module, _args, output) -> None:
+        output[0].register_hook(count)
+
+    for layer in model.decoder.layers:
+        layer.register_forward_hook(watch)
+    return calls
+
+
+def _scores(model, seed: int):
+    input_ids, mask = token_batch(batch=PROMPTS * GROUP, seq=12, seed=seed)
     mask[:, :6] = True
     scores = model(input_ids, torch.arange(12).expand_as(input_ids), None)
     rewards = scores[torch.arange(PROMPTS * GROUP), last_token_index(mask), 0].view(PROMPTS, GROUP)
-    values = scores[:, 3, 1].view(PROMPTS, GROUP)[:, 0]
+    return input_ids, mask, scores, rewards, scores[:, 3, 1].view(PROMPTS, GROUP)[:, 0]
+
+
+def test_the_value_loss_gives_the_backbone_no_gradient_and_no_backward(tiny_models, world_of_one):
+    """The value loss (eq. 21) alone trains the value head, leaves every other gradient exactly zero and runs no
+    backward of the decoder layers (a hook counter on their outputs: 0 calls); the reward loss runs one per layer."""
+    model, _, _ = build_model_from_checkpoint(tiny_models["llama-rmv"]["mg"])
+    calls = _layer_backward_counter(model)
+    _, _, _, rewards, values = _scores(model, seed=5)
     value_anchor_loss(values, rewards, torch.ones(PROMPTS, GROUP, dtype=torch.bool)).backward()
+    assert calls == [0]
     for name, param in model.named_parameters():
         moved = param.grad is not None and bool(param.grad.abs().sum() > 0)
         assert moved == ("value_head" in name), name
+
+    _, _, _, rewards, values = _scores(model, seed=5)
+    rewards.sum().backward()
+    assert calls == [len(model.decoder.layers)]
+
+
+@pytest.mark.parametrize("threshold, layer_backwards", [(1.5, 0), (0.5, 1)], ids=["empty-B~", "kept"])
+def test_a_micro_batch_without_kept_prompts_runs_no_backbone_backward(tiny_models, world_of_one, threshold,
+                                                                     layer_backwards):
+    """SAVE's fused loss on a micro-batch where nothing passes mu(t) (B~ empty: a value-only update) sends no work
+    into the decoder layers' backward; with kept prompts it runs theirs once."""
+    model, _, _ = build_model_from_checkpoint(tiny_models["llama-rmv"]["mg"])
+    calls = _layer_backward_counter(model)
+    input_ids, mask, scores, _, _ = _scores(model, seed=6)
+    valid = torch.ones(PROMPTS * GROUP, dtype=torch.bool)
+    batch = ResponseGroupBatch(input_ids, mask, torch.full((PROMPTS * GROUP,), 4), valid, valid.clone(), GROUP,
+                               threshold, sum_scale=1.0, value_scale=1.0 / PROMPTS)
+    loss, outputs = save_rm_loss(batch, scores, value_loss_weight=0.5)
+    assert (outputs["reward_count"] > 0) == bool(layer_backwards)
+    loss.backward()
+    assert calls == [layer_backwards * len(model.decoder.layers)]
+    assert model.output_layer.value_head.weight.grad.abs().sum() > 0
+
+
+def test_the_joined_heads_give_the_gradients_of_a_plain_cat(tiny_models, world_of_one):
+    """With a reward term, the heads' joined output (its reward column's graph run from a nested backward) gives
+    every parameter the gradient that torch.cat's backward gives."""
+    model, _, _ = build_model_from_checkpoint(tiny_models["llama-rmv"]["mg"])
+    gradients = []
+    for whole_model in (True, False):
+        model.zero_grad()
+        model.output_layer.whole_model = whole_model
+        _, _, _, rewards, values = _scores(model, seed=7)
+        (rewards.square().sum() + values.sum()).backward()
+        gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        assert torch.equal(grad, gradients[1][name]), name
