@@ -6,11 +6,16 @@ and with reward.strategy=save, alternating, each as its own torchrun launch.
 
 (--nproc defaults to 2, the CPU config's TP=2; on one GPU pass --nproc 1 parallel.tensor_model_parallel_size=1.)
 
-Prints, per phase, the mean time of a step (the first step of each launch is warm-up and left out) and the
-SAVE / GRPO ratio of the step time (the sum of the timed phases: rollout, scoring, updates, weight sync; not the
-metrics and checkpoint writing around them) and of peak memory: GPU memory per phase when CUDA is present, else
-the host's peak resident memory of rank 0. The paper's implementation costs 1.12x time and 1.24x memory; the goal
-here is at most 1.05x and 1.10x.
+--policy and --reward take Megatron checkpoints (tools/convert_hf_to_megatron.py) or Hugging Face models (a
+directory or, on a cluster, a hub name), converted once before the launches: the policy as a causal LM; the reward
+model as it is when it is a ``*ForSequenceClassification`` (a zero value head added when it has none), or made of a
+causal LM with a fresh reward head and a zero value head (--as-reward-model), which is enough to time a step.
+
+Prints, per phase, the mean time of a step (the first step of each launch is warm-up and left out), the full-batch
+passes through each model per step (``passes/<model>_forward|backward``), and the SAVE / GRPO ratio of the step time
+(the sum of the timed phases: rollout, scoring, updates, weight sync; not the metrics and checkpoint writing around
+them) and of peak memory: GPU memory per phase when CUDA is present, else the host's peak resident memory of rank 0.
+The paper's implementation costs 1.12x time and 1.24x memory; the goal here is at most 1.05x and 1.10x.
 """
 
 from __future__ import annotations
@@ -25,6 +30,41 @@ import tempfile
 from pathlib import Path
 
 STRATEGIES = ("frozen", "save")
+META_FILE = "megatron_save.json"  # what marks a Megatron checkpoint (megatron_save.checkpoint.model_checkpoint)
+
+
+def conversion_flags(hf_model: str, role: str) -> list[str]:
+    """tools/convert_hf_to_megatron.py's flags that make ``hf_model`` a ``role`` (policy or reward) checkpoint."""
+    from transformers import AutoConfig
+
+    from megatron_save.checkpoint.convert import resolve_hf_dir
+    from megatron_save.checkpoint.hf import VALUE_HEAD_FILE
+    from megatron_save.models.families import family_for, is_reward_model
+
+    hf_dir = resolve_hf_dir(hf_model)
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    reward_model = is_reward_model(family_for(hf_config), hf_config)
+    if role == "policy":
+        if reward_model:
+            raise SystemExit(f"--policy {hf_model}: a reward model ({hf_config.architectures}), not a causal LM")
+        return []
+    if not reward_model:
+        return ["--as-reward-model"]
+    return [] if (hf_dir / VALUE_HEAD_FILE).exists() else ["--add-value-head"]
+
+
+def megatron_checkpoint(model: str, role: str, work: Path) -> str:
+    """``model`` when it is a Megatron checkpoint, else its conversion into ``work`` (once per bench)."""
+    if (Path(model) / META_FILE).exists():
+        return model
+    out = work / f"converted_{role}"
+    cmd = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", model, "--out", str(out),
+           *conversion_flags(model, role)]
+    print(f"converting --{role} {model}: {' '.join(cmd[1:])}", flush=True)
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    return str(out)
 
 
 def run_overrides(args: argparse.Namespace, strategy: str, out: Path) -> list[str]:
@@ -66,8 +106,9 @@ def mean_of(records: list[dict], name: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="stage-3 YAML config")
-    parser.add_argument("--policy", required=True, help="policy checkpoint")
-    parser.add_argument("--reward", required=True, help="reward-model checkpoint with a value head")
+    parser.add_argument("--policy", required=True, help="policy: Megatron checkpoint or HF causal LM")
+    parser.add_argument("--reward", required=True,
+                        help="reward model: Megatron checkpoint with a value head, or an HF reward model or causal LM")
     parser.add_argument("--prompts", required=True, help="RL prompts file")
     parser.add_argument("--nproc", type=int, default=2,
                         help="processes (GPUs) per launch: a multiple of the config's TP x PP")
@@ -86,11 +127,13 @@ def main() -> None:
 
     records: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
     with tempfile.TemporaryDirectory() as work:
+        args.policy = megatron_checkpoint(args.policy, "policy", Path(work))
+        args.reward = megatron_checkpoint(args.reward, "reward", Path(work))
         for round_index in range(args.rounds):
             for strategy in STRATEGIES:
                 print(f"round {round_index + 1}/{args.rounds}: {strategy}", flush=True)
                 records[strategy] += launch(args, strategy, Path(work) / f"{strategy}_{round_index}")
-    names = sorted({k for rs in records.values() for r in rs for k in r if k.startswith(("time/", "memory/"))})
+    names = sorted({k for rs in records.values() for r in rs for k in r if k.startswith(("time/", "memory/", "passes/"))})
     print(f"\n{'metric':<36}{'GRPO (frozen RM)':>18}{'SAVE':>12}{'SAVE / GRPO':>14}")
     for name in names:
         grpo, save = mean_of(records["frozen"], name), mean_of(records["save"], name)

@@ -38,13 +38,31 @@ def test_tiny_save_rl_trains_a_step(tiny_save_rl):
 
 
 def test_bench_stage3_prints_the_ratios(tiny_save_rl):
+    # HF inputs: the bench converts them first (the policy as it is, the causal LM as a reward model).
     out = _run([sys.executable, "tools/bench_stage3.py", "--config", "examples/cpu/stage3_save.yaml", "--nproc", "1",
-                "--steps", "2", "--rounds", "1", "--policy", str(tiny_save_rl / "policy_init"),
-                "--reward", str(tiny_save_rl / "rm_init"), "--prompts", str(tiny_save_rl / "data" / "prompts.jsonl"),
+                "--steps", "2", "--rounds", "1", "--policy", str(tiny_save_rl / "hf_policy"),
+                "--reward", str(tiny_save_rl / "hf_policy"), "--prompts", str(tiny_save_rl / "data" / "prompts.jsonl"),
                 "parallel.tensor_model_parallel_size=1"])
+    assert re.search(r"^converting --policy .*hf_policy", out, flags=re.MULTILINE), out
+    assert re.search(r"^converting --reward .*--as-reward-model", out, flags=re.MULTILINE), out
     ratio = re.search(r"step time: SAVE / GRPO = ([\d.]+)x", out)
     assert ratio and 0 < float(ratio.group(1)) < 100, out
     assert re.search(r"time/rm_update_s\s+\S+\s+[\d.]+", out), out  # frozen has no RM update; SAVE does
+    passes = dict(re.findall(r"^(passes/\w+)\s+(\S+\s+\S+)", out, flags=re.MULTILINE))
+    # GRPO scores once; SAVE scores-and-updates in one forward-backward, then re-scores (issue: 2 / 1, 1 / 1).
+    assert passes["passes/reward_forward"].split() == ["1.0000", "2.0000"], out
+    assert passes["passes/reward_backward"].split() == ["-", "1.0000"] or \
+        passes["passes/reward_backward"].split() == ["0.0000", "1.0000"], out
+    assert passes["passes/policy_forward"].split() == ["1.0000", "1.0000"], out
+    assert passes["passes/policy_backward"].split() == ["1.0000", "1.0000"], out
+
+
+def test_bench_stage3_refuses_a_reward_model_as_policy(tiny_save_rl):
+    result = subprocess.run([sys.executable, "tools/bench_stage3.py", "--config", "examples/cpu/stage3_save.yaml",
+                             "--policy", str(tiny_save_rl / "hf_rm"), "--reward", str(tiny_save_rl / "hf_rm"),
+                             "--prompts", str(tiny_save_rl / "data" / "prompts.jsonl")],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "a reward model" in result.stderr and "hf_rm" in result.stderr, result.stderr
 
 
 def test_bench_save_checks_and_times_the_losses():
