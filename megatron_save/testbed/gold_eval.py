@@ -32,7 +32,7 @@ from megatron_save.rollout import SamplingSettings
 from megatron_save.rollout.distributed import generate_data_parallel
 from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
 from megatron_save.testbed.data import read_jsonl
-from megatron_save.testbed.task import gold_pair, gold_reward
+from megatron_save.testbed.task import gold_pair, gold_reward, overlong_pair
 from megatron_save.testing.synthetic import write_jsonl
 from megatron_save.trainers.common import write_json
 from megatron_save.utils.logging import get_logger
@@ -108,7 +108,13 @@ def collect(args: argparse.Namespace) -> None:
     value_prompts = [row["prompt"] for row in read_jsonl(data / "value_prompts.jsonl")]
     eval_prompts = [row["prompt"] for row in read_jsonl(data / "eval_prompts.jsonl")]
 
-    pairs = labelled_pairs(rm_prompts, sample_texts(args.policy, rm_prompts, sampling, rng.randrange(2**31)))
+    rm_samples = sample_texts(args.policy, rm_prompts, sampling, rng.randrange(2**31))
+    overlong = round(args.overlong_pair_share * len(rm_prompts))
+    pair_rng = random.Random(args.seed + 1)  # its own stream: regime one's samples stay the same
+    pairs = [pair for pair in (overlong_pair(pair_rng, p, samples[0]) for p, samples in
+                               zip(rm_prompts[:overlong], rm_samples[:overlong])) if pair is not None]
+    overlong_pairs = len(pairs)
+    pairs += labelled_pairs(rm_prompts[overlong:], rm_samples[overlong:])
     write_jsonl_rank0(pairs, data / "rm_pairs.jsonl")
     groups = sample_texts(args.policy, value_prompts, SamplingSettings(
         n=args.group_size, temperature=args.temperature, max_new_tokens=args.max_new_tokens), rng.randrange(2**31))
@@ -118,9 +124,10 @@ def collect(args: argparse.Namespace) -> None:
     write_jsonl_rank0(labelled_pairs(eval_prompts, eval_samples), data / "eval_pairs_initial_policy.jsonl")
     gold = mean_gold(eval_prompts, eval_samples)
     write_json(data / "initial_policy.json", {
-        "gold": gold, "rm_pairs": len(pairs),
+        "gold": gold, "rm_pairs": len(pairs), "rm_pairs_overlong": overlong_pairs,
         "rm_pairs_chosen_longer": sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs)})
-    logger.info("%d gold-labelled pairs for stage 1; initial policy gold %.3f", len(pairs), gold)
+    logger.info("%d gold-labelled pairs for stage 1 (%d of them padded past L); initial policy gold %.3f",
+                len(pairs), overlong_pairs, gold)
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[dict], eval_prompts: list[str],
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--proxy-rm", help="evaluate: the proxy reward model every run starts from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-size", type=int, default=8, help="collect: responses per stage-2 prompt")
+    parser.add_argument("--overlong-pair-share", type=float, default=0.0,
+                        help="collect: share of the RM prompts whose pair is a sample against itself padded past L")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "collect" and not args.policy:
         parser.error("collect needs --policy")
+    if not 0.0 <= args.overlong_pair_share <= 1.0:
+        parser.error(f"--overlong-pair-share {args.overlong_pair_share}: a share in [0, 1]")
     if args.command == "evaluate" and not (args.policy_init and args.proxy_rm and args.runs):
         parser.error("evaluate needs --policy-init, --proxy-rm and at least one run directory")
     checkpoint = args.policy or args.policy_init

@@ -37,6 +37,8 @@ RUNS: dict[str, list[str]] = {
     "mean_reward": ["reward.strategy=mean_reward"],
     "offline_bt": ["reward.strategy=offline_bt"],
     "save_frozen_policy": ["reward.strategy=save", "policy.frozen=true"],
+    # SAVE scoring the policy update with the pre-update RM (no re-score; the paper re-scores, Algorithm 2 line 15).
+    "save_lagged": ["reward.strategy=save", "reward.lagged_scores=true"],
     # PRIME (RLOO, its own estimator) with labels from the proxy RM, as the paper runs it on UltraFeedback...
     "prime": ["reward.strategy=prime", "policy.advantage=rloo"],
     # ... and with the task's gold reward as its verifier: an upper reference, not a comparable RM strategy.
@@ -77,6 +79,12 @@ class TestbedConfig:
     """Tiny model family of the policy (llama, qwen2, qwen3); the RM starts from the SFT policy."""
     reward_head_std: float = 0.02
     """Initial standard deviation of the RM's fresh reward head (transformers' initialisation)."""
+    overlong_pair_share: float = 0.0
+    """Share of the proxy RM's pairs that contrast a sample with itself padded past L (regime two; 0: regime one)."""
+    comparisons: list[list[str]] = field(default_factory=list)
+    """Pre-registered paired comparisons [run, reference] for the report's verdict table (both in runs)."""
+    equivalence_margin: float = 0.02
+    """A paired difference whose 95% interval lies inside +-margin reads "no difference" in the verdict table."""
     sample_max_new_tokens: int = 16
     """Longest response when sampling pairs and evaluating (keep equal to stage 3's rollout.sampling)."""
     configs: StageConfigs = field(default_factory=StageConfigs)
@@ -104,6 +112,13 @@ def check_testbed_config(cfg: TestbedConfig) -> None:
         raise ValueError("runs and seeds must each name at least one")
     if len(set(cfg.seeds)) != len(cfg.seeds) or len(set(cfg.runs)) != len(cfg.runs):
         raise ValueError(f"seeds {cfg.seeds} and runs {cfg.runs} must not repeat")
+    for comparison in cfg.comparisons:
+        if len(comparison) != 2 or not set(comparison) <= set(cfg.runs) or comparison[0] == comparison[1]:
+            raise ValueError(f"comparisons: {comparison} must be [run, reference], two different names from runs "
+                             f"{cfg.runs}")
+    if not 0.0 <= cfg.overlong_pair_share <= 1.0 or cfg.equivalence_margin <= 0:
+        raise ValueError(f"overlong_pair_share {cfg.overlong_pair_share} must be in [0, 1] and equivalence_margin "
+                         f"{cfg.equivalence_margin} positive")
 
 
 def torchrun(cfg: TestbedConfig, command: str, *args: str) -> list[str]:
@@ -185,7 +200,7 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     steps.run(f"seed_{seed}/collect", torchrun(
         cfg, "testbed-eval", "collect", "--policy", str(models / "policy_sft"),
         "--data-dir", str(data), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
-        "--tp", str(cfg.nproc)))
+        "--overlong-pair-share", str(cfg.overlong_pair_share), "--tp", str(cfg.nproc)))
     steps.run(f"seed_{seed}/stage1", torchrun(
         cfg, "stage1", configs.stage1, f"checkpoint={models / 'rm_init'}",
         f"output_dir={models / 'rm_stage1'}", f"data.train_data={data / 'rm_pairs.jsonl'}", f"batch.seed={seed}",
@@ -207,10 +222,17 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
         "--tp", str(cfg.nproc)))
 
 
+# Settings that do not change any seed's steps: a launch may name other seeds or runs (a comparison run in parts,
+# each seed and run its own steps) or another report without starting over.
+NOT_PER_STEP = ("seeds", "runs", "report_dir", "comparisons", "equivalence_margin")
+
+
 def prepare_output_dir(cfg: TestbedConfig) -> None:
-    """Keeps the settings in output_dir/testbed.yaml; refuses to continue an earlier launch made with others."""
+    """Keeps the settings in output_dir/testbed.yaml; refuses to continue an earlier launch whose steps were made
+    with other settings (NOT_PER_STEP aside)."""
     root = Path(cfg.output_dir)
-    saved, settings = root / "testbed.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    steps_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_PER_STEP}
+    saved, settings = root / "testbed.yaml", OmegaConf.to_yaml(OmegaConf.create(steps_settings))
     if saved.exists() and saved.read_text() != settings:
         raise FileExistsError(f"{root} holds a testbed run with other settings ({saved}); choose another "
                               "output_dir or remove it")
@@ -232,7 +254,8 @@ def run_testbed(cfg: TestbedConfig) -> Path:
             seed_steps(cfg, steps, seed)
         report_dir = Path(cfg.report_dir or Path(cfg.output_dir) / "report")
         steps.bar.set_description("gold testbed: report")
-        write_report(Path(cfg.output_dir), cfg.seeds, cfg.runs, report_dir, asdict(cfg))
+        write_report(Path(cfg.output_dir), cfg.seeds, cfg.runs, report_dir, asdict(cfg),
+                     [tuple(c) for c in cfg.comparisons], cfg.equivalence_margin)
         steps.bar.update()
     finally:
         steps.close()

@@ -34,6 +34,16 @@ PAIRED = {
     "rm_accuracy_final_policy_pairs_vs_proxy": "RM accuracy on the run's final-policy pairs minus the proxy's",
 }
 
+# Pre-registered (docs/gold_testbed/README.md): per comparison [run, reference], the per-seed difference run -
+# reference of each metric, its mean and paired 95% t interval; the first two are primary.
+COMPARED = {
+    "final_policy_gold": "primary: the final policy's gold reward on held-out prompts",
+    "rm_gain_final_policy_pairs": "primary: RM accuracy vs gold on the run's final-policy pairs minus the proxy "
+                                  "RM's on the same pairs (what the RM learned where the policy went)",
+    "rm_accuracy_initial_policy_pairs": "secondary: RM accuracy vs gold on the initial policy's held-out pairs",
+    "gold_last5": "secondary: rollout gold of the last 5 steps",
+}
+
 
 def t95(samples: int) -> float:
     """Two-sided 95% Student-t quantile for ``samples`` values (samples - 1 degrees of freedom)."""
@@ -87,6 +97,8 @@ def run_summary(evaluation: dict[str, Any], curves: dict[str, dict[int, float]])
         **{key: evaluation[key] for key in ("final_policy_gold", "rm_accuracy_initial_policy_pairs",
                                             "rm_accuracy_final_policy_pairs", "proxy_accuracy_final_policy_pairs",
                                             "final_policy_letters")},
+        "rm_gain_final_policy_pairs":
+            evaluation["rm_accuracy_final_policy_pairs"] - evaluation["proxy_accuracy_final_policy_pairs"],
         "gold_last5": sum(gold[-5:]) / len(gold[-5:]),
         "gold_gain": sum(gold[-5:]) / len(gold[-5:]) - gold[0],
         "keep_rate": sum(keep) / len(keep) if keep else float("nan"),
@@ -105,6 +117,42 @@ def paired_differences(run: dict[str, float], frozen: dict[str, float]) -> dict[
     }
 
 
+def verdict(stat: dict[str, float | None], margin: float) -> str:
+    """The pre-registered reading of a paired difference: its 95% interval above 0, below 0, inside +-margin, or
+    none of these."""
+    if stat["ci95"] is None:
+        return "undecided"
+    low, high = stat["mean"] - stat["ci95"], stat["mean"] + stat["ci95"]
+    if low > 0:
+        return "higher"
+    if high < 0:
+        return "lower"
+    return "no difference" if -margin < low and high < margin else "undecided"
+
+
+def compare_runs(per_seed: dict[str, list[dict[str, float]]], comparisons: list[tuple[str, str]],
+                 margin: float) -> dict[str, dict[str, dict]]:
+    """Per comparison "run - reference" and COMPARED metric: the paired differences over seeds, their mean and 95%
+    interval, and the verdict."""
+    result = {}
+    for run, reference in comparisons:
+        result[f"{run} - {reference}"] = {
+            metric: {**stat, "verdict": verdict(stat, margin)} for metric in COMPARED
+            for stat in [mean_interval([a[metric] - b[metric] for a, b in zip(per_seed[run], per_seed[reference])])]}
+    return result
+
+
+def comparison_table(compared: dict[str, dict[str, dict]], margin: float) -> list[str]:
+    """The pre-registered comparisons as markdown lines."""
+    lines = ["", f"Pre-registered paired comparisons (per-seed difference, mean ± 95% t interval; verdict: interval "
+             f"above 0 = higher, below 0 = lower, inside ±{margin} = no difference, else undecided):", "",
+             "| comparison | " + " | ".join(COMPARED) + " |", "|---" * (len(COMPARED) + 1) + "|"]
+    for name, stats in compared.items():
+        lines.append(f"| {name} | " + " | ".join(f"{_cell(stats[m])} ({stats[m]['verdict']})" for m in COMPARED)
+                     + " |")
+    return lines + ["", "Columns:"] + [f"- `{metric}`: {meaning}" for metric, meaning in COMPARED.items()]
+
+
 def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
     if stat["mean"] is None:
         return "n/a"
@@ -116,7 +164,8 @@ def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], 
     """The results as markdown tables (mean ± 95% interval over seeds; then the paired differences, if any)."""
     lines = [f"Seeds: {seeds}. Cells: mean ± half-width of the 95% t interval over seeds (no interval for one seed).",
              f"Initial (SFT) policy: gold {_cell(initial['gold'])}; proxy RM accuracy on its pairs "
-             f"{_cell(initial['proxy_accuracy'])}; proxy RM trained on {_cell(initial['rm_pairs'], 0)} gold pairs.",
+             f"{_cell(initial['proxy_accuracy'])}; proxy RM trained on {_cell(initial['rm_pairs'], 0)} gold pairs "
+             f"({_cell(initial['rm_pairs_overlong'], 0)} of them padded past L).",
              "", "| run | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for run, stats in table.items():
         lines.append(f"| {run} | " + " | ".join(_cell(stats[column]) for column in COLUMNS) + " |")
@@ -193,8 +242,9 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
 
 
 def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir: Path,
-                 settings: dict[str, Any]) -> Path:
-    """results.json, results.md and the plots, from every seed's runs under ``output_dir``."""
+                 settings: dict[str, Any], comparisons: list[tuple[str, str]] = (), margin: float = 0.02) -> Path:
+    """results.json, results.md and the plots, from every seed's runs under ``output_dir``; with ``comparisons``
+    ([run, reference] pairs) also the paired comparisons and their verdicts."""
     report_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = {run: [output_dir / f"seed_{s}" / "runs" / run for s in seeds] for run in runs}
     evaluations = {run: [json.loads((d / "gold_eval.json").read_text()) for d in dirs]
@@ -209,15 +259,20 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
     proxy_accuracy = [e["proxy_accuracy_initial_policy_pairs"] for e in evaluations[runs[0]]]
     initial = {"gold": mean_interval([r["gold"] for r in initial_rows]),
                "rm_pairs": mean_interval([r["rm_pairs"] for r in initial_rows]),
+               "rm_pairs_overlong": mean_interval([r.get("rm_pairs_overlong", 0) for r in initial_rows]),
                "proxy_accuracy": mean_interval(proxy_accuracy)}
     paired = {}
     if "frozen" in runs:
         paired = {run: {column: mean_interval([paired_differences(r, f)[column] for r, f in
                                                zip(rows, per_seed["frozen"])]) for column in PAIRED}
                   for run, rows in per_seed.items() if run != "frozen"}
-    (report_dir / "results.md").write_text(markdown_table(table, initial, seeds, paired))
+    compared = compare_runs(per_seed, list(comparisons), margin)
+    markdown = markdown_table(table, initial, seeds, paired)
+    (report_dir / "results.md").write_text(markdown + ("\n".join(comparison_table(compared, margin)) + "\n"
+                                                       if compared else ""))
     (report_dir / "results.json").write_text(json.dumps(
-        {"seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "per_seed": per_seed,
+        {"seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "comparisons": compared,
+         "per_seed": per_seed,
          "curves": {run: [{k: {str(s): v for s, v in c.items()} for k, c in cs.items()} for cs in per_run]
                     for run, per_run in curves.items()}, "settings": settings}, indent=2) + "\n")
     write_plots(curves, report_dir)

@@ -7,6 +7,7 @@ The gold reward is a program, so a reward model's accuracy against the truth is 
 graded in [0, 1]. Demonstrations are short of L by 0-2 letters (lazy annotators), so on the initial policy's
 samples g = vowels / L: "more vowels is better" explains every labelled pair, and a proxy reward model that learns
 it keeps rewarding length past L, where the gold reward falls. That is the spurious feature RL can exploit.
+A second regime (``overlong_pair``) gives the proxy a weak but true signal about it to amplify.
 """
 
 from __future__ import annotations
@@ -77,3 +78,13 @@ def gold_pair(prompt: str, first: str, second: str) -> dict | None:
     chosen, rejected = (first, second) if g_first > g_second else (second, first)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
             "gold_chosen": max(g_first, g_second), "gold_rejected": min(g_first, g_second)}
+
+
+def overlong_pair(rng: random.Random, prompt: str, response: str) -> dict | None:
+    """A gold-labelled pair of ``response`` and the same response padded with vowels to L + k letters, k uniform in
+    [2, max(2, L)]: past L the padding lowers gold, a true signal about length that the initial policy's samples
+    (all near or short of L) never show. None when gold ties."""
+    target = target_length(prompt)
+    letters = sum(not c.isspace() for c in response)
+    padding = max(1, target + rng.randint(2, max(2, target)) - letters)
+    return gold_pair(prompt, response, response + "".join(rng.choice(VOWELS) for _ in range(padding)))

@@ -17,6 +17,7 @@ from megatron_save.testbed.task import (
     gold_pair,
     gold_reward,
     make_prompt,
+    overlong_pair,
     target_length,
 )
 
@@ -94,3 +95,22 @@ def test_task_data_parts_are_disjoint_and_sized(tmp_path):
     again = tmp_path / "again"
     write_task_data(again, seed=3, sizes=sizes, settings=GoldTaskSettings())
     assert (again / "eval_prompts.jsonl").read_text() == (tmp_path / "eval_prompts.jsonl").read_text()
+
+
+def test_overlong_pairs_pad_past_the_target_with_vowels_and_are_gold_labelled():
+    rng, settings = random.Random(0), GoldTaskSettings()
+    pairs, unpadded_chosen = 0, 0
+    for _ in range(2000):
+        prompt = make_prompt(rng, settings)
+        response, target = demonstration(rng, prompt, settings), target_length(prompt)
+        pair = overlong_pair(rng, prompt, response)
+        if pair is None:  # a gold tie
+            continue
+        padded = max(pair["chosen"], pair["rejected"], key=len)
+        assert padded.startswith(response) and set(padded[len(response):]) <= set(VOWELS)
+        assert target + 2 <= len(padded) <= target + max(2, target)
+        assert pair["gold_chosen"] == gold_reward(prompt, pair["chosen"]) > gold_reward(prompt, pair["rejected"])
+        pairs, unpadded_chosen = pairs + 1, unpadded_chosen + (pair["chosen"] == response)
+    # On demonstration-like responses (near L, 70% vowels) the padding mostly costs gold: the signal the proxy lacks.
+    assert pairs > 1800 and 0.85 < unpadded_chosen / pairs < 0.95
+    assert overlong_pair(rng, "xyz: write 2 vowels", "") is None  # both gold 0: 4 letters at L = 2 have fit 0

@@ -22,6 +22,10 @@ def test_settings_are_checked_before_any_work():
         check_testbed_config(TestbedConfig(seeds=[0, 0]))
     with pytest.raises(ValueError, match="at least one"):
         check_testbed_config(TestbedConfig(runs=[]))
+    with pytest.raises(ValueError, match=r"comparisons: \['save', 'hl_bt'\]"):
+        check_testbed_config(TestbedConfig(runs=["frozen", "save"], comparisons=[["save", "hl_bt"]]))
+    with pytest.raises(ValueError, match="overlong_pair_share 1.5"):
+        check_testbed_config(TestbedConfig(overlong_pair_share=1.5))
 
 
 def test_output_dir_guard(tmp_path):
@@ -32,8 +36,12 @@ def test_output_dir_guard(tmp_path):
         prepare_output_dir(TestbedConfig(output_dir=str(stranger)))
     prepare_output_dir(TestbedConfig(output_dir=str(tmp_path / "mine")))
     prepare_output_dir(TestbedConfig(output_dir=str(tmp_path / "mine")))  # same settings: continue
+    # Other seeds, runs or report settings continue the same comparison in parts ...
+    prepare_output_dir(TestbedConfig(output_dir=str(tmp_path / "mine"), seeds=[4], runs=["save"],
+                                     comparisons=[["save", "save"]], report_dir=str(tmp_path / "r")))
+    # ... settings that change a seed's steps do not.
     with pytest.raises(FileExistsError, match="other settings"):
-        prepare_output_dir(TestbedConfig(output_dir=str(tmp_path / "mine"), seeds=[4]))
+        prepare_output_dir(TestbedConfig(output_dir=str(tmp_path / "mine"), overlong_pair_share=0.1))
 
 
 def test_steps_run_once_and_an_interrupted_step_starts_over(tmp_path):

@@ -50,8 +50,17 @@ def test_report_from_run_directories(tmp_path):
             _write_run(tmp_path / f"seed_{seed}" / "runs" / run, steps[seed], [1.0, 0.5, 0.0],
                        final_gold=0.4 + 0.2 * seed + (0.1 * (seed + 1) if run == "save" else 0.0),
                        accuracy=0.7 + (0.05 if run == "save" else 0.0))
-    report = write_report(tmp_path, [0, 1], ["frozen", "save"], tmp_path / "report", {"note": "test"})
+    report = write_report(tmp_path, [0, 1], ["frozen", "save"], tmp_path / "report", {"note": "test"},
+                          [("save", "frozen")], margin=0.02)
     results = json.loads((report / "results.json").read_text())
+    compared = results["comparisons"]["save - frozen"]
+    assert compared["final_policy_gold"]["mean"] == pytest.approx(0.15)  # two seeds: t(1 df) = 12.7, undecided
+    assert compared["final_policy_gold"]["verdict"] == "undecided"
+    # RM gain = accuracy on the final pairs minus the proxy's: save 0.75 - 0.6, frozen 0.7 - 0.6, both seeds.
+    assert compared["rm_gain_final_policy_pairs"]["mean"] == pytest.approx(0.05)
+    assert compared["rm_gain_final_policy_pairs"]["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert compared["rm_gain_final_policy_pairs"]["verdict"] == "higher"
+    assert compared["rm_accuracy_initial_policy_pairs"]["verdict"] == "no difference"  # both 0.8: interval [0, 0]
     frozen = results["table"]["frozen"]
     # save's final gold is frozen's + 0.1 (seed 0) and + 0.2 (seed 1): paired mean 0.15, t(1 df) x 0.0707 / sqrt 2.
     paired = results["paired_with_frozen"]["save"]
@@ -71,6 +80,7 @@ def test_report_from_run_directories(tmp_path):
     assert results["initial"]["proxy_accuracy"]["mean"] == 0.8
     table = (report / "results.md").read_text()
     assert "| frozen | 0.500 ± " in table and "| save |" in table
+    assert "| save - frozen | 0.150 ± " in table and "(higher)" in table
     for plot in ("gold_by_step", "overoptimisation", "keep_rate", "letters_by_step"):
         assert (report / f"{plot}.png").stat().st_size > 1000
 
@@ -80,3 +90,14 @@ def test_moving_average_hand_computed():
 
     assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3) == pytest.approx([1.5, 2.0, 3.0, 4.0, 4.5])
     assert moving_average([1.0, 5.0], 1) == [1.0, 5.0]
+
+
+def test_verdicts_hand_computed():
+    from megatron_save.testbed.report import verdict
+
+    assert verdict({"mean": 0.1, "ci95": 0.05}, 0.02) == "higher"
+    assert verdict({"mean": -0.1, "ci95": 0.05}, 0.02) == "lower"
+    assert verdict({"mean": 0.0, "ci95": 0.015}, 0.02) == "no difference"
+    assert verdict({"mean": 0.0, "ci95": 0.03}, 0.02) == "undecided"  # crosses 0 and leaves the margin
+    assert verdict({"mean": 0.02, "ci95": 0.019}, 0.02) == "higher"  # above 0 wins over the margin
+    assert verdict({"mean": 0.5, "ci95": None}, 0.02) == "undecided"  # one seed: no interval
