@@ -46,6 +46,7 @@ from megatron_save.checkpoint.parity import (
 from megatron_save.config import ParallelConfig
 from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
+from megatron_save.models.spec import SpecBackend, resolve_backend
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("tools.check_parity")
@@ -59,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="plain text file, one sequence per paragraph (default: the built-in chat sample)")
+    parser.add_argument("--spec", choices=[b.value for b in SpecBackend], default="auto",
+                        help="layer implementation: te (Transformer Engine, GPU), local (Megatron-Core's modules), "
+                             "auto (te when importable on GPU, else local)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence at most (default 256)")
     parser.add_argument("--rtol", type=float, default=None,
                         help="relative tolerance (default: 1e-4 for fp32 checkpoints, 2e-2 for bf16)")
@@ -105,9 +109,13 @@ def main() -> None:
                          model_shape(hf_config, str(ckpt)))
     except ParallelLayoutError as error:
         raise SystemExit(f"check_parity: {error}") from None
-    report = parity_report(ckpt, args.hf_dir, batch)
-    logger.info("%s %s at TP=%d PP=%d, %d sequences / %d tokens of %s: %s", meta.kind, meta.dtype, args.tp,
-                args.pp, report.sequences, report.tokens, args.text or "the chat sample",
+    try:
+        spec = resolve_backend(args.spec)
+    except ValueError as error:
+        raise SystemExit(f"check_parity: --spec {args.spec}: {error}") from None
+    report = parity_report(ckpt, args.hf_dir, batch, spec_backend=spec)
+    logger.info("%s %s at TP=%d PP=%d, %s spec, %d sequences / %d tokens of %s: %s", meta.kind, meta.dtype,
+                args.tp, args.pp, spec.value, report.sequences, report.tokens, args.text or "the chat sample",
                 verdict_line(report, rtol, min_top1))
     shutdown_distributed()
     if parity_failures(report, rtol, min_top1):

@@ -338,7 +338,8 @@ def _reporting_rank() -> int:
 
 
 def parity_report(
-    ckpt_dir: str | Path, hf_dir: str | Path, batch: ParityBatch, micro_batch_size: int = 1
+    ckpt_dir: str | Path, hf_dir: str | Path, batch: ParityBatch, micro_batch_size: int = 1,
+    spec_backend: str = "auto",
 ) -> ParityReport:
     """Collective: the checkpoint's model, built once under the current parallel state, against ONE transformers
     forward (fp32) over ``batch``; every rank returns the same report.
@@ -347,7 +348,7 @@ def parity_report(
     as the policy reads them); a reward model once (R, and V when the checkpoint has a value head). The
     reference runs on one rank only (``_reporting_rank``), after the Megatron model is dropped.
     """
-    model, meta, _ = build_model_from_checkpoint(ckpt_dir)
+    model, meta, _ = build_model_from_checkpoint(ckpt_dir, spec_backend=spec_backend)
     reporter = _reporting_rank()
     mine = dist.get_rank() == reporter
     input_ids, mask = batch.input_ids, batch.mask

@@ -55,6 +55,14 @@ _FAMILY_SETTINGS = {
                   tie_word_embeddings=False),
 }
 
+# Shapes besides the tiny default, named for the GPU acceptance script: "0.5b" is Qwen2.5-0.5B's (with the
+# character tokenizer, whose ids use the first 100 of the 151936 embedding rows).
+SCALES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048),
+}
+
 
 def tiny_hf_config(family: str, reward_model: bool = False, **overrides: Any) -> transformers.PretrainedConfig:
     """A tiny transformers config of ``family``; ``reward_model`` makes it a single-label classifier."""

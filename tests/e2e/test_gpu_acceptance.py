@@ -1,0 +1,43 @@
+"""examples/gpu/acceptance.sh on CPU: the GPU acceptance path with its CPU fallback (tiny scale, gloo processes),
+the report it writes, and the sections that say why they cannot run here."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from helpers import REPO
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
+    work, report = tmp_path / "work", tmp_path / "REPORT.md"
+    result = subprocess.run(["bash", "examples/gpu/acceptance.sh", str(work), str(report), "--quick"], cwd=REPO,
+                            env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = report.read_text()
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \| [\d.]+ \|$", text, flags=re.MULTILINE))
+    for section in ("synthetic data", "tiny: convert to bf16 Megatron", "tiny: parity vs transformers, local spec, "
+                    "policy", "tiny: parity vs transformers, local spec, RM", "tiny: stage 1 (BT) in bf16",
+                    "tiny: stage 2 (value head) in bf16", "tiny: stage 3, GRPO vs SAVE (tools/bench_stage3.py)"):
+        assert rows.get(section) == "ok", (section, text)
+    assert rows["tiny: parity vs transformers, te spec, policy"].startswith("skipped: Transformer Engine needs CUDA")
+    assert rows["tiny: stage 3 with vLLM rollouts"].startswith("skipped: vLLM needs CUDA")
+    assert "CUDA: not available" in text and "0.5b" not in text  # the 0.5B scale is a GPU item
+    assert re.search(r"local spec, \d+ sequences .*: OK$", text, flags=re.MULTILINE), text
+    assert re.search(r"^passes/reward_forward\s+1\.0000\s+2\.0000", text, flags=re.MULTILINE), text
+    assert "step time: SAVE / GRPO" in text and "held-out accuracy after" in text
+
+
+def test_check_parity_refuses_the_te_spec_without_cuda(tmp_path):
+    subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", str(tmp_path / "hf")], cwd=REPO, env=ENV,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out",
+                    str(tmp_path / "mg")], cwd=REPO, env=ENV, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             "tools/check_parity.py", "--ckpt", str(tmp_path / "mg"), "--hf-dir", str(tmp_path / "hf"),
+                             "--spec", "te"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "--spec te" in result.stderr and "needs CUDA" in result.stderr, result.stderr

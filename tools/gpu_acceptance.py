@@ -1,0 +1,207 @@
+"""GPU acceptance: the first thing to run on a fresh GPU machine; writes its findings to docs/gpu/REPORT.md.
+
+    bash examples/gpu/acceptance.sh [WORK_DIR] [REPORT]      (default outputs/gpu_acceptance, docs/gpu/REPORT.md)
+    python tools/gpu_acceptance.py --work DIR --report FILE [--budget-s 480] [--scales tiny 0.5b] [--quick]
+
+Sections, each a child process with its own time limit inside the whole budget (8 minutes by default), so one
+failure or hang does not hide the rest: the environment (torch, CUDA, Transformer Engine, vLLM); tiny and
+Qwen2.5-0.5B-shaped random models converted to bf16; Megatron against transformers logits through the local spec
+and, when Transformer Engine is importable, through the TE spec (both against the same fp32 reference, so their
+figures side by side are the TE vs local parity); stage 1 and stage 2 in bf16 on the tiny RM; stage 3 through
+tools/bench_stage3.py (GRPO against SAVE: per-phase time, passes and peak memory per phase) at each scale; a
+stage-3 run with vLLM rollouts when vLLM is importable. A section that cannot run here is listed as skipped with
+the reason. Without CUDA it runs the same path on CPU processes (tiny scale only): that is what the tests start.
+The exit status is 1 when a section failed or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Output lines a section's report keeps (the rest stays in its log): parity verdicts, the bench's table and ratios.
+KEPT_LINES = re.compile(r"(OK|MISMATCH)$|^(time|memory|passes)/|^metric |SAVE / GRPO|wrote|held-out accuracy|"
+                        r"after \d+ steps|Traceback|Error")
+
+
+@dataclass
+class Section:
+    """One check: a command, its time limit, or the reason it cannot run on this machine."""
+
+    name: str
+    command: list[str]
+    timeout_s: float
+    skip_reason: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What a section gave: ok, FAILED (exit N), timed out or skipped (reason); wall time; the lines kept."""
+
+    name: str
+    status: str
+    wall_s: float = 0.0
+    lines: list[str] = field(default_factory=list)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *args]
+
+
+def importable(module: str) -> bool:
+    """Whether ``module`` can be found (a missing parent package counts as not importable)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def environment() -> dict[str, str]:
+    """Versions and which optional GPU extras are importable."""
+    cuda = torch.cuda.is_available()
+    found = {name: importable(module) for name, module in (("Transformer Engine", "transformer_engine"),
+                                                           ("vLLM", "vllm"), ("NVIDIA Apex", "apex.normalization"))}
+    return {"torch": torch.__version__, "CUDA": torch.version.cuda if cuda else "not available",
+            "device": torch.cuda.get_device_name(0) if cuda else "CPU (gloo processes)",
+            **{name: "importable" if ok else "not importable" for name, ok in found.items()}}
+
+
+def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
+    """Every check in order; later ones read what earlier ones wrote under ``work``."""
+    cuda = torch.cuda.is_available()
+    te = None if cuda and importable("transformer_engine") else "Transformer Engine needs CUDA and " \
+        "the transformer-engine package: not importable here"
+    vllm = None if cuda and importable("vllm") else "vLLM needs CUDA and the vllm package: not " \
+        "importable here"
+    py, data = sys.executable, work / "data"
+    steps = ["--steps", "2", "--rounds", "1"] if quick else ["--steps", "3", "--rounds", "1"]
+    out = [Section("synthetic data", [py, "tools/make_synthetic_data.py", "--out", str(data), "--prompts", "64"], 60)]
+    for scale in scales:
+        model = work / scale
+        out += [
+            Section(f"{scale}: random policy and RM (HF)", ["bash", "-c", " && ".join([
+                f"{py} tools/make_tiny_model.py --family qwen2 --scale {scale} --out {model}/hf_policy --seed 1",
+                f"{py} tools/make_tiny_model.py --family qwen2 --scale {scale} --reward-model --out {model}/hf_rm "
+                "--seed 2"])], 180),
+            Section(f"{scale}: convert to bf16 Megatron", ["bash", "-c", " && ".join([
+                f"{py} tools/convert_hf_to_megatron.py --hf-dir {model}/hf_policy --out {model}/policy --dtype bf16",
+                f"{py} tools/convert_hf_to_megatron.py --hf-dir {model}/hf_rm --out {model}/rm --dtype bf16",
+                f"{py} tools/convert_hf_to_megatron.py --hf-dir {model}/hf_rm --out {model}/rm_value --dtype bf16 "
+                "--add-value-head"])], 240),
+        ]
+        # A bf16 reward is a few cancelling terms: transformers' own bf16 forward is 2.3e-2 (relative) off its
+        # fp32 one on the tiny RM, above check_parity's bf16 default of 2e-2; the RM is checked at 5e-2.
+        for spec, reason in (("local", None), ("te", te)):
+            out += [Section(f"{scale}: parity vs transformers, {spec} spec, {role}",
+                            torchrun("tools/check_parity.py", "--ckpt", str(model / ckpt), "--hf-dir",
+                                     str(model / hf), "--spec", spec, *rtol), 120, reason)
+                    for role, ckpt, hf, rtol in (("policy", "policy", "hf_policy", []),
+                                                 ("RM", "rm", "hf_rm", ["--rtol", "5e-2"]))]
+    tiny = work / scales[0]
+    out += [
+        Section(f"{scales[0]}: stage 1 (BT) in bf16", torchrun(
+            "-m", "megatron_save", "stage1", "examples/cpu/stage1_bt.yaml", f"checkpoint={tiny / 'rm'}",
+            f"output_dir={work / 'stage1'}", f"data.train_data={data / 'preference_train.jsonl'}",
+            f"data.eval_data={data / 'preference_eval.jsonl'}", "parallel.tensor_model_parallel_size=1"), 240),
+        Section(f"{scales[0]}: stage 2 (value head) in bf16", torchrun(
+            "-m", "megatron_save", "stage2", "examples/cpu/stage2_value.yaml", f"checkpoint={work / 'stage1'}",
+            f"output_dir={work / 'stage2'}", f"data.train_data={data / 'responses.jsonl'}", "batch.epochs=1",
+            "parallel.pipeline_model_parallel_size=1"), 240),
+    ]
+    for scale in scales:
+        out.append(Section(f"{scale}: stage 3, GRPO vs SAVE (tools/bench_stage3.py)", [
+            py, "tools/bench_stage3.py", "--config", "examples/cpu/stage3_save.yaml", "--nproc", "1", *steps,
+            "--policy", str(work / scale / "policy"), "--reward", str(work / scale / "rm_value"), "--prompts",
+            str(data / "prompts.jsonl"), "parallel.tensor_model_parallel_size=1"], 300))
+    out.append(Section(f"{scales[0]}: stage 3 with vLLM rollouts", torchrun(
+        "-m", "megatron_save", "stage3", "examples/cpu/stage3_save.yaml", f"output_dir={work / 'stage3_vllm'}",
+        f"policy.checkpoint={tiny / 'policy'}", f"reward.checkpoint={tiny / 'rm_value'}",
+        f"train_data={data / 'prompts.jsonl'}", "total_steps=2", "save_every=0", "tensorboard=false",
+        "parallel.tensor_model_parallel_size=1", "rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=1",
+        "rollout.vllm.gpu_memory_utilization=0.2"), 240, vllm))
+    return out
+
+
+def run_section(section: Section, log: Path, seconds_left: float) -> Outcome:
+    """Runs one section into ``log`` within its limit and what is left of the budget."""
+    if section.skip_reason:
+        return Outcome(section.name, f"skipped: {section.skip_reason}")
+    limit = min(section.timeout_s, seconds_left)
+    if limit < 5:
+        return Outcome(section.name, "skipped: the time budget is spent")
+    start = time.monotonic()
+    with open(log, "w") as handle:
+        try:
+            result = subprocess.run(section.command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                    timeout=limit)
+            status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit:.0f} s"
+    text = log.read_text(errors="replace").splitlines()
+    kept = [line for line in text if KEPT_LINES.search(line)]
+    if status != "ok":
+        kept += ["--- last lines ---", *text[-15:]]
+    return Outcome(section.name, status, time.monotonic() - start, kept)
+
+
+def git_revision() -> str:
+    result = subprocess.run(["git", "log", "--oneline", "-1"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown (not a git checkout)"
+
+
+def report_markdown(env: dict[str, str], outcomes: list[Outcome], budget_s: float, wall_s: float) -> str:
+    lines = ["# GPU acceptance report", "",
+             f"Written by `examples/gpu/acceptance.sh` ({Path(__file__).name}) on "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at revision `{git_revision()}`, "
+             f"in {wall_s:.0f} s of a {budget_s:.0f} s budget.", "",
+             *[f"- {name}: {value}" for name, value in env.items()], "",
+             "| section | result | wall s |", "|---|---|---|",
+             *[f"| {o.name} | {o.status} | {o.wall_s:.1f} |" for o in outcomes], ""]
+    for outcome in outcomes:
+        if outcome.lines:
+            lines += [f"## {outcome.name}", "", "```", *outcome.lines, "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="outputs/gpu_acceptance", help="scratch directory (emptied first)")
+    parser.add_argument("--report", default="docs/gpu/REPORT.md", help="the markdown report to write")
+    parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all sections")
+    parser.add_argument("--scales", nargs="+", default=None,
+                        help="model scales (default: tiny and 0.5b with CUDA, tiny without)")
+    parser.add_argument("--quick", action="store_true", help="the bench with one measured step")
+    args = parser.parse_args()
+    scales = args.scales or (["tiny", "0.5b"] if torch.cuda.is_available() else ["tiny"])
+    work = Path(args.work).resolve()
+    if work.exists():
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+    (work / "logs").mkdir(parents=True)
+    start, outcomes = time.monotonic(), []
+    todo = sections(work, scales, args.quick)
+    for index, section in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {section.name}", flush=True)
+        log = work / "logs" / f"{index:02d}_{re.sub(r'[^a-z0-9]+', '_', section.name.lower()).strip('_')}.log"
+        outcomes.append(run_section(section, log, args.budget_s - (time.monotonic() - start)))
+        print(f"    {outcomes[-1].status} ({outcomes[-1].wall_s:.1f} s)", flush=True)
+    report = Path(args.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(report_markdown(environment(), outcomes, args.budget_s, time.monotonic() - start))
+    print(f"report: {report} (logs: {work / 'logs'})")
+    failed = [o.name for o in outcomes if o.status.startswith(("FAILED", "timed out"))]
+    if failed:
+        raise SystemExit(f"gpu_acceptance: {len(failed)} section(s) failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
