@@ -54,7 +54,7 @@ def test_lm_passes_at_tp2_on_the_chat_sample(tiny_models):
     result = check_parity("--ckpt", tiny_models["llama-lm"]["mg"], "--hf-dir", tiny_models["llama-lm"]["hf"],
                           "--tp", "2")
     assert result.returncode == 0, output_of(result)
-    assert re.search(r"causal_lm fp32 at TP=2 PP=1, 6 sequences / \d+ tokens of the chat sample: "
+    assert re.search(r"causal_lm fp32 at TP=2 PP=1, local spec, 6 sequences / \d+ tokens of the chat sample: "
                      r"max \|megatron - transformers\| \S+, rel \S+ \(rtol 1e-04\), top-1 100\.0% \(min 98\.0%\), "
                      r"max \|dlogp\| \S+: OK", result.stderr), output_of(result)
 
@@ -66,7 +66,7 @@ def test_reward_model_with_value_head_passes_at_pp2_on_a_text_file(tiny_models, 
     result = check_parity("--ckpt", tiny_models["llama-rmv"]["mg"], "--hf-dir", tiny_models["llama-rmv"]["hf"],
                           "--pp", "2", "--text", text, "--max-length", "24")
     assert result.returncode == 0, output_of(result)
-    assert re.search(rf"reward_model fp32 at TP=1 PP=2, 3 sequences / 72 tokens of {re.escape(str(text))}: "
+    assert re.search(rf"reward_model fp32 at TP=1 PP=2, local spec, 3 sequences / 72 tokens of {re.escape(str(text))}: "
                      r"max \|reward difference\| \S+, rel \S+ \(rtol 1e-04\), max \|value difference\| \S+, "
                      r"value rel \S+ \(rtol 1e-04\), ranking agreement 100\.0% \(no top-1 for a reward model; "
                      r"not gated\): OK", result.stderr), output_of(result)
