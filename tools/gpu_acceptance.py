@@ -20,6 +20,7 @@ import argparse
 import datetime
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -184,8 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     scales = args.scales or (["tiny", "0.5b"] if torch.cuda.is_available() else ["tiny"])
     work = Path(args.work).resolve()
-    if work.exists():
-        subprocess.run(["rm", "-rf", str(work)], check=True)
+    shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
     start, outcomes = time.monotonic(), []
     todo = sections(work, scales, args.quick)

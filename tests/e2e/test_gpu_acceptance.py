@@ -1,4 +1,4 @@
-"""examples/gpu/acceptance.sh on CPU: the GPU acceptance path with its CPU fallback (tiny scale, gloo processes),
+"""examples/gpu/acceptance.sh (tools/gpu_acceptance.py) on CPU: the GPU acceptance path with its CPU fallback (tiny scale, gloo processes),
 the report it writes, and the sections that say why they cannot run here."""
 
 from __future__ import annotations
