@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from megatron_save.testing import TINY_FAMILIES, save_tiny_hf_model  # noqa: E402
+from megatron_save.testing import TINY_FAMILIES, TINY_MOE_FAMILIES, save_tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +33,24 @@ def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     hf_dir = save_tiny_hf_model("llama", root / "llama-rmv-hf", reward_model=True, seed=7, value_head=True)
     convert_hf_to_megatron(hf_dir, root / "llama-rmv-mg")
     models["llama-rmv"] = {"hf": hf_dir, "mg": root / "llama-rmv-mg"}
+    return models
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{"qwen3_moe-lm": {"hf": dir, "mg": dir}, "qwen3_moe-rmv": ...}: a tiny MoE causal LM and a MoE reward
+    model with a value head, converted in this process."""
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("tiny_moe")
+    models = {}
+    for family in TINY_MOE_FAMILIES:
+        for kind, reward_model in (("lm", False), ("rmv", True)):
+            name = f"{family}-{kind}"
+            hf_dir = save_tiny_hf_model(family, root / f"{name}-hf", reward_model=reward_model, seed=7,
+                                        value_head=reward_model)
+            convert_hf_to_megatron(hf_dir, root / f"{name}-mg")
+            models[name] = {"hf": hf_dir, "mg": root / f"{name}-mg"}
     return models
 
 

@@ -13,6 +13,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = REPO / "tests" / "distributed" / "workers"
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
+# (TP, PP, EP, expert TP) of the MoE tests, on 4 processes.
+MOE_LAYOUTS = {"tp1": (1, 1, 1, 1), "ep2": (1, 1, 2, 1), "tp2ep2": (2, 1, 2, 1), "tp2etp2": (2, 1, 1, 2),
+               "tp2ep2etp2": (2, 1, 2, 2), "pp2": (1, 2, 1, 1), "pp2ep2": (1, 2, 2, 1)}
 
 
 def _launch(nproc: int, target: list[str], timeout: int) -> None:

@@ -7,12 +7,12 @@
 
 import argparse
 
-from megatron_save.testing import SCALES, TINY_FAMILIES, save_tiny_hf_model
+from megatron_save.testing import SCALES, TINY_FAMILIES, TINY_MOE_FAMILIES, save_tiny_hf_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=TINY_FAMILIES, default="llama")
+    parser.add_argument("--family", choices=TINY_FAMILIES + TINY_MOE_FAMILIES, default="llama")
     parser.add_argument("--out", required=True, help="output directory (HF format)")
     parser.add_argument("--reward-model", action="store_true", help="*ForSequenceClassification with one label")
     parser.add_argument("--value-head", action="store_true", help="reward model with a random value head")

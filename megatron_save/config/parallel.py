@@ -7,12 +7,17 @@ from dataclasses import dataclass
 
 @dataclass
 class ParallelConfig:
-    """Tensor / pipeline parallel layout; the data-parallel size is what the world size leaves."""
+    """Tensor / pipeline / expert parallel layout; the data-parallel size is what the world size leaves."""
 
     tensor_model_parallel_size: int = 1
     """Tensor-parallel size: ranks that split every weight matrix of a layer."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size: ranks that each hold a contiguous slice of the layers."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (MoE models): ranks that each hold num_experts / EP of every layer's experts, tokens
+    exchanged all-to-all; laid over data-parallel (and context) ranks, so it divides world / (TP x PP)."""
+    expert_tensor_parallel_size: int = 1
+    """Tensor-parallel size inside each expert (MoE models); 1 keeps experts whole, as large MoE runs do."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
     seed: int = 1234

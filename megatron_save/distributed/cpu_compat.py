@@ -21,6 +21,12 @@ Each redirection names the Megatron-Core 0.16.1 call sites it serves:
 * ``torch.cuda.synchronize`` is a no-op: p2p_communication.py:398,
   dist_checkpointing/strategies/filesystem_async.py:230.
 * ``torch.cuda.Event`` is a wall-clock event: timers and p2p.
+* ``torch.cuda.Stream``, ``current_stream`` and the ``stream`` context are one host stream that waits for
+  nothing (CPU work is synchronous): the MoE all-to-all token dispatcher's device-to-host side stream,
+  transformer/moe/token_dispatcher.py:445,871-895.
+* The all-to-all dispatcher's split sizes pass through ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which
+  converts only CUDA tensors (moe_utils.py:1093); CPU tensors are converted too, since ``all_to_all_single``
+  takes a sequence of sizes and refuses a tensor: token_dispatcher.py:876-895.
 * ``Tensor.cuda()`` returns the tensor: distrib_optimizer.py:1089.
 * ``Tensor.type()`` without arguments reports ``torch.cuda.*`` names for CPU tensors, because the optimizer
   asserts on them: clip_grads.py:167, distrib_optimizer.py:361,420,582, optimizer.py:671,690.
@@ -28,12 +34,17 @@ Each redirection names the Megatron-Core 0.16.1 call sites it serves:
   the inference text_generation_controller.py:75 (the Megatron-Core rollout engine).
 * The inference pipeline broadcasts assert their tensors are on CUDA (inference/communication_utils.py:28-31,
   called at :74 and :156): the check keeps its "not None" half.
+* Without Transformer Engine, megatron-core 0.16.1's MoE router reads the name ``te_general_gemm`` that only
+  its TE import defines (transformer/moe/moe_utils.py:1192,1225: a NameError); it is defined as None, which
+  selects the plain ``torch.mm`` path written beside it. (On a GPU, MoE models need Transformer Engine for the
+  same reason: ``megatron_save.models.gpt_config`` says so.)
 * The CUDA RNG state is the CPU default generator, so ``model_parallel_cuda_manual_seed`` and the RNG
   tracker's ``fork()`` work: tensor_parallel/random.py:41-110 (``_get/_set_cuda_rng_state``), 235-277, 422.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -101,6 +112,36 @@ class _WallClockEvent:
         return (end_event._time - self._time) * 1000.0
 
 
+class _HostStream:
+    """Stand-in for ``torch.cuda.Stream``: work on the CPU is already ordered, so waiting is a no-op."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any):
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def record_event(self, event: _WallClockEvent | None = None) -> _WallClockEvent:
+        event = event or _WallClockEvent()
+        event.record(self)
+        return event
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """Stand-in for the MoE dispatcher's device-to-host copy: every tensor is on the host; ``as_numpy`` still
+    converts."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -142,6 +183,9 @@ def install() -> bool:
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.Event = _WallClockEvent
+    torch.cuda.Stream = _HostStream
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.get_rng_state = _cpu_rng_state
     torch.cuda.random.get_rng_state = _cpu_rng_state
     torch.cuda.set_rng_state = _set_cpu_rng_state
@@ -162,6 +206,14 @@ def install() -> bool:
     from megatron.core.tensor_parallel import random as tp_random
 
     communication_utils._is_cuda = _is_present
+
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
 
     tp_random._get_cuda_rng_state = _cpu_rng_state
     tp_random._set_cuda_rng_state = _set_cpu_rng_state

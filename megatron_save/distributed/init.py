@@ -33,6 +33,8 @@ class ModelShape:
     """Key/value heads (GQA groups), split over tensor-parallel ranks."""
     vocab_size: int
     """Rows of the embedding table, split over tensor-parallel ranks."""
+    num_experts: int = 0
+    """Routed experts per layer (0 for a dense model), split over expert-parallel ranks."""
     source: str = ""
     """The model these dimensions belong to (a checkpoint or config path), named in a refusal."""
 
@@ -47,9 +49,22 @@ def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: Mode
             f"world size {world_size} is not a multiple of tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
         )
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size
+    if ep < 1 or etp < 1:
+        raise ParallelLayoutError(f"expert_model_parallel_size={ep} and expert_tensor_parallel_size={etp} must be >= 1")
+    if world_size % (etp * ep * pp) != 0:
+        raise ParallelLayoutError(
+            f"world size {world_size} is not a multiple of expert_tensor_parallel_size x expert_model_parallel_size x "
+            f"pipeline_model_parallel_size = {etp} x {ep} x {pp} = {etp * ep * pp}"
+        )
     if shape is None:
         return
     named = f"{shape.source}: " if shape.source else ""
+    if ep > 1 and not shape.num_experts:
+        raise ParallelLayoutError(f"{named}expert_model_parallel_size={ep} needs a MoE model; this one is dense")
+    if shape.num_experts and shape.num_experts % ep != 0:
+        raise ParallelLayoutError(f"{named}expert_model_parallel_size={ep} does not divide the {shape.num_experts} "
+                                  "experts")
     for size, count, what in ((tp, shape.num_attention_heads, "attention heads"),
                               (tp, shape.num_query_groups, "query groups (key/value heads)")):
         if count % size != 0:
@@ -112,7 +127,8 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
 
     check_parallel_layout(parallel, dist.get_world_size())
     # The timeout is part of the key: Megatron's groups carry it from their creation.
-    layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, parallel.timeout_minutes)
+    layout = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+              parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size, parallel.timeout_minutes)
     if not _has_megatron_layout(layout):
         _destroy_model_parallel()
         existing = set(_process_groups())
@@ -120,6 +136,8 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=parallel.tensor_model_parallel_size,
                 pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+                expert_model_parallel_size=parallel.expert_model_parallel_size,
+                expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
                 distributed_timeout_minutes=parallel.timeout_minutes,
             )
         finally:
@@ -127,12 +145,16 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
             _megatron_groups.extend(group for group in _process_groups() if group not in existing)
         _megatron_layout = (*layout, parallel_state.get_tensor_model_parallel_group())
     model_parallel_cuda_manual_seed(parallel.seed)
+    experts = ""
+    if parallel.expert_model_parallel_size > 1 or parallel.expert_tensor_parallel_size > 1:
+        experts = f"; experts: EP {parallel.expert_model_parallel_size} x ETP {parallel.expert_tensor_parallel_size}"
     logger.info(
-        "parallel layout: world %d = TP %d x PP %d x DP %d (%s)",
+        "parallel layout: world %d = TP %d x PP %d x DP %d%s (%s)",
         dist.get_world_size(),
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         parallel_state.get_data_parallel_world_size(),
+        experts,
         dist.get_backend(),
     )
 
@@ -152,7 +174,7 @@ def shutdown_distributed() -> None:
 _megatron_groups: list[dist.ProcessGroup] = []
 """The process groups that set_model_parallel's Megatron initialisations created and that may still be alive."""
 _megatron_layout: tuple | None = None
-"""(TP, PP, Megatron's TP group) of the layout that _megatron_groups make; None when there is none."""
+"""(TP, PP, EP, ETP, timeout, Megatron's TP group) of the layout that _megatron_groups make; None when none."""
 
 
 def _process_groups() -> list[dist.ProcessGroup]:
@@ -160,18 +182,20 @@ def _process_groups() -> list[dist.ProcessGroup]:
     return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
 
 
-def _has_megatron_layout(layout: tuple[int, int, int]) -> bool:
-    """Whether Megatron's groups are still the live ones that set_model_parallel made for ``layout`` (TP, PP,
-    timeout in minutes).
+def _has_megatron_layout(layout: tuple) -> bool:
+    """Whether Megatron's groups are still the live ones that set_model_parallel made for ``layout`` (TP, PP, EP,
+    ETP, timeout in minutes).
 
     False when anything else re-initialised or destroyed them, or destroyed the world they were made in.
     """
     from megatron.core import parallel_state
 
-    if _megatron_layout is None or _megatron_layout[:3] != layout or not parallel_state.model_parallel_is_initialized():
+    if _megatron_layout is None or _megatron_layout[:-1] != layout:
+        return False
+    if not parallel_state.model_parallel_is_initialized():
         return False
     live = set(_process_groups())
-    return parallel_state.get_tensor_model_parallel_group() is _megatron_layout[3] and all(
+    return parallel_state.get_tensor_model_parallel_group() is _megatron_layout[-1] and all(
         group in live for group in _megatron_groups)
 
 

@@ -35,7 +35,8 @@ def build_model(
     args = gpt_args_from_hf(hf_config, dtype)
     common = dict(
         config=args.config,
-        transformer_layer_spec=layer_spec(spec_backend, qk_layernorm=family.qk_norm),
+        transformer_layer_spec=layer_spec(spec_backend, qk_layernorm=family.qk_norm,
+                                          num_experts=args.config.num_moe_experts),
         vocab_size=args.vocab_size,
         max_sequence_length=args.max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

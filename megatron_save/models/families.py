@@ -32,6 +32,8 @@ class DecoderFamily:
     """Biases on the q, k and v projections only (Qwen2)."""
     qk_norm: bool
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
+    moe: bool = False
+    """Every layer's MLP is a top-k routed mixture of SwiGLU experts (Qwen3-MoE), see ``moe_settings``."""
 
 
 LLAMA = DecoderFamily(
@@ -64,8 +66,47 @@ QWEN3 = DecoderFamily(
 )
 """Qwen3 (dense): RMSNorm on each query / key head, explicit ``head_dim``."""
 
-FAMILIES: dict[str, DecoderFamily] = {family.name: family for family in (LLAMA, QWEN2, QWEN3)}
+QWEN3_MOE = DecoderFamily(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    causal_lm_architecture="Qwen3MoeForCausalLM",
+    reward_model_architecture="Qwen3MoeForSequenceClassification",
+    qkv_bias=False,
+    qk_norm=True,
+    moe=True,
+)
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3 attention, routed experts in every layer, no shared expert."""
+
+FAMILIES: dict[str, DecoderFamily] = {family.name: family for family in (LLAMA, QWEN2, QWEN3, QWEN3_MOE)}
 """Every supported family by its short name."""
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """The routed-experts facts of a MoE config, in the words of Megatron-Core's TransformerConfig."""
+
+    num_experts: int
+    """Routed experts per layer."""
+    top_k: int
+    """Experts each token is sent to."""
+    expert_ffn_hidden_size: int
+    """Intermediate width of one expert's SwiGLU."""
+    normalize_top_k: bool
+    """Routing weights renormalised over the chosen k (softmax over the top-k logits); else the top-k entries of
+    the softmax over all experts."""
+    aux_loss_coeff: float
+    """Weight of the load-balancing auxiliary loss."""
+
+
+def moe_settings(hf_config: Any) -> MoESettings:
+    """The routing settings of a Qwen3-MoE config (``num_experts``, ``num_experts_per_tok``, ...)."""
+    return MoESettings(
+        num_experts=hf_config.num_experts,
+        top_k=hf_config.num_experts_per_tok,
+        expert_ffn_hidden_size=hf_config.moe_intermediate_size,
+        normalize_top_k=bool(hf_config.norm_topk_prob),
+        aux_loss_coeff=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
+    )
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -103,6 +144,13 @@ def check_supported(family: DecoderFamily, hf_config: Any) -> None:
     if hf_config.num_attention_heads % hf_config.num_key_value_heads != 0:
         refuse(f"num_attention_heads={hf_config.num_attention_heads} not a multiple of "
                f"num_key_value_heads={hf_config.num_key_value_heads}")
+    if family.moe:
+        if getattr(hf_config, "mlp_only_layers", None):
+            refuse(f"mlp_only_layers={hf_config.mlp_only_layers} (dense layers among MoE layers)")
+        if getattr(hf_config, "decoder_sparse_step", 1) != 1:
+            refuse(f"decoder_sparse_step={hf_config.decoder_sparse_step} (dense layers among MoE layers)")
+        if hf_config.num_experts_per_tok > hf_config.num_experts:
+            refuse(f"num_experts_per_tok={hf_config.num_experts_per_tok} > num_experts={hf_config.num_experts}")
     rope = rope_parameters(hf_config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":

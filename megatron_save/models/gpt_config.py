@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
-from megatron_save.models.families import family_for, head_dim_of, rope_parameters
+from megatron_save.models.families import UnsupportedModelError, family_for, head_dim_of, moe_settings, rope_parameters
 
 if TYPE_CHECKING:
     from megatron_save.distributed.init import ModelShape
@@ -46,6 +46,7 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
     params_dtype = DTYPES[dtype]
     on_gpu = torch.cuda.is_available()
     config = TransformerConfig(
+        **(_moe_arguments(hf_config, on_gpu) if family.moe else {}),
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
         ffn_hidden_size=hf_config.intermediate_size,
@@ -89,6 +90,35 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
     )
 
 
+def _moe_arguments(hf_config: Any, on_gpu: bool) -> dict:
+    """TransformerConfig arguments of routed experts: the family's routing, Megatron's load-balancing loss, and
+    the expert-parallel layout of the current parallel state."""
+    from megatron_save.models.spec import transformer_engine_available
+
+    moe = moe_settings(hf_config)
+    if on_gpu and not transformer_engine_available():
+        # megatron-core 0.16.1's router reads te_general_gemm, a name only its Transformer Engine import defines.
+        raise UnsupportedModelError(f"{hf_config.model_type}: MoE models on a GPU need Transformer Engine with "
+                                    "megatron-core 0.16 (its MoE router fails without it)")
+    if moe.top_k == 1 and moe.normalize_top_k:
+        raise UnsupportedModelError(f"{hf_config.model_type}: num_experts_per_tok=1 with norm_topk_prob=True "
+                                    "(Megatron-Core routes one expert only with the softmax before the top-k)")
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        # Softmax over the top-k logits equals the top-k softmax probabilities renormalised to sum to one.
+        moe_router_pre_softmax=not moe.normalize_top_k,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+    )
+
+
 def model_shape(hf_config: Any, source: str = "") -> "ModelShape":
     """The dimensions a parallel layout must divide, for the start-up check; ``source`` names the model in a
     refusal."""
@@ -99,5 +129,6 @@ def model_shape(hf_config: Any, source: str = "") -> "ModelShape":
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
         vocab_size=hf_config.vocab_size,
+        num_experts=getattr(hf_config, "num_experts", 0) if family_for(hf_config).moe else 0,
         source=str(source),
     )

@@ -32,15 +32,18 @@ def resolve_backend(backend: SpecBackend | str) -> SpecBackend:
     return backend
 
 
-def layer_spec(backend: SpecBackend | str, qk_layernorm: bool) -> ModuleSpec:
-    """The GPT layer ModuleSpec with RMSNorm (set in the TransformerConfig) and optional q/k norm.
+def layer_spec(backend: SpecBackend | str, qk_layernorm: bool, num_experts: int | None = None) -> ModuleSpec:
+    """The GPT layer ModuleSpec with RMSNorm (set in the TransformerConfig), optional q/k norm, and with
+    ``num_experts`` a routed-experts MLP (one module per expert: ``mlp.experts.local_experts.<i>``).
 
     On CPU the local spec runs through the CPU compatibility layer (``megatron_save.distributed.cpu_compat``).
     """
     if resolve_backend(backend) is SpecBackend.TRANSFORMER_ENGINE:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                           qk_layernorm=qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm,
+                                    normalization="RMSNorm")

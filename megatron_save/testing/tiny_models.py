@@ -2,7 +2,9 @@
 
 Each family's tiny config exercises what makes the family different: Llama has GQA and untied embeddings,
 Qwen2 has q/k/v biases and tied embeddings, Qwen3 has q/k norm and a head_dim that is not hidden / heads.
-Vocabulary (128), heads (4), query groups (2) and layers (4) divide by TP=2 and PP=2.
+Qwen3-MoE (``TINY_MOE_FAMILIES``, kept out of ``TINY_FAMILIES`` so the dense test matrix does not grow) routes
+each token to 2 of 4 experts in every layer. Vocabulary (128), heads (4), query groups (2), layers (4) and
+experts (4) divide by TP=2, PP=2 and EP=2.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from megatron_save.checkpoint.hf.common import VALUE_HEAD_FILE, VALUE_HEAD_TENSOR
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+TINY_MOE_FAMILIES = ("qwen3_moe",)
 TINY_VOCAB = 128
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Rendered as reward-bench renders conversations: one turn per role, no generation prompt for scoring.
@@ -53,6 +56,9 @@ _FAMILY_SETTINGS = {
     "qwen2": dict(config_class="Qwen2Config", architecture="Qwen2", num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": dict(config_class="Qwen3Config", architecture="Qwen3", num_key_value_heads=2, head_dim=24,
                   tie_word_embeddings=False),
+    "qwen3_moe": dict(config_class="Qwen3MoeConfig", architecture="Qwen3Moe", num_key_value_heads=2, head_dim=24,
+                      tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, router_aux_loss_coef=0.01),
 }
 
 # Shapes besides the tiny default, named for the GPU acceptance script: "0.5b" is Qwen2.5-0.5B's (with the
@@ -67,7 +73,7 @@ SCALES: dict[str, dict[str, Any]] = {
 def tiny_hf_config(family: str, reward_model: bool = False, **overrides: Any) -> transformers.PretrainedConfig:
     """A tiny transformers config of ``family``; ``reward_model`` makes it a single-label classifier."""
     if family not in _FAMILY_SETTINGS:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES + TINY_MOE_FAMILIES}")
     settings = {**_COMMON, **_FAMILY_SETTINGS[family], **overrides}
     config_class = getattr(transformers, settings.pop("config_class"))
     suffix = "ForSequenceClassification" if reward_model else "ForCausalLM"
@@ -126,6 +132,9 @@ def save_tiny_hf_model(
                 param.add_(0.1 * torch.randn_like(param))
             if name == "score.weight":
                 param.normal_(0.0, reward_head_std)
+            if name.endswith("mlp.gate.weight"):
+                # A MoE router at its 0.02 initialisation weighs the chosen experts almost equally.
+                param.normal_(0.0, 0.3)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tiny_tokenizer().save_pretrained(out_dir)

@@ -38,14 +38,20 @@ def test_gate_up_stacks_gate_first():
     assert all(torch.equal(a, b) for a, b in zip(mapping.split(fused), [gate, up]))
 
 
-def test_family_mappings_cover_the_hf_state_dict():
+def test_family_mappings_cover_the_hf_state_dict(tmp_path):
+    """Against the tensors ``save_pretrained`` writes: what conversion reads (transformers 5 holds a MoE layer's
+    experts fused in memory and writes them one by one)."""
     import transformers
+    from safetensors import safe_open
 
     for family in FAMILIES.values():
         for reward_model in (False, True):
             config = tiny_hf_config(family.name, reward_model)
             auto = transformers.AutoModelForSequenceClassification if reward_model else transformers.AutoModelForCausalLM
-            hf_names = set(auto.from_config(config).state_dict())
+            out = tmp_path / f"{family.name}-{reward_model}"
+            auto.from_config(config).save_pretrained(out)
+            with safe_open(out / "model.safetensors", "pt") as saved:
+                hf_names = set(saved.keys())
             mapped = {name for m in param_mappings(family, config, reward_model) for name in m.hf}
             if config.tie_word_embeddings and not reward_model:
                 hf_names.discard("lm_head.weight")

@@ -75,6 +75,18 @@ def _gate_up(name_megatron: str, hf_names: tuple[str, str]) -> ParamMapping:
     )
 
 
+def _moe_mappings(mg: str, hf: str, num_experts: int) -> list[ParamMapping]:
+    """The router and every expert of one MoE layer; HF checkpoints store experts one by one
+    (``mlp.experts.<e>.gate_proj`` ...), Megatron's SequentialMLP as ``mlp.experts.local_experts.<e>``."""
+    mappings = [_identity(f"{mg}mlp.router.weight", f"{hf}mlp.gate.weight")]
+    for expert in range(num_experts):
+        mg_expert, hf_expert = f"{mg}mlp.experts.local_experts.{expert}.", f"{hf}mlp.experts.{expert}."
+        gate_up = (f"{hf_expert}gate_proj.weight", f"{hf_expert}up_proj.weight")
+        mappings.append(_gate_up(f"{mg_expert}linear_fc1.weight", gate_up))
+        mappings.append(_identity(f"{mg_expert}linear_fc2.weight", f"{hf_expert}down_proj.weight"))
+    return mappings
+
+
 def param_mappings(
     family: DecoderFamily, hf_config: Any, reward_model: bool, value_head: bool = False
 ) -> list[ParamMapping]:
@@ -99,6 +111,9 @@ def param_mappings(
             mappings.append(_identity(f"{mg}self_attention.k_layernorm.weight", f"{attn}k_norm.weight"))
         mappings.append(_identity(f"{mg}self_attention.linear_proj.weight", f"{attn}o_proj.weight"))
         mappings.append(_identity(f"{mg}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight"))
+        if family.moe:
+            mappings.extend(_moe_mappings(mg, hf, hf_config.num_experts))
+            continue
         gate_up = (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight")
         mappings.append(_gate_up(f"{mg}mlp.linear_fc1.weight", gate_up))
         mappings.append(_identity(f"{mg}mlp.linear_fc2.weight", f"{hf}mlp.down_proj.weight"))

@@ -1,8 +1,9 @@
 """Full Hugging Face tensors from a TP / PP sharded Megatron model, one tensor at a time, on every rank.
 
 This is the weight-sync path of rollout engines (update_weights) and of any export that must not go through
-disk: tensor-parallel shards are all-gathered along their partition dimension, pipeline stages broadcast their
-layers in turn, and the family's mapping turns Megatron tensors into HF ones.
+disk: tensor-parallel shards are all-gathered along their partition dimension, each expert-parallel rank's experts
+over the expert-parallel group, pipeline stages broadcast their layers in turn, and the family's mapping turns
+Megatron tensors into HF ones.
 """
 
 from __future__ import annotations
@@ -20,14 +21,27 @@ from megatron_save.models.families import DecoderFamily
 from megatron_save.models.reward_model import RewardGPTModel
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_SWIGLU_FC1 = ".mlp.linear_fc1.weight"
+_SWIGLU_FC1 = "linear_fc1.weight"  # a dense MLP's and each expert's
+
+
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def _is_expert(name: str) -> bool:
+    return _LOCAL_EXPERT.search(name) is not None
 
 
 def _gather_tensor_parallel(name: str, param: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (a replicated one as it is)."""
+    """The full tensor of a TP-sharded parameter (a replicated one as it is); experts are sharded over the
+    expert-tensor-parallel group, everything else over the tensor-parallel group."""
     if not getattr(param, "tensor_model_parallel", False):
         return param.detach()
-    group = parallel_state.get_tensor_model_parallel_group()
+    if _is_expert(name):
+        group = parallel_state.get_expert_tensor_parallel_group()
+    else:
+        group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return param.detach()
     shards = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, param.detach().contiguous(), group=group)
     if name.endswith(_SWIGLU_FC1):
@@ -37,9 +51,28 @@ def _gather_tensor_parallel(name: str, param: torch.Tensor) -> torch.Tensor:
     return torch.cat(shards, dim=param.partition_dim)
 
 
-def _global_name(name: str, layer_offset: int) -> str:
-    """Local layer index of this pipeline stage -> the model's layer index."""
-    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+def _full_tensors(name: str, param: torch.Tensor) -> list[torch.Tensor]:
+    """Collective: the full tensor of a parameter, or for a local expert the full tensors of that local index on
+    every expert-parallel rank (EP rank order), gathered over the expert-parallel group."""
+    tensor = _gather_tensor_parallel(name, param).contiguous()
+    if not _is_expert(name) or parallel_state.get_expert_model_parallel_world_size() == 1:
+        return [tensor]
+    copies = [torch.empty_like(tensor) for _ in range(parallel_state.get_expert_model_parallel_world_size())]
+    dist.all_gather(copies, tensor, group=parallel_state.get_expert_model_parallel_group())
+    return copies
+
+
+def _global_names(name: str, layer_offset: int, local_experts: int) -> list[str]:
+    """Local layer index of this pipeline stage -> the model's layer index; a local expert index -> the model's
+    expert indices of that local slot on every expert-parallel rank (as ``_full_tensors`` returns them)."""
+    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+    match = _LOCAL_EXPERT.search(name)
+    if match is None:
+        return [name]
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    local = int(match.group(1))
+    return [_LOCAL_EXPERT.sub(f".mlp.experts.local_experts.{rank * local_experts + local}.", name)
+            for rank in range(ep_size)]
 
 
 def unwrap(model: Any) -> Any:
@@ -50,35 +83,38 @@ def unwrap(model: Any) -> Any:
 
 
 def gather_megatron_state(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Collective over the TP and PP groups: (global Megatron name, full tensor) for every parameter of the
+    """Collective over the TP, EP and PP groups: (global Megatron name, full tensor) for every parameter of the
     model, stage after stage and one tensor at a time, on every rank of this model-parallel group."""
     model = unwrap(model)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group)
     offset = get_transformer_layer_offset(model.config)
+    local_experts = (model.config.num_moe_experts or 0) // parallel_state.get_expert_model_parallel_world_size()
     params = list(model.named_parameters())
     device = params[0][1].device
     for source in pp_ranks:
         is_source = dist.get_rank() == source
         header = [None]
         if is_source:
-            tp_size = parallel_state.get_tensor_model_parallel_world_size()
-            header = [[(_global_name(name, offset), _full_shape(param, tp_size), param.dtype) for name, param in params]]
+            header = [[(_global_names(name, offset, local_experts), _full_shape(name, param), param.dtype)
+                       for name, param in params]]
         dist.broadcast_object_list(header, src=source, group=pp_group)
-        for index, (name, shape, dtype) in enumerate(header[0]):
+        for index, (names, shape, dtype) in enumerate(header[0]):
             if is_source:
-                tensor = _gather_tensor_parallel(params[index][0], params[index][1]).contiguous()
+                tensors = _full_tensors(*params[index])
             else:
-                tensor = torch.empty(shape, dtype=dtype, device=device)
-            if len(pp_ranks) > 1:
-                dist.broadcast(tensor, src=source, group=pp_group)
-            yield name, tensor
+                tensors = [torch.empty(shape, dtype=dtype, device=device) for _ in names]
+            for name, tensor in zip(names, tensors):
+                if len(pp_ranks) > 1:
+                    dist.broadcast(tensor, src=source, group=pp_group)
+                yield name, tensor
 
 
-def _full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+def _full_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp_size
+        shape[param.partition_dim] *= (parallel_state.get_expert_tensor_parallel_world_size() if _is_expert(name)
+                                       else parallel_state.get_tensor_model_parallel_world_size())
     return tuple(shape)
 
 
