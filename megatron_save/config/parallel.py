@@ -13,6 +13,9 @@ class ParallelConfig:
     """Tensor-parallel size: ranks that split every weight matrix of a layer."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size: ranks that each hold a contiguous slice of the layers."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: norms and residuals of each layer on 1 / TP of the sequence (activation
+    memory / TP); batches are padded to a multiple of TP. No effect at TP=1; required by MoE models at TP > 1."""
     expert_model_parallel_size: int = 1
     """Expert-parallel size (MoE models): ranks that each hold num_experts / EP of every layer's experts, tokens
     exchanged all-to-all; laid over data-parallel (and context) ranks, so it divides world / (TP x PP)."""

@@ -14,6 +14,10 @@ Each redirection names the Megatron-Core 0.16.1 call sites it serves:
   optimizer/optimizer.py:481,485,907, utils.py:1207, and every ``device=torch.cuda.current_device()``.
   A torch-function mode is used instead of wrapping ``torch.zeros`` and friends because wrappers broke
   transformers' RoPE buffers.
+* The autograd engine runs backward functions without torch-function modes, so the one such call that names a
+  CUDA device inside a backward, ``Tensor.new_empty(..., device=torch.cuda.current_device())`` of the MoE
+  dispatcher's all-to-all (tensor_parallel/mappings.py:439, reached from its backward at :458), goes through a
+  ``Tensor.new_empty`` that puts a CUDA device argument on the CPU.
 * ``torch.cuda.current_device`` returns device index 0, which the mode above maps to the CPU:
   rotary_pos_embedding.py:162, p2p_communication.py:313,321, utils.py:631, tensor_parallel/mappings.py:91,
   transformer/attention.py:430, param_and_grad_buffer.py:800,806, distrib_optimizer.py:1077,
@@ -193,6 +197,14 @@ def install() -> bool:
 
     torch.Generator = _CpuGenerator
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    original_new_empty = torch.Tensor.new_empty
+
+    def _new_empty(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device" in kwargs and _names_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        return original_new_empty(self, *args, **kwargs)
+
+    torch.Tensor.new_empty = _new_empty
     original_type = torch.Tensor.type
 
     def _type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):

@@ -33,10 +33,10 @@ class ModelShape:
     """Key/value heads (GQA groups), split over tensor-parallel ranks."""
     vocab_size: int
     """Rows of the embedding table, split over tensor-parallel ranks."""
-    num_experts: int = 0
-    """Routed experts per layer (0 for a dense model), split over expert-parallel ranks."""
     source: str = ""
     """The model these dimensions belong to (a checkpoint or config path), named in a refusal."""
+    num_experts: int = 0
+    """Routed experts per layer (0 for a dense model), split over expert-parallel ranks."""
 
 
 def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: ModelShape | None = None) -> None:
@@ -144,6 +144,8 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
             # Every group that appeared is Megatron's, including those of a call that failed half-way.
             _megatron_groups.extend(group for group in _process_groups() if group not in existing)
         _megatron_layout = (*layout, parallel_state.get_tensor_model_parallel_group())
+    global _parallel_config
+    _parallel_config = parallel
     model_parallel_cuda_manual_seed(parallel.seed)
     experts = ""
     if parallel.expert_model_parallel_size > 1 or parallel.expert_tensor_parallel_size > 1:
@@ -157,6 +159,14 @@ def set_model_parallel(parallel: ParallelConfig) -> None:
         experts,
         dist.get_backend(),
     )
+
+
+def sequence_parallel() -> bool:
+    """Whether models built now use sequence parallelism: the running layout asks for it and TP > 1."""
+    from megatron.core import parallel_state
+
+    return (_parallel_config is not None and _parallel_config.sequence_parallel
+            and parallel_state.get_tensor_model_parallel_world_size() > 1)
 
 
 def compute_device() -> torch.device:
@@ -173,6 +183,8 @@ def shutdown_distributed() -> None:
 
 _megatron_groups: list[dist.ProcessGroup] = []
 """The process groups that set_model_parallel's Megatron initialisations created and that may still be alive."""
+_parallel_config: ParallelConfig | None = None
+"""The layout set_model_parallel last laid out (its settings that make no process group: sequence parallelism)."""
 _megatron_layout: tuple | None = None
 """(TP, PP, EP, ETP, timeout, Megatron's TP group) of the layout that _megatron_groups make; None when none."""
 

@@ -9,10 +9,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from megatron_save.distributed.init import ParallelLayoutError
 from megatron_save.models.families import family_for
 from megatron_save.models.gpt_config import gpt_args_from_hf
 from megatron_save.models.reward_model import RewardGPTModel
-from megatron_save.models.spec import SpecBackend, layer_spec
+from megatron_save.models.spec import SpecBackend, layer_spec, resolve_backend
 
 
 class ModelKind(str, Enum):
@@ -33,6 +34,12 @@ def build_model(
     kind = ModelKind(kind)
     family = family_for(hf_config)
     args = gpt_args_from_hf(hf_config, dtype)
+    if args.config.sequence_parallel and resolve_backend(spec_backend) is SpecBackend.LOCAL:
+        # torch's norms do not mark their weights for the tensor-parallel gradient reduction that sequence
+        # parallelism needs, and Megatron's wrapper asserts instead (transformer/torch_norm.py:32).
+        raise ParallelLayoutError(
+            "sequence_parallel=true needs the Transformer Engine layer spec (a GPU with transformer-engine): "
+            "megatron-core 0.16's local spec builds torch norms, which refuse sequence parallelism")
     common = dict(
         config=args.config,
         transformer_layer_spec=layer_spec(spec_backend, qk_layernorm=family.qk_norm,

@@ -7,20 +7,43 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, gather_from_tensor_model_parallel_region
 
 from megatron_save.distributed.init import compute_device
 from megatron_save.models.reward_model import SequenceScores, read_scores
 from megatron_save.utils.tensors import pad_rows
 
 
+def sequence_parallel_length(length: int, config: Any) -> int:
+    """The sequence length a forward runs at: ``length`` rounded up to a multiple of TP under sequence
+    parallelism (each tensor-parallel rank holds an equal slice of the sequence), else ``length``."""
+    if not config.sequence_parallel:
+        return length
+    return -(-length // config.tensor_model_parallel_size) * config.tensor_model_parallel_size
+
+
+def run_model(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``model(tokens, position_ids)`` with causal attention over right-padded rows [b, S]; under sequence
+    parallelism the rows are padded further to ``sequence_parallel_length`` and the last stage's output cut back
+    to [b, S, ...] (real tokens never attend to the padding after them, so nothing else changes)."""
+    length = tokens.shape[1]
+    extra = sequence_parallel_length(length, model.config) - length
+    if extra:
+        tokens = F.pad(tokens, (0, extra))
+        position_ids = torch.arange(length + extra, device=tokens.device).expand_as(tokens)
+    output = model(tokens, position_ids, None)
+    if extra and parallel_state.is_pipeline_last_stage():
+        output = output[:, :length]
+    return output
+
+
 def _forward_step(postprocess, data_iterator, model):
     tokens = next(data_iterator).to(compute_device())  # [b, S]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    # Causal attention with right padding: real tokens never attend to the padding after them.
-    output = model(tokens, position_ids, None)
+    output = run_model(model, tokens, position_ids)
     if postprocess is None:
         return output, None
     return output, lambda output_tensor, non_loss_data=True: postprocess(tokens, output_tensor)
@@ -49,7 +72,7 @@ def pipeline_forward(
         data_iterator=iter(micro_batches),
         model=[model],
         num_microbatches=len(micro_batches),
-        seq_length=input_ids.shape[1],
+        seq_length=sequence_parallel_length(input_ids.shape[1], model.config),
         micro_batch_size=micro_batch_size,
         forward_only=True,
         collect_non_loss_data=postprocess is not None,
@@ -160,9 +183,16 @@ def final_hidden_states(model: Any, input_ids: torch.Tensor, micro_batch_size: i
     layer; the output layer's own result is dropped right away (never a full vocabulary of logits)."""
     captured: list[torch.Tensor] = []
     handle = None
+    length = input_ids.shape[1]
+
+    def capture(_, args):
+        hidden = args[0].detach()  # [S, b, H]; [S / TP, b, H] under sequence parallelism
+        if model.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        captured.append(hidden[:length].float().transpose(0, 1))  # [b, S, H]
+
     if model.post_process:
-        handle = model.output_layer.register_forward_pre_hook(
-            lambda _, args: captured.append(args[0].detach().float().transpose(0, 1)))  # [S, b, H] -> [b, S, H]
+        handle = model.output_layer.register_forward_pre_hook(capture)
     try:
         pipeline_forward(model, input_ids, micro_batch_size, postprocess=lambda tokens, output: tokens[:, :1])
     finally:

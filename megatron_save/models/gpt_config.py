@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
+from megatron_save.distributed.init import ModelShape, sequence_parallel
 from megatron_save.models.families import UnsupportedModelError, family_for, head_dim_of, moe_settings, rope_parameters
-
-if TYPE_CHECKING:
-    from megatron_save.distributed.init import ModelShape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,8 +43,10 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     params_dtype = DTYPES[dtype]
     on_gpu = torch.cuda.is_available()
+    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
     config = TransformerConfig(
         **(_moe_arguments(hf_config, on_gpu) if family.moe else {}),
+        sequence_parallel=sequence_parallel(),
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
         ffn_hidden_size=hf_config.intermediate_size,
@@ -64,7 +64,7 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
         attention_dropout=0.0,
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         attention_softmax_in_fp32=True,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -119,11 +119,9 @@ def _moe_arguments(hf_config: Any, on_gpu: bool) -> dict:
     )
 
 
-def model_shape(hf_config: Any, source: str = "") -> "ModelShape":
+def model_shape(hf_config: Any, source: str = "") -> ModelShape:
     """The dimensions a parallel layout must divide, for the start-up check; ``source`` names the model in a
     refusal."""
-    from megatron_save.distributed.init import ModelShape
-
     return ModelShape(
         num_layers=hf_config.num_hidden_layers,
         num_attention_heads=hf_config.num_attention_heads,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
@@ -48,14 +49,21 @@ class ScalarHeads(nn.Module):
     optimizer keeps their fp32 main copies and checkpoints only models of one dtype) and upcast for the product.
     """
 
-    def __init__(self, hidden_size: int, value_head: bool, dtype: torch.dtype, whole_model: bool = True):
+    def __init__(self, hidden_size: int, value_head: bool, dtype: torch.dtype, whole_model: bool = True,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.reward_head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
         self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype) if value_head else None
         self.whole_model = whole_model
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
-        # hidden_states: [S, B, H] -> scores: [S, B, 1] (reward) or [S, B, 2] (reward, value)
+        # hidden_states: [S, B, H] ([S / TP, B, H] under sequence parallelism) -> scores: [S, B, 1] (reward) or
+        # [S, B, 2] (reward, value)
+        if self.sequence_parallel:
+            # The heads are replicated: every TP rank scores the whole sequence and keeps its own slice of the
+            # gradient (a split, not a reduce-scatter, in backward).
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         hidden = hidden_states.float()
         reward = F.linear(hidden, self.reward_head.weight.float())
         if self.value_head is None:
@@ -79,7 +87,8 @@ class RewardGPTModel(GPTModel):
             # a backward whose collectives another runs.
             self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head,
                                             dtype=self.config.params_dtype,
-                                            whole_model=self.pre_process and not self.config.sequence_parallel)
+                                            whole_model=self.pre_process and not self.config.sequence_parallel,
+                                            sequence_parallel=self.config.sequence_parallel)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # LanguageModule.sharded_state_dict expects a vocab ``output_layer.weight``; the scalar heads are plain

@@ -15,6 +15,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_save.distributed.init import ParallelLayoutError
 from megatron_save.models.train_state import TrainState
 
 VALUE_HEAD_PARAMS = "*value_head*"
@@ -64,6 +65,11 @@ def build_train_state(
     Megatron's schedule expects, so the backbone and reward head stay trainable at a learning rate of exactly zero.
     """
     config = model.config
+    if config.num_moe_experts and config.tensor_model_parallel_size > 1 and not config.sequence_parallel:
+        raise ParallelLayoutError(
+            f"a MoE model trains at tensor_model_parallel_size={config.tensor_model_parallel_size} only with "
+            "parallel.sequence_parallel=true (Megatron-Core's MoE layer refuses tensor parallelism without it); "
+            "or use expert_model_parallel_size / expert_tensor_parallel_size with TP=1")
     if freeze_all_but_value_head and parallel_state.get_pipeline_model_parallel_world_size() == 1:
         for name, param in model.named_parameters():
             param.requires_grad_(fnmatch.fnmatch(name, VALUE_HEAD_PARAMS))

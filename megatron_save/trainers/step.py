@@ -12,7 +12,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_save.data.batching import TokenBatch
 from megatron_save.distributed import compute_device
-from megatron_save.models.forward import broadcast_from_last_stage
+from megatron_save.models.forward import broadcast_from_last_stage, run_model, sequence_parallel_length
 from megatron_save.models.train_state import TrainState
 
 # (micro-batch, per-token head outputs [b, S, heads]) -> (loss, metrics of that micro-batch)
@@ -21,7 +21,7 @@ LossFn = Callable[[TokenBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torc
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
     batch = next(data_iterator).to(compute_device())
-    scores = model(batch.input_ids, batch.position_ids(), None)  # [b, S, heads] on the last stage
+    scores = run_model(model, batch.input_ids, batch.position_ids())  # [b, S, heads] on the last stage
 
     def loss_func(output):
         loss, metrics = loss_fn(batch, output)
@@ -55,7 +55,7 @@ def forward_backward(state: TrainState, micro_batches: list[TokenBatch], loss_fn
         data_iterator=iter(micro_batches),
         model=[state.model],
         num_microbatches=len(micro_batches),
-        seq_length=micro_batches[0].input_ids.shape[1],
+        seq_length=sequence_parallel_length(micro_batches[0].input_ids.shape[1], state.model.config),
         micro_batch_size=micro_batches[0].input_ids.shape[0],
         forward_only=False,
     )

@@ -55,6 +55,53 @@ def test_refuses_tp_not_dividing_vocab():
         check_parallel_layout(layout(2, 1), 2, shape)
 
 
+MOE_SHAPE = ModelShape(num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=128, num_experts=4)
+
+
+def test_expert_layouts():
+    check_parallel_layout(ParallelConfig(expert_model_parallel_size=4), 4, MOE_SHAPE)
+    check_parallel_layout(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                         expert_tensor_parallel_size=2), 4, MOE_SHAPE)
+    with pytest.raises(ParallelLayoutError, match="expert_model_parallel_size=2 needs a MoE model"):
+        check_parallel_layout(ParallelConfig(expert_model_parallel_size=2), 2, SHAPE)
+    with pytest.raises(ParallelLayoutError, match="expert_model_parallel_size=3 does not divide the 4 experts"):
+        check_parallel_layout(ParallelConfig(expert_model_parallel_size=3), 3, MOE_SHAPE)
+    with pytest.raises(ParallelLayoutError, match="world size 4 is not a multiple of expert_tensor_parallel_size x "
+                                                  "expert_model_parallel_size x pipeline_model_parallel_size = "
+                                                  r"2 x 2 x 2 = 8"):
+        check_parallel_layout(ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+                                             expert_tensor_parallel_size=2), 4, MOE_SHAPE)
+
+
+def test_refuses_moe_router_settings_megatron_cannot_reproduce(tmp_path):
+    from megatron_save.models.families import family_for
+    from megatron_save.models.gpt_config import gpt_args_from_hf
+    from megatron_save.testing import tiny_hf_config
+
+    with pytest.raises(UnsupportedModelError, match=r"mlp_only_layers=\[1\]"):
+        family_for(tiny_hf_config("qwen3_moe", mlp_only_layers=[1]))
+    with pytest.raises(UnsupportedModelError, match="decoder_sparse_step=2"):
+        family_for(tiny_hf_config("qwen3_moe", decoder_sparse_step=2))
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=1 with norm_topk_prob=True"):
+        gpt_args_from_hf(tiny_hf_config("qwen3_moe", num_experts_per_tok=1))
+
+
+def test_refuses_sequence_parallel_on_the_local_spec(world_of_one, monkeypatch):
+    """At TP=1 sequence parallelism has no effect; at TP > 1 (faked for this check in a world of one) the local
+    spec refuses it."""
+    from megatron.core import parallel_state
+
+    from megatron_save.distributed import init
+    from megatron_save.models.builder import build_model
+    from megatron_save.testing import tiny_hf_config
+
+    init.set_model_parallel(ParallelConfig(sequence_parallel=True))
+    assert not build_model(tiny_hf_config("llama"), "causal_lm", spec_backend="local").config.sequence_parallel
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    with pytest.raises(ParallelLayoutError, match="sequence_parallel=true needs the Transformer Engine layer spec"):
+        build_model(tiny_hf_config("llama"), "causal_lm", spec_backend="local")
+
+
 def test_init_refuses_before_creating_any_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setattr(torch.distributed, "init_process_group", pytest.fail)

@@ -1,4 +1,5 @@
-"""torchrun worker: the same stage-1, stage-2 and SFT steps at every layout (and with the distributed optimizer).
+"""torchrun worker: the same stage-1, stage-2 and SFT steps at every layout (and with the distributed optimizer);
+with --moe, of MoE checkpoints at the expert-parallel layouts.
 
 Writes {"<layout>": {"bt_loss": [...], "value_loss": [...], "rewards": [...], "values": [...], "sft_loss": [...],
 "sft_held_out": float}} to --out.
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import LAYOUTS  # noqa: E402
+from helpers import LAYOUTS, MOE_LAYOUTS  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
@@ -33,8 +34,20 @@ from megatron_save.trainers.sft import demonstration_batch, held_out_loss, sft_l
 from megatron_save.trainers.step import train_step  # noqa: E402
 from megatron_save.utils.tensors import pad_rows  # noqa: E402
 
-RUNS = {**{name: (tp, pp, False) for name, (tp, pp) in LAYOUTS.items()}, "tp1_distopt": (1, 1, True),
-        "tp2pp2_distopt": (2, 2, True)}
+
+
+def _layout(tp=1, pp=1, ep=1, etp=1, sp=False) -> ParallelConfig:
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                          expert_tensor_parallel_size=etp, sequence_parallel=sp)
+
+
+# name: (layout, distributed optimizer)
+RUNS = {**{name: (_layout(tp, pp), False) for name, (tp, pp) in LAYOUTS.items()},
+        "tp1_distopt": (_layout(), True), "tp2pp2_distopt": (_layout(2, 2), True)}
+# Megatron-Core trains MoE layers at TP > 1 only with sequence parallelism, which its local spec cannot build (a
+# GPU acceptance item): the MoE layouts here keep TP=1.
+MOE_RUNS = {**{name: (_layout(tp, pp, ep, etp), False) for name, (tp, pp, ep, etp) in MOE_LAYOUTS.items() if tp == 1},
+            "ep2_distopt": (_layout(ep=2), True)}
 STEPS, PAIRS_PER_STEP = 3, 8
 
 
@@ -83,6 +96,7 @@ def main() -> None:
     parser.add_argument("--lm-ckpt", required=True)
     parser.add_argument("--demonstrations", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--moe", action="store_true", help="MoE checkpoints: the expert-parallel layouts")
     args = parser.parse_args()
     init_distributed(ParallelConfig())
     tokenizer = AutoTokenizer.from_pretrained(Path(args.ckpt) / "hf")
@@ -95,8 +109,8 @@ def main() -> None:
     demonstrations, _ = load_demonstrations(args.demonstrations, tokenizer, max_length=128)
 
     results = {}
-    for name, (tp, pp, distributed_optimizer) in RUNS.items():
-        set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    for name, (layout, distributed_optimizer) in (MOE_RUNS if args.moe else RUNS).items():
+        set_model_parallel(layout)
         results[name] = run(args.ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths,
                             distributed_optimizer)
         results[name] |= run_sft(args.lm_ckpt, demonstrations, distributed_optimizer)
