@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 tools/check_parity.py --ckpt CKPT_DIR --hf-dir HF_DIR --tp 2 --pp 1
     torchrun --nproc-per-node 4 tools/check_parity.py --ckpt CKPT_DIR --hf-dir HF_DIR --tp 2 --pp 2 \\
         --text notes.txt --max-length 512 --rtol 1e-3
+    torchrun --nproc-per-node 4 tools/check_parity.py --ckpt MOE_CKPT --hf-dir MOE_HF_DIR --tp 2 --ep 2
 
 Input: a built-in sample of short user / assistant conversations (megatron_save.checkpoint.parity.CHAT_SAMPLE),
 rendered with the checkpoint's tokenizer (CKPT_DIR/hf) and its chat template, or as plain "Role: content" text
@@ -58,6 +59,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-dir", required=True, help="the transformers model it should match")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    parser.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size (MoE models)")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="Megatron's sequence parallelism (TP > 1; needs the Transformer Engine spec)")
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="plain text file, one sequence per paragraph (default: the built-in chat sample)")
     parser.add_argument("--spec", choices=[b.value for b in SpecBackend], default="auto",
@@ -105,18 +110,24 @@ def main() -> None:
                                                                                       DEFAULT_MIN_TOP1["bf16"])
     batch = load_batch(ckpt, args.text, args.max_length)
     try:
-        init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
-                         model_shape(hf_config, str(ckpt)))
+        parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                  expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp,
+                                  sequence_parallel=args.sequence_parallel)
+        init_distributed(parallel, model_shape(hf_config, str(ckpt)))
     except ParallelLayoutError as error:
         raise SystemExit(f"check_parity: {error}") from None
     try:
         spec = resolve_backend(args.spec)
     except ValueError as error:
         raise SystemExit(f"check_parity: --spec {args.spec}: {error}") from None
-    report = parity_report(ckpt, args.hf_dir, batch, spec_backend=spec)
-    logger.info("%s %s at TP=%d PP=%d, %s spec, %d sequences / %d tokens of %s: %s", meta.kind, meta.dtype,
-                args.tp, args.pp, spec.value, report.sequences, report.tokens, args.text or "the chat sample",
-                verdict_line(report, rtol, min_top1))
+    try:
+        report = parity_report(ckpt, args.hf_dir, batch, spec_backend=spec)
+    except ParallelLayoutError as error:
+        raise SystemExit(f"check_parity: {error}") from None
+    experts = f" EP={args.ep} ETP={args.etp}" if args.ep > 1 or args.etp > 1 else ""
+    logger.info("%s %s at TP=%d PP=%d%s%s, %s spec, %d sequences / %d tokens of %s: %s", meta.kind, meta.dtype,
+                args.tp, args.pp, experts, " SP" if args.sequence_parallel else "", spec.value, report.sequences,
+                report.tokens, args.text or "the chat sample", verdict_line(report, rtol, min_top1))
     shutdown_distributed()
     if parity_failures(report, rtol, min_top1):
         raise SystemExit(1)

@@ -1,7 +1,8 @@
 """tools/check_parity.py as a user runs it under torchrun (2 processes, gloo): it passes correct conversions of a
 tiny LM (TP=2, the built-in chat sample) and of a tiny reward model with a value head (PP=2, --text FILE), fails
 with exit 1 on a deliberately corrupted conversion, and refuses a layout the model's heads cannot split in one
-line; plus parity_report in-process, as a world of one."""
+line; a tiny MoE reward model at EP=2; refusals of --ep on a dense model and of --sequence-parallel on the local
+spec; plus parity_report in-process, as a world of one."""
 
 from __future__ import annotations
 
@@ -92,6 +93,25 @@ def test_a_layout_the_heads_cannot_split_is_refused_in_one_line(tmp_path):
     assert not [frame for frame in frames if "torch" not in frame and "runpy" not in frame], output_of(result)
     assert "ParallelLayoutError" not in result.stderr, output_of(result)
     assert "parallel layout: world" not in result.stderr  # refused before any process group
+
+
+def test_moe_reward_model_passes_at_ep2(tiny_moe_models):
+    model = tiny_moe_models["qwen3_moe-rmv"]
+    result = check_parity("--ckpt", model["mg"], "--hf-dir", model["hf"], "--ep", "2")
+    assert result.returncode == 0, output_of(result)
+    assert re.search(r"reward_model fp32 at TP=1 PP=1 EP=2 ETP=1, local spec, .*: .*OK", result.stderr), \
+        output_of(result)
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    (["--ep", "2"], "expert_model_parallel_size=2 needs a MoE model; this one is dense"),
+    (["--tp", "2", "--sequence-parallel"], "sequence_parallel=true needs the Transformer Engine layer spec"),
+])
+def test_expert_and_sequence_parallel_refusals(tiny_models, flags, refusal):
+    result = check_parity("--ckpt", tiny_models["llama-lm"]["mg"], "--hf-dir", tiny_models["llama-lm"]["hf"], *flags)
+    assert result.returncode != 0, output_of(result)
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("check_parity: ")]
+    assert refusals and all(refusal in line for line in refusals), output_of(result)
 
 
 def test_parity_report_in_process(tiny_models, corrupted_ckpt, world_of_one):
