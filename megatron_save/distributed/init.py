@@ -36,7 +36,8 @@ class ModelShape:
     source: str = ""
     """The model these dimensions belong to (a checkpoint or config path), named in a refusal."""
     num_experts: int = 0
-    """Routed experts per layer (0 for a dense model), split over expert-parallel ranks."""
+    """Routed experts per layer, split over expert-parallel ranks; 0 for a dense model, which any expert layout
+    leaves alone (a MoE policy's EP with a dense reward model)."""
 
 
 def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: ModelShape | None = None) -> None:
@@ -60,8 +61,6 @@ def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: Mode
     if shape is None:
         return
     named = f"{shape.source}: " if shape.source else ""
-    if ep > 1 and not shape.num_experts:
-        raise ParallelLayoutError(f"{named}expert_model_parallel_size={ep} needs a MoE model; this one is dense")
     if shape.num_experts and shape.num_experts % ep != 0:
         raise ParallelLayoutError(f"{named}expert_model_parallel_size={ep} does not divide the {shape.num_experts} "
                                   "experts")

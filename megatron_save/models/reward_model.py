@@ -84,10 +84,12 @@ class RewardGPTModel(GPTModel):
         if self.post_process:
             # With stages before this one, the schedule waits for its input's gradient even after a value loss;
             # with sequence parallelism the tensor-parallel ranks would check different tokens, and one could skip
-            # a backward whose collectives another runs.
+            # a backward whose collectives another runs (so could expert-parallel ranks, which hold different
+            # data). A MoE backbone's load-balancing loss gives it a gradient of its own in every micro-batch.
             self.output_layer = ScalarHeads(self.config.hidden_size, value_head=value_head,
                                             dtype=self.config.params_dtype,
-                                            whole_model=self.pre_process and not self.config.sequence_parallel,
+                                            whole_model=(self.pre_process and not self.config.sequence_parallel
+                                                         and not self.config.num_moe_experts),
                                             sequence_parallel=self.config.sequence_parallel)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

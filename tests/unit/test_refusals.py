@@ -62,8 +62,7 @@ def test_expert_layouts():
     check_parallel_layout(ParallelConfig(expert_model_parallel_size=4), 4, MOE_SHAPE)
     check_parallel_layout(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
                                          expert_tensor_parallel_size=2), 4, MOE_SHAPE)
-    with pytest.raises(ParallelLayoutError, match="expert_model_parallel_size=2 needs a MoE model"):
-        check_parallel_layout(ParallelConfig(expert_model_parallel_size=2), 2, SHAPE)
+    check_parallel_layout(ParallelConfig(expert_model_parallel_size=2), 2, SHAPE)  # a dense model ignores it
     with pytest.raises(ParallelLayoutError, match="expert_model_parallel_size=3 does not divide the 4 experts"):
         check_parallel_layout(ParallelConfig(expert_model_parallel_size=3), 3, MOE_SHAPE)
     with pytest.raises(ParallelLayoutError, match="world size 4 is not a multiple of expert_tensor_parallel_size x "
@@ -73,7 +72,7 @@ def test_expert_layouts():
                                              expert_tensor_parallel_size=2), 4, MOE_SHAPE)
 
 
-def test_refuses_moe_router_settings_megatron_cannot_reproduce(tmp_path):
+def test_refuses_moe_router_settings_megatron_cannot_reproduce(world_of_one):
     from megatron_save.models.families import family_for
     from megatron_save.models.gpt_config import gpt_args_from_hf
     from megatron_save.testing import tiny_hf_config

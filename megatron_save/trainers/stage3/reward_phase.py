@@ -92,7 +92,10 @@ def update_reward_model(state: TrainState, strategy: RMStrategy, settings: Rewar
                              stepped=False)
     if reward_count == 0:
         # Value-only (B~ empty): the backbone and reward head stay where they are (with a zero gradient, Adam's
-        # momentum would still move them).
+        # momentum would still move them). A MoE backbone's load-balancing loss leaves router and expert gradients
+        # where the backbone's backward ran (under PP it always does): zeroed, so that the gradient norm, and the
+        # value head's clipping with it, is the value head's alone at every layout.
+        scale_backbone_gradients(state, 0.0)
         with backbone_frozen(state):
             step = optimizer_step(state)
     else:

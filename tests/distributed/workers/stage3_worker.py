@@ -15,7 +15,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import LAYOUTS  # noqa: E402
+from helpers import LAYOUTS, MOE_LAYOUTS  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
@@ -62,7 +62,9 @@ def fixed_rollouts(tokenizer) -> tuple[list[Prompt], Rollouts]:
     return prompts, Rollouts([p.ids for p in prompts], responses, truncated)
 
 
-def run(args, tokenizer, strategy: str, mini_batches: int = 2) -> dict:
+def run(args, tokenizer, strategy: str, mini_batches: int = 2, rm_updates: int = 1) -> dict:
+    """The step's RM update (``rm_updates`` of them on the same groups; the last one's metrics), re-score and
+    policy update."""
     prompts, rollouts = fixed_rollouts(tokenizer)
     policy, _, _ = build_model_from_checkpoint(args.policy)
     reference, _, _ = build_model_from_checkpoint(args.policy)
@@ -71,12 +73,13 @@ def run(args, tokenizer, strategy: str, mini_batches: int = 2) -> dict:
                             optim=OptimizerSettings(lr=1e-3, value_head_lr=1e-2, decay_style="constant"))
     policy_settings = PolicySettings(checkpoint=args.policy, micro_batch_size=1, mini_batches=mini_batches,
                                      kl_coef=0.1, optim=OptimizerSettings(lr=1e-3, decay_style="constant"))
-    reward_state = build_train_state(reward_model, reward.optim, total_steps=1)
+    reward_state = build_train_state(reward_model, reward.optim, total_steps=rm_updates)
     policy_state = build_train_state(policy, policy_settings.optim, total_steps=2)
 
     groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=128, drop_truncated=False)
-    update = update_reward_model(reward_state, STRATEGIES[strategy], reward, groups, groups.valid, threshold=0.5,
-                                 pad_id=0, value_head=True)
+    for _ in range(rm_updates):
+        update = update_reward_model(reward_state, STRATEGIES[strategy], reward, groups, groups.valid,
+                                     threshold=0.5, pad_id=0, value_head=True)
     rm_metrics = update.metrics
     partition = partition_feedback(STRATEGIES["save"], update.scores, groups.valid, threshold=0.5)
     rescored = score_groups(reward_model, groups, pad_id=0, micro_batch_size=4)
@@ -131,19 +134,31 @@ def run_prime(args, tokenizer) -> dict:
             "advantages": advantages.flatten().tolist()}
 
 
+def _layouts(moe: bool) -> dict[str, ParallelConfig]:
+    """LAYOUTS, or with ``moe`` the MoE layouts at TP=1 (MoE training at TP > 1 needs sequence parallelism)."""
+    if not moe:
+        return {name: ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+                for name, (tp, pp) in LAYOUTS.items()}
+    return {name: ParallelConfig(pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=etp)
+            for name, (tp, pp, ep, etp) in MOE_LAYOUTS.items() if tp == 1}
+
+
 def run_every_layout(run_layout) -> None:
-    """The workers' main: for each layout of LAYOUTS, ``run_layout(args, tokenizer)`` -> {case: results}, written
-    to --out as {"<layout>-<case>": results} by rank 0."""
+    """The workers' main: for each layout of LAYOUTS (or with --moe the MoE layouts at TP=1),
+    ``run_layout(args, tokenizer)`` -> {case: results}, written to --out as {"<layout>-<case>": results} by
+    rank 0."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", required=True)
     parser.add_argument("--reward", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--moe", action="store_true", help="MoE checkpoints: SAVE's step at the MoE layouts")
     args = parser.parse_args()
     init_distributed(ParallelConfig())
     tokenizer = AutoTokenizer.from_pretrained(Path(args.policy) / "hf")
     results = {}
-    for name, (tp, pp) in LAYOUTS.items():
-        set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    for name, layout in _layouts(args.moe).items():
+        set_model_parallel(layout)
         results |= {f"{name}-{case}": result for case, result in run_layout(args, tokenizer).items()}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -151,6 +166,10 @@ def run_every_layout(run_layout) -> None:
 
 
 def run_layout(args, tokenizer) -> dict:
+    if args.moe:
+        # The tiny MoE reward model's V starts below every R (a value-only first update); the second update's
+        # partition keeps prompts, so the reward loss and the load-balancing loss train the backbone.
+        return {"save": run(args, tokenizer, "save", rm_updates=2)}
     return {"save": run(args, tokenizer, "save"), "hl_bt": run(args, tokenizer, "hl_bt"),
             # One optimizer step: old log-probs and the pre-update entropy / KL from the update's own forward.
             "save_one_step": run(args, tokenizer, "save", mini_batches=1), "prime": run_prime(args, tokenizer)}
