@@ -160,9 +160,15 @@ def run(argv: list[str]) -> tuple[int, list[str]]:
 def comment_block(argv: list[str], lines: list[str]) -> list[str]:
     """The YAML comment: the command (wrapped at 118 columns with backslashes), then the table, each line
     prefixed with '# '."""
-    command = " ".join(shlex.quote(arg) for arg in ["python", "tools/plan_memory.py", *argv] if arg != "--comment")
-    wrapped = textwrap.wrap(command, width=112, break_long_words=False, break_on_hyphens=False,
-                            subsequent_indent="  ")
+    words = [shlex.quote(arg) for arg in ["python", "tools/plan_memory.py", *argv] if arg != "--comment"]
+    tokens = []  # an option and its value stay on one line: joined by a character textwrap does not break at
+    for word in words:
+        if tokens and tokens[-1].startswith("--") and "\0" not in tokens[-1] and not word.startswith("--"):
+            tokens[-1] += "\0" + word
+        else:
+            tokens.append(word)
+    wrapped = [line.replace("\0", " ") for line in textwrap.wrap(
+        " ".join(tokens), width=112, break_long_words=False, break_on_hyphens=False, subsequent_indent="  ")]
     out = [f"# {line} \\" for line in wrapped[:-1]] + [f"# {wrapped[-1]}:"]
     return out + [f"# {line}" for line in lines]
 

@@ -70,12 +70,16 @@ class Architecture:
     """Experts each token is routed to (top-k)."""
     moe_ffn: int = 0
     """Intermediate width of one expert's SwiGLU."""
+    normalize_top_k: bool = True
+    """Routing weights are the softmax over the top-k logits (``norm_topk_prob``); else the top-k entries of the
+    softmax over all experts."""
     dense_layers: tuple[int, ...] = ()
     """Indices of the layers with a dense MLP in a MoE model (``mlp_only_layers``, ``decoder_sparse_step``)."""
     source: str = ""
     """Where the numbers came from (a config path or hub name), named in errors."""
 
     def is_moe_layer(self, layer: int) -> bool:
+        """Layer ``layer``'s MLP is routed experts."""
         return self.num_experts > 0 and layer not in self.dense_layers
 
 
@@ -102,6 +106,7 @@ def architecture_from_hf(config: Any, reward_model: bool, source: str = "") -> A
         qkv_bias=qkv_bias, qk_norm=qk_norm, reward_model=reward_model, num_experts=num_experts,
         experts_per_token=int(getattr(config, "num_experts_per_tok", 0) or 0) if num_experts else 0,
         moe_ffn=int(getattr(config, "moe_intermediate_size", 0) or 0) if num_experts else 0,
+        normalize_top_k=bool(getattr(config, "norm_topk_prob", True)),
         dense_layers=dense_layers, source=source)
 
 
@@ -158,6 +163,7 @@ class MemoryLayout:
 
     @property
     def sequence(self) -> int:
+        """Tokens of the longest sequence: prompt + response."""
         return self.prompt_length + self.response_length
 
 
@@ -174,6 +180,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
+        """The sum of the parts."""
         return self.per_gpu_bytes["total"]
 
 
@@ -189,6 +196,7 @@ class StageParams:
     """Expert weights (reduced over the expert-data-parallel group, in their own buffer)."""
 
     def total(self) -> int:
+        """All parameter elements of the stage."""
         return sum(self.dense) + sum(self.shared) + sum(self.expert)
 
 
@@ -256,8 +264,11 @@ class TrainedBytes:
 def trained_bytes(params: StageParams, layout: MemoryLayout) -> TrainedBytes:
     """Bytes of a DDP-wrapped model with its Megatron optimizer, on one GPU."""
     e = DTYPE_BYTES[layout.dtype]
-    expert_dp = layout.tp * layout.dp // (layout.ep * layout.etp)
-    buffers = [([params.dense, params.shared], layout.dp), ([params.expert], expert_dp)]
+    if layout.ep > 1:  # expert weights reduce over the expert-data-parallel group, in a buffer of their own
+        expert_dp = layout.tp * layout.dp // (layout.ep * layout.etp)
+        buffers = [([params.dense, params.shared], layout.dp), ([params.expert], expert_dp)]
+    else:  # Megatron-Core marks expert weights as such only with EP > 1: they join the dense buffer
+        buffers = [([params.dense + params.expert, params.shared], layout.dp)]
     weights = gradients = optimizer = 0
     per_element = 2 * FP32 + (FP32 if e < FP32 else 0)  # exp_avg, exp_avg_sq (+ fp32 main copy of 16-bit weights)
     for buckets, dp in buffers:
@@ -281,16 +292,17 @@ def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout,
       and x * rstd in fp32 (8h) and rstd (4), each linear its input (e h, e a d for linear_proj); the unfused
       attention saves q, K and V expanded to all a heads (e a d each, for GQA), the fp32 softmax probabilities
       (4 a s) plus their e-byte copy for the product with V (in bf16), and a causal mask of s^2 bools per layer;
-      Qwen3's q/k norms add their fp32 input (a view of the q/k/v output in fp32) and x * rstd.
+      Qwen3's q/k norms add their fp32 inputs (q a reshaped copy, k a view of the q/k/v output) and x * rstd.
     - ``te`` (Transformer Engine, GPU; not measured here): each fused norm + linear saves its input and the
       normalised input (2 e h) and rstd; flash attention saves q and k after RoPE (e a d, e g d), the q/k/v output
       that V is a view of (e (a + 2g) d), its output (e a d, also linear_proj's input) and the softmax
       log-sum-exp (4 a); no s^2 term.
     - SwiGLU saves fc1's output (2 e f) and fc2's input (e f), fused (GPU); unfused (CPU) also silu(gate) and
-      the up half's copy (5 e f in all). A MoE layer instead routes each token to k experts, each saving the
-      permuted input, its SwiGLU and output (k (2 e h + SwiGLU of moe_ffn / ETP)), plus fp32 router logits and
-      probabilities (8 E) and the k routing weights; balanced routing is assumed (each rank's experts see as
-      many token-expert pairs as its tokens send out).
+      the up half's copy (5 e f in all). A MoE layer instead routes each token to k experts (the alltoall
+      dispatcher): per token-expert pair the permuted input, the routing weight and the expert's SwiGLU with the
+      weight applied before fc2 (3 e f fused, 6 e f unfused, f = moe_ffn / ETP), plus the router's ids and
+      probabilities; balanced routing is assumed (each rank's experts see as many token-expert pairs as its
+      tokens send out).
     - RoPE saves cos and sin for q and k: 4 s d e bytes per layer.
     """
     e, s, h, d = DTYPE_BYTES[layout.dtype], layout.sequence, arch.hidden, arch.head_dim
@@ -303,8 +315,10 @@ def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout,
         qkv_storage_saved = False
         if arch.qk_norm:
             per_token += 4 * (a + g) * d + 4 * (a + g)  # x * rstd in fp32, rstd per head
-            qkv_storage_saved = e == FP32  # fp32: the norm's input is a view of the q/k/v output
-            per_token += 4 * qkv if qkv_storage_saved else 4 * (a + g) * d
+            # Inputs in fp32: q is a copy (Megatron reshapes it out of the grouped q/k/v output), k a view of that
+            # output, so in an fp32 model the k norm keeps the whole q/k/v output.
+            qkv_storage_saved = e == FP32
+            per_token += 4 * a * d + (4 * qkv if qkv_storage_saved else 4 * g * d)
         per_token += 2 * e * a * d  # q, K expanded to a heads
         # V: expanded to a heads with GQA; without it a view of the q/k/v output (once, if not saved already).
         per_token += e * a * d if g < a else (0 if qkv_storage_saved else e * qkv)
@@ -313,13 +327,20 @@ def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout,
         per_layer += s * s  # causal mask (bool)
     else:
         per_token += 2 * (e * h + FP32)  # normalised inputs and rstd of the two fused norm + linear
-        per_token += 4 * (a + g) if arch.qk_norm else 0  # q/k norms' rstd (their input is the q/k/v output)
+        # q/k norms: rstd, and q's input, a reshaped copy (k's is a view of the q/k/v output, counted below)
+        per_token += 4 * (a + g) + e * a * d if arch.qk_norm else 0
         per_token += e * a * d + e * g * d + e * qkv + e * a * d + 4 * a  # q, k, q/k/v output, out, lse
     swiglu = 3 if layout.fused_activation else 5
     if arch.is_moe_layer(layer):
-        k = arch.experts_per_token
-        per_token += 2 * FP32 * arch.num_experts + FP32 * k
-        per_token += k * (2 * e * h + swiglu * e * (arch.moe_ffn // layout.etp))
+        k, experts = arch.experts_per_token, arch.num_experts
+        # Router: top-k ids (three int64 copies), the routing softmax (fp32, over the top-k logits, or over all
+        # experts before the top-k), the load-balancing loss's softmax over all experts (fp32), routing map (bool),
+        # probabilities map (e). Experts, per token-expert pair: the permuted input, the routing weight, and
+        # SwiGLU with the weight applied before fc2 (fused: fc1's output and fc2's input; unfused: 6 e f).
+        routing_softmax = k if arch.normalize_top_k else experts
+        per_token += 3 * 8 * k + FP32 * (routing_softmax + experts) + experts + e * experts
+        per_token += k * (e * h + e + (3 if layout.fused_activation else 6) * e * (arch.moe_ffn // layout.etp))
+        per_layer += 8 * experts + FP32  # tokens per expert (int64), the load-balancing loss
     else:
         per_token += swiglu * e * (arch.ffn // layout.tp)
     return batch * s * per_token + per_layer
@@ -346,7 +367,8 @@ def stage_activation_bytes(arch: Architecture, layout: MemoryLayout, stage: int,
     if stage == layout.pp - 1:
         per_micro_batch += tokens * ((8 * h + FP32) if layout.spec == "local" else (e * h + FP32))  # final norm
         if arch.reward_model:
-            per_micro_batch += tokens * FP32 * h
+            # fp32 hidden states; in bf16 also the reward head's fp32 copy (the value head reads a detached state)
+            per_micro_batch += tokens * FP32 * h + (FP32 * h if e < FP32 else 0)
         else:
             per_micro_batch += tokens * e * h + batch * (s - 1) * (FP32 * (arch.vocab // layout.tp) + 1 + 8)
     # With recompute, backward rematerialises one layer at a time on top of the checkpoints.

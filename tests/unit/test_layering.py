@@ -41,6 +41,7 @@ LAYERS = (
     "distributed",  # torchrun init, process groups, the CPU compatibility layer
     "data",  # datasets, chat templates, batch building
     "models",  # per-family architecture facts, layer specs, builders, scalar heads, forward passes
+    "planning",  # per-GPU memory plans of a layout from HF config numbers (pure arithmetic, imports nothing of ours)
     "checkpoint",  # HF <-> Megatron weight mappings, distributed checkpoints, training-state persistence
     "testing",  # test fixtures (tiny HF models and their files): above models and checkpoint, below the rest
     "rollout",  # generation engines and weight sync

@@ -16,6 +16,8 @@ COMBINATIONS = [
     *[["paper/stage3_save.yaml", f"algorithms/{p.name}"] for p in sorted((EXAMPLES / "algorithms").glob("*.yaml"))],
     ["paper/stage3_save.yaml", "scaling/stage3_8b.yaml"],
     ["paper/stage3_save.yaml", "scaling/stage3_70b.yaml"],
+    ["paper/stage3_save.yaml", "scaling/stage3_qwen3_30b_a3b.yaml"],
+    ["paper/stage3_save.yaml", "scaling/stage3_qwen3_235b_a22b.yaml"],
 ]
 
 
