@@ -36,6 +36,13 @@ def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> None:
     _launch(nproc, ["-m", "workers", Path(worker).stem, *args], timeout)
 
 
+def torchrun_tool(tool: str, nproc: int, *args: str, timeout: int = 900) -> None:
+    """Runs ``tools/<tool>`` under torchrun on gloo, as a user launches it."""
+    if not (REPO / "tools" / tool).exists():
+        raise FileNotFoundError(REPO / "tools" / tool)
+    _launch(nproc, [f"tools/{tool}", *args], timeout)
+
+
 STAGE3_CPU_CONFIG = REPO / "examples" / "cpu" / "stage3_save.yaml"
 
 

@@ -44,7 +44,7 @@ from megatron_save.checkpoint.parity import (
     text_sequences,
     verdict_line,
 )
-from megatron_save.config import ParallelConfig
+from megatron_save.config.parallel import add_layout_arguments, layout_from_arguments
 from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.models.spec import SpecBackend, resolve_backend
@@ -57,10 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="converted checkpoint directory")
     parser.add_argument("--hf-dir", required=True, help="the transformers model it should match")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
-    parser.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size (MoE models)")
+    add_layout_arguments(parser)
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="Megatron's sequence parallelism (TP > 1; needs the Transformer Engine spec)")
     parser.add_argument("--text", default=None, metavar="FILE",
@@ -110,9 +107,7 @@ def main() -> None:
                                                                                       DEFAULT_MIN_TOP1["bf16"])
     batch = load_batch(ckpt, args.text, args.max_length)
     try:
-        parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                  expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp,
-                                  sequence_parallel=args.sequence_parallel)
+        parallel = layout_from_arguments(args, sequence_parallel=args.sequence_parallel)
         init_distributed(parallel, model_shape(hf_config, str(ckpt)))
     except ParallelLayoutError as error:
         raise SystemExit(f"check_parity: {error}") from None

@@ -5,6 +5,11 @@ reward head as ``*ForSequenceClassification`` initialises one, a zero value head
 
     python tools/convert_hf_to_megatron.py --hf-dir HF_DIR_OR_HUB_NAME --out CKPT_DIR [--dtype bf16]
     python tools/convert_hf_to_megatron.py --hf-dir CAUSAL_LM --out RM_CKPT_DIR --as-reward-model [--seed 0]
+
+A large model converts under torchrun: each rank reads only its layers' and experts' tensors and holds its part
+of the model (about 1 / (TP x PP), experts 1 / EP), e.g. a 70B model on 8 processes, 1/8 of its bytes each:
+
+    torchrun --nproc-per-node 8 tools/convert_hf_to_megatron.py --hf-dir HF_DIR --out CKPT_DIR --pp 8
 """
 
 import argparse
@@ -14,6 +19,7 @@ def main() -> None:
     # Imported here, not at the top: Megatron-Core's checkpoint writer starts a helper with multiprocessing's spawn
     # method, which runs this script's top level again; kept light, that helper imports no torch or Megatron.
     from megatron_save.checkpoint.convert import convert_hf_to_megatron
+    from megatron_save.config.parallel import add_layout_arguments, layout_from_arguments
     from megatron_save.distributed import shutdown_distributed
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,10 +36,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="--as-reward-model: seed of the reward head's draw")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                         help="parameter dtype; default: the HF config's dtype (bf16 stays bf16, else fp32)")
+    add_layout_arguments(parser)
     args = parser.parse_args()
     convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype, add_value_head=args.add_value_head,
                            as_reward_model=args.as_reward_model, reward_head_std=args.reward_head_std,
-                           seed=args.seed)
+                           seed=args.seed, parallel=layout_from_arguments(args))
     shutdown_distributed()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 
@@ -28,3 +29,17 @@ class ParallelConfig:
     timeout_minutes: float = 30.0
     """Collective timeout of every process group, Megatron's included: a rank that waits longer for the others
     (a stalled or dead rank) fails with a timeout error, and torchrun ends the job."""
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --tp / --pp / --ep / --etp options of a tool that runs under torchrun at a model-parallel layout."""
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    parser.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size (MoE models)")
+
+
+def layout_from_arguments(args: argparse.Namespace, **settings) -> ParallelConfig:
+    """The ParallelConfig of parsed ``add_layout_arguments`` options (plus any other field in ``settings``)."""
+    return ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                          expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp, **settings)

@@ -89,3 +89,28 @@ def check_weight_stream(incoming: dict[str, torch.Tensor], expected: dict[str, t
     missing = sorted(set(expected) - set(incoming) - optional)
     if missing:
         raise ValueError(f"update_weights: no new value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+# transformers 5 holds a MoE layer's experts stacked in memory ([E, 2I, H] gate then up, and [E, H, I]) while
+# checkpoints, and the weight stream, name them one by one (mlp.experts.<e>.gate_proj.weight ...).
+_STACKED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def stack_expert_tensors(incoming: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """``incoming`` with each layer's per-expert tensors replaced by the stacked tensor of ``expected`` they make
+    (``...mlp.experts.gate_up_proj`` [E, 2I, H] = per expert [gate; up], ``...mlp.experts.down_proj`` [E, H, I]);
+    a stream of a dense model, or one already stacked, comes back as it is; one that lacks an expert is refused."""
+    incoming = dict(incoming)
+    for name, shape in expected.items():
+        prefix, _, kind = name.rpartition(".")
+        if not prefix.endswith("mlp.experts") or kind not in _STACKED_EXPERTS or name in incoming:
+            continue
+        parts = [[f"{prefix}.{expert}.{part}.weight" for part in _STACKED_EXPERTS[kind]] for expert in range(shape[0])]
+        wanted = [n for names in parts for n in names]
+        missing = [n for n in wanted if n not in incoming]
+        if len(missing) == len(wanted):
+            continue  # not a per-expert stream: check_weight_stream names what is missing
+        if missing:
+            raise ValueError(f"update_weights: no new value for {missing[0]} (a part of {name})")
+        incoming[name] = torch.stack([torch.cat([incoming.pop(n) for n in names]) for names in parts])
+    return incoming

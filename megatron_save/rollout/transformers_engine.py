@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from megatron_save.rollout.engine import Rollouts, SamplingSettings, check_weight_stream
+from megatron_save.rollout.engine import Rollouts, SamplingSettings, check_weight_stream, stack_expert_tensors
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -126,10 +126,11 @@ class TransformersRolloutEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         # Drain the stream first (it may be a collective gather that every rank must finish), check it, then copy:
         # a bad stream leaves the model untouched.
-        incoming = dict(named_tensors)
         params = self.model.state_dict()
+        shapes = {name: p.shape for name, p in params.items()}
+        incoming = stack_expert_tensors(dict(named_tensors), shapes)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        check_weight_stream(incoming, {name: p.shape for name, p in params.items()}, optional=tied)
+        check_weight_stream(incoming, shapes, optional=tied)
         for name, tensor in incoming.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         self.weights_loaded = True

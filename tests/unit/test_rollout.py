@@ -66,6 +66,22 @@ def test_update_weights_from_a_megatron_policy(policies, world_of_one):
         engine.update_weights([("nonsense", torch.zeros(1))])
 
 
+def test_update_weights_of_a_moe_policy_fills_the_stacked_experts(tiny_moe_models, tmp_path, world_of_one):
+    """transformers holds a MoE layer's experts stacked; the stream names them one by one (as checkpoints do)."""
+    other = save_tiny_hf_model("qwen3_moe", tmp_path / "other", seed=11)
+    policy, _, hf_config = build_model_from_checkpoint(tiny_moe_models["qwen3_moe-lm"]["mg"])
+    engine = TransformersRolloutEngine(other)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in engine.model.state_dict()
+    engine.update_weights(gather_hf_state(policy, family_for(hf_config), hf_config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_moe_models["qwen3_moe-lm"]["hf"]).state_dict()
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    stream = dict(gather_hf_state(policy, family_for(hf_config), hf_config))
+    stream.pop("model.layers.1.mlp.experts.3.up_proj.weight")
+    with pytest.raises(ValueError, match="no new value for model.layers.1.mlp.experts.3.up_proj.weight"):
+        engine.update_weights(stream.items())
+
+
 def test_checkpoint_generation_settings_do_not_leak_into_rollouts(policies, tmp_path):
     a, _, _ = policies
     engine = TransformersRolloutEngine(a)

@@ -1,9 +1,11 @@
-"""Full Hugging Face tensors from a TP / PP sharded Megatron model, one tensor at a time, on every rank.
+"""Full Hugging Face tensors from a TP / PP / EP sharded Megatron model, one tensor at a time, on every rank, and
+the inverse: this rank's shard of a full tensor.
 
-This is the weight-sync path of rollout engines (update_weights) and of any export that must not go through
-disk: tensor-parallel shards are all-gathered along their partition dimension, each expert-parallel rank's experts
-over the expert-parallel group, pipeline stages broadcast their layers in turn, and the family's mapping turns
-Megatron tensors into HF ones.
+Gathering is the weight-sync path of rollout engines (update_weights) and of the export to HF: tensor-parallel
+shards are all-gathered along their partition dimension, each expert-parallel rank's experts over the
+expert-parallel group, pipeline stages broadcast their layers in turn, and the family's mapping turns Megatron
+tensors into HF ones. Sharding is the import from HF: each rank cuts its part out of the full tensors of its own
+layers and experts.
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ def _gather_tensor_parallel(name: str, param: torch.Tensor) -> torch.Tensor:
     return torch.cat(shards, dim=param.partition_dim)
 
 
+def tensor_parallel_shard(name: str, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter's full tensor (the inverse of ``_gather_tensor_parallel``)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    if _is_expert(name):
+        size, rank = (parallel_state.get_expert_tensor_parallel_world_size(),
+                      parallel_state.get_expert_tensor_parallel_rank())
+    else:
+        size, rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                      parallel_state.get_tensor_model_parallel_rank())
+    if name.endswith(_SWIGLU_FC1):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    return full.chunk(size, dim=param.partition_dim)[rank]
+
+
 def _full_tensors(name: str, param: torch.Tensor) -> list[torch.Tensor]:
     """Collective: the full tensor of a parameter, or for a local expert the full tensors of that local index on
     every expert-parallel rank (EP rank order), gathered over the expert-parallel group."""
@@ -75,6 +93,19 @@ def _global_names(name: str, layer_offset: int, local_experts: int) -> list[str]
             for rank in range(ep_size)]
 
 
+def rank_global_name(name: str, layer_offset: int, local_experts: int) -> str:
+    """A parameter's name on this rank -> its name in the whole model (layer index past this stage's offset, local
+    expert index past this expert-parallel rank's first expert)."""
+    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+    first_expert = parallel_state.get_expert_model_parallel_rank() * local_experts
+    return _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + first_expert}.", name)
+
+
+def local_expert_count(model: Any) -> int:
+    """Experts of each MoE layer held by this expert-parallel rank (0 for a dense model)."""
+    return (model.config.num_moe_experts or 0) // parallel_state.get_expert_model_parallel_world_size()
+
+
 def unwrap(model: Any) -> Any:
     """The model inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
@@ -89,14 +120,14 @@ def gather_megatron_state(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group)
     offset = get_transformer_layer_offset(model.config)
-    local_experts = (model.config.num_moe_experts or 0) // parallel_state.get_expert_model_parallel_world_size()
+    local_experts = local_expert_count(model)
     params = list(model.named_parameters())
     device = params[0][1].device
     for source in pp_ranks:
         is_source = dist.get_rank() == source
         header = [None]
         if is_source:
-            header = [[(_global_names(name, offset, local_experts), _full_shape(name, param), param.dtype)
+            header = [[(_global_names(name, offset, local_experts), full_shape(name, param), param.dtype)
                        for name, param in params]]
         dist.broadcast_object_list(header, src=source, group=pp_group)
         for index, (names, shape, dtype) in enumerate(header[0]):
@@ -110,7 +141,8 @@ def gather_megatron_state(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensor
 
 
-def _full_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
+def full_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a (possibly TP-sharded) parameter's full tensor."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= (parallel_state.get_expert_tensor_parallel_world_size() if _is_expert(name)
