@@ -35,20 +35,21 @@ class SafetensorsReader:
         for side_file in side_files:
             with safe_open(self.model_dir / side_file, framework="pt") as handle:
                 self.weight_map.update({name: side_file for name in handle.keys()})
-        self._open: dict[str, object] = {}
 
     def names(self) -> set[str]:
         """Every tensor name in the checkpoint."""
         return set(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (shards are opened lazily, memory-mapped)."""
+        """One tensor, memory-mapped from its shard.
+
+        The shard is opened for this tensor alone: a handle held open keeps every page read through it resident,
+        so a whole conversion would end up holding the model's bytes; the tensor's pages go when it does.
+        """
         if name not in self.weight_map:
             raise KeyError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
-        shard = self.weight_map[name]
-        if shard not in self._open:
-            self._open[shard] = safe_open(self.model_dir / shard, framework="pt")
-        return self._open[shard].get_tensor(name)
+        with safe_open(self.model_dir / self.weight_map[name], framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 def write_sharded_safetensors(

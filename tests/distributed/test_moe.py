@@ -22,7 +22,7 @@ def moe_run(tiny_moe_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     models_file = root / "models.json"
     models_file.write_text(json.dumps({n: {k: str(v) for k, v in d.items()} for n, d in tiny_moe_models.items()}))
-    torchrun("moe_worker.py", 4, "--models", str(models_file), "--out", str(root / "diffs.json"),
+    torchrun("parity_worker.py", 4, "--moe", "--models", str(models_file), "--out", str(root / "diffs.json"),
              "--resave-layout", "tp2ep2", "--resave-root", str(root / "resaved"))
     return read_json(root / "diffs.json"), root / "resaved"
 
