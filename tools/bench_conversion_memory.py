@@ -1,16 +1,14 @@
 """Peak host memory of conversion per rank, as a fraction of the model's bytes and of one layer's bytes.
 
-    python tools/bench_conversion_memory.py --layers 8 16 --hidden 1024 --layouts 1x1 1x2 1x4 2x2 [--json FILE]
+    python tools/bench_conversion_memory.py --layers 8 16 --hidden 1024 --layouts 1x1 1x2 1x4 2x2 \
+        --export-ranks 1 2 4 [--json FILE]
 
 For each depth, a random model of the family (fp32, the tiny tokenizer's 128-row vocabulary, so the layers are
-nearly all of it) is written as HF safetensors; for each layout TPxPP it is converted HF -> Megatron and back under
-torchrun (tools' code path: ``convert_hf_to_megatron`` / ``convert_megatron_to_hf`` at that layout), and every
-rank records its peak resident memory above what it held just before the conversion began (Linux VmHWM, reset
-through /proc/self/clear_refs after imports and process-group start). Prints, per depth and layout, the largest
-rank's peak over the model's bytes and over one layer's bytes, and checks that the export gave back every tensor.
-
-Resident memory counts the pages of the memory-mapped safetensors files a rank reads (the kernel can drop them,
-but they show here), so the import's numbers are an upper bound of what the conversion needs.
+nearly all of it) is written as HF safetensors, converted HF -> Megatron under torchrun at each layout TPxPP, and
+exported back to HF under torchrun on each number of processes (one: the whole model; two or more: streamed part
+by part). Every rank records its peak resident memory above what it held just before the conversion began (Linux
+VmHWM, reset through /proc/self/clear_refs after imports and process-group start); the largest rank's peak is
+printed over the model's bytes and over one layer's bytes, and each export is checked to give back every tensor.
 """
 
 from __future__ import annotations
@@ -41,17 +39,17 @@ def run_worker(args: argparse.Namespace) -> None:
     from megatron_save.config import ParallelConfig
     from megatron_save.distributed import init_distributed, shutdown_distributed
 
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                              backend="gloo")
     init_distributed(parallel)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_kib("VmRSS")
     if args.worker == "import":
         convert_hf_to_megatron(args.source, args.target, parallel=parallel)
     else:
-        convert_megatron_to_hf(args.source, args.target, max_shard_bytes=args.max_shard_bytes, parallel=parallel)
+        convert_megatron_to_hf(args.source, args.target, max_shard_bytes=args.max_shard_bytes)
     peak_extra = (_status_kib("VmHWM") - before) * 1024
-    record = Path(args.record) / f"{args.worker}-rank{dist.get_rank()}.json"
-    record.write_text(json.dumps({"peak_extra_bytes": peak_extra}))
+    Path(f"{args.record}-rank{dist.get_rank()}.json").write_text(json.dumps({"peak_extra_bytes": peak_extra}))
     shutdown_distributed()
 
 
@@ -82,30 +80,34 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return left.names() == right.names() and all(torch.equal(left.get(n), right.get(n)) for n in left.names())
 
 
-def measure(family: str, layers: int, hidden: int, layouts: list[tuple[int, int]], max_shard_bytes: int,
-            root: Path) -> list[dict]:
-    """One row per layout: the largest rank's peak extra bytes of the import and of the export."""
+def _largest_peak(record: Path) -> int:
+    return max(json.loads(p.read_text())["peak_extra_bytes"] for p in record.parent.glob(f"{record.name}-rank*.json"))
+
+
+def measure(family: str, layers: int, hidden: int, layouts: list[tuple[int, int]], export_ranks: list[int],
+            max_shard_bytes: int, root: Path) -> list[dict]:
+    """One row per import layout and per export process count: the largest rank's peak extra bytes."""
     from megatron_save.testing import save_tiny_hf_model
 
     hf_dir = save_tiny_hf_model(family, root / f"{family}-{layers}-hf", seed=0, num_hidden_layers=layers,
                                 hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_attention_heads=16,
                                 num_key_value_heads=4, head_dim=hidden // 16)
     model_bytes, layer_bytes = _model_bytes(hf_dir)
+    shape = {"family": family, "layers": layers, "hidden": hidden, "model_bytes": model_bytes,
+             "layer_bytes": layer_bytes}
     rows = []
     for tp, pp in layouts:
-        run = root / f"{family}-{layers}-tp{tp}pp{pp}"
-        record = run / "record"
-        record.mkdir(parents=True)
-        layout = ["--tp", str(tp), "--pp", str(pp), "--record", str(record)]
-        _torchrun(tp * pp, "--worker", "import", "--source", str(hf_dir), "--target", str(run / "mg"), *layout)
-        _torchrun(tp * pp, "--worker", "export", "--source", str(run / "mg"), "--target", str(run / "hf"),
-                  "--max-shard-bytes", str(max_shard_bytes), *layout)
-        peaks = {kind: max(json.loads(p.read_text())["peak_extra_bytes"] for p in record.glob(f"{kind}-rank*.json"))
-                 for kind in ("import", "export")}
-        rows.append({"family": family, "layers": layers, "hidden": hidden, "tp": tp, "pp": pp,
-                     "model_bytes": model_bytes, "layer_bytes": layer_bytes, "max_shard_bytes": max_shard_bytes,
-                     "import_peak_bytes": peaks["import"], "export_peak_bytes": peaks["export"],
-                     "exact": _same_tensors(hf_dir, run / "hf")})
+        ckpt, record = root / f"{family}-{layers}-tp{tp}pp{pp}", root / f"import-{layers}-tp{tp}pp{pp}"
+        _torchrun(tp * pp, "--worker", "import", "--source", str(hf_dir), "--target", str(ckpt), "--tp", str(tp),
+                  "--pp", str(pp), "--record", str(record))
+        rows.append({**shape, "direction": "import", "layout": f"TP{tp}xPP{pp}", "peak_bytes": _largest_peak(record)})
+    for ranks in export_ranks:
+        out, record = root / f"{family}-{layers}-export{ranks}", root / f"export-{layers}-{ranks}"
+        _torchrun(ranks, "--worker", "export", "--source", str(ckpt), "--target", str(out), "--record", str(record),
+                  "--max-shard-bytes", str(max_shard_bytes))
+        rows.append({**shape, "direction": "export", "layout": f"{ranks} process{'es' if ranks > 1 else ''}",
+                     "max_shard_bytes": max_shard_bytes, "peak_bytes": _largest_peak(record),
+                     "exact": _same_tensors(hf_dir, out)})
     return rows
 
 
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (16 heads, 4 KV groups)")
     parser.add_argument("--layouts", type=_layout, nargs="+", default=[(1, 1), (1, 2), (1, 4)],
                         help="TPxPP layouts, e.g. 1x1 1x4 2x2")
+    parser.add_argument("--export-ranks", type=int, nargs="+", default=[1, 2, 4],
+                        help="process counts of the export (1: whole model; 2 or more: streamed)")
     parser.add_argument("--max-shard-bytes", type=int, default=64 * 2**20, help="export shard size")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", choices=["import", "export"], help=argparse.SUPPRESS)
@@ -136,17 +140,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for layers in args.layers:
-            rows += measure(args.family, layers, args.hidden, args.layouts, args.max_shard_bytes, Path(root))
-    print(f"{'layers':>6} {'layout':>7} {'model MB':>9} {'layer MB':>9} {'import/model':>12} {'export/model':>12} "
-          f"{'import/layer':>12} {'export/layer':>12} exact")
+            rows += measure(args.family, layers, args.hidden, args.layouts, args.export_ranks, args.max_shard_bytes,
+                            Path(root))
+    print(f"{'layers':>6} {'direction':>9} {'layout':>12} {'model MB':>9} {'layer MB':>9} {'peak MB':>8} "
+          f"{'peak/model':>10} {'peak/layer':>10} exact")
     for row in rows:
-        imp, exp = row["import_peak_bytes"], row["export_peak_bytes"]
-        print(f"{row['layers']:>6} {'TP%dxPP%d' % (row['tp'], row['pp']):>7} {row['model_bytes'] / 2**20:>9.1f} "
-              f"{row['layer_bytes'] / 2**20:>9.1f} {imp / row['model_bytes']:>12.2f} {exp / row['model_bytes']:>12.2f} "
-              f"{imp / row['layer_bytes']:>12.2f} {exp / row['layer_bytes']:>12.2f} {row['exact']}")
+        print(f"{row['layers']:>6} {row['direction']:>9} {row['layout']:>12} {row['model_bytes'] / 2**20:>9.1f} "
+              f"{row['layer_bytes'] / 2**20:>9.1f} {row['peak_bytes'] / 2**20:>8.1f} "
+              f"{row['peak_bytes'] / row['model_bytes']:>10.2f} {row['peak_bytes'] / row['layer_bytes']:>10.2f} "
+              f"{row.get('exact', '')}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    if not all(row["exact"] for row in rows):
+    if not all(row.get("exact", True) for row in rows):
         raise SystemExit("an export did not give back every tensor exactly")
 
 

@@ -3,16 +3,16 @@ that ``from_pretrained`` loads; config and tokenizer files are copied along.
 
     python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR [--max-shard-size 5GB]
 
-A large model exports under torchrun: each rank loads its part of the checkpoint (about 1 / (TP x PP), experts
-1 / EP), the full tensors are gathered one at a time and rank 0 writes them as the shards fill:
+Under torchrun with two or more processes the export streams: the processes take turns loading one part of the
+model at a time (the embedding, a layer, the final norm, the heads) and each writes its own shards as they fill, so
+a process holds at most one layer plus one output shard, whatever the model's depth:
 
-    torchrun --nproc-per-node 8 tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR --pp 4 --tp 2
+    torchrun --nproc-per-node 2 tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR --max-shard-size 2GB
 """
 
 import argparse
 
 from megatron_save.checkpoint.convert import convert_megatron_to_hf
-from megatron_save.config.parallel import add_layout_arguments, layout_from_arguments
 from megatron_save.distributed import shutdown_distributed
 
 _UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
@@ -30,10 +30,8 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True, help="megatron-save checkpoint directory")
     parser.add_argument("--out", required=True, help="new HF model directory (must not exist or be empty)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    add_layout_arguments(parser)
     args = parser.parse_args()
-    convert_megatron_to_hf(args.ckpt, args.out, max_shard_bytes=parse_size(args.max_shard_size),
-                           parallel=layout_from_arguments(args))
+    convert_megatron_to_hf(args.ckpt, args.out, max_shard_bytes=parse_size(args.max_shard_size))
     shutdown_distributed()
 
 

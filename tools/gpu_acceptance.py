@@ -9,7 +9,8 @@ Qwen2.5-0.5B-shaped random models converted to bf16; Megatron against transforme
 and, when Transformer Engine is importable, through the TE spec (both against the same fp32 reference, so their
 figures side by side are the TE vs local parity); stage 1 and stage 2 in bf16 on the tiny RM; stage 3 through
 tools/bench_stage3.py (GRPO against SAVE: per-phase time, passes and peak memory per phase) at each scale; a
-stage-3 run with vLLM rollouts when vLLM is importable. A section that cannot run here is listed as skipped with
+stage-3 run with vLLM rollouts when vLLM is importable; a tiny Qwen3-MoE reward model against transformers, and
+with 2 GPUs sequence parallelism at TP=2 (dense and MoE parity, a MoE stage-1 run). A section that cannot run here is listed as skipped with
 the reason. Without CUDA it runs the same path on CPU processes (tiny scale only): that is what the tests start.
 The exit status is 1 when a section failed or timed out.
 """
@@ -55,8 +56,8 @@ class Outcome:
     lines: list[str] = field(default_factory=list)
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *args]
+def torchrun(*args: str, nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
 def importable(module: str) -> bool:
@@ -109,6 +110,7 @@ def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
                     for role, ckpt, hf, rtol in (("policy", "policy", "hf_policy", []),
                                                  ("RM", "rm", "hf_rm", ["--rtol", "5e-2"]))]
     tiny = work / scales[0]
+    out += moe_and_sequence_parallel_sections(work, tiny, te)
     out += [
         Section(f"{scales[0]}: stage 1 (BT) in bf16", torchrun(
             "-m", "megatron_save", "stage1", "examples/cpu/stage1_bt.yaml", f"checkpoint={tiny / 'rm'}",
@@ -131,6 +133,40 @@ def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
         "parallel.tensor_model_parallel_size=1", "rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=1",
         "rollout.vllm.gpu_memory_utilization=0.2"), 240, vllm))
     return out
+
+
+def moe_and_sequence_parallel_sections(work: Path, tiny: Path, te_missing: str | None) -> list[Section]:
+    """A tiny Qwen3-MoE reward model against transformers (on a GPU through the TE spec: megatron-core 0.16.1's MoE
+    router needs it), and sequence parallelism at TP=2, which megatron-core's local spec cannot build: a dense
+    policy's and the MoE RM's parity and a MoE stage-1 run (MoE training at TP > 1 needs SP)."""
+    cuda = torch.cuda.is_available()
+    py, moe, data = sys.executable, work / "moe", work / "data"
+    if not cuda:
+        sp_missing = ("sequence parallelism needs the Transformer Engine spec on 2 or more GPUs (the local spec's "
+                      "torch norms refuse it)")
+    elif torch.cuda.device_count() < 2:
+        sp_missing = f"sequence parallelism at TP=2 needs 2 GPUs, {torch.cuda.device_count()} here"
+    else:
+        sp_missing = te_missing
+    spec = ["--spec", "te"] if cuda else ["--spec", "local"]
+    # fp32 weights: a wrong route or expert shows as an O(1) difference; 1e-2 leaves room for TF32 GEMMs.
+    parity = ["tools/check_parity.py", "--ckpt", str(moe / "rm"), "--hf-dir", str(moe / "hf_rm"), "--rtol", "1e-2"]
+    return [
+        Section("tiny MoE: random RM (HF) and conversion", ["bash", "-c", " && ".join([
+            f"{py} tools/make_tiny_model.py --family qwen3_moe --reward-model --value-head --out {moe}/hf_rm --seed 3",
+            f"{py} tools/convert_hf_to_megatron.py --hf-dir {moe}/hf_rm --out {moe}/rm"])], 180),
+        Section("tiny MoE: parity vs transformers, RM", torchrun(*parity, *spec), 120, te_missing if cuda else None),
+        Section("sequence parallelism: parity at TP=2, policy", torchrun(
+            "tools/check_parity.py", "--ckpt", str(tiny / "policy"), "--hf-dir", str(tiny / "hf_policy"), "--tp", "2", "--sequence-parallel", "--spec", "te", nproc=2), 120,
+            sp_missing),
+        Section("sequence parallelism: MoE RM parity at TP=2", torchrun(
+            *parity, "--tp", "2", "--sequence-parallel", "--spec", "te", nproc=2), 120, sp_missing),
+        Section("sequence parallelism: MoE stage 1 at TP=2", torchrun(
+            "-m", "megatron_save", "stage1", "examples/cpu/stage1_bt.yaml", f"checkpoint={moe / 'rm'}",
+            f"output_dir={work / 'stage1_moe_sp'}", f"data.train_data={data / 'preference_train.jsonl'}",
+            f"data.eval_data={data / 'preference_eval.jsonl'}", "parallel.tensor_model_parallel_size=2",
+            "parallel.sequence_parallel=true", nproc=2), 240, sp_missing),
+    ]
 
 
 def run_section(section: Section, log: Path, seconds_left: float) -> Outcome:

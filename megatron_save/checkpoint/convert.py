@@ -1,14 +1,13 @@
-"""Hugging Face <-> Megatron conversion, in a world of one process or under torchrun at a TP / PP / EP layout.
+"""Hugging Face <-> Megatron conversion, in a world of one process or under torchrun.
 
-HF -> Megatron: each rank builds its stage of the model at the layout, reads from the safetensors shards only the
-tensors of its own layers and experts (one at a time), keeps its tensor-parallel part of each and saves with
-dist_checkpointing, which reshards on load to any layout. Megatron -> HF: each rank loads its shard of the
-checkpoint, the full HF tensors are gathered one at a time (``gather_hf_state``) and rank 0 writes them into
-safetensors shards as they fill, with the config and tokenizer copied along. A rank's host memory is therefore its
-part of the model (about 1 / (TP x PP) of it, experts 1 / EP) plus one full tensor, and on export rank 0's one
-output shard; ``tools/bench_conversion_memory.py`` measures it.
+HF -> Megatron, at a TP / PP / EP layout: each rank builds its stage of the model, reads from the safetensors
+shards only the tensors of its own layers and experts (one at a time), keeps its tensor-parallel part of each and
+saves with dist_checkpointing, which reshards on load to any layout; a rank holds its part of the model (about
+1 / (TP x PP), experts 1 / EP) plus one full tensor. Megatron -> HF, under two or more processes: the model's parts
+(embedding, each layer, final norm, heads) are loaded one at a time by the ranks in turn, and each rank writes its
+own safetensors shards as they fill; a rank holds one part plus one output shard. ``tools/bench_conversion_memory.py``
+measures both.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +15,13 @@ from typing import Any, Iterator
 
 import copy
 import json
+import os
 import tempfile
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -28,21 +30,22 @@ from transformers import AutoConfig
 from megatron_save.checkpoint.hf import VALUE_HEAD_FILE, VALUE_HEAD_TENSOR, param_mappings
 from megatron_save.checkpoint.hf.gather import (
     full_shape,
-    gather_hf_state,
     local_expert_count,
     rank_global_name,
     tensor_parallel_shard,
 )
 from megatron_save.checkpoint.model_checkpoint import (
     HF_SUBDIR,
+    WEIGHTS_SUBDIR,
     CheckpointMeta,
     build_model_from_checkpoint,
     copy_hf_side_files,
     ensure_new_dir,
     read_checkpoint_meta,
     save_model_checkpoint,
+    verify_collectively,
 )
-from megatron_save.checkpoint.safetensors_io import SafetensorsReader, write_sharded_safetensors
+from megatron_save.checkpoint.safetensors_io import SafetensorsReader, ShardFile, name_shards, write_shard_files
 from megatron_save.config.parallel import ParallelConfig
 from megatron_save.distributed import init_distributed
 from megatron_save.models.builder import ModelKind, build_model
@@ -215,34 +218,99 @@ def _load_hf_weights(model: Any, reader: SafetensorsReader, mappings: list, hf_c
             param.copy_(tensor_parallel_shard(name, value, param))
 
 
-def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
-                           parallel: ParallelConfig | None = None) -> Path:
+def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes a Megatron checkpoint as an HF model directory that ``from_pretrained`` loads.
 
-    A value head goes to the side file ``VALUE_HEAD_FILE`` next to the HF weights. Collective under torchrun:
-    ``parallel`` is the layout the ranks load the checkpoint at (default TP = PP = EP = 1); rank 0 writes.
+    A value head goes to the side file ``VALUE_HEAD_FILE`` next to the HF weights. In a world of one the model is
+    loaded whole. Under torchrun with two or more processes the export streams: the ranks take turns over the
+    model's parts (the embedding, each layer, the final norm, the heads), each loading one part at a time and
+    writing its own shards as they fill, so a process holds at most one layer plus one output shard whatever the
+    model's depth. (megatron-core 0.16 cannot load part of a checkpoint in a world of one: its torch_dist loader
+    then places every other shard of a tensor on rank 0 as well.)
     """
-    _, hf_config = read_checkpoint_meta(ckpt_dir)
-    init_distributed(parallel or ParallelConfig(), model_shape(hf_config, str(ckpt_dir)))
+    meta, hf_config = read_checkpoint_meta(ckpt_dir)
+    streamed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Streamed parts live in host memory: their collectives run on gloo, on GPU machines too.
+    init_distributed(ParallelConfig(backend="gloo" if streamed else "auto"), model_shape(hf_config, str(ckpt_dir)))
     out_dir = _new_output_dir(out_dir)
-    model, meta, hf_config = build_model_from_checkpoint(ckpt_dir, spec_backend=SpecBackend.LOCAL)
     family = family_for(hf_config)
     reward_model = meta.kind == ModelKind.REWARD_MODEL.value
-    writer = dist.get_rank() == 0
-    count = sum(len(m.hf) for m in param_mappings(family, hf_config, reward_model, meta.value_head))
-    gathered = tqdm(gather_hf_state(model, family, hf_config), total=count, desc="Megatron -> HF", unit="tensor",
-                    disable=not writer)
+    mappings = {m.megatron: m for m in param_mappings(family, hf_config, reward_model, meta.value_head)}
+    tensors = _streamed_parts(ckpt_dir, meta, hf_config) if streamed else _whole_model(ckpt_dir)
     value_head: list[torch.Tensor] = []
-    weights = _set_aside(gathered, VALUE_HEAD_TENSOR, value_head)
-    if writer:
-        write_sharded_safetensors(weights, out_dir, max_shard_bytes)
-    else:
-        for _ in weights:  # the gather is collective: every rank walks it
-            pass
-    if writer:
-        _write_hf_side_files(ckpt_dir, out_dir, family, reward_model, value_head)
+    weights = _set_aside(_hf_tensors(tensors, mappings), VALUE_HEAD_TENSOR, value_head)
+    shards = write_shard_files(weights, out_dir, max_shard_bytes, prefix=f"rank{dist.get_rank():05d}-")
+    if value_head:  # on the rank that loaded the heads
+        save_file({VALUE_HEAD_TENSOR: value_head[0].contiguous()}, out_dir / VALUE_HEAD_FILE,
+                  metadata={"format": "pt"})
+    every_rank: list[list[ShardFile]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every_rank, shards)
+    if dist.get_rank() == 0:
+        name_shards([shard for rank_shards in every_rank for shard in rank_shards], out_dir)
+        _write_hf_side_files(ckpt_dir, out_dir, family, reward_model, meta.value_head)
     dist.barrier()
     return out_dir
+
+
+def _whole_model(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Megatron name, tensor) of every parameter of the checkpoint's model, loaded whole at TP = PP = 1."""
+    model, _, _ = build_model_from_checkpoint(ckpt_dir, spec_backend=SpecBackend.LOCAL)
+    for name, param in tqdm(list(model.named_parameters()), desc="Megatron -> HF", unit="tensor"):
+        yield name, param.detach()
+
+
+def model_parts(model: Any) -> list[str]:
+    """Names of the submodules that together hold every parameter once: each decoder layer, and every other
+    top-level piece with parameters (embedding, final norm, output layer or scalar heads)."""
+    def has_params(module: Any) -> bool:
+        return next(module.parameters(), None) is not None
+
+    parts = []
+    for name, child in model.named_children():
+        if name == "decoder":
+            parts += [f"decoder.layers.{i}" for i in range(len(child.layers))]
+            parts += [f"decoder.{n}" for n, c in child.named_children() if n != "layers" and has_params(c)]
+        elif has_params(child):
+            parts.append(name)
+    return parts
+
+
+def _streamed_parts(ckpt_dir: str | Path, meta: CheckpointMeta, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: (Megatron name, tensor) of the parameters of this rank's parts, one part in memory at a time.
+
+    The model is built on the meta device; a part gets real storage (``to_empty``) just before dist_checkpointing
+    loads its shards, and gives it back after its tensors are handed on. Every rank calls load once per round,
+    with an empty request once it has no part left.
+    """
+    verify_collectively(ckpt_dir)
+    model = build_model(hf_config, meta.kind, meta.dtype, SpecBackend.LOCAL, value_head=meta.value_head,
+                        on_meta_device=True)
+    parts = model_parts(model)
+    mine = parts[dist.get_rank()::dist.get_world_size()]
+    rounds = -(-len(parts) // dist.get_world_size())
+    weights_dir = str(Path(ckpt_dir) / WEIGHTS_SUBDIR)
+    for index in tqdm(range(rounds), desc="Megatron -> HF", unit="part", disable=dist.get_rank() != 0):
+        part = mine[index] if index < len(mine) else None
+        request = {}
+        if part is not None:
+            module = model.get_submodule(part)
+            module.to_empty(device="cpu")
+            request = {key: value for key, value in model.sharded_state_dict().items()
+                       if key.startswith(part + ".") and isinstance(value, (ShardedTensor, ShardedTensorFactory))}
+        # validate_access_integrity=False: a partial request covers only some shards of each tensor.
+        state = dist_checkpointing.load(request, weights_dir, validate_access_integrity=False)
+        if part is not None:
+            for name, _ in module.named_parameters(prefix=part):
+                yield name, state[name]
+            module.to_empty(device="meta")
+
+
+def _hf_tensors(tensors: Iterator[tuple[str, torch.Tensor]], mappings: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Megatron (name, tensor) -> the HF (name, tensor) pairs the family's mapping splits it into."""
+    for name, tensor in tensors:
+        if name not in mappings:
+            raise ConversionError(f"Megatron parameter {name} has no HF counterpart in the mapping")
+        yield from zip(mappings[name].hf, mappings[name].split(tensor))
 
 
 def _set_aside(tensors: Iterator[tuple[str, torch.Tensor]], name: str,
@@ -256,11 +324,8 @@ def _set_aside(tensors: Iterator[tuple[str, torch.Tensor]], name: str,
 
 
 def _write_hf_side_files(ckpt_dir: str | Path, out_dir: Path, family: DecoderFamily, reward_model: bool,
-                         value_head: list[torch.Tensor]) -> None:
-    """The value head's side file, the config and tokenizer files, and ``architectures`` where the config lacks it."""
-    if value_head:
-        save_file({VALUE_HEAD_TENSOR: value_head[0].contiguous()}, out_dir / VALUE_HEAD_FILE,
-                  metadata={"format": "pt"})
+                         value_head: bool) -> None:
+    """The config and tokenizer files, and ``architectures`` where the config lacks it."""
     copy_hf_side_files(Path(ckpt_dir) / HF_SUBDIR, out_dir)
     # The class follows from what the checkpoint holds: a config without ``architectures`` (transformers' GGUF
     # loader writes none) still exports as a model that the Auto classes and this converter recognise.

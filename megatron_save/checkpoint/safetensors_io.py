@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,32 +53,54 @@ class SafetensorsReader:
             return handle.get_tensor(name)
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """A safetensors shard written under a temporary name, until ``name_shards`` gives it its final one."""
+
+    path: Path
+    """Where it is now."""
+    names: list[str]
+    """The tensors it holds."""
+    nbytes: int
+    """Their bytes."""
+
+
+def write_shard_files(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,
+                      max_shard_bytes: int = 5 * 2**30, prefix: str = "") -> list[ShardFile]:
+    """Writes named tensors in arrival order into shards of at most ``max_shard_bytes`` under temporary names
+    (``<prefix>shard-<i>.tmp``), each as it fills, so at most one shard is held beyond what the caller holds."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard in _pack(tensors, max_shard_bytes):
+        path = out_dir / f"{prefix}shard-{len(shards) + 1:05d}.tmp"
+        save_file(shard, path, metadata={"format": "pt"})
+        shards.append(ShardFile(path, list(shard), sum(t.numel() * t.element_size() for t in shard.values())))
+    return shards
+
+
+def name_shards(shards: list[ShardFile], out_dir: str | Path) -> list[Path]:
+    """Renames shards, in order, to ``model-<i>-of-<n>.safetensors`` (one alone: ``model.safetensors``) and writes
+    the index that ``from_pretrained`` reads for more than one."""
+    out_dir = Path(out_dir)
+    count = len(shards)
+    weight_map, paths = {}, []
+    for i, shard in enumerate(shards, start=1):
+        final = out_dir / (SINGLE_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors")
+        shard.path.rename(final)
+        paths.append(final)
+        weight_map.update({name: final.name for name in shard.names})
+    if count > 1:
+        index = {"metadata": {"total_size": sum(shard.nbytes for shard in shards)}, "weight_map": weight_map}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return paths
+
+
 def write_sharded_safetensors(
     tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, max_shard_bytes: int = 5 * 2**30
 ) -> list[Path]:
-    """Writes named tensors in arrival order into shards of at most ``max_shard_bytes`` plus the index file.
-
-    Shards are written as they fill, so at most one shard is held beyond what the caller holds.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shard_names: list[list[str]] = []
-    total_bytes = 0
-    for shard in _pack(tensors, max_shard_bytes):
-        shard_names.append(list(shard))
-        total_bytes += sum(t.numel() * t.element_size() for t in shard.values())
-        save_file(shard, out_dir / f"shard-{len(shard_names):05d}.tmp", metadata={"format": "pt"})
-    count = len(shard_names)
-    weight_map, paths = {}, []
-    for i, names in enumerate(shard_names, start=1):
-        final = out_dir / (SINGLE_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors")
-        (out_dir / f"shard-{i:05d}.tmp").rename(final)
-        paths.append(final)
-        weight_map.update({name: final.name for name in names})
-    if count > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return paths
+    """Writes named tensors in arrival order into shards of at most ``max_shard_bytes`` plus the index file."""
+    return name_shards(write_shard_files(tensors, out_dir, max_shard_bytes), out_dir)
 
 
 def _pack(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

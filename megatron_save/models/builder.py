@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from typing import Any
 
@@ -29,11 +30,14 @@ def build_model(
     dtype: str = "fp32",
     spec_backend: SpecBackend | str = SpecBackend.AUTO,
     value_head: bool = False,
+    on_meta_device: bool = False,
 ) -> GPTModel:
-    """This rank's stage of the model under the current Megatron parallel state (randomly initialised)."""
+    """This rank's stage of the model under the current Megatron parallel state (randomly initialised), or with
+    ``on_meta_device`` its shapes alone (parameters on the meta device, for a caller that fills them part by
+    part with ``module.to_empty``)."""
     kind = ModelKind(kind)
     family = family_for(hf_config)
-    args = gpt_args_from_hf(hf_config, dtype)
+    args = gpt_args_from_hf(hf_config, dtype, on_meta_device)
     if args.config.sequence_parallel and resolve_backend(spec_backend) is SpecBackend.LOCAL:
         # torch's norms do not mark their weights for the tensor-parallel gradient reduction that sequence
         # parallelism needs, and Megatron's wrapper asserts instead (transformer/torch_norm.py:32).
@@ -53,13 +57,14 @@ def build_model(
         rope_scaling=args.rope_scaling,
         rope_scaling_factor=args.rope_scaling_factor,
     )
-    if kind is ModelKind.REWARD_MODEL:
-        model = RewardGPTModel(**common, value_head=value_head)
-    elif value_head:
+    if value_head and kind is not ModelKind.REWARD_MODEL:
         raise ValueError("value_head=True is only meaningful for a reward model")
-    else:
-        model = GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)
-    if torch.cuda.is_available():
+    with torch.device("meta") if on_meta_device else contextlib.nullcontext():
+        if kind is ModelKind.REWARD_MODEL:
+            model = RewardGPTModel(**common, value_head=value_head)
+        else:
+            model = GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)
+    if torch.cuda.is_available() and not on_meta_device:
         # Megatron builds on the CPU when asked to (use_cpu_initialization) and never moves the model itself.
         model.cuda(torch.cuda.current_device())
     if args.config.params_dtype != torch.float32:

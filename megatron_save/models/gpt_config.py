@@ -36,13 +36,16 @@ class GPTArgs:
     """Output projection shares the embedding weight."""
 
 
-def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
-    """Translates a Llama / Qwen2 / Qwen3 transformers config; refuses settings that would not be exact."""
+def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32", on_meta_device: bool = False) -> GPTArgs:
+    """Translates a Llama / Qwen2 / Qwen3 transformers config; refuses settings that would not be exact.
+
+    ``on_meta_device``: the model is built without memory (shapes only) on the host side, weights uninitialised.
+    """
     family = family_for(hf_config)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     params_dtype = DTYPES[dtype]
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() and not on_meta_device
     tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
     config = TransformerConfig(
         **(_moe_arguments(hf_config, on_gpu) if family.moe else {}),
@@ -77,6 +80,7 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32") -> GPTArgs:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
+        perform_initialization=not on_meta_device,
     )
     rope = rope_parameters(hf_config)
     return GPTArgs(

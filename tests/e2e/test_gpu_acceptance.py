@@ -22,10 +22,14 @@ def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
     rows = dict(re.findall(r"^\| (.+?) \| (.+?) \| [\d.]+ \|$", text, flags=re.MULTILINE))
     for section in ("synthetic data", "tiny: convert to bf16 Megatron", "tiny: parity vs transformers, local spec, "
                     "policy", "tiny: parity vs transformers, local spec, RM", "tiny: stage 1 (BT) in bf16",
-                    "tiny: stage 2 (value head) in bf16", "tiny: stage 3, GRPO vs SAVE (tools/bench_stage3.py)"):
+                    "tiny: stage 2 (value head) in bf16", "tiny: stage 3, GRPO vs SAVE (tools/bench_stage3.py)",
+                    "tiny MoE: random RM (HF) and conversion", "tiny MoE: parity vs transformers, RM"):
         assert rows.get(section) == "ok", (section, text)
     assert rows["tiny: parity vs transformers, te spec, policy"].startswith("skipped: Transformer Engine needs CUDA")
     assert rows["tiny: stage 3 with vLLM rollouts"].startswith("skipped: vLLM needs CUDA")
+    for section in ("parity at TP=2, policy", "MoE RM parity at TP=2", "MoE stage 1 at TP=2"):
+        assert rows[f"sequence parallelism: {section}"].startswith("skipped: sequence parallelism needs the "
+                                                                    "Transformer Engine spec on 2 or more GPUs")
     assert "CUDA: not available" in text and "0.5b" not in text  # the 0.5B scale is a GPU item
     assert re.search(r"local spec, \d+ sequences .*: OK$", text, flags=re.MULTILINE), text
     assert re.search(r"^passes/reward_forward\s+1\.0000\s+2\.0000", text, flags=re.MULTILINE), text
