@@ -9,6 +9,10 @@ exported back to HF under torchrun on each number of processes (one: the whole m
 by part). Every rank records its peak resident memory above what it held just before the conversion began (Linux
 VmHWM, reset through /proc/self/clear_refs after imports and process-group start); the largest rank's peak is
 printed over the model's bytes and over one layer's bytes, and each export is checked to give back every tensor.
+
+glibc raises its mmap threshold each time a large block is freed, so later blocks of that size come from the heap
+and part of a freed layer can stay resident; ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment (passed on to
+every rank) pins the threshold, and the streamed export's peak then barely moves with depth.
 """
 
 from __future__ import annotations

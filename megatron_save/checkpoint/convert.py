@@ -8,6 +8,7 @@ saves with dist_checkpointing, which reshards on load to any layout; a rank hold
 own safetensors shards as they fill; a rank holds one part plus one output shard. ``tools/bench_conversion_memory.py``
 measures both.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -259,7 +260,7 @@ def _whole_model(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, param.detach()
 
 
-def model_parts(model: Any) -> list[str]:
+def _model_parts(model: Any) -> list[str]:
     """Names of the submodules that together hold every parameter once: each decoder layer, and every other
     top-level piece with parameters (embedding, final norm, output layer or scalar heads)."""
     def has_params(module: Any) -> bool:
@@ -272,6 +273,9 @@ def model_parts(model: Any) -> list[str]:
             parts += [f"decoder.{n}" for n, c in child.named_children() if n != "layers" and has_params(c)]
         elif has_params(child):
             parts.append(name)
+    covered = [f"{part}.{name}" for part in parts for name, _ in model.get_submodule(part).named_parameters()]
+    if sorted(covered) != sorted(name for name, _ in model.named_parameters()):
+        raise ConversionError(f"the model's parts {parts} do not hold each of its parameters exactly once")
     return parts
 
 
@@ -285,7 +289,7 @@ def _streamed_parts(ckpt_dir: str | Path, meta: CheckpointMeta, hf_config: Any) 
     verify_collectively(ckpt_dir)
     model = build_model(hf_config, meta.kind, meta.dtype, SpecBackend.LOCAL, value_head=meta.value_head,
                         on_meta_device=True)
-    parts = model_parts(model)
+    parts = _model_parts(model)
     mine = parts[dist.get_rank()::dist.get_world_size()]
     rounds = -(-len(parts) // dist.get_world_size())
     weights_dir = str(Path(ckpt_dir) / WEIGHTS_SUBDIR)

@@ -80,10 +80,15 @@ def _full_tensors(name: str, param: torch.Tensor) -> list[torch.Tensor]:
     return copies
 
 
+def _with_layer_offset(name: str, layer_offset: int) -> str:
+    """A pipeline stage's local layer index -> the model's layer index."""
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+
+
 def _global_names(name: str, layer_offset: int, local_experts: int) -> list[str]:
     """Local layer index of this pipeline stage -> the model's layer index; a local expert index -> the model's
     expert indices of that local slot on every expert-parallel rank (as ``_full_tensors`` returns them)."""
-    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+    name = _with_layer_offset(name, layer_offset)
     match = _LOCAL_EXPERT.search(name)
     if match is None:
         return [name]
@@ -96,7 +101,7 @@ def _global_names(name: str, layer_offset: int, local_experts: int) -> list[str]
 def rank_global_name(name: str, layer_offset: int, local_experts: int) -> str:
     """A parameter's name on this rank -> its name in the whole model (layer index past this stage's offset, local
     expert index past this expert-parallel rank's first expert)."""
-    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", name)
+    name = _with_layer_offset(name, layer_offset)
     first_expert = parallel_state.get_expert_model_parallel_rank() * local_experts
     return _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + first_expert}.", name)
 
