@@ -7,7 +7,8 @@ reward head as ``*ForSequenceClassification`` initialises one, a zero value head
     python tools/convert_hf_to_megatron.py --hf-dir CAUSAL_LM --out RM_CKPT_DIR --as-reward-model [--seed 0]
 
 A large model converts under torchrun: each rank reads only its layers' and experts' tensors and holds its part
-of the model (about 1 / (TP x PP), experts 1 / EP), e.g. a 70B model on 8 processes, 1/8 of its bytes each:
+of the model (1 / (TP x PP), experts 1 / EP; its peak is about 1.5 times that part, README "Scaling"), e.g. a 70B
+model on 8 processes:
 
     torchrun --nproc-per-node 8 tools/convert_hf_to_megatron.py --hf-dir HF_DIR --out CKPT_DIR --pp 8
 """
