@@ -8,11 +8,12 @@ failure or hang does not hide the rest: the environment (torch, CUDA, Transforme
 Qwen2.5-0.5B-shaped random models converted to bf16; Megatron against transformers logits through the local spec
 and, when Transformer Engine is importable, through the TE spec (both against the same fp32 reference, so their
 figures side by side are the TE vs local parity); stage 1 and stage 2 in bf16 on the tiny RM; stage 3 through
-tools/bench_stage3.py (GRPO against SAVE: per-phase time, passes and peak memory per phase) at each scale; a
-stage-3 run with vLLM rollouts when vLLM is importable; a tiny Qwen3-MoE reward model against transformers, and
-with 2 GPUs sequence parallelism at TP=2 (dense and MoE parity, a MoE stage-1 run). A section that cannot run here is listed as skipped with
-the reason. Without CUDA it runs the same path on CPU processes (tiny scale only): that is what the tests start.
-The exit status is 1 when a section failed or timed out.
+tools/bench_stage3.py (GRPO against SAVE: per-phase time, passes and peak memory per phase) at each scale, with the
+memory planner's per-GPU bound for the same run beside it; a stage-3 run with vLLM rollouts when vLLM is
+importable; a tiny Qwen3-MoE reward model against transformers, and with 2 GPUs sequence parallelism at TP=2 (dense
+and MoE parity, a MoE stage-1 run). A section that cannot run here is listed as skipped with the reason. Without
+CUDA it runs the same path on CPU processes (tiny scale only): that is what the tests start. The exit status is 1
+when a section failed or timed out.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 # Output lines a section's report keeps (the rest stays in its log): parity verdicts, the bench's table and ratios.
 KEPT_LINES = re.compile(r"(OK|MISMATCH)$|^(time|memory|passes)/|^metric |SAVE / GRPO|wrote|held-out accuracy|"
-                        r"after \d+ steps|Traceback|Error")
+                        r"after \d+ steps|Traceback|Error|^per GPU of|^\s+total\s")
 
 
 @dataclass
@@ -126,6 +127,13 @@ def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
             py, "tools/bench_stage3.py", "--config", "examples/cpu/stage3_save.yaml", "--nproc", "1", *steps,
             "--policy", str(work / scale / "policy"), "--reward", str(work / scale / "rm_value"), "--prompts",
             str(data / "prompts.jsonl"), "parallel.tensor_model_parallel_size=1"], 300))
+        # The planner's bound for that run (examples/cpu/stage3_save.yaml's sizes: 4 prompts x G = 4, 64 + 12
+        # tokens, policy micro-batch 4, one prompt's 4 responses per RM micro-batch), beside the measured peaks.
+        out.append(Section(f"{scale}: the planner's per-GPU bytes for that run", [
+            py, "tools/plan_memory.py", "--policy", str(work / scale / "hf_policy"), "--reward",
+            str(work / scale / "hf_rm"), "--dtype", "bf16", "--micro-batch", "4", "--reward-micro-batch", "4",
+            "--prompt-length", "64", "--response-length", "12", "--rollout-batch", "16", "--value-head", "--spec",
+            "local" if te else "te"], 60))
     out.append(Section(f"{scales[0]}: stage 3 with vLLM rollouts", torchrun(
         "-m", "megatron_save", "stage3", "examples/cpu/stage3_save.yaml", f"output_dir={work / 'stage3_vllm'}",
         f"policy.checkpoint={tiny / 'policy'}", f"reward.checkpoint={tiny / 'rm_value'}",

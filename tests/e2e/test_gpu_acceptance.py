@@ -23,7 +23,8 @@ def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
     for section in ("synthetic data", "tiny: convert to bf16 Megatron", "tiny: parity vs transformers, local spec, "
                     "policy", "tiny: parity vs transformers, local spec, RM", "tiny: stage 1 (BT) in bf16",
                     "tiny: stage 2 (value head) in bf16", "tiny: stage 3, GRPO vs SAVE (tools/bench_stage3.py)",
-                    "tiny MoE: random RM (HF) and conversion", "tiny MoE: parity vs transformers, RM"):
+                    "tiny MoE: random RM (HF) and conversion", "tiny MoE: parity vs transformers, RM",
+                    "tiny: the planner's per-GPU bytes for that run"):
         assert rows.get(section) == "ok", (section, text)
     assert rows["tiny: parity vs transformers, te spec, policy"].startswith("skipped: Transformer Engine needs CUDA")
     assert rows["tiny: stage 3 with vLLM rollouts"].startswith("skipped: vLLM needs CUDA")
@@ -34,6 +35,7 @@ def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
     assert re.search(r"local spec, \d+ sequences .*: OK$", text, flags=re.MULTILINE), text
     assert re.search(r"^passes/reward_forward\s+1\.0000\s+2\.0000", text, flags=re.MULTILINE), text
     assert "step time: SAVE / GRPO" in text and "held-out accuracy after" in text
+    assert re.search(r"^\s+total\s+[\d.]+ GiB$", text, flags=re.MULTILINE), text
 
 
 def test_check_parity_refuses_the_te_spec_without_cuda(tmp_path):
