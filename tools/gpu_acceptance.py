@@ -10,10 +10,10 @@ and, when Transformer Engine is importable, through the TE spec (both against th
 figures side by side are the TE vs local parity); stage 1 and stage 2 in bf16 on the tiny RM; stage 3 through
 tools/bench_stage3.py (GRPO against SAVE: per-phase time, passes and peak memory per phase) at each scale, with the
 memory planner's per-GPU bound for the same run beside it; a stage-3 run with vLLM rollouts when vLLM is
-importable; a tiny Qwen3-MoE reward model against transformers, and with 2 GPUs sequence parallelism at TP=2 (dense
-and MoE parity, a MoE stage-1 run). A section that cannot run here is listed as skipped with the reason. Without
-CUDA it runs the same path on CPU processes (tiny scale only): that is what the tests start. The exit status is 1
-when a section failed or timed out.
+importable; the streamed export on 2 processes; a tiny Qwen3-MoE reward model against transformers, and with 2 GPUs
+sequence parallelism at TP=2 (dense and MoE parity, a MoE stage-1 run). A section that cannot run here is listed as
+skipped with the reason. Without CUDA it runs the same path on CPU processes (tiny scale only): that is what the
+tests start. The exit status is 1 when a section failed or timed out.
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
                     for role, ckpt, hf, rtol in (("policy", "policy", "hf_policy", []),
                                                  ("RM", "rm", "hf_rm", ["--rtol", "5e-2"]))]
     tiny = work / scales[0]
+    out.append(Section(f"{scales[0]}: streamed export to HF on 2 processes", torchrun(
+        "tools/convert_megatron_to_hf.py", "--ckpt", str(tiny / "rm_value"), "--out", str(work / "exported_rm"),
+        nproc=2), 120))
     out += moe_and_sequence_parallel_sections(work, tiny, te)
     out += [
         Section(f"{scales[0]}: stage 1 (BT) in bf16", torchrun(
@@ -165,8 +168,8 @@ def moe_and_sequence_parallel_sections(work: Path, tiny: Path, te_missing: str |
             f"{py} tools/convert_hf_to_megatron.py --hf-dir {moe}/hf_rm --out {moe}/rm"])], 180),
         Section("tiny MoE: parity vs transformers, RM", torchrun(*parity, *spec), 120, te_missing if cuda else None),
         Section("sequence parallelism: parity at TP=2, policy", torchrun(
-            "tools/check_parity.py", "--ckpt", str(tiny / "policy"), "--hf-dir", str(tiny / "hf_policy"), "--tp", "2", "--sequence-parallel", "--spec", "te", nproc=2), 120,
-            sp_missing),
+            "tools/check_parity.py", "--ckpt", str(tiny / "policy"), "--hf-dir", str(tiny / "hf_policy"), "--tp", "2",
+            "--sequence-parallel", "--spec", "te", nproc=2), 120, sp_missing),
         Section("sequence parallelism: MoE RM parity at TP=2", torchrun(
             *parity, "--tp", "2", "--sequence-parallel", "--spec", "te", nproc=2), 120, sp_missing),
         Section("sequence parallelism: MoE stage 1 at TP=2", torchrun(

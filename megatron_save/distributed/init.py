@@ -102,8 +102,10 @@ def init_distributed(parallel: ParallelConfig, *shapes: ModelShape) -> None:
         # Outside torchrun (a world of one: conversion tools, tests) pick a free local port without touching
         # os.environ, so child processes do not inherit an address that this process already holds.
         init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # A gloo job on a GPU machine may run more processes than GPUs (the streamed export on host memory).
+        if cuda and (backend == "nccl" or local_rank < torch.cuda.device_count()):
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(
             backend=backend,
             init_method=init_method,

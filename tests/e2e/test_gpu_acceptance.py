@@ -24,7 +24,8 @@ def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
                     "policy", "tiny: parity vs transformers, local spec, RM", "tiny: stage 1 (BT) in bf16",
                     "tiny: stage 2 (value head) in bf16", "tiny: stage 3, GRPO vs SAVE (tools/bench_stage3.py)",
                     "tiny MoE: random RM (HF) and conversion", "tiny MoE: parity vs transformers, RM",
-                    "tiny: the planner's per-GPU bytes for that run"):
+                    "tiny: the planner's per-GPU bytes for that run",
+                    "tiny: streamed export to HF on 2 processes"):
         assert rows.get(section) == "ok", (section, text)
     assert rows["tiny: parity vs transformers, te spec, policy"].startswith("skipped: Transformer Engine needs CUDA")
     assert rows["tiny: stage 3 with vLLM rollouts"].startswith("skipped: vLLM needs CUDA")
