@@ -1,7 +1,7 @@
 """Full Hugging Face tensors from a TP / PP / EP sharded Megatron model, one tensor at a time, on every rank, and
 the inverse: this rank's shard of a full tensor.
 
-Gathering is the weight-sync path of rollout engines (update_weights) and of the export to HF: tensor-parallel
+Gathering is the weight-sync path of rollout engines (update_weights) and of parity checks: tensor-parallel
 shards are all-gathered along their partition dimension, each expert-parallel rank's experts over the
 expert-parallel group, pipeline stages broadcast their layers in turn, and the family's mapping turns Megatron
 tensors into HF ones. Sharding is the import from HF: each rank cuts its part out of the full tensors of its own
