@@ -147,13 +147,8 @@ def convert_hf_to_megatron(
 
 
 def _new_output_dir(path: str | Path) -> Path:
-    """Collective: every rank checks that ``path`` is new or empty before rank 0 creates it."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        ensure_new_dir(path)
+    """Collective: every rank checks that ``path`` is new or empty (creating it) before any rank writes."""
+    path = ensure_new_dir(path)
     dist.barrier()
     return path
 

@@ -33,15 +33,18 @@ def _is_expert(name: str) -> bool:
     return _LOCAL_EXPERT.search(name) is not None
 
 
+def _tensor_parallel_group(name: str) -> Any:
+    """The group a parameter is tensor-parallel sharded over: expert-tensor-parallel for experts, else TP."""
+    if _is_expert(name):
+        return parallel_state.get_expert_tensor_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
+
+
 def _gather_tensor_parallel(name: str, param: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (a replicated one as it is); experts are sharded over the
-    expert-tensor-parallel group, everything else over the tensor-parallel group."""
+    """The full tensor of a TP-sharded parameter (a replicated one as it is)."""
     if not getattr(param, "tensor_model_parallel", False):
         return param.detach()
-    if _is_expert(name):
-        group = parallel_state.get_expert_tensor_parallel_group()
-    else:
-        group = parallel_state.get_tensor_model_parallel_group()
+    group = _tensor_parallel_group(name)
     if dist.get_world_size(group) == 1:
         return param.detach()
     shards = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
@@ -57,12 +60,8 @@ def tensor_parallel_shard(name: str, full: torch.Tensor, param: torch.Tensor) ->
     """This rank's part of a parameter's full tensor (the inverse of ``_gather_tensor_parallel``)."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    if _is_expert(name):
-        size, rank = (parallel_state.get_expert_tensor_parallel_world_size(),
-                      parallel_state.get_expert_tensor_parallel_rank())
-    else:
-        size, rank = (parallel_state.get_tensor_model_parallel_world_size(),
-                      parallel_state.get_tensor_model_parallel_rank())
+    group = _tensor_parallel_group(name)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
     if name.endswith(_SWIGLU_FC1):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
@@ -150,8 +149,7 @@ def full_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
     """The shape of a (possibly TP-sharded) parameter's full tensor."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= (parallel_state.get_expert_tensor_parallel_world_size() if _is_expert(name)
-                                       else parallel_state.get_tensor_model_parallel_world_size())
+        shape[param.partition_dim] *= dist.get_world_size(_tensor_parallel_group(name))
     return tuple(shape)
 
 
