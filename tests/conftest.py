@@ -68,6 +68,21 @@ def world_of_one():
     init_distributed(ParallelConfig())
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tiers that need another environment skip, with the reason, where it is missing: ``gpu`` without CUDA,
+    ``vllm`` where vLLM does not import."""
+    import importlib.util
+
+    import torch
+
+    missing = {"gpu": None if torch.cuda.is_available() else "needs a CUDA GPU (the GPU tier)",
+               "vllm": None if importlib.util.find_spec("vllm") else "needs real vLLM (.ci/vllm_tier.sh builds it)"}
+    for item in items:
+        for marker, reason in missing.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Destroys the in-process world, if any test started one, and with it every process group."""
     init = sys.modules.get("megatron_save.distributed.init")
