@@ -1,8 +1,10 @@
 """torchrun worker: the same stage-1, stage-2 and SFT steps at every layout (and with the distributed optimizer);
 with --moe, of MoE checkpoints at the expert-parallel layouts.
 
-Writes {"<layout>": {"bt_loss": [...], "value_loss": [...], "rewards": [...], "values": [...], "sft_loss": [...],
-"sft_held_out": float}} to --out.
+Writes {"<layout>": {"initial_rewards": [...], "initial_values": [...], "bt_loss": [...], "bt_grad_norm": [...],
+"value_loss": [...], "rewards": [...], "values": [...], "sft_loss": [...], "sft_grad_norm": [...],
+"sft_held_out": float}} to --out, plus "tp1_threads2": the TP=1 run again at two threads per process, and (dense only) "tp2_lr_1pct_high": the
+stage-1/2 part at TP=2 with every learning rate 1% too high, which the comparison must reject.
 """
 
 import argparse
@@ -51,16 +53,19 @@ MOE_RUNS = {**{name: (_layout(tp, pp, ep, etp), False) for name, (tp, pp, ep, et
 STEPS, PAIRS_PER_STEP = 3, 8
 
 
-def run(ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths, distributed_optimizer):
+def run(ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths, distributed_optimizer, lr_scale=1.0):
     batch = BatchSettings(global_batch_size=PAIRS_PER_STEP, micro_batch_size=2)
-    settings = OptimizerSettings(lr=1e-3, value_head_lr=1e-2, decay_style="constant",
+    settings = OptimizerSettings(lr=1e-3 * lr_scale, value_head_lr=1e-2 * lr_scale, decay_style="constant",
                                  use_distributed_optimizer=distributed_optimizer)
     model, _, _ = build_model_from_checkpoint(ckpt)
     state = build_train_state(model, settings, total_steps=STEPS)
-    bt_losses = []
+    initial = score_sequences(state.module, eval_ids, eval_mask, 2, prompt_lengths)
+    bt_losses, grad_norms = [], []
     for step in range(STEPS):
         indices = list(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))
-        bt_losses.append(train_step(state, pair_micro_batches(pairs, indices, batch, 0), bt_pair_loss, ("loss",))["loss"])
+        metrics = train_step(state, pair_micro_batches(pairs, indices, batch, 0), bt_pair_loss, ("loss",))
+        bt_losses.append(metrics["loss"])
+        grad_norms.append(metrics["grad_norm"])
     frozen = build_train_state(state.module, settings, total_steps=STEPS, freeze_all_but_value_head=True)
     value_losses = []
     for step in range(2):
@@ -68,7 +73,8 @@ def run(ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths, distr
         micro = prompt_micro_batches(groups, targets, indices, BatchSettings(global_batch_size=4, micro_batch_size=1), 0)
         value_losses.append(train_step(frozen, micro, value_regression_loss, ("loss",))["loss"])
     scores = score_sequences(state.module, eval_ids, eval_mask, 2, prompt_lengths)
-    return {"bt_loss": bt_losses, "value_loss": value_losses,
+    return {"initial_rewards": initial.rewards.tolist(), "initial_values": initial.values.tolist(),
+            "bt_grad_norm": grad_norms, "bt_loss": bt_losses, "value_loss": value_losses,
             "rewards": scores.rewards.tolist(), "values": scores.values.tolist()}
 
 
@@ -79,14 +85,16 @@ def run_sft(ckpt, demonstrations, distributed_optimizer):
     model, _, _ = build_model_from_checkpoint(ckpt)
     state = build_train_state(model, settings, total_steps=STEPS)
     batch = BatchSettings(global_batch_size=8, micro_batch_size=2)
-    losses = []
+    losses, grad_norms = [], []
     for step in range(STEPS):
         rows = demonstrations[step * 8 : (step + 1) * 8]
         width = max(len(d.ids) for d in rows)
         mine = [rows[i] for i in data_parallel_part(list(range(8)), batch)]
         micro = demonstration_batch(mine, 0, width).split(batch.micro_batch_size)
-        losses.append(train_step(state, micro, sft_loss, ("loss",))["loss"])
-    return {"sft_loss": losses, "sft_held_out": held_out_loss(state.module, demonstrations[-8:], 0, 2)}
+        metrics = train_step(state, micro, sft_loss, ("loss",))
+        losses.append(metrics["loss"])
+        grad_norms.append(metrics["grad_norm"])
+    return {"sft_loss": losses, "sft_grad_norm": grad_norms, "sft_held_out": held_out_loss(state.module, demonstrations[-8:], 0, 2)}
 
 
 def main() -> None:
@@ -114,6 +122,19 @@ def main() -> None:
         results[name] = run(args.ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths,
                             distributed_optimizer)
         results[name] |= run_sft(args.lm_ckpt, demonstrations, distributed_optimizer)
+    # The rounding-only control: TP=1 again with two CPU threads per process, which changes only the summation
+    # order inside the kernels. Its difference from "tp1" is what training makes of rounding alone.
+    set_model_parallel(_layout())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    results["tp1_threads2"] = run(args.ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths, False)
+    results["tp1_threads2"] |= run_sft(args.lm_ckpt, demonstrations, False)
+    torch.set_num_threads(threads)
+    if not args.moe:
+        # A deliberate error the comparison must see: TP=2 with every learning rate 1% too high.
+        set_model_parallel(_layout(tp=2))
+        results["tp2_lr_1pct_high"] = run(args.ckpt, pairs, groups, targets, eval_ids, eval_mask, prompt_lengths,
+                                          False, lr_scale=1.01)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown_distributed()
