@@ -1,7 +1,7 @@
 """SAVE's cost over plain GRPO: the same stage-3 config run with reward.strategy=frozen (GRPO with a fixed RM)
 and with reward.strategy=save, alternating, each as its own torchrun launch.
 
-    python tools/bench_stage3.py --config examples/cpu/stage3_save.yaml --nproc 2 --rounds 2 \
+    python tools/bench_stage3.py --config examples/cpu/stage3_save.yaml --nproc 2 --rounds 5 \
         --policy CKPT --reward CKPT --prompts PROMPTS.jsonl [key=value ...]
 
 (--nproc defaults to 2, the CPU config's TP=2; on one GPU pass --nproc 1 parallel.tensor_model_parallel_size=1.)
@@ -11,10 +11,12 @@ directory or, on a cluster, a hub name), converted once before the launches: the
 model as it is when it is a ``*ForSequenceClassification`` (a zero value head added when it has none), or made of a
 causal LM with a fresh reward head and a zero value head (--as-reward-model), which is enough to time a step.
 
-Prints, per phase, the mean time of a step (the first step of each launch is warm-up and left out), the full-batch
+Prints, per phase, the mean time of a step of each launch (the first step is warm-up and left out; the median over
+rounds is shown), the full-batch
 passes through each model per step (``passes/<model>_forward|backward``), and the SAVE / GRPO ratio of the step time
 (the sum of the timed phases: rollout, scoring, updates, weight sync; not the metrics and checkpoint writing around
-them) and of peak memory: GPU memory per phase when CUDA is present, else the host's peak resident memory of rank 0.
+them) and of peak memory, each as the median and range of the rounds' paired ratios: GPU memory per phase when CUDA
+is present, else the host's peak resident memory of rank 0.
 The paper's implementation costs 1.12x time and 1.24x memory; the goal here is at most 1.05x and 1.10x.
 """
 
@@ -113,7 +115,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2,
                         help="processes (GPUs) per launch: a multiple of the config's TP x PP")
     parser.add_argument("--steps", type=int, default=4, help="steps per launch (the first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="frozen / save launch pairs, alternating")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="frozen / save launch pairs, alternating which goes first (median and range reported)")
     parser.add_argument("--check-only", action="store_true",
                         help="load and check both runs' configs (stage 3's checks), print them, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
@@ -125,31 +128,60 @@ def main() -> None:
         parser.error(f"--steps {args.steps} --rounds {args.rounds}: each launch needs a warm-up step and at least "
                      "one measured step (--steps >= 2), and --rounds >= 1")
 
-    records: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
+    rounds: list[dict[str, list[dict]]] = []
     with tempfile.TemporaryDirectory() as work:
         args.policy = megatron_checkpoint(args.policy, "policy", Path(work))
         args.reward = megatron_checkpoint(args.reward, "reward", Path(work))
         for round_index in range(args.rounds):
-            for strategy in STRATEGIES:
+            # Alternate which strategy goes first, so a drift of the machine does not favour one side.
+            order = STRATEGIES if round_index % 2 == 0 else STRATEGIES[::-1]
+            rounds.append({})
+            for strategy in order:
                 print(f"round {round_index + 1}/{args.rounds}: {strategy}", flush=True)
-                records[strategy] += launch(args, strategy, Path(work) / f"{strategy}_{round_index}")
+                rounds[-1][strategy] = launch(args, strategy, Path(work) / f"{strategy}_{round_index}")
+    print_summary(rounds)
+
+
+def round_ratios(rounds: list[dict[str, list[dict]]], name: str) -> list[float]:
+    """SAVE / GRPO of ``name`` in each round (the ratio of the two launches' means), where both report it."""
+    ratios = []
+    for launches in rounds:
+        grpo, save = mean_of(launches["frozen"], name), mean_of(launches["save"], name)
+        if grpo and save is not None:
+            ratios.append(save / grpo)
+    return ratios
+
+
+def spread(values: list[float]) -> str:
+    """``median [min-max]`` over rounds."""
+    return f"{statistics.median(values):.3f}x [{min(values):.3f}-{max(values):.3f}]" if values else "-"
+
+
+def print_summary(rounds: list[dict[str, list[dict]]]) -> None:
+    """Per metric: each strategy's median over rounds, and SAVE / GRPO as the median and range of per-round
+    ratios (paired launches, so a slow spell of the machine hits both sides of a ratio)."""
+    records = {s: [r for launches in rounds for r in launches[s]] for s in STRATEGIES}
     names = sorted({k for rs in records.values() for r in rs for k in r if k.startswith(("time/", "memory/", "passes/"))})
-    print(f"\n{'metric':<36}{'GRPO (frozen RM)':>18}{'SAVE':>12}{'SAVE / GRPO':>14}")
+    print(f"\n{len(rounds)} rounds; per strategy the median of the launches' means; SAVE / GRPO: median [min-max] of "
+          "the rounds' ratios")
+    print(f"{'metric':<36}{'GRPO (frozen RM)':>18}{'SAVE':>12}{'SAVE / GRPO':>26}")
     for name in names:
-        grpo, save = mean_of(records["frozen"], name), mean_of(records["save"], name)
-        ratio = f"{save / grpo:.3f}x" if grpo and save is not None else "-"
+        grpo, save = (median_over_launches(rounds, s, name) for s in STRATEGIES)
         show = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        print(f"{name:<36}{show(grpo):>18}{show(save):>12}{ratio:>14}")
+        print(f"{name:<36}{show(grpo):>18}{show(save):>12}{spread(round_ratios(rounds, name)):>26}")
     memory = "memory/host_peak_rss_gib"
     gpu = [n for n in names if n.startswith("memory/") and n != memory]
     if gpu:
-        peak = {s: max(max(r.get(n) or 0 for n in gpu) for r in records[s]) for s in STRATEGIES}
-        print(f"\nGPU peak memory, all phases: SAVE / GRPO = {peak['save'] / peak['frozen']:.3f}x (goal <= 1.10x)")
-    time_ratio = mean_of(records["save"], "time/step_s") / mean_of(records["frozen"], "time/step_s")
-    print(f"step time: SAVE / GRPO = {time_ratio:.3f}x (goal <= 1.05x)")
-    print(f"host peak RSS (rank 0): SAVE / GRPO = "
-          f"{mean_of(records['save'], memory) / mean_of(records['frozen'], memory):.3f}x")
+        peaks = [max(max(r.get(n) or 0 for n in gpu) for r in launches["save"])
+                 / max(max(r.get(n) or 0 for n in gpu) for r in launches["frozen"]) for launches in rounds]
+        print(f"\nGPU peak memory, all phases: SAVE / GRPO = {spread(peaks)} (goal <= 1.10x)")
+    print(f"step time: SAVE / GRPO = {spread(round_ratios(rounds, 'time/step_s'))} (goal <= 1.05x)")
+    print(f"host peak RSS (rank 0): SAVE / GRPO = {spread(round_ratios(rounds, memory))}")
 
+
+def median_over_launches(rounds: list[dict[str, list[dict]]], strategy: str, name: str) -> float | None:
+    means = [m for launches in rounds if (m := mean_of(launches[strategy], name)) is not None]
+    return statistics.median(means) if means else None
 
 if __name__ == "__main__":
     main()
