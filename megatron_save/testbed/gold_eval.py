@@ -36,6 +36,7 @@ from megatron_save.testbed.task import gold_pair, gold_reward, overlong_pair
 from megatron_save.testing.synthetic import write_jsonl
 from megatron_save.trainers.common import write_json
 from megatron_save.utils.logging import get_logger
+from megatron_save.utils.provenance import current_provenance
 
 logger = get_logger("testbed.gold_eval")
 SCORE_MICRO_BATCH = 16
@@ -164,6 +165,7 @@ def evaluate(args: argparse.Namespace) -> None:
     proxy_initial_accuracy = pair_accuracy(args.proxy_rm, initial_pairs)
     for index, run in enumerate(args.runs):
         result = evaluate_run(Path(run), args, initial_pairs, eval_prompts, args.seed + index, proxy_initial_accuracy)
+        result["provenance"] = current_provenance().as_dict()
         write_json(Path(run) / "gold_eval.json", result)
         logger.info("%s: final policy gold %.3f, RM accuracy %.3f (initial-policy pairs) / %.3f (final)", run,
                     result["final_policy_gold"], result["rm_accuracy_initial_policy_pairs"],

@@ -9,6 +9,7 @@ from typing import Any
 
 from megatron_save.testbed.data import read_jsonl
 from megatron_save.testbed.task import gold_reward
+from megatron_save.utils.provenance import current_provenance
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; beyond 30 the normal quantile is within 2%.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -270,8 +271,13 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
     markdown = markdown_table(table, initial, seeds, paired)
     (report_dir / "results.md").write_text(markdown + ("\n".join(comparison_table(compared, margin)) + "\n"
                                                        if compared else ""))
+    # The runs of a report may come from several launches (seeds=[...] in parts): each evaluation's revision is
+    # listed, with the report's own.
+    run_revisions = sorted({(e["provenance"]["revision"], e["provenance"]["dirty"]) if "provenance" in e
+                            else ("not recorded", True) for es in evaluations.values() for e in es})
     (report_dir / "results.json").write_text(json.dumps(
-        {"seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "comparisons": compared,
+        {"provenance": current_provenance().as_dict(),
+         "run_revisions": [{"revision": r, "dirty": d} for r, d in run_revisions], "seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "comparisons": compared,
          "per_seed": per_seed,
          "curves": {run: [{k: {str(s): v for s, v in c.items()} for k, c in cs.items()} for cs in per_run]
                     for run, per_run in curves.items()}, "settings": settings}, indent=2) + "\n")

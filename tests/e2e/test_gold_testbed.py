@@ -54,6 +54,8 @@ def test_gold_testbed_short_run(tmp_path):
     assert result.stdout.startswith((report / "results.md").read_text())
     results = json.loads((report / "results.json").read_text())
     assert set(results["table"]) == {"frozen", "save"}
+    # Every evaluation of this launch recorded the revision the report names.
+    assert results["run_revisions"] == [{k: results["provenance"][k] for k in ("revision", "dirty")}]
     for run, stats in results["table"].items():
         for column in ("final_policy_gold", "rm_accuracy_initial_policy_pairs", "gold_last5", "keep_rate"):
             assert 0.0 <= stats[column]["mean"] <= 1.0, (run, column)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 
@@ -53,6 +54,9 @@ def test_report_from_run_directories(tmp_path):
     report = write_report(tmp_path, [0, 1], ["frozen", "save"], tmp_path / "report", {"note": "test"},
                           [("save", "frozen")], margin=0.02)
     results = json.loads((report / "results.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert results["provenance"]["revision"] == head and isinstance(results["provenance"]["dirty"], bool)
+    assert results["run_revisions"] == [{"revision": "not recorded", "dirty": True}]  # hand-made runs carry none
     compared = results["comparisons"]["save - frozen"]
     assert compared["final_policy_gold"]["mean"] == pytest.approx(0.15)  # two seeds: t(1 df) = 12.7, undecided
     assert compared["final_policy_gold"]["verdict"] == "undecided"
