@@ -19,9 +19,15 @@ Compared (the Megatron model is built once, transformers runs once, in fp32):
     tokens (Megatron's through the vocab-parallel cross entropy).
   reward model: the rewards (and the values, read at half of each sequence, when the checkpoint has a value
     head): max abs and relative difference as above. There is no top-1 for a reward model; the pairwise
-    ranking agreement of the rewards across the batch is printed, not gated.
+    ranking agreement of the rewards across the batch is printed, not gated. Each reward is read where
+    transformers' *ForSequenceClassification reads it: at the sequence's last token that is not the config's
+    pad token (with pad = EOS, before a trailing EOS; the chat sample's conversations end in EOS).
+  both: the rotary inverse frequencies of the Megatron model against transformers' (relative, per frequency):
+    a short input barely turns RoPE's low frequencies, so a wrong Llama-3 scaling factor would hide in the
+    logits; the frequencies show it at once (gated at 2e-6, see megatron_save.checkpoint.parity.ROPE_RTOL).
 
-Passes when every relative difference is <= --rtol and top-1 >= --min-top1 (causal LMs). Defaults follow the
+Passes when every relative difference is <= --rtol, top-1 >= --min-top1 (causal LMs) and the rotary
+frequencies agree. Defaults follow the
 checkpoint's dtype: rtol 1e-4 and top-1 98% for fp32, rtol 2e-2 and top-1 90% for bf16. Rank 0 logs one line
 with the thresholds and OK or MISMATCH; the exit status is 1 on MISMATCH.
 """

@@ -52,7 +52,7 @@ from megatron_save.distributed import init_distributed
 from megatron_save.models.builder import ModelKind, build_model
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.models.families import DecoderFamily, family_for, is_reward_model
-from megatron_save.models.spec import SpecBackend
+from megatron_save.models.spec import SpecBackend, local_parameter_name
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -101,7 +101,8 @@ def convert_hf_to_megatron(
     reward model without one a zero-initialised value head (to be fitted by stage 2). ``as_reward_model`` makes
     a reward model of a causal LM: its backbone, a fresh reward head drawn from N(0, ``reward_head_std``) with
     ``seed`` (default std: the config's ``initializer_range``, as ``*ForSequenceClassification`` initialises it)
-    and a zero value head; the checkpoint's config then describes the ``*ForSequenceClassification`` model.
+    and a zero value head; the checkpoint's config then describes the ``*ForSequenceClassification`` model, its
+    pad token chosen by ``reward_model_config`` (the reward is read at the last token that is not the pad token).
 
     Collective under torchrun: ``parallel`` is the layout the ranks convert at (default TP = PP = EP = 1).
     """
@@ -116,7 +117,8 @@ def convert_hf_to_megatron(
     if add_value_head and (has_value_head or not reward_model):
         raise ValueError(f"{hf_dir}: add_value_head needs a reward model without {VALUE_HEAD_FILE}"
                          f"{'; use as_reward_model for a causal LM' if not reward_model else ''}")
-    target_config = reward_model_config(family, hf_config) if as_reward_model else hf_config
+    target_config = (reward_model_config(family, hf_config, _tokenizer_pad_id(hf_dir)) if as_reward_model
+                     else hf_config)
     kind = ModelKind.REWARD_MODEL if reward_model or as_reward_model else ModelKind.CAUSAL_LM
     value_head = has_value_head or add_value_head or as_reward_model
     meta = CheckpointMeta(family.name, kind.value, dtype or _default_dtype(hf_config), value_head)
@@ -143,6 +145,8 @@ def convert_hf_to_megatron(
         logger.info("wrote %s %s checkpoint (%s%s) to %s%s", family.name, kind.value, meta.dtype,
                     ", value head" if value_head else "", out_dir,
                     f", a fresh reward head on {hf_dir}'s backbone" if as_reward_model else "")
+        if kind is ModelKind.REWARD_MODEL:
+            logger.info("as transformers' %s does, %s", family.reward_model_architecture, _pad_rule(target_config))
     return meta
 
 
@@ -160,16 +164,44 @@ def _init_reward_head(model: Any, std: float, seed: int) -> None:
         head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(seed)) * std)
 
 
-def reward_model_config(family: DecoderFamily, causal_lm_config: Any) -> Any:
-    """The config of the single-label ``*ForSequenceClassification`` model on a causal LM's backbone; its pad
-    token (where the reward is read after the last real token) defaults to the end-of-sequence token."""
+def reward_model_config(family: DecoderFamily, causal_lm_config: Any, tokenizer_pad_id: int | None = None) -> Any:
+    """The config of the single-label ``*ForSequenceClassification`` model on a causal LM's backbone.
+
+    Its pad token decides where the reward is read, by transformers and by our Megatron model alike: at a
+    sequence's last token that is not the pad token. It is the causal LM's own ``pad_token_id`` when set, else the
+    tokenizer's pad token (``tokenizer_pad_id``), else the end-of-sequence token (the first, when several); with
+    pad = EOS a sequence that ends in EOS is read at the token before its trailing EOS.
+    """
     config = copy.deepcopy(causal_lm_config)
     config.architectures = [family.reward_model_architecture]
     config.num_labels = 1
     if getattr(config, "pad_token_id", None) is None:
         eos = config.eos_token_id
-        config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        config.pad_token_id = tokenizer_pad_id if tokenizer_pad_id is not None else (
+            eos[0] if isinstance(eos, (list, tuple)) else eos)
     return config
+
+
+def _tokenizer_pad_id(hf_dir: Path) -> int | None:
+    """The pad token id of the tokenizer in ``hf_dir``; None when it has none or there is no tokenizer."""
+    from transformers import AutoTokenizer
+
+    if not any((hf_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None  # AutoTokenizer would make up a default tokenizer of the model type, pad token included
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir).pad_token_id
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _pad_rule(config: Any) -> str:
+    """Where a reward model reads its reward, in words, for the conversion log."""
+    eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+    if config.pad_token_id is None:
+        return "rewards are read at each sequence's last token"
+    same = " (the end-of-sequence token: a sequence ending in EOS is read before it)" if config.pad_token_id in eos \
+        else ""
+    return f"rewards are read at each sequence's last token that is not pad_token_id={config.pad_token_id}{same}"
 
 
 def _check_every_hf_tensor_used(reader: SafetensorsReader, mappings: list, hf_config: Any,
@@ -195,7 +227,7 @@ def _load_hf_weights(model: Any, reader: SafetensorsReader, mappings: list, hf_c
         by_name.setdefault("output_layer.weight", by_name["embedding.word_embeddings.weight"])
     fresh = {"output_layer.value_head.weight", *((_REWARD_HEAD,) if fresh_heads else ())} - set(by_name)
     offset, local_experts = get_transformer_layer_offset(model.config), local_expert_count(model)
-    params = [(rank_global_name(name, offset, local_experts), name, param)
+    params = [(local_parameter_name(rank_global_name(name, offset, local_experts)), name, param)
               for name, param in model.named_parameters()]
     unmapped = sorted(g for g, _, _ in params if g not in by_name and g not in fresh)
     if unmapped:
@@ -305,11 +337,13 @@ def _streamed_parts(ckpt_dir: str | Path, meta: CheckpointMeta, hf_config: Any) 
 
 
 def _hf_tensors(tensors: Iterator[tuple[str, torch.Tensor]], mappings: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """Megatron (name, tensor) -> the HF (name, tensor) pairs the family's mapping splits it into."""
+    """Megatron (name, tensor) of either layer spec -> the HF (name, tensor) pairs the family's mapping splits it
+    into."""
     for name, tensor in tensors:
-        if name not in mappings:
+        mapping = mappings.get(local_parameter_name(name))
+        if mapping is None:
             raise ConversionError(f"Megatron parameter {name} has no HF counterpart in the mapping")
-        yield from zip(mappings[name].hf, mappings[name].split(tensor))
+        yield from zip(mapping.hf, mapping.split(tensor))
 
 
 def _set_aside(tensors: Iterator[tuple[str, torch.Tensor]], name: str,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +30,25 @@ from megatron_save.models.policy import sequence_logprobs
 from megatron_save.utils.tensors import pad_rows
 
 
+def load_transformers_model(hf_dir: str | Path, reward_model: bool) -> Any:
+    """The HF causal LM or ``*ForSequenceClassification`` model of ``hf_dir`` in fp32, in eval mode."""
+    auto = transformers.AutoModelForSequenceClassification if reward_model else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def classifier_rewards(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] rewards of a ``*ForSequenceClassification`` model over right-padded rows [B, S], each as transformers
+    scores that sequence alone: the padding is filled with ``config.pad_token_id`` (the classifier reads each row
+    at its last token that is not the pad token, so any other filler would be read as a real token); a config
+    without a pad token is run one unpadded row at a time (transformers refuses a batch then)."""
+    pad = model.config.pad_token_id
+    with torch.no_grad():
+        if pad is None:
+            return torch.cat([model(input_ids=row[keep][None]).logits[:, 0] for row, keep in zip(input_ids, mask)])
+        filled = torch.where(mask, input_ids, pad)
+        return model(input_ids=filled, attention_mask=mask.long()).logits[:, 0]
+
+
 def transformers_output(
     hf_dir: str | Path,
     reward_model: bool,
@@ -37,17 +57,56 @@ def transformers_output(
     prompt_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference output of the HF model in fp32: [B, S, V] logits of a causal LM, [B] rewards of a reward
-    model, or [B, 2] (reward, value) given ``prompt_lengths`` and the ``VALUE_HEAD_FILE`` side file."""
-    auto = transformers.AutoModelForSequenceClassification if reward_model else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model (``classifier_rewards``), or [B, 2] (reward, value) given ``prompt_lengths`` and the
+    ``VALUE_HEAD_FILE`` side file."""
+    return reference_output(load_transformers_model(hf_dir, reward_model), hf_dir, reward_model, input_ids, mask,
+                            prompt_lengths)
+
+
+def reference_output(model: Any, hf_dir: str | Path, reward_model: bool, input_ids: torch.Tensor,
+                     mask: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """``transformers_output`` of an already loaded ``model`` (``hf_dir`` holds its value-head side file)."""
+    if not reward_model:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=mask.long()).logits
+    rewards = classifier_rewards(model, input_ids, mask)  # [B]
+    if prompt_lengths is None:
+        return rewards
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=mask.long()).logits
-        if not reward_model or prompt_lengths is None:
-            return logits if not reward_model else logits[:, 0]
         hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # [B, S, H]
     value_weight = load_file(Path(hf_dir) / VALUE_HEAD_FILE)[VALUE_HEAD_TENSOR]  # [1, H]
     prompt_hidden = hidden[torch.arange(input_ids.shape[0]), prompt_lengths - 1]  # [B, H]
-    return torch.stack([logits[:, 0], (prompt_hidden @ value_weight.T)[:, 0]], dim=1)
+    return torch.stack([rewards, (prompt_hidden @ value_weight.T)[:, 0]], dim=1)
+
+
+# --- RoPE: the rotary inverse frequencies of both sides ---------------------------------------------------------
+
+ROPE_RTOL = 2e-6
+"""Tolerance of ``rope_relative_difference``. Both sides compute theta ** (-2i / d) and the Llama-3 scaling with
+the same fp32 operations: on CPU they agree bit for bit (measured: 0 for every family and rope type). On a GPU,
+Megatron computes them there, where powf and division may be a few ulp off (an fp32 ulp is at most 1.2e-7
+relative; not measured yet): 2e-6 leaves room for about 16 ulp. A Llama-3 factor of 8 for 32 gives 3 (the low
+frequencies move by a factor of 4)."""
+
+
+def megatron_inverse_frequencies(model: Any) -> torch.Tensor:
+    """[d / 2] fp32 rotary inverse frequencies of a Megatron GPTModel (every pipeline stage holds them)."""
+    return model.rotary_pos_emb.inv_freq.detach().float().cpu()
+
+
+def transformers_inverse_frequencies(model: Any) -> torch.Tensor:
+    """[d / 2] fp32 rotary inverse frequencies of a transformers decoder (LM or classifier) of our families."""
+    return model.base_model.rotary_emb.inv_freq.detach().float().cpu()
+
+
+def rope_relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max over frequencies of |ours - reference| / |reference|: per entry, since the low frequencies that RoPE
+    scaling changes are 1e-6 of the highest (a ratio to the largest would not see them). inf on a shape
+    mismatch, NaN anywhere gives NaN."""
+    if ours.shape != reference.shape:
+        return math.inf
+    ratio = (ours.double() - reference.double()).abs() / reference.double().abs()
+    return ratio.max().item() if not ratio.isnan().any() else math.nan
 
 
 def max_abs_diff_vs_transformers(
@@ -251,6 +310,9 @@ class ParityReport:
     """Reward model with a value head: max |V difference| (V read at prompt_lengths - 1); else None."""
     value_max_rel_diff: float | None = None
     """Reward model with a value head: value_max_abs_diff / max |V of transformers|; else None."""
+    rope_max_rel_diff: float | None = None
+    """max relative difference of the rotary inverse frequencies (``rope_relative_difference``), gated at
+    ``ROPE_RTOL`` whatever the dtype; None when not compared."""
 
 
 def causal_lm_report(
@@ -300,6 +362,8 @@ def parity_failures(report: ParityReport, rtol: float, min_top1: float) -> list[
         failures.append(f"value rel {report.value_max_rel_diff:.1e} > rtol {_number(rtol)}")
     if report.top1_agreement is not None and not report.top1_agreement >= min_top1:
         failures.append(f"top-1 {report.top1_agreement:.1%} < min {min_top1:.1%}")
+    if report.rope_max_rel_diff is not None and not report.rope_max_rel_diff <= ROPE_RTOL:
+        failures.append(f"rope inverse frequencies rel {report.rope_max_rel_diff:.1e} > {_number(ROPE_RTOL)}")
     return failures
 
 
@@ -317,6 +381,8 @@ def verdict_line(report: ParityReport, rtol: float, min_top1: float) -> str:
             parts += [f"max |value difference| {report.value_max_abs_diff:.1e}",
                       f"value rel {report.value_max_rel_diff:.1e} (rtol {_number(rtol)})"]
         parts.append(f"ranking agreement {report.ranking_agreement:.1%} (no top-1 for a reward model; not gated)")
+    if report.rope_max_rel_diff is not None:
+        parts.append(f"rope inverse frequencies rel {report.rope_max_rel_diff:.1e} (max {_number(ROPE_RTOL)})")
     failures = parity_failures(report, rtol, min_top1)
     return ", ".join(parts) + (f": MISMATCH ({'; '.join(failures)})" if failures else ": OK")
 
@@ -342,7 +408,8 @@ def parity_report(
     spec_backend: str = "auto",
 ) -> ParityReport:
     """Collective: the checkpoint's model, built once under the current parallel state, against ONE transformers
-    forward (fp32) over ``batch``; every rank returns the same report.
+    forward (fp32) over ``batch``, and its rotary inverse frequencies against transformers'; every rank returns
+    the same report.
 
     A causal LM runs twice over the batch (full logits, then log-probs through the vocab-parallel cross entropy,
     as the policy reads them); a reward model once (R, and V when the checkpoint has a value head). The
@@ -352,6 +419,7 @@ def parity_report(
     reporter = _reporting_rank()
     mine = dist.get_rank() == reporter
     input_ids, mask = batch.input_ids, batch.mask
+    ours_inv_freq = megatron_inverse_frequencies(model)
     report = None
     if meta.kind == ModelKind.REWARD_MODEL.value:
         prompt_lengths = batch.prompt_lengths if meta.value_head else None
@@ -359,7 +427,8 @@ def parity_report(
         del model
         if mine:
             ours = scores.rewards if scores.values is None else torch.stack([scores.rewards, scores.values], dim=1)
-            reference = transformers_output(hf_dir, True, input_ids, mask, prompt_lengths)  # [B] or [B, 2]
+            hf_model = load_transformers_model(hf_dir, True)
+            reference = reference_output(hf_model, hf_dir, True, input_ids, mask, prompt_lengths)  # [B] or [B, 2]
             report = reward_model_report(ours.float().cpu(), reference, mask)
     else:
         logits = pipeline_forward(model, input_ids, micro_batch_size)  # [B, S, V / TP] on the last stage
@@ -368,9 +437,14 @@ def parity_report(
         logp = sequence_logprobs(model, input_ids, micro_batch_size).logp.cpu()  # [B, S - 1] on every rank
         del model
         if mine:
-            reference = transformers_output(hf_dir, False, input_ids, mask)  # [B, S, V]
+            hf_model = load_transformers_model(hf_dir, False)
+            reference = reference_output(hf_model, hf_dir, False, input_ids, mask)  # [B, S, V]
             report = causal_lm_report(full, logp, reference, input_ids, mask)
         del full
+    if mine:
+        rope = rope_relative_difference(ours_inv_freq, transformers_inverse_frequencies(hf_model))
+        report = dataclasses.replace(report, rope_max_rel_diff=rope)
+        del hf_model
     shared = [report]
     dist.broadcast_object_list(shared, src=reporter)
     return shared[0]

@@ -55,9 +55,11 @@ def hf_sequence_scorer(model_dir: str | Path, batch_size: int, device: str | Non
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = pad_id_of(tokenizer)
-    # The classifier finds each sequence's last token by config.pad_token_id: it must be the id we pad with.
-    model.config.pad_token_id = pad_id
+    # The classifier reads each sequence at its last token that is not config.pad_token_id: pad with that id, and
+    # keep it (our Megatron model reads by the same rule); a config without one gets the tokenizer's to batch.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id_of(tokenizer)
+    pad_id = model.config.pad_token_id
 
     @torch.no_grad()
     def score(sequences: list[list[int]]) -> list[float]:

@@ -61,7 +61,9 @@ def build_model(
         raise ValueError("value_head=True is only meaningful for a reward model")
     with torch.device("meta") if on_meta_device else contextlib.nullcontext():
         if kind is ModelKind.REWARD_MODEL:
-            model = RewardGPTModel(**common, value_head=value_head)
+            # The reward is read where transformers' *ForSequenceClassification reads it: by the config's pad token.
+            model = RewardGPTModel(**common, value_head=value_head,
+                                   pad_token_id=getattr(hf_config, "pad_token_id", None))
         else:
             model = GPTModel(**common, share_embeddings_and_output_weights=args.tie_embeddings, parallel_output=True)
     if torch.cuda.is_available() and not on_meta_device:

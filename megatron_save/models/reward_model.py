@@ -74,13 +74,44 @@ class ScalarHeads(nn.Module):
         return torch.cat([reward, value], dim=-1), None
 
 
-class RewardGPTModel(GPTModel):
-    """GPTModel with ScalarHeads in place of the vocab projection; forward gives [B, S, 1 or 2] scores."""
+def reward_positions(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """[B, S] token ids -> [B, S] index q(p) at which the reward of the prefix ending at position p is read.
 
-    def __init__(self, *args, value_head: bool = False, **kwargs):
+    transformers' ``*ForSequenceClassification`` reads a sequence's reward at its last token that is not
+    ``config.pad_token_id`` (position 0 when every token is one): with pad = EOS, a sequence that ends in EOS
+    is read at the token before its trailing EOS run. q(p) is that position within tokens 0..p; without a pad
+    token, p itself.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # [B, S]
+    if pad_token_id is None:
+        return positions
+    return torch.where(input_ids != pad_token_id, positions, 0).cummax(dim=1).values
+
+
+def read_rewards_as_transformers(scores: torch.Tensor, input_ids: torch.Tensor,
+                                 pad_token_id: int | None) -> torch.Tensor:
+    """Per-token head outputs [B, S, heads] -> the same with the reward column at p replaced by the reward at
+    ``reward_positions``' q(p): reading column 0 at a sequence's last real token then gives transformers'
+    reward of that sequence, whatever the padding. The value column is left as it is."""
+    if pad_token_id is None:
+        return scores
+    index = reward_positions(input_ids.to(scores.device), pad_token_id)[..., None]  # [B, S, 1]
+    return torch.cat([scores[..., :1].gather(1, index), scores[..., 1:]], dim=-1)
+
+
+class RewardGPTModel(GPTModel):
+    """GPTModel with ScalarHeads in place of the vocab projection; forward gives [B, S, 1 or 2] scores.
+
+    Column 0 at position p is the reward of the prefix ending at p as transformers reads it (at the prefix's last
+    token that is not ``pad_token_id``, ``read_rewards_as_transformers``), so every reader that takes it at a
+    sequence's last real token (scoring, stages 1-3, parity) gets what the exported classifier gives.
+    """
+
+    def __init__(self, *args, value_head: bool = False, pad_token_id: int | None = None, **kwargs):
         kwargs["share_embeddings_and_output_weights"] = False
         super().__init__(*args, **kwargs)
         self.has_value_head = value_head
+        self.pad_token_id = pad_token_id
         if self.post_process:
             # With stages before this one, the schedule waits for its input's gradient even after a value loss;
             # with sequence parallelism the tensor-parallel ranks would check different tokens, and one could skip
@@ -91,6 +122,17 @@ class RewardGPTModel(GPTModel):
                                             whole_model=(self.pre_process and not self.config.sequence_parallel
                                                          and not self.config.num_moe_experts),
                                             sequence_parallel=self.config.sequence_parallel)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                *args, **kwargs) -> torch.Tensor:
+        """GPTModel's forward; on the last stage the reward column is re-read by the tokens, which every pipeline
+        stage is given (input_ids [B, S] -> scores [B, S, heads])."""
+        output = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        if not self.post_process or self.pad_token_id is None:
+            return output
+        if input_ids is None:
+            raise ValueError("the reward model reads each reward by its tokens: pass input_ids to the last stage")
+        return read_rewards_as_transformers(output, input_ids, self.pad_token_id)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # LanguageModule.sharded_state_dict expects a vocab ``output_layer.weight``; the scalar heads are plain
@@ -104,7 +146,7 @@ class SequenceScores:
     """Scalar outputs of the reward model for N sequences."""
 
     rewards: torch.Tensor
-    """[N] fp32 R(x, y), read at each sequence's last real token."""
+    """[N] fp32 R(x, y), read where transformers reads it (``reward_positions``)."""
     values: torch.Tensor | None
     """[N] fp32 V(x), read at each sequence's last prompt token; None without a value head."""
 

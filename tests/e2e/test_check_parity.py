@@ -1,10 +1,12 @@
 """tools/check_parity.py as a user runs it under torchrun (2 processes, gloo): it passes correct conversions of a
 tiny LM (TP=2, the built-in chat sample) and of a tiny reward model with a value head (PP=2, --text FILE), fails
 with exit 1 on a deliberately corrupted conversion, and refuses a layout the model's heads cannot split in one
-line; a tiny MoE reward model at EP=2; the refusal of --sequence-parallel on the local spec; plus parity_report in-process, as a world of one."""
+line; fails a conversion whose Llama-3 RoPE factor is wrong on the default input; a tiny MoE reward model at
+EP=2; the refusal of --sequence-parallel on the local spec; plus parity_report in-process, as a world of one."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,7 +58,8 @@ def test_lm_passes_at_tp2_on_the_chat_sample(tiny_models):
     assert result.returncode == 0, output_of(result)
     assert re.search(r"causal_lm fp32 at TP=2 PP=1, local spec, 6 sequences / \d+ tokens of the chat sample: "
                      r"max \|megatron - transformers\| \S+, rel \S+ \(rtol 1e-04\), top-1 100\.0% \(min 98\.0%\), "
-                     r"max \|dlogp\| \S+: OK", result.stderr), output_of(result)
+                     r"max \|dlogp\| \S+, rope inverse frequencies rel 0\.0e\+00 \(max 2e-06\): OK", result.stderr), \
+        output_of(result)
 
 
 def test_reward_model_with_value_head_passes_at_pp2_on_a_text_file(tiny_models, tmp_path):
@@ -69,13 +72,38 @@ def test_reward_model_with_value_head_passes_at_pp2_on_a_text_file(tiny_models, 
     assert re.search(rf"reward_model fp32 at TP=1 PP=2, local spec, 3 sequences / 72 tokens of {re.escape(str(text))}: "
                      r"max \|reward difference\| \S+, rel \S+ \(rtol 1e-04\), max \|value difference\| \S+, "
                      r"value rel \S+ \(rtol 1e-04\), ranking agreement 100\.0% \(no top-1 for a reward model; "
-                     r"not gated\): OK", result.stderr), output_of(result)
+                     r"not gated\), rope inverse frequencies rel 0\.0e\+00 \(max 2e-06\): OK", result.stderr), \
+        output_of(result)
 
 
 def test_a_corrupted_conversion_fails_with_exit_1(tiny_models, corrupted_ckpt):
     result = check_parity("--ckpt", corrupted_ckpt, "--hf-dir", tiny_models["llama-lm"]["hf"], "--tp", "2")
     assert result.returncode == 1, output_of(result)
     assert re.search(r"at TP=2 PP=1, .*: MISMATCH \(rel \S+ > rtol 1e-04", result.stderr), output_of(result)
+
+
+@pytest.fixture(scope="module")
+def wrong_factor_ckpt(tiny_models, tmp_path_factory) -> Path:
+    """The tiny Llama LM converted from a copy of its HF directory whose Llama-3 RoPE factor says 8, not 32."""
+    root = tmp_path_factory.mktemp("wrong_factor")
+    hf_copy = Path(shutil.copytree(tiny_models["llama-lm"]["hf"], root / "hf"))
+    config = json.loads((hf_copy / "config.json").read_text())
+    assert config["rope_parameters"]["factor"] == 32.0
+    config["rope_parameters"]["factor"] = 8.0
+    (hf_copy / "config.json").write_text(json.dumps(config))
+    convert_hf_to_megatron(hf_copy, root / "mg")
+    return root / "mg"
+
+
+def test_a_wrong_rope_factor_fails_on_the_default_input(tiny_models, wrong_factor_ckpt):
+    """On the short chat sample the logits alone pass (RoPE's low frequencies barely turn in ~100 tokens); the
+    rotary frequencies fail it."""
+    result = check_parity("--ckpt", wrong_factor_ckpt, "--hf-dir", tiny_models["llama-lm"]["hf"], "--tp", "2")
+    assert result.returncode == 1, output_of(result)
+    verdict = re.search(r"of the chat sample: .* rel (\S+) \(rtol 1e-04\), .*: MISMATCH \(rope inverse frequencies "
+                        r"rel 3\.0e\+00 > 2e-06\)", result.stderr)
+    assert verdict, output_of(result)
+    assert float(verdict.group(1)) < 1e-4  # the logits alone would have passed
 
 
 def test_a_layout_the_heads_cannot_split_is_refused_in_one_line(tmp_path):
@@ -117,7 +145,7 @@ def test_parity_report_in_process(tiny_models, corrupted_ckpt, world_of_one):
     report = parity_report(tiny_models["llama-lm"]["mg"], tiny_models["llama-lm"]["hf"], batch)
     assert (report.kind, report.sequences, report.tokens) == ("causal_lm", 6, int(batch.mask.sum()))
     assert report.max_rel_diff < 1e-5 and report.top1_agreement == 1.0 and report.max_logprob_diff < 1e-5
-    assert parity_failures(report, 1e-4, 0.98) == []
+    assert parity_failures(report, 1e-4, 0.98) == [] and report.rope_max_rel_diff == 0.0
 
     corrupted = parity_report(corrupted_ckpt, tiny_models["llama-lm"]["hf"], batch)
     assert corrupted.max_rel_diff > 1e-3 and parity_failures(corrupted, 1e-4, 0.98), corrupted

@@ -18,7 +18,8 @@ def test_tiny_parity_example(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert re.search(r"causal_lm fp32 at TP=2 PP=1, local spec, \d+ sequences / \d+ tokens of the chat sample: .*"
-                     r"rel \S+ \(rtol 1e-04\), top-1 100\.0% \(min 98\.0%\), max \|dlogp\| \S+: OK",
+                     r"rel \S+ \(rtol 1e-04\), top-1 100\.0% \(min 98\.0%\), max \|dlogp\| \S+, "
+                     r"rope inverse frequencies rel \S+ \(max 2e-06\): OK",
                      result.stderr), result.stderr[-3000:]
 
     original = transformers.AutoModelForCausalLM.from_pretrained(work / "hf").eval()

@@ -30,7 +30,8 @@ def model(tmp_path_factory):
 
 def _scores(model, groups: int = 2, group_size: int = 4):
     """R [B, G] and V [B] for B groups of G responses that share a prompt (the first 5 tokens)."""
-    input_ids, _ = token_batch(batch=groups * group_size, seq=12, seed=1)
+    # Ids 3..99 at every position: a pad token (0) among the real tokens would move where the reward is read.
+    input_ids = torch.randint(3, 100, (groups * group_size, 12), generator=torch.Generator().manual_seed(1))
     input_ids[:, :5] = input_ids[:: group_size, :5].repeat_interleave(group_size, dim=0)
     lengths = torch.tensor([12 - i % group_size for i in range(groups * group_size)])  # responses of 4..7 tokens
     mask = torch.arange(12)[None, :] < lengths[:, None]
