@@ -69,6 +69,109 @@ PASSES = {"frozen_rm": {**SAVE_PASSES, "reward": (1, 0)}, "frozen_policy": {"rew
           "prime_verifier": {"reward": (1, 0), "prm": (3, 1), "policy": (1, 1), "reference": (2, 0)}}
 
 
+# The advantage estimator of each variant's policy update (GSPO keeps GRPO's advantages; the default is GRPO).
+ESTIMATORS = {"rloo": "rloo", "dr_grpo": "dr_grpo", "reinforce_pp": "reinforce_pp",
+              "reinforce_pp_baseline": "reinforce_pp_baseline", "prime": "prime", "prime_verifier": "prime",
+              "frozen_policy": None}
+
+
+def _whiten(values: list[float]) -> list[float]:
+    """(x - mean) / sqrt(unbiased variance + 1e-8) over every token of the batch (REINFORCE++, PRIME's code)."""
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return [(v - mean) / math.sqrt(variance + 1e-8) for v in values]
+
+
+def _group_advantage(estimator: str, rewards: list[float], i: int) -> float:
+    """One response's advantage among its group's kept rewards, each estimator as its paper defines it: GRPO
+    (Shao et al. 2024) (r_i - mean) / (std + eps) with the unbiased std and eps = 1e-6 (verl's); Dr. GRPO
+    (Liu et al. 2025) r_i - mean; RLOO (Ahmadian et al. 2024) r_i - the mean of the others; REINFORCE++ with a
+    group baseline (Hu 2025) r_i - mean, whitened over the batch later. A group of one has no baseline: 0."""
+    n = len(rewards)
+    if n < 2:
+        return 0.0
+    mean = sum(rewards) / n
+    if estimator == "grpo":
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+        return (rewards[i] - mean) / (std + 1e-6)
+    if estimator == "rloo":
+        return rewards[i] - (sum(rewards) - rewards[i]) / (n - 1)
+    return rewards[i] - mean  # dr_grpo, reinforce_pp_baseline
+
+
+def _prime_returns(update: dict, lengths: list[int], coef: float = 5.0) -> list[list[float] | None]:
+    """PRIME's released advantage (PRIME-RL/PRIME, training/verl/trainer/ppo/core_algos.py, compute_rloo_returns)
+    for one group before whitening, at gamma = 1 and its coefficients 5 / 5: each token reward r becomes
+    r K / (K - 1) - (sum of every response's mean token reward) / (K - 1), the outcome label o likewise on the last
+    token, o K / (K - 1) - sum o / (K - 1); the advantage is the return-to-go of their weighted sum."""
+    members = [g for g, kept in enumerate(update["kept"]) if kept]
+    k = len(members)
+    result: list[list[float] | None] = [None] * len(lengths)
+    for i in members:
+        result[i] = [0.0] * lengths[i]
+    if k < 2:
+        return result
+    token_rewards = update["process_rewards"]
+    mean_sum = sum(sum(token_rewards[g]) / lengths[g] for g in members)
+    label_sum = sum(update["outcome_labels"][g] for g in members)
+    for i in members:
+        shaped = [coef * (r * k / (k - 1) - mean_sum / (k - 1)) for r in token_rewards[i]]
+        shaped[-1] += coef * (update["outcome_labels"][i] * k / (k - 1) - label_sum / (k - 1))
+        result[i] = [sum(shaped[t:]) for t in range(lengths[i])]
+    return result
+
+
+def recomputed_advantages(estimator: str, rows: list[dict]) -> list[list[list[float] | None]]:
+    """[prompt][response] -> per-token advantages (None off the kept responses) of one step's rollout-log rows,
+    from the rewards, kept mask and lengths the policy update recorded, by an independent transcription of each
+    estimator."""
+    result = []
+    for row in rows:
+        update, lengths = row["policy_update"], row["response_lengths"]
+        if estimator == "prime":
+            result.append(_prime_returns(update, lengths))
+            continue
+        members = [g for g, kept in enumerate(update["kept"]) if kept]
+        rewards = [update["rewards"][g] for g in members]
+        advantages: list[list[float] | None] = [None] * len(lengths)
+        for position, g in enumerate(members):
+            if estimator == "reinforce_pp":
+                # The outcome reward on the last token, the return-to-go at gamma = 1 (no KL in the reward: the
+                # KL term is in the loss): r_i on every token, whitened over the batch below.
+                value = update["rewards"][g]
+            else:
+                value = _group_advantage(estimator, rewards, position)
+            advantages[g] = [value] * lengths[g]
+        result.append(advantages)
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline", "prime"):
+        # Whitened over every response token of the batch (PRIME: of the groups with two kept responses or more).
+        tokens = [(b, g) for b, row in enumerate(result) for g, values in enumerate(row) if values is not None
+                  and (estimator != "prime" or sum(rows[b]["policy_update"]["kept"]) >= 2)]
+        whitened = iter(_whiten([v for b, g in tokens for v in result[b][g]]))
+        for b, g in tokens:
+            result[b][g] = [next(whitened) for _ in result[b][g]]
+    return result
+
+
+def check_recorded_advantages(rollouts: list[dict], estimator: str | None) -> None:
+    """Each step's advantages, recomputed from the rollout log's record of the policy update (rewards, kept,
+    lengths; PRIME: labels and token rewards), equal the ones the update was handed."""
+    for step in sorted({row["step"] for row in rollouts}):
+        rows = [row for row in rollouts if row["step"] == step]
+        if estimator is None:
+            assert all(row["policy_update"] is None for row in rows)
+            continue
+        expected = recomputed_advantages(estimator, rows)
+        for b, row in enumerate(rows):
+            recorded = row["policy_update"]["advantages"]
+            for g, values in enumerate(recorded):
+                assert (values is None) == (not row["policy_update"]["kept"][g]), (step, b, g)
+                if values is not None:
+                    assert len(values) == row["response_lengths"][g]
+                    assert values == pytest.approx(expected[b][g], rel=1e-5, abs=1e-5), (step, b, g)
+        assert any(any(v != 0 for v in values or ()) for row in rows for values in row["policy_update"]["advantages"])
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_path, world_of_one):
     overrides = VARIANTS[variant]
@@ -113,6 +216,14 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
             assert record["prm/loss"] > 0 and 0 <= record["prm/accuracy"] <= 1 and record["prm/update_skipped"] == 0
             kept = sum(sum(row["kept"]) for row in rollouts if row["step"] == record["step"])
             assert record["prm/trained_responses"] == kept > 0
+    check_recorded_advantages(rollouts, ESTIMATORS.get(variant, "grpo"))
+    if variant in ("frozen_rm", "lagged"):  # no re-score: the policy learned from the first scoring
+        assert all(row["policy_update"]["rewards"] == row["rewards"] for row in rollouts)
+    for record in records:  # an RM step on its reward loss changes R: the policy learned from the re-score
+        learned = record.get("rm/reward_loss", 0) > 0 or record.get("rm/bt_loss", 0) > 0
+        if learned and trains_policy and variant != "lagged":
+            rows = [row for row in rollouts if row["step"] == record["step"]]
+            assert any(row["policy_update"]["rewards"] != row["rewards"] for row in rows), record["step"]
     if variant in ("hl_bt", "mean_reward"):
         assert any(r["rm/reward_loss"] > 0 for r in records)
     if variant == "temperature":

@@ -55,17 +55,38 @@ def test_accuracy_filter_by_hand():
 
 
 def test_advantages_by_hand():
-    # One prompt, two responses: y1 has process rewards [1, 3], y2 [2]; labels 1 and 0.
+    # One prompt, two responses: y1 has process rewards [1, 3], y2 [2]; labels 1 and 0. K = 2, so each token
+    # reward becomes 2 r_t - (mean 2 + mean 2) / 1: y1 [-2, 2] -> returns [0, 2]; y2 [0] -> [0]. The labels' RLOO
+    # [1, -1] sits on each last token, and with gamma = 1 reaches every earlier one.
     process = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])
     token_mask = torch.tensor([[[True, True], [True, False]]])
     kept = torch.tensor([[True, True]])
     advantages = prime_advantages(process, token_mask, torch.tensor([[1.0, 0.0]]), kept, 1.0, 1.0, whiten=False)
-    # Means 2 and 2: each baseline is 2; shaped y1 [-1, 1] -> returns [0, 1]; y2 [0] -> [0]. RLOO of labels [1, -1].
-    assert advantages.tolist() == [[[1.0, 2.0], [-1.0, 0.0]]]
+    assert advantages.tolist() == [[[1.0, 3.0], [-1.0, 0.0]]]
+    # The paper's eq. 5 as printed (baseline: the other responses' mean, 2) would give y1 [1, 2]: refused above.
 
 
-def transcribed_advantages(process, token_mask, outcome, kept, process_coef, outcome_coef, gamma):
-    """PRIME's eq. 5 written out with Python loops over prompts, responses and tokens."""
+def test_advantages_by_hand_three_responses_and_a_discount():
+    # K = 3 process rewards y1 [3, 0], y2 [1], y3 [2, 2, 2]: means 1.5, 1, 2, total 4.5.
+    # r_t * 3/2 - 4.5/2: y1 [2.25, -2.25], y2 [-0.75], y3 [0.75, 0.75, 0.75]. Labels [1, 0, 0]: RLOO [1, -0.5, -0.5]
+    # on the last tokens. process_coef 2, outcome_coef 4, gamma 0.5: token rewards y1 [4.5, -4.5 + 4] = [4.5, -0.5]
+    # -> returns [4.25, -0.5]; y2 [-1.5 - 2] -> [-3.5]; y3 [1.5, 1.5, 1.5 - 2] -> [1.5 + 0.5 * 1.25, 1.5 - 0.25, -0.5]
+    process = torch.tensor([[[3.0, 0.0, 9.0], [1.0, 9.0, 9.0], [2.0, 2.0, 2.0]]])
+    token_mask = torch.tensor([[[True, True, False], [True, False, False], [True, True, True]]])
+    kept = torch.tensor([[True, True, True]])
+    outcome = torch.tensor([[1.0, 0.0, 0.0]])
+    advantages = prime_advantages(process, token_mask, outcome, kept, 2.0, 4.0, gamma=0.5, whiten=False)
+    expected = [[[4.25, -0.5, 0.0], [-3.5, 0.0, 0.0], [2.125, 1.25, -0.5]]]
+    torch.testing.assert_close(advantages, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def released_prime_returns(process, token_mask, outcome, kept, process_coef, outcome_coef, gamma):
+    """A restatement, with Python loops, of PRIME's released advantage code: PRIME-RL/PRIME (commit 18ad596),
+    training/verl/trainer/ppo/core_algos.py, compute_rloo_returns (verl's recipe/prime/prime_core_algos.py,
+    compute_rloo_advantage_return.masked_rloo, has the same formula). For each reward source, within a group of K:
+    every reward position's value r becomes r * K / (K - 1) - (sum over the group of each response's mean reward
+    over its positions) / (K - 1); the process source's positions are the response tokens, the verifier's
+    ("gt_scores") the last token alone; each source is discounted by gamma from the end, the sources summed."""
     batch, group, steps = process.shape
     result = torch.zeros(batch, group, steps)
     for b in range(batch):
@@ -73,22 +94,31 @@ def transcribed_advantages(process, token_mask, outcome, kept, process_coef, out
         k = len(members)
         if k < 2:
             continue
-        mean_reward = {}
-        for g in members:
-            tokens = [float(process[b, g, t]) for t in range(steps) if token_mask[b, g, t]]
-            mean_reward[g] = sum(tokens) / len(tokens)
+        lengths = {g: int(token_mask[b, g].sum()) for g in members}
+        means = {g: sum(float(process[b, g, t]) for t in range(lengths[g])) / lengths[g] for g in members}
+        process_sum = sum(means.values())
+        outcome_sum = sum(float(outcome[b, g]) for g in members)
         for i in members:
-            baseline = sum(mean_reward[j] for j in members if j != i) / (k - 1)
-            outcome_term = float(outcome[b, i]) - sum(float(outcome[b, j]) for j in members if j != i) / (k - 1)
-            length = int(token_mask[b, i].sum())
-            for t in range(length):
-                ret = sum(gamma ** (s - t) * (float(process[b, i, s]) - baseline) for s in range(t, length))
-                result[b, i, t] = process_coef * ret + outcome_coef * outcome_term
+            rewards = [process_coef * (float(process[b, i, t]) * k / (k - 1) - process_sum / (k - 1))
+                       for t in range(lengths[i])]
+            rewards[-1] += outcome_coef * (float(outcome[b, i]) * k / (k - 1) - outcome_sum / (k - 1))
+            running = 0.0
+            for t in reversed(range(lengths[i])):
+                running = rewards[t] + gamma * running
+                result[b, i, t] = running
     return result
 
 
+def released_whiten(values, mask):
+    """The released verl_F.masked_whiten: (x - masked mean) * rsqrt(unbiased masked variance + 1e-8)."""
+    chosen = values[mask].double()
+    mean = chosen.mean()
+    variance = ((chosen - mean) ** 2).sum() / (len(chosen) - 1)
+    return ((values.double() - mean) / (variance + 1e-8).sqrt()).float().masked_fill(~mask, 0.0)
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
-def test_advantages_match_the_transcription(gamma):
+def test_advantages_match_the_released_code(gamma):
     generator = torch.Generator().manual_seed(3)
     batch, group, steps = 5, 4, 7
     process = torch.randn(batch, group, steps, generator=generator)
@@ -98,14 +128,31 @@ def test_advantages_match_the_transcription(gamma):
     kept = torch.rand(batch, group, generator=generator) > 0.25
     kept[0] = False
     kept[1] = torch.tensor([True, False, False, False])  # a single kept response: no baseline, advantage 0
-    expected = transcribed_advantages(process, token_mask, outcome, kept, 5.0, 2.0, gamma)
+    kept[2] = True
+    expected = released_prime_returns(process, token_mask, outcome, kept, 5.0, 2.0, gamma)
     actual = prime_advantages(process, token_mask, outcome, kept, 5.0, 2.0, gamma=gamma, whiten=False)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert not actual[:2].any()
 
     whitened = prime_advantages(process, token_mask, outcome, kept, 5.0, 2.0, gamma=gamma)
     mask = token_mask & kept[..., None] & (kept.sum(dim=1) >= 2)[:, None, None]
-    values = expected[mask]
-    torch.testing.assert_close(whitened[mask], (values - values.mean()) / values.var().add(1e-8).sqrt(),
-                               rtol=1e-5, atol=1e-5)
-    assert not whitened[~mask].any()
+    torch.testing.assert_close(whitened, released_whiten(expected, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_the_released_baseline_is_not_the_printed_one():
+    """The two readings differ by (r_t - mean_i) / (K - 1) on every process token: a test that compares against
+    the released formula must see it."""
+    process = torch.tensor([[[1.0, 3.0], [2.0, 0.0], [0.0, 0.0]]])
+    token_mask = torch.tensor([[[True, True], [True, False], [True, False]]])
+    kept = torch.tensor([[True, True, True]])
+    outcome = torch.zeros(1, 3)
+    released = prime_advantages(process, token_mask, outcome, kept, 1.0, 0.0, whiten=False)
+    printed = torch.zeros_like(released)  # r_t - mean of the other responses' means, then the return-to-go
+    means = [2.0, 2.0, 0.0]
+    for i, length in enumerate([2, 1, 1]):
+        baseline = sum(m for j, m in enumerate(means) if j != i) / 2
+        shaped = [float(process[0, i, t]) - baseline for t in range(length)]
+        for t in range(length):
+            printed[0, i, t] = sum(shaped[t:])
+    # y1: (r_t - 2) / 2 summed from t: [(-1 + 1) / 2, 1 / 2] = [0, 0.5]; y2, y3 have one token: r_t = mean_i.
+    assert (released - printed).tolist() == [[[0.0, 0.5], [0.0, 0.0], [0.0, 0.0]]]

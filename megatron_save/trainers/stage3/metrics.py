@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +119,56 @@ def rollout_metrics(groups: RolloutGroups) -> dict[str, float]:
     return metrics
 
 
+@dataclass
+class PolicyUpdateInputs:
+    """What a step's policy update learned from, for the rollout log (B prompts, G responses, T tokens)."""
+
+    rewards: torch.Tensor
+    """[B, G] the rewards its advantages came from: the re-score after the RM update (the first scoring with
+    lagged scores or a reward model that does not learn), NaN on invalid slots."""
+    kept: torch.Tensor
+    """[B, G] bool, the responses it trained on."""
+    advantages: list[torch.Tensor]
+    """Each kept response's per-token advantages as handed to the update, [len(response)] each, in the order of
+    ``kept.nonzero()``."""
+    outcome_labels: torch.Tensor | None = None
+    """PRIME: [B, G] the outcome labels."""
+    process_rewards: torch.Tensor | None = None
+    """PRIME: [B, G, T] the implicit PRM's token rewards."""
+
+
 def _finite_or_none(values: list[float]) -> list[float | None]:
     return [v if v == v else None for v in values]  # NaN (an invalid slot) -> null
 
 
+def _policy_update_row(update: PolicyUpdateInputs, b: int, response_lengths: list[int]) -> dict[str, Any]:
+    """Prompt ``b``'s part of ``update`` as JSON: null advantages (and PRIME token rewards) off the kept slots."""
+    advantages: list[list[float] | None] = [None] * len(response_lengths)
+    for (row, g), values in zip(update.kept.nonzero().tolist(), update.advantages):
+        if row == b:
+            advantages[g] = values.tolist()
+    entry = {"rewards": _finite_or_none(update.rewards[b].tolist()), "kept": update.kept[b].tolist(),
+             "advantages": advantages}
+    if update.outcome_labels is not None:
+        entry["outcome_labels"] = update.outcome_labels[b].tolist()
+    if update.process_rewards is not None:
+        entry["process_rewards"] = [update.process_rewards[b, g, :length].tolist() if update.kept[b, g] else None
+                                    for g, length in enumerate(response_lengths)]
+    return entry
+
+
 def append_rollout_log(path: str | Path, step: int, groups: RolloutGroups, scores: GroupScores,
-                       partition: FeedbackPartition, policy_tokenizer: Any) -> None:
+                       partition: FeedbackPartition, policy_tokenizer: Any,
+                       policy_update: PolicyUpdateInputs | None = None) -> None:
     """Rank 0 appends one JSON line per prompt of the step: the prompt's messages, its responses as the reward
-    model read them, R (null when invalid), V, and which responses the filter kept."""
+    model read them, R (null when invalid), V, which responses the filter kept (all before any RM update), the
+    responses' policy-token lengths, and what the policy update learned from (null without one)."""
     if torch.distributed.get_rank() != 0:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as log:
         for b, responses in enumerate(groups.policy_response_ids):
+            lengths = groups.response_lengths[b].tolist()
             log.write(json.dumps({
                 "step": step,
                 "prompt": groups.prompts[b],
@@ -139,4 +177,6 @@ def append_rollout_log(path: str | Path, step: int, groups: RolloutGroups, score
                 "value": None if scores.values is None else _finite_or_none([scores.values[b].item()])[0],
                 "valid": groups.valid[b].tolist(),
                 "kept": partition.kept[b].tolist(),
+                "response_lengths": lengths,
+                "policy_update": None if policy_update is None else _policy_update_row(policy_update, b, lengths),
             }) + "\n")

@@ -141,7 +141,9 @@ def with_process_rewards(scores: GroupScores, process_rewards: torch.Tensor) -> 
 
 def prime_token_advantages(scores: GroupScores, partition: FeedbackPartition, response_lengths: torch.Tensor,
                            settings: PrimeSettings) -> torch.Tensor:
-    """[B, G, T] PRIME's advantages of the kept responses' tokens (its eq. 5, weighted, whitened)."""
+    """[B, G, T] PRIME's advantages of the kept responses' tokens (eq. 5 in its released code's form: the
+    leave-one-out baseline r_t K / (K - 1) - sum_j mean_j / (K - 1), weighted, optionally whitened), K the group's
+    kept responses: with the accuracy filter, every valid response of a prompt inside its range."""
     process = scores.outcome.process_rewards  # [B, G, T]
     steps = torch.arange(process.shape[2])
     token_mask = steps < response_lengths[..., None]  # [B, G, T]

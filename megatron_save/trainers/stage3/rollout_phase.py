@@ -18,7 +18,7 @@ from megatron_save.trainers.stage3.groups import (
     prepare_groups,
     score_groups,
 )
-from megatron_save.trainers.stage3.metrics import append_rollout_log, passes
+from megatron_save.trainers.stage3.metrics import PolicyUpdateInputs, append_rollout_log, passes
 from megatron_save.trainers.stage3.prime import label_outcomes
 from megatron_save.trainers.stage3.r2m import score_with_r2m
 from megatron_save.trainers.stage3.run import Stage3Run
@@ -78,7 +78,9 @@ def scoring_passes(strategy: RMStrategy) -> dict[str, float]:
 
 
 def log_rollouts(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
-                 partition: FeedbackPartition) -> None:
-    """With ``rollout_log``: the step's rollouts, scores before any RM update, and filter decisions (rank 0)."""
+                 partition: FeedbackPartition, policy_update: PolicyUpdateInputs | None) -> None:
+    """With ``rollout_log``: the step's rollouts, scores before any RM update, filter decisions, and what the
+    policy update learned from (rank 0)."""
     if cfg.rollout_log:
-        append_rollout_log(Path(cfg.output_dir) / ROLLOUT_LOG, step, groups, scores, partition, run.policy_tokenizer)
+        append_rollout_log(Path(cfg.output_dir) / ROLLOUT_LOG, step, groups, scores, partition, run.policy_tokenizer,
+                           policy_update)
