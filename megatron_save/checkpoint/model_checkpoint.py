@@ -2,9 +2,13 @@
 
 Layout of ``CKPT_DIR``::
 
-    megatron_save.json   CheckpointMeta: family, kind, dtype, value head
+    megatron_save.json   CheckpointMeta: family, kind, dtype, value head, the megatron-core that wrote it
     hf/                  the Hugging Face config, tokenizer and generation files
     weights/             torch_dist checkpoint written by megatron.core.dist_checkpointing
+    manifest.json        size and SHA-256 of every file of the three above (utils/files.py)
+
+The directory may hold other things beside these (a trainer's metrics); the manifest covers the checkpoint's
+own entries, and a file in them that it does not list is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
+from megatron_save.checkpoint.megatron_version import installed_megatron_core, refuse_newer_megatron_core
 from megatron_save.models.builder import build_model
 from megatron_save.utils.files import MANIFEST_FILE, CorruptCheckpointError, verify_manifest, write_manifest
 from megatron_save.utils.logging import get_logger
@@ -32,6 +37,7 @@ _verified: set[tuple[str, int, str]] = set()  # checkpoints this process verifie
 META_FILE = "megatron_save.json"
 HF_SUBDIR = "hf"
 WEIGHTS_SUBDIR = "weights"
+CHECKPOINT_PARTS = (META_FILE, HF_SUBDIR, WEIGHTS_SUBDIR)
 FORMAT_VERSION = 1
 VALUE_HEAD_PREFIX = "output_layer.value_head."
 # Everything of an HF model directory except its weights: config, tokenizer, chat template, generation config.
@@ -53,6 +59,8 @@ class CheckpointMeta:
     """Reward model carries a value head beside the reward head."""
     format_version: int = FORMAT_VERSION
     """Layout version of this directory."""
+    megatron_core: str | None = None
+    """Version of the megatron-core that wrote the weights (None: written before it was recorded)."""
 
 
 def copy_hf_side_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
@@ -89,8 +97,9 @@ def save_model_checkpoint(model: Any, ckpt_dir: str | Path, meta: CheckpointMeta
     dist_checkpointing.save(model.sharded_state_dict(), str(weights_dir))
     dist.barrier()
     if dist.get_rank() == 0:
-        (ckpt_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        write_manifest(ckpt_dir)
+        written = replace(meta, megatron_core=installed_megatron_core())
+        (ckpt_dir / META_FILE).write_text(json.dumps(asdict(written), indent=2) + "\n")
+        write_manifest(ckpt_dir, CHECKPOINT_PARTS)
     dist.barrier()
 
 
@@ -106,6 +115,7 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, Any]:
         raise ValueError(f"{meta_path}: not a valid checkpoint description ({error})") from None
     if meta.format_version != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {meta.format_version}, this package reads {FORMAT_VERSION}")
+    refuse_newer_megatron_core(ckpt_dir, meta.megatron_core)
     hf_config = ckpt_dir / HF_SUBDIR / "config.json"
     if not hf_config.is_file():
         raise FileNotFoundError(f"{hf_config}: missing; the checkpoint's transformers config is needed to build "
@@ -147,7 +157,7 @@ def verify_collectively(root: str | Path, mode: str | None = None) -> None:
     error = [None]
     if dist.get_rank() == 0:
         try:
-            if not verify_manifest(Path(root), hashes=mode == "hash"):
+            if not verify_manifest(Path(root), hashes=mode == "hash", parts=CHECKPOINT_PARTS):
                 logger.warning("%s has no %s (written by an older megatron-save): loaded unverified", root,
                                MANIFEST_FILE)
         except CorruptCheckpointError as caught:

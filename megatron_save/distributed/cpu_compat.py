@@ -6,7 +6,9 @@ machine (tensor-parallel layers, pipeline schedules and p2p, DDP buffers, the op
 tests and CI. It is the only place in the package that patches third-party behaviour, and it does nothing when
 CUDA is available.
 
-Each redirection names the Megatron-Core 0.16.1 call sites it serves:
+Each redirection names the Megatron-Core 0.16.1 call sites it serves (0.19.2 has the same ones, at other line
+numbers). A Megatron-Core attribute it replaces must exist: a release that renamed one fails here, naming it, instead
+of running with the redirection silently missing.
 
 * ``device=`` arguments that name CUDA (``"cuda"``, ``torch.device("cuda")`` or a device index) are rewritten
   to ``"cpu"`` by a global :class:`torch.overrides.TorchFunctionMode`. Serves the literal ``device="cuda"`` in
@@ -39,9 +41,10 @@ Each redirection names the Megatron-Core 0.16.1 call sites it serves:
 * The inference pipeline broadcasts assert their tensors are on CUDA (inference/communication_utils.py:28-31,
   called at :74 and :156): the check keeps its "not None" half.
 * Without Transformer Engine, megatron-core 0.16.1's MoE router reads the name ``te_general_gemm`` that only
-  its TE import defines (transformer/moe/moe_utils.py:1192,1225: a NameError); it is defined as None, which
-  selects the plain ``torch.mm`` path written beside it. (On a GPU, MoE models need Transformer Engine for the
-  same reason: ``megatron_save.models.gpt_config`` says so.)
+  its TE import defines (transformer/moe/moe_utils.py:1192,1225: a NameError); where the module lacks the name
+  (0.17+ defines it as None itself) it is defined as None, which selects the plain ``torch.mm`` path written
+  beside it. (On a GPU, MoE models need Transformer Engine for the same reason: ``megatron_save.models.gpt_config``
+  says so.)
 * The CUDA RNG state is the CPU default generator, so ``model_parallel_cuda_manual_seed`` and the RNG
   tracker's ``fork()`` work: tensor_parallel/random.py:41-110 (``_get/_set_cuda_rng_state``), 235-277, 422.
 """
@@ -171,6 +174,14 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _replace(module: Any, name: str, value: Any) -> None:
+    """Sets ``module.name``, which must exist (see the module docstring)."""
+    if not hasattr(module, name):
+        raise RuntimeError(f"cpu_compat: {module.__name__}.{name} does not exist in this megatron-core; the CPU "
+                           "redirection that replaces it needs adapting to this release")
+    setattr(module, name, value)
+
+
 def is_active() -> bool:
     """True when the redirections are in place in this process."""
     return _installed
@@ -217,7 +228,7 @@ def install() -> bool:
     from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as tp_random
 
-    communication_utils._is_cuda = _is_present
+    _replace(communication_utils, "_is_cuda", _is_present)
 
     from megatron.core.transformer.moe import moe_utils
 
@@ -225,10 +236,10 @@ def install() -> bool:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
+    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", _host_tensor)
 
-    tp_random._get_cuda_rng_state = _cpu_rng_state
-    tp_random._set_cuda_rng_state = _set_cpu_rng_state
+    _replace(tp_random, "_get_cuda_rng_state", _cpu_rng_state)
+    _replace(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
     # The RNG tracker warns whenever the CPU generator moves inside fork(); on CPU that generator *is* the
     # forked CUDA state, so the warning is expected and only noise.
     logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)

@@ -3,7 +3,9 @@ by TP / PP like training, so no second copy of the weights exists and no weight 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any, Iterable
 
 import torch
@@ -40,6 +42,56 @@ def check_megatron_sampling(sampling: SamplingSettings) -> None:
                          f"rollout.sampling.stop_token_ids={sampling.stop_token_ids} is not supported")
 
 
+def _wrap_for_inference(policy: Any, context: Any, max_sequence_length: int, max_batch_size: int) -> Any:
+    """Megatron's GPT inference wrapper around ``policy``. megatron-core 0.16 takes an InferenceWrapperConfig
+    (hidden size, dtype, padded vocabulary, limits); 0.17 removed that class and reads all of it from the model
+    and the inference context: which one the installed version has is detected by importing the class."""
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+
+    try:
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+            InferenceWrapperConfig,
+        )
+    except ImportError:
+        return GPTInferenceWrapper(policy, context)
+    config = policy.config
+    wrapper_config = InferenceWrapperConfig(
+        hidden_size=config.hidden_size, params_dtype=config.params_dtype,
+        inference_batch_times_seqlen_threshold=-1, padded_vocab_size=policy.vocab_size,
+        inference_max_requests=max_batch_size, inference_max_seq_length=max_sequence_length)
+    return GPTInferenceWrapper(policy, wrapper_config, context)
+
+
+def _inference_mode() -> Any:
+    """megatron-core's process-wide inference flag (``InferenceMode``, 0.18+), or None where it has none.
+
+    While the flag is set, every GPT forward takes the inference path (and asserts when its caller does not gather
+    the tensor-parallel logits, as training and scoring forwards do not); 0.18's StaticInferenceEngine sets it when
+    built and never clears it."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return None
+    return InferenceMode
+
+
+@contextlib.contextmanager
+def inference_mode_only_inside() -> Iterator[None]:
+    """Sets megatron-core's inference flag (where it has one) for the block and restores its previous state after,
+    also when the block sets it itself (the engine's constructor does): generation is the only inference here."""
+    mode = _inference_mode()
+    if mode is None:
+        yield
+        return
+    was_active = mode.is_active()
+    mode.set_active()
+    try:
+        yield
+    finally:
+        if not was_active:
+            mode.unset_active()
+
+
 class MegatronRolloutEngine:
     """Collective engine: every rank of a model-parallel group calls ``generate`` with the same prompts.
 
@@ -54,25 +106,16 @@ class MegatronRolloutEngine:
     def __init__(self, policy: Any, tokenizer: Any, max_sequence_length: int, max_batch_size: int):
         from megatron.core.inference.contexts import StaticInferenceContext
         from megatron.core.inference.engines import StaticInferenceEngine
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-            InferenceWrapperConfig,
-        )
         from megatron.core.inference.text_generation_controllers.text_generation_controller import (
             TextGenerationController,
         )
 
-        config = policy.config
-        wrapper_config = InferenceWrapperConfig(
-            hidden_size=config.hidden_size, params_dtype=config.params_dtype,
-            inference_batch_times_seqlen_threshold=-1, padded_vocab_size=policy.vocab_size,
-            inference_max_requests=max_batch_size, inference_max_seq_length=max_sequence_length)
         context = StaticInferenceContext(max_batch_size, max_sequence_length)
         self.tokenizer = tokenizer
-        self.controller = TextGenerationController(GPTInferenceWrapper(policy, wrapper_config, context),
-                                                   _TokenizerAdapter(tokenizer))
-        with warnings.catch_warnings():  # the legacy static engine announces its deprecation on every build
-            warnings.simplefilter("ignore")
+        self.controller = TextGenerationController(
+            _wrap_for_inference(policy, context, max_sequence_length, max_batch_size), _TokenizerAdapter(tokenizer))
+        with warnings.catch_warnings(), inference_mode_only_inside():
+            warnings.simplefilter("ignore")  # the legacy static engine announces its deprecation on every build
             self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
         self.max_sequence_length = max_sequence_length
 
@@ -99,7 +142,7 @@ class MegatronRolloutEngine:
                     for i, p in enumerate(rows)]
         # The engine reseeds torch's global generator on every call: keep that inside a fork.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), inference_mode_only_inside():
             done = self.engine.generate(inference_requests=requests)
         responses, truncated = [], []
         for request in done:

@@ -15,15 +15,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_save.checkpoint.train_checkpoint import VALUE_HEAD_GROUP, VALUE_HEAD_GROUP_TAG
 from megatron_save.distributed.init import ParallelLayoutError
 from megatron_save.models.train_state import TrainState
 
 VALUE_HEAD_PARAMS = "*value_head*"
-# megatron-core 0.16.1 matches param groups on resume by (wd_mult, lr_mult, ...), not by max_lr: groups that
-# differ only in their learning rate collide and the distributed optimizer silently swaps them. A distinct
-# lr_mult keeps the value-head group apart. The 0.16 scheduler computes each group's LR from its own
-# max_lr / min_lr and does not multiply by lr_mult, so the tag changes no learning rate.
-VALUE_HEAD_GROUP_TAG = 2.0
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
@@ -99,7 +95,8 @@ def build_train_state(
     overrides[ParamKey(name=VALUE_HEAD_PARAMS)] = {
         "max_lr": settings.value_head_lr,
         "min_lr": settings.value_head_lr * settings.min_lr_ratio,
-        "lr_mult": VALUE_HEAD_GROUP_TAG,
+        VALUE_HEAD_GROUP: True,
+        **({"lr_mult": VALUE_HEAD_GROUP_TAG} if param_groups_collide_on_load() else {}),
     }
     optimizer = get_megatron_optimizer(optimizer_config, [ddp], config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
@@ -124,6 +121,23 @@ def build_train_state(
     return TrainState(model=ddp, optimizer=optimizer, scheduler=scheduler)
 
 
+def param_groups_collide_on_load() -> bool:
+    """Whether the installed megatron-core pairs a checkpoint's param groups with the optimizer's by keys that leave
+    the learning rate out (its ``param_group_identifier_keys``: 0.16 to 0.18 use wd_mult, lr_mult,
+    is_expert_parallel and is_decoupled_lr; 0.19 adds max_lr and min_lr). Where they do, groups that differ only in
+    their learning rate collide on resume (the distributed optimizer silently swaps them, the plain one raises), and
+    the value head's group gets a distinct lr_mult, VALUE_HEAD_GROUP_TAG."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    return not {"max_lr", "min_lr"} <= set(param_group_identifier_keys)
+
+
+def is_value_head_group(group: dict) -> bool:
+    """Whether an optimizer param group is the value head's: marked VALUE_HEAD_GROUP, or in a group restored from a
+    checkpoint of an older megatron-save, tagged with VALUE_HEAD_GROUP_TAG."""
+    return bool(group.get(VALUE_HEAD_GROUP)) or group.get("lr_mult") == VALUE_HEAD_GROUP_TAG
+
+
 def _check_group_learning_rates(scheduler: OptimizerParamScheduler) -> None:
     """Each group's LR must be the scheduler's value for that group: a Megatron release that applied
     ``lr_mult`` would silently scale the value head's learning rate by the tag."""
@@ -139,7 +153,7 @@ def _check_group_learning_rates(scheduler: OptimizerParamScheduler) -> None:
 def backbone_frozen(state: TrainState) -> Iterator[None]:
     """Optimizer steps taken inside leave everything but the value head unchanged (learning rate 0; the groups'
     scheduled rates come back on the scheduler's next step, which ``train_step`` takes)."""
-    groups = [g for g in state.optimizer.param_groups if g.get("lr_mult") != VALUE_HEAD_GROUP_TAG]
+    groups = [g for g in state.optimizer.param_groups if not is_value_head_group(g)]
     for group in groups:
         group["lr"] = 0.0
     yield
@@ -158,6 +172,6 @@ def group_learning_rates(state: TrainState) -> dict[str, float]:
     """Current LR of the value-head group and of the rest (for logging and tests)."""
     rates = {}
     for group in state.optimizer.param_groups:
-        name = "value_head" if group.get("lr_mult") == VALUE_HEAD_GROUP_TAG else "backbone"
+        name = "value_head" if is_value_head_group(group) else "backbone"
         rates.setdefault(name, group["lr"])
     return rates

@@ -133,26 +133,47 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(root: Path) -> None:
-    """``root/manifest.json``: the size and SHA-256 of every file under ``root`` (written last, atomically)."""
+MANIFEST_VERSION = 2
+"""Version 2 lists every file in its scope, hidden ones (torch_dist's ``.metadata``) included; version 1 (no
+``version`` field) left out names starting with a dot."""
+
+
+def _files_in_scope(root: Path, parts: tuple[str, ...] | None) -> list[Path]:
+    """Every file under ``root``, or under its entries ``parts`` (files or directories), except the manifest and
+    the temporary file its atomic write leaves if interrupted."""
+    tops = [root] if parts is None else [root / part for part in parts]
+    found = []
+    for top in tops:
+        candidates = [top] if top.is_file() else top.rglob("*")
+        found += [p for p in candidates if p.is_file() and p.relative_to(root).as_posix()
+                  not in (MANIFEST_FILE, f".{MANIFEST_FILE}.tmp")]
+    return sorted(found)
+
+
+def write_manifest(root: Path, parts: tuple[str, ...] | None = None) -> None:
+    """``root/manifest.json``: the size and SHA-256 of every file under ``root`` (or under its entries ``parts``,
+    when the directory also holds other things than the checkpoint), written last, atomically."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
-                   and not p.name.startswith("."))
-    entries = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    atomic_write_text(root / MANIFEST_FILE, json.dumps({"files": entries}, indent=1) + "\n")
+    entries = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in _files_in_scope(root, parts)}
+    manifest = {"version": MANIFEST_VERSION, "parts": list(parts) if parts is not None else None, "files": entries}
+    atomic_write_text(root / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
 
-def verify_manifest(root: Path, hashes: bool = True) -> bool:
-    """Checks the files under ``root`` against its manifest: every file present with its size, and (``hashes``)
-    its SHA-256; raises CorruptCheckpointError naming the first bad file. Returns False when there is no manifest
-    (a checkpoint written before manifests existed)."""
+def verify_manifest(root: Path, hashes: bool = True, parts: tuple[str, ...] | None = None) -> bool:
+    """Checks the files under ``root`` against its manifest: every listed file present with its size, and
+    (``hashes``) its SHA-256, and no file in the manifest's scope (``parts`` of ``root``, as the manifest records
+    them or else as given; everything when None) that it does not list: a file added after writing (a planted
+    pickle) is refused like a changed one. Raises CorruptCheckpointError naming the first bad file. Returns False
+    when there is no manifest (a checkpoint written before manifests existed)."""
     root = Path(root)
     manifest = root / MANIFEST_FILE
     if not manifest.exists():
         return False
     try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as error:
+        written = json.loads(manifest.read_text())
+        entries = written["files"]
+    except (ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpointError(f"{manifest}: unreadable manifest ({error})") from error
     for name, entry in entries.items():
         path = root / name
@@ -160,6 +181,14 @@ def verify_manifest(root: Path, hashes: bool = True) -> bool:
             raise CorruptCheckpointError(f"{path}: listed in {manifest} but missing")
         if path.stat().st_size != entry["bytes"]:
             raise CorruptCheckpointError(f"{path}: {path.stat().st_size} bytes, {manifest} says {entry['bytes']}")
+    lists_hidden = written.get("version", 1) >= 2
+    scope = tuple(written["parts"]) if written.get("parts") is not None else parts
+    for path in _files_in_scope(root, scope):
+        name = path.relative_to(root).as_posix()
+        hidden = any(part.startswith(".") for part in Path(name).parts)
+        if name not in entries and (lists_hidden or not hidden):
+            raise CorruptCheckpointError(f"{path}: not listed in {manifest} (a file added after the checkpoint was "
+                                         "written); remove it if you know where it came from")
     if hashes:
         for name, entry in entries.items():
             if _sha256(root / name) != entry["sha256"]:
