@@ -12,16 +12,27 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = REPO / "tests" / "distributed" / "workers"
+# First on the path of the processes the suite starts: its sitecustomize hides Transformer Engine and Apex.
+GLOO_ENV = REPO / "tests" / "gloo_env"
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
 # (TP, PP, EP, expert TP) of the MoE tests, on 4 processes.
 MOE_LAYOUTS = {"tp1": (1, 1, 1, 1), "ep2": (1, 1, 2, 1), "tp2ep2": (2, 1, 2, 1), "tp2etp2": (2, 1, 1, 2),
                "tp2ep2etp2": (2, 1, 2, 2), "pp2": (1, 2, 1, 1), "pp2ep2": (1, 2, 2, 1)}
 
 
+def cpu_process_env(*python_path: str) -> dict[str, str]:
+    """The environment of a child process that runs as on a CPU machine wherever the suite runs: CUDA, Transformer
+    Engine and Apex hidden (on a GPU machine the gloo tier would otherwise meet NCCL's one-GPU-per-rank rule and TE's
+    CUDA-only optimizer), one thread per process; ``python_path`` goes after the hiding packages."""
+    path = [str(GLOO_ENV), *python_path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": os.pathsep.join(path)}
+
+
 def _launch(nproc: int, target: list[str], timeout: int) -> None:
-    """torchrun on gloo from the repository root; fails with the launch's output on error."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(WORKERS.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    """torchrun on gloo from the repository root (``cpu_process_env``; tests/gpu checks the GPU paths); fails with
+    the launch's output on error."""
+    env = cpu_process_env(str(WORKERS.parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:

@@ -1,10 +1,16 @@
 """GPU acceptance: the first thing to run on a fresh GPU machine; writes its findings to docs/gpu/REPORT.md.
 
     bash examples/gpu/acceptance.sh [WORK_DIR] [REPORT]      (default outputs/gpu_acceptance, docs/gpu/REPORT.md)
-    python tools/gpu_acceptance.py --work DIR --report FILE [--budget-s 480] [--scales tiny 0.5b] [--quick]
+    python tools/gpu_acceptance.py --work DIR --report FILE [--tier-budget-s 480] [--budget-s 480]
+                                   [--scales tiny 0.5b] [--quick]
 
-Sections, each a child process with its own time limit inside the whole budget (8 minutes by default), so one
-failure or hang does not hide the rest: the environment (torch, CUDA, Transformer Engine, vLLM); tiny and
+First the GPU test tier, ``python -m pytest -m gpu tests`` (tests/gpu and every test marked ``gpu``: TE spec parity
+and a bf16 training step, weight sync from a TE-spec model, the fused SwiGLU and TE norms, CUDA RNG in run
+checkpoints, distributed-optimizer resume, offload moving real tensors, the SAVE step against GRPO) within its own
+budget (8 minutes by default, 0 leaves it out); its pass / fail / skip lines and the measurements its tests print
+go into the report. Then sections, each a child process with its own time limit inside the sections' budget (8
+minutes by default), so one failure or hang does not hide the rest: the environment (torch, CUDA, Transformer
+Engine, vLLM); tiny and
 Qwen2.5-0.5B-shaped random models converted to bf16; Megatron against transformers logits through the local spec
 and, when Transformer Engine is importable, through the TE spec (both against the same fp32 reference, so their
 figures side by side are the TE vs local parity); stage 1 and stage 2 in bf16 on the tiny RM; stage 3 through
@@ -12,8 +18,9 @@ tools/bench_stage3.py (GRPO against SAVE: per-phase time, passes and peak memory
 memory planner's per-GPU bound for the same run beside it; a stage-3 run with vLLM rollouts when vLLM is
 importable; the streamed export on 2 processes; a tiny Qwen3-MoE reward model against transformers, and with 2 GPUs
 sequence parallelism at TP=2 (dense and MoE parity, a MoE stage-1 run). A section that cannot run here is listed as
-skipped with the reason. Without CUDA it runs the same path on CPU processes (tiny scale only): that is what the
-tests start. The exit status is 1 when a section failed or timed out.
+skipped with the reason. Without CUDA it runs the same path on CPU processes (tiny scale only; the test tier then
+reports each GPU test skipped with its reason): that is what the tests start. The exit status is 1 when the tier or
+a section failed or timed out.
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# Output lines a section's report keeps (the rest stays in its log): parity verdicts, the bench's table and ratios.
+# Output lines a section's report keeps (the rest stays in its log): parity verdicts, the bench's table and ratios,
+# the test tier's outcomes and summary.
 KEPT_LINES = re.compile(r"(OK|MISMATCH)$|^(time|memory|passes)/|^metric |SAVE / GRPO|wrote|held-out accuracy|"
-                        r"after \d+ steps|Traceback|Error|^per GPU of|^\s+total\s")
+                        r"after \d+ steps|Traceback|Error|^per GPU of|^\s+total\s|"
+                        r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |^(=+ )?\d+ (passed|failed|skipped|errors?)\b")
+GPU_TIER = "GPU test tier (python -m pytest -m gpu tests)"
 
 
 @dataclass
@@ -77,6 +87,13 @@ def environment() -> dict[str, str]:
     return {"torch": torch.__version__, "CUDA": torch.version.cuda if cuda else "not available",
             "device": torch.cuda.get_device_name(0) if cuda else "CPU (gloo processes)",
             **{name: "importable" if ok else "not importable" for name, ok in found.items()}}
+
+
+def gpu_tier_section(budget_s: float) -> Section:
+    """The tests marked ``gpu``; -rfEsP lists every failure, error and skip (with its reason) and the printed
+    output of the passing tests (their measurements)."""
+    return Section(GPU_TIER, [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-q",
+                              "-rfEsP"], budget_s)
 
 
 def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
@@ -202,16 +219,27 @@ def run_section(section: Section, log: Path, seconds_left: float) -> Outcome:
     return Outcome(section.name, status, time.monotonic() - start, kept)
 
 
+def run_numbered(section: Section, index: int, total: int, work: Path, seconds_left: float) -> Outcome:
+    """run_section with its progress printed and its log under ``work``/logs, numbered in the order of the run."""
+    print(f"[{index}/{total}] {section.name}", flush=True)
+    log = work / "logs" / f"{index:02d}_{re.sub(r'[^a-z0-9]+', '_', section.name.lower()).strip('_')}.log"
+    outcome = run_section(section, log, seconds_left)
+    print(f"    {outcome.status} ({outcome.wall_s:.1f} s)", flush=True)
+    return outcome
+
+
 def git_revision() -> str:
     result = subprocess.run(["git", "log", "--oneline", "-1"], cwd=REPO, capture_output=True, text=True)
     return result.stdout.strip() or "unknown (not a git checkout)"
 
 
-def report_markdown(env: dict[str, str], outcomes: list[Outcome], budget_s: float, wall_s: float) -> str:
+def report_markdown(env: dict[str, str], outcomes: list[Outcome], budget_s: float, wall_s: float,
+                    tier_budget_s: float = 0.0) -> str:
+    tier = f"the test tier's {tier_budget_s:.0f} s and " if tier_budget_s > 0 else ""
     lines = ["# GPU acceptance report", "",
              f"Written by `examples/gpu/acceptance.sh` ({Path(__file__).name}) on "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at revision `{git_revision()}`, "
-             f"in {wall_s:.0f} s of a {budget_s:.0f} s budget.", "",
+             f"in {wall_s:.0f} s of {tier}a {budget_s:.0f} s budget for the sections.", "",
              *[f"- {name}: {value}" for name, value in env.items()], "",
              "| section | result | wall s |", "|---|---|---|",
              *[f"| {o.name} | {o.status} | {o.wall_s:.1f} |" for o in outcomes], ""]
@@ -226,6 +254,8 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/gpu_acceptance", help="scratch directory (emptied first)")
     parser.add_argument("--report", default="docs/gpu/REPORT.md", help="the markdown report to write")
     parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all sections")
+    parser.add_argument("--tier-budget-s", type=float, default=480,
+                        help="wall-clock limit of the GPU test tier, run first (0 leaves it out)")
     parser.add_argument("--scales", nargs="+", default=None,
                         help="model scales (default: tiny and 0.5b with CUDA, tiny without)")
     parser.add_argument("--quick", action="store_true", help="the bench with one measured step")
@@ -234,16 +264,20 @@ def main() -> None:
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
-    start, outcomes = time.monotonic(), []
+    begin, outcomes = time.monotonic(), []
+    tier = [gpu_tier_section(args.tier_budget_s)] if args.tier_budget_s > 0 else []
     todo = sections(work, scales, args.quick)
-    for index, section in enumerate(todo, 1):
-        print(f"[{index}/{len(todo)}] {section.name}", flush=True)
-        log = work / "logs" / f"{index:02d}_{re.sub(r'[^a-z0-9]+', '_', section.name.lower()).strip('_')}.log"
-        outcomes.append(run_section(section, log, args.budget_s - (time.monotonic() - start)))
-        print(f"    {outcomes[-1].status} ({outcomes[-1].wall_s:.1f} s)", flush=True)
+    total = len(tier) + len(todo)
+    for section in tier:
+        outcomes.append(run_numbered(section, len(outcomes) + 1, total, work, args.tier_budget_s))
+    start = time.monotonic()  # the sections' budget starts after the tier
+    for section in todo:
+        outcomes.append(run_numbered(section, len(outcomes) + 1, total, work,
+                                     args.budget_s - (time.monotonic() - start)))
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(report_markdown(environment(), outcomes, args.budget_s, time.monotonic() - start))
+    report.write_text(report_markdown(environment(), outcomes, args.budget_s, time.monotonic() - begin,
+                                      args.tier_budget_s if tier else 0.0))
     print(f"report: {report} (logs: {work / 'logs'})")
     failed = [o.name for o in outcomes if o.status.startswith(("FAILED", "timed out"))]
     if failed:

@@ -3,14 +3,14 @@ the report it writes, and the sections that say why they cannot run here."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, cpu_process_env
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# The CPU path, on a GPU machine too (there the GPU path is the acceptance run itself).
+ENV = cpu_process_env()
 
 
 def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
@@ -27,6 +27,11 @@ def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
                     "tiny: the planner's per-GPU bytes for that run",
                     "tiny: streamed export to HF on 2 processes"):
         assert rows.get(section) == "ok", (section, text)
+    # The GPU test tier runs first: collected, every test skipped with the reason.
+    assert rows["GPU test tier (python -m pytest -m gpu tests)"] == "ok", text
+    assert list(rows)[0] == "GPU test tier (python -m pytest -m gpu tests)"
+    assert re.search(r"^SKIPPED \[\d+\] tests/gpu/test_gpu_te_spec\.py.*: needs a CUDA GPU", text, flags=re.MULTILINE)
+    assert re.search(r"^(=+ )?\d+ skipped, \d+ deselected in ", text, flags=re.MULTILINE), text
     assert rows["tiny: parity vs transformers, te spec, policy"].startswith("skipped: Transformer Engine needs CUDA")
     assert rows["tiny: stage 3 with vLLM rollouts"].startswith("skipped: vLLM needs CUDA")
     for section in ("parity at TP=2, policy", "MoE RM parity at TP=2", "MoE stage 1 at TP=2"):

@@ -1,15 +1,21 @@
-"""The CPU compatibility layer redirects CUDA uses on CPU and does nothing when CUDA is present."""
+"""The CPU compatibility layer redirects CUDA uses on CPU and does nothing when CUDA is present (checked with CUDA
+faked here, and for real on a GPU machine, where the redirection tests skip)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron_save.distributed import cpu_compat
 
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU compatibility layer installs only without "
+                              "CUDA (test_is_a_no_op_with_real_cuda checks it here)")
 
+
+@cpu_only
 def test_redirects_cuda_uses_to_cpu():
     assert cpu_compat.install()
     assert torch.zeros(2, device="cuda").device.type == "cpu"
@@ -25,6 +31,7 @@ def test_redirects_cuda_uses_to_cpu():
     assert end.elapsed_time(start) <= 0.0 <= start.elapsed_time(end)
 
 
+@cpu_only
 def test_cuda_rng_is_the_cpu_generator():
     cpu_compat.install()
     torch.cuda.manual_seed(123)
@@ -43,3 +50,11 @@ def test_is_a_no_op_when_cuda_is_available():
         "assert torch.zeros(1, device='meta').device.type == 'meta'\n"
     )
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_is_a_no_op_with_real_cuda():
+    original = torch.cuda.current_device
+    assert cpu_compat.install() is False and not cpu_compat.is_active()
+    assert torch.cuda.current_device is original
+    assert torch.zeros(2, device="cuda").device.type == "cuda"

@@ -2,7 +2,9 @@
 named model is resident, and the optimizer offload selects the optimizer's own tensors, never the model's weights.
 
 Freeing gradient buffers releases their storage on any device, which is measured here. Moving optimizer tensors
-to host memory moves nothing on CPU (they are there already): what is tested is which tensors would move."""
+to host memory moves nothing on CPU (they are there already): what is tested is which tensors would move; on a GPU
+machine they move (tests/gpu/test_offload_gpu.py measures the device memory). The models use the local spec: its
+forward and backward are deterministic on a GPU too, so the trained weights compare exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ import pytest
 import torch
 
 from megatron_save.checkpoint import build_model_from_checkpoint
-from megatron_save.trainers.offload import IdleOffload, OffloadSettings, optimizer_own_tensors, optimizer_to_host
+from megatron_save.distributed.init import compute_device
+from megatron_save.trainers.offload import (
+    IdleOffload,
+    OffloadSettings,
+    optimizer_back,
+    optimizer_own_tensors,
+    optimizer_to_host,
+)
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 
 
@@ -18,9 +27,13 @@ def _grad_storage_sizes(state) -> list[int]:
     return [buffer.grad_data.untyped_storage().size() for buffer in state.model.buffers]
 
 
+def _model(checkpoint):
+    return build_model_from_checkpoint(checkpoint, spec_backend="local")[0]
+
+
 def _states(checkpoint):
-    policy = build_train_state(build_model_from_checkpoint(checkpoint)[0], OptimizerSettings(lr=1e-3), 4)
-    reward = build_train_state(build_model_from_checkpoint(checkpoint)[0], OptimizerSettings(lr=1e-3), 4)
+    policy = build_train_state(_model(checkpoint), OptimizerSettings(lr=1e-3), 4)
+    reward = build_train_state(_model(checkpoint), OptimizerSettings(lr=1e-3), 4)
     return {"policy": policy, "reward": reward}
 
 
@@ -59,11 +72,11 @@ def test_training_inside_resident_matches_training_without_offload(tiny_models, 
     for name, value in results[0].items():
         assert torch.equal(value, results[1][name]), name
     assert any(not torch.equal(value, before) for value, before in
-               zip(results[0].values(), build_model_from_checkpoint(tiny_models["llama-lm"]["mg"])[0].parameters()))
+               zip(results[0].values(), _model(tiny_models["llama-lm"]["mg"]).parameters()))
 
 
 def test_reference_moves_only_when_managed(tiny_models, world_of_one):
-    reference = build_model_from_checkpoint(tiny_models["llama-lm"]["mg"])[0]
+    reference = _model(tiny_models["llama-lm"]["mg"])
     moves = []
     reference.to = lambda device: moves.append(str(device))
     offload = IdleOffload(OffloadSettings(reference=True), {}, reference)
@@ -71,7 +84,7 @@ def test_reference_moves_only_when_managed(tiny_models, world_of_one):
     offload.offload_all()
     with offload.resident("reference"):
         pass
-    assert moves == ["cpu", "cpu", "cpu"]  # off, back (the CPU is this machine's device), off again
+    assert moves == ["cpu", str(compute_device()), "cpu"]  # off, back (on CPU machines the CPU), off again
     assert IdleOffload(OffloadSettings(), {}, reference).managed() == []
 
 
@@ -95,8 +108,13 @@ def test_optimizer_offload_leaves_fp32_weights_in_place(tiny_models, world_of_on
     keys = {key for values, key in slots}
     assert {"exp_avg", "exp_avg_sq"} <= keys
     assert len([1 for _, key in slots if key == "exp_avg"]) == len(list(state.module.parameters()))
-    moved = optimizer_to_host(state)  # all of it is on the host already
-    assert moved.params == [] and moved.slots == []
+    on_device = [(values, key) for values, key in slots if values[key].device.type != "cpu"]
+    assert len(on_device) >= (2 * len(list(state.module.parameters())) if torch.cuda.is_available() else 0)
+    moved = optimizer_to_host(state)  # on a CPU machine all of it is on the host already
+    assert moved.params == [] and len(moved.slots) == len(on_device)
+    assert all(values[key].device.type == "cpu" for values, key in slots)
+    optimizer_back(moved)
+    assert all(values[key].device == device for values, key, device in moved.slots)
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
@@ -105,7 +123,7 @@ def test_optimizer_offload_of_a_bf16_reward_model_selects_its_fp32_main_copies(d
     from megatron_save.checkpoint.convert import convert_hf_to_megatron
 
     convert_hf_to_megatron(tiny_models["llama-rmv"]["hf"], tmp_path / "bf16", dtype="bf16")
-    model = build_model_from_checkpoint(tmp_path / "bf16")[0]
+    model = _model(tmp_path / "bf16")
     state = build_train_state(model, OptimizerSettings(lr=1e-3, use_distributed_optimizer=distributed), 4)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     params, _ = optimizer_own_tensors(state)

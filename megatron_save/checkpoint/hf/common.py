@@ -1,8 +1,9 @@
 """The HF <-> Megatron weight mapping every Llama-like decoder family shares, driven by the family's facts
 (``megatron_save.models.families``: q/k/v biases, q/k norms, head width).
 
-A mapping works on full (TP=1, PP=1) tensors and Megatron-Core local-spec parameter names. The conversion
-tools use it through a world-of-one model, and dist_checkpointing reshards the result to any TP / PP.
+A mapping works on full (TP=1, PP=1) tensors and Megatron-Core local-spec parameter names; a Transformer Engine
+model's names reach it through ``megatron_save.models.spec.local_parameter_name``. The conversion tools use it
+through a world-of-one model, and dist_checkpointing reshards the result to any TP / PP.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class ParamMapping:
     """One Megatron parameter and the Hugging Face tensors it is made of."""
 
     megatron: str
-    """Parameter name in the Megatron model's state dict at TP=1, PP=1 (local spec)."""
+    """Parameter name in the Megatron model's state dict at TP=1, PP=1 (local spec; ``local_parameter_name``
+    gives a TE model's name in it)."""
     hf: tuple[str, ...]
     """Hugging Face tensor names, in the order ``merge`` takes them."""
     merge: Callable[[list[torch.Tensor]], torch.Tensor]

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_save.checkpoint.hf.common import param_mappings
 from megatron_save.models.families import DecoderFamily
 from megatron_save.models.reward_model import RewardGPTModel
+from megatron_save.models.spec import local_parameter_name
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _SWIGLU_FC1 = "linear_fc1.weight"  # a dense MLP's and each expert's
@@ -156,17 +157,19 @@ def full_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
 def gather_hf_state(model: Any, family: DecoderFamily, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Collective: (HF name, full tensor) of every HF weight (for update_weights of a rollout engine, or export).
 
-    A reward model's value head comes out as ``VALUE_HEAD_TENSOR``; a parameter the family's mapping does not know
-    raises, except the last stage's copy of tied embeddings.
+    The model may be of either layer spec (Transformer Engine's fused norm names are translated by
+    ``local_parameter_name``). A reward model's value head comes out as ``VALUE_HEAD_TENSOR``; a parameter the
+    family's mapping does not know raises, except the last stage's copy of tied embeddings.
     """
     inner = unwrap(model)
     reward_model = isinstance(inner, RewardGPTModel)
     mappings = {m.megatron: m for m in param_mappings(family, hf_config, reward_model,
                                                       reward_model and inner.has_value_head)}
     for name, tensor in gather_megatron_state(inner):
-        if name not in mappings:
+        mapping = mappings.get(local_parameter_name(name))
+        if mapping is None:
             if name == "output_layer.weight" and hf_config.tie_word_embeddings:
                 continue
             raise KeyError(f"gather_hf_state: Megatron parameter {name} has no HF counterpart in the {family.name} "
                            "mapping")
-        yield from zip(mappings[name].hf, mappings[name].split(tensor))
+        yield from zip(mapping.hf, mapping.split(tensor))

@@ -18,6 +18,7 @@ from megatron_save.checkpoint.hf.gather import gather_hf_state  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
 from megatron_save.models.families import family_for  # noqa: E402
+from megatron_save.testing.te_names import with_te_parameter_names  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +33,8 @@ def main() -> None:
         set_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         for name, dirs in models.items():
             model, meta, hf_config = build_model_from_checkpoint(dirs["mg"])
+            if dirs.get("te_names"):  # the parameter names of a Transformer Engine spec model
+                with_te_parameter_names(model)
             original = load_file(Path(dirs["hf"]) / "model.safetensors")
             if (Path(dirs["hf"]) / VALUE_HEAD_FILE).exists():
                 original.update(load_file(Path(dirs["hf"]) / VALUE_HEAD_FILE))
