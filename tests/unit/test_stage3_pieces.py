@@ -4,7 +4,7 @@ batch's loss scaling, prompt order, run checkpoints and metrics files."""
 from __future__ import annotations
 
 import dataclasses
-
+import importlib.util
 import json
 
 import pytest
@@ -236,8 +236,8 @@ def test_config_refusals_name_the_setting():
         check_stage3_config(cfg)
     cfg = Stage3Config(output_dir="o", train_data="d")
     cfg.rollout.backend = "vllm"
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="rollout.backend=vllm needs CUDA GPUs"):
+    if importlib.util.find_spec("vllm") is None:  # the vLLM tier tests the refusals of vLLM's platforms
+        with pytest.raises(ImportError, match="rollout.backend=vllm needs vLLM"):
             check_stage3_config(cfg)
 
 
