@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import REPO
@@ -68,7 +69,10 @@ def stand_in_inputs(args: list[str]) -> None:
 
 @pytest.fixture
 def gpu_machine(monkeypatch):
-    """What the checks read of a 4-GPU node under torchrun with the GPU extras."""
+    """What the checks read of a 4-GPU node under torchrun with the GPU extras (vLLM's CUDA platform included)."""
+    cuda_platform = SimpleNamespace(device_name="cuda", is_unspecified=lambda: False, is_cpu=lambda: False,
+                                    is_sleep_mode_available=lambda: True)
+    monkeypatch.setattr("megatron_save.rollout.vllm_engine.vllm_platform", lambda: cuda_platform)
     monkeypatch.setattr("megatron_save.trainers.stage3.config.distributed_optimizer_state_supported", lambda: True)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setenv("RANK", "0")
