@@ -104,6 +104,6 @@ def read_json(path: Path) -> dict:
 
 
 def length_parity_grade(prompt: str, response: str) -> float:
-    """A stand-in verifier for PRIME's tests (reward.prime.verifier=helpers:length_parity_grade): 1 for a response
+    """A stand-in verifier for stage 3's tests (reward.verifier=helpers:length_parity_grade): 1 for a response
     of even length, else 0 (mixed labels within a group, which PRIME's accuracy filter keeps)."""
     return float(len(response) % 2 == 0)

@@ -30,10 +30,14 @@ def highest_lowest_pairs(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[to
     return best, worst, has_pair
 
 
-def hl_bt_loss(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry on the highest vs the lowest reward response of each group (mean over groups with a pair;
-    zero with zero gradient when there is none). rewards [B, G], valid [B, G] -> scalar."""
-    best, worst, has_pair = highest_lowest_pairs(rewards, valid)
+def hl_bt_loss(rewards: torch.Tensor, valid: torch.Tensor, grades: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry on the highest vs the lowest response of each group (mean over groups with a pair; zero with
+    zero gradient when there is none), ranked by the rewards themselves (HL-BT) or by external ``grades`` (a
+    verifier's: the pair is then labelled by the truth, not by the reward model).
+
+    rewards [B, G], valid [B, G] bool, grades [B, G] or None -> scalar.
+    """
+    best, worst, has_pair = highest_lowest_pairs(rewards if grades is None else grades, valid)
     rows = torch.arange(rewards.shape[0], device=rewards.device)[has_pair]
     if rows.numel() == 0:
         return (rewards.float().masked_fill(~valid, 0.0) * 0.0).sum()

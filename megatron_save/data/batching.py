@@ -82,6 +82,9 @@ class ResponseGroupBatch(TokenBatch):
     value_scale: float
     """(micro-batches x data-parallel ranks) / prompts with a trained response in the whole batch, for eq. 21
     (a count known before the pass)."""
+    grades: torch.Tensor | None = None
+    """[N] a verifier's grade of each slot (reward.verifier), for a strategy whose pairs the truth labels; None
+    otherwise."""
 
 
 @dataclass

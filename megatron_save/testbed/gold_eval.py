@@ -32,6 +32,7 @@ from megatron_save.rollout import SamplingSettings
 from megatron_save.rollout.distributed import generate_data_parallel
 from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
 from megatron_save.testbed.data import read_jsonl
+from megatron_save.testbed.report import prompt_text
 from megatron_save.testbed.task import gold_pair, gold_reward, overlong_pair
 from megatron_save.testing.synthetic import write_jsonl
 from megatron_save.trainers.common import write_json
@@ -131,6 +132,39 @@ def collect(args: argparse.Namespace) -> None:
                 len(pairs), overlong_pairs, gold)
 
 
+def within_group_agreement(gold: list[float], scores: list[float]) -> tuple[float, int]:
+    """Pairs of one group's responses that gold orders (ties in gold left out), and the credit of ``scores`` on
+    them: 1 per pair ordered like gold, 1/2 per tie in the scores. -> (credit, pairs)."""
+    credit, pairs = 0.0, 0
+    for i in range(len(gold)):
+        for j in range(i + 1, len(gold)):
+            if abs(gold[i] - gold[j]) < 1e-9:
+                continue
+            pairs += 1
+            agree = (scores[i] - scores[j]) * (gold[i] - gold[j])
+            credit += 1.0 if agree > 0 else 0.5 if scores[i] == scores[j] else 0.0
+    return credit, pairs
+
+
+def current_policy_accuracy(rollouts: list[dict], proxy_scores: list[float]) -> dict[str, dict[int, float]]:
+    """Per step, on the gold-ordered pairs within each group of the step's valid rollouts: the accuracy of the
+    run's RM as it scored them (the logged rewards, before the step's update) and of the proxy RM (its scores,
+    one per logged response in order)."""
+    proxy = iter(proxy_scores)
+    sums: dict[int, list[float]] = {}
+    for row in rollouts:
+        prompt = prompt_text(row["prompt"])
+        proxy_row = [next(proxy) for _ in row["responses"]]
+        valid = [i for i, ok in enumerate(row["valid"]) if ok]
+        gold = [gold_reward(prompt, row["responses"][i]) for i in valid]
+        rm_credit, pairs = within_group_agreement(gold, [row["rewards"][i] for i in valid])
+        proxy_credit, _ = within_group_agreement(gold, [proxy_row[i] for i in valid])
+        totals = sums.setdefault(row["step"], [0.0, 0.0, 0])
+        totals[0], totals[1], totals[2] = totals[0] + rm_credit, totals[1] + proxy_credit, totals[2] + pairs
+    return {"rm": {step: t[0] / t[2] for step, t in sorted(sums.items()) if t[2]},
+            "proxy": {step: t[1] / t[2] for step, t in sorted(sums.items()) if t[2]}}
+
+
 def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[dict], eval_prompts: list[str],
                  seed: int, proxy_initial_accuracy: float) -> dict:
     """Collective: one stage-3 run measured against gold (see the module docstring)."""
@@ -150,11 +184,15 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[di
     }
     rollouts = read_jsonl(run_dir / "rollouts.jsonl")
     prompts = [row["prompt"] for row in rollouts for _ in row["responses"]]
-    proxy = iter(rm_scores(args.proxy_rm, prompts, [r for row in rollouts for r in row["responses"]]))
+    proxy_scores = rm_scores(args.proxy_rm, prompts, [r for row in rollouts for r in row["responses"]])
+    proxy = iter(proxy_scores)
     per_step: dict[int, list[float]] = {}
     for row in rollouts:
         per_step.setdefault(row["step"], []).extend(next(proxy) for _ in row["responses"])
     result["proxy_reward_by_step"] = {step: sum(v) / len(v) for step, v in sorted(per_step.items())}
+    accuracy = current_policy_accuracy(rollouts, proxy_scores)
+    result["rm_accuracy_current_policy_by_step"] = accuracy["rm"]
+    result["proxy_accuracy_current_policy_by_step"] = accuracy["proxy"]
     return result
 
 

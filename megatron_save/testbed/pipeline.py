@@ -43,8 +43,13 @@ RUNS: dict[str, list[str]] = {
     "prime": ["reward.strategy=prime", "policy.advantage=rloo"],
     # ... and with the task's gold reward as its verifier: an upper reference, not a comparable RM strategy.
     "prime_gold_verifier": ["reward.strategy=prime", "policy.advantage=rloo", "reward.prime.labels=verifier",
-                            "reward.prime.verifier=megatron_save.testbed.task:gold_reward"],
+                            "reward.verifier=megatron_save.testbed.task:gold_reward"],
+    # The positive control (not a paper baseline): the RM updated online on the same groups with the same optimizer,
+    # on each group's highest- vs lowest-gold response (Bradley-Terry). If this does not raise the RM's accuracy
+    # where the policy goes, the testbed cannot see the effect SAVE claims.
+    "online_gold": ["reward.strategy=verifier_hl_bt", "reward.verifier=megatron_save.testbed.task:gold_reward"],
 }
+SWEEP_SEPARATOR = "@"
 
 
 @dataclass
@@ -81,8 +86,16 @@ class TestbedConfig:
     """Initial standard deviation of the RM's fresh reward head (transformers' initialisation)."""
     overlong_pair_share: float = 0.0
     """Share of the proxy RM's pairs that contrast a sample with itself padded past L (regime two; 0: regime one)."""
+    rm_learning_rates: list[float] = field(default_factory=list)
+    """Dose-response: each of swept_runs also runs at each of these RM learning rates (reward.optim.lr), named
+    run@lr (e.g. save@0.0001), beside the runs above at the stage-3 config's own."""
+    swept_runs: list[str] = field(default_factory=list)
+    """Runs (names from RUNS) repeated at every rm_learning_rates value."""
+    value_head_lr_ratio: float = 500.0
+    """A swept run's value-head learning rate is this x its RM learning rate (stage3.yaml's 5e-3 / 1e-5)."""
     comparisons: list[list[str]] = field(default_factory=list)
-    """Pre-registered paired comparisons [run, reference] for the report's verdict table (both in runs)."""
+    """Pre-registered paired comparisons [run, reference] for the report's verdict table (run names, swept ones
+    included)."""
     equivalence_margin: float = 0.02
     """A paired difference whose 95% interval lies inside +-margin reads "no difference" in the verdict table."""
     sample_max_new_tokens: int = 16
@@ -103,19 +116,42 @@ class TestbedConfig:
     """Prompt counts of each part."""
 
 
+def swept_name(run: str, learning_rate: float) -> str:
+    """The name of ``run`` at RM learning rate ``learning_rate``."""
+    return f"{run}{SWEEP_SEPARATOR}{learning_rate:g}"
+
+
+def run_table(cfg: TestbedConfig) -> dict[str, list[str]]:
+    """Every stage-3 run of a seed, name -> its overrides: ``runs``, then ``swept_runs`` at each RM learning rate
+    (the value head's scaled with it)."""
+    table = {name: RUNS[name] for name in cfg.runs}
+    for learning_rate in cfg.rm_learning_rates:
+        for name in cfg.swept_runs:
+            table[swept_name(name, learning_rate)] = [
+                *RUNS[name], f"reward.optim.lr={learning_rate:g}",
+                f"reward.optim.value_head_lr={learning_rate * cfg.value_head_lr_ratio:g}"]
+    return table
+
+
 def check_testbed_config(cfg: TestbedConfig) -> None:
     """Refuses unknown run names and an empty comparison before any work."""
-    unknown = [name for name in cfg.runs if name not in RUNS]
+    unknown = [name for name in [*cfg.runs, *cfg.swept_runs] if name not in RUNS]
     if unknown:
-        raise ValueError(f"runs: unknown {unknown}; choose from {sorted(RUNS)}")
+        raise ValueError(f"runs / swept_runs: unknown {unknown}; choose from {sorted(RUNS)}")
     if not cfg.runs or not cfg.seeds:
         raise ValueError("runs and seeds must each name at least one")
-    if len(set(cfg.seeds)) != len(cfg.seeds) or len(set(cfg.runs)) != len(cfg.runs):
-        raise ValueError(f"seeds {cfg.seeds} and runs {cfg.runs} must not repeat")
+    if bool(cfg.swept_runs) != bool(cfg.rm_learning_rates) or any(lr <= 0 for lr in cfg.rm_learning_rates):
+        raise ValueError(f"swept_runs {cfg.swept_runs} and rm_learning_rates {cfg.rm_learning_rates} go together "
+                         "(positive learning rates)")
+    repeated = [values for values in (cfg.seeds, cfg.runs, cfg.swept_runs, cfg.rm_learning_rates)
+                if len(set(values)) != len(values)]
+    if repeated:
+        raise ValueError(f"{repeated[0]} must not repeat (seeds, runs, swept_runs, rm_learning_rates)")
+    names = list(run_table(cfg))
     for comparison in cfg.comparisons:
-        if len(comparison) != 2 or not set(comparison) <= set(cfg.runs) or comparison[0] == comparison[1]:
-            raise ValueError(f"comparisons: {comparison} must be [run, reference], two different names from runs "
-                             f"{cfg.runs}")
+        if len(comparison) != 2 or not set(comparison) <= set(names) or comparison[0] == comparison[1]:
+            raise ValueError(f"comparisons: {comparison} must be [run, reference], two different names from "
+                             f"{names}")
     if not 0.0 <= cfg.overlong_pair_share <= 1.0 or cfg.equivalence_margin <= 0:
         raise ValueError(f"overlong_pair_share {cfg.overlong_pair_share} must be in [0, 1] and equivalence_margin "
                          f"{cfg.equivalence_margin} positive")
@@ -182,6 +218,13 @@ class Steps:
 
 def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
     """The whole pipeline of one seed."""
+    seed_models(cfg, steps, seed)
+    seed_runs(cfg, steps, seed)
+
+
+def seed_models(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
+    """What every run of a seed starts from: the task data, the SFT policy, its gold-labelled samples and the
+    proxy RM."""
     root = Path(cfg.output_dir) / f"seed_{seed}"
     data, models = root / "data", root / "models"
     configs = cfg.configs
@@ -209,14 +252,23 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
         cfg, "stage2", configs.stage2, f"checkpoint={models / 'rm_stage1'}",
         f"output_dir={models / 'proxy_rm'}", f"data.train_data={data / 'value_groups.jsonl'}", f"batch.seed={seed}",
         *cfg.stage2_overrides), outputs=(models / "proxy_rm",))
-    for name in cfg.runs:
+
+
+def seed_runs(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
+    """The seed's stage-3 runs and their measurements against gold."""
+    root = Path(cfg.output_dir) / f"seed_{seed}"
+    data, models, configs = root / "data", root / "models", cfg.configs
+    runs = run_table(cfg)
+    for name, overrides in runs.items():
+        # Every run measures its RM each step on the initial policy's held-out pairs (the drift curve).
         steps.run(f"seed_{seed}/rl_{name}", torchrun(
             cfg, "stage3", configs.stage3, f"output_dir={root / 'runs' / name}",
             f"train_data={data / 'rl_prompts.jsonl'}", f"policy.checkpoint={models / 'policy_sft'}",
             f"reward.checkpoint={models / 'proxy_rm'}", f"reward.offline_data={data / 'rm_pairs.jsonl'}",
-            f"seed={seed}", "resume=false", *RUNS[name], *cfg.stage3_overrides), outputs=(root / "runs" / name,))
+            f"reward.probe_data={data / 'eval_pairs_initial_policy.jsonl'}", f"seed={seed}", "resume=false",
+            *overrides, *cfg.stage3_overrides), outputs=(root / "runs" / name,))
     steps.run(f"seed_{seed}/evaluate", torchrun(
-        cfg, "testbed-eval", "evaluate", *[str(root / "runs" / name) for name in cfg.runs],
+        cfg, "testbed-eval", "evaluate", *[str(root / "runs" / name) for name in runs],
         "--data-dir", str(data), "--policy-init", str(models / "policy_sft"), "--proxy-rm",
         str(models / "proxy_rm"), "--seed", str(seed), "--max-new-tokens", str(cfg.sample_max_new_tokens),
         "--tp", str(cfg.nproc)))
@@ -224,7 +276,8 @@ def seed_steps(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
 
 # Settings that do not change any seed's steps: a launch may name other seeds or runs (a comparison run in parts,
 # each seed and run its own steps) or another report without starting over.
-NOT_PER_STEP = ("seeds", "runs", "report_dir", "comparisons", "equivalence_margin")
+NOT_PER_STEP = ("seeds", "runs", "swept_runs", "rm_learning_rates", "value_head_lr_ratio", "report_dir",
+                "comparisons", "equivalence_margin")
 
 
 def prepare_output_dir(cfg: TestbedConfig) -> None:
@@ -248,14 +301,16 @@ def run_testbed(cfg: TestbedConfig) -> Path:
 
     check_testbed_config(cfg)
     prepare_output_dir(cfg)
-    steps = Steps(cfg, total=len(cfg.seeds) * (8 + len(cfg.runs)) + 1)
+    runs = list(run_table(cfg))
+    steps = Steps(cfg, total=len(cfg.seeds) * (8 + len(runs)) + 1)
     try:
         for seed in cfg.seeds:
             seed_steps(cfg, steps, seed)
         report_dir = Path(cfg.report_dir or Path(cfg.output_dir) / "report")
         steps.bar.set_description("gold testbed: report")
-        write_report(Path(cfg.output_dir), cfg.seeds, cfg.runs, report_dir, asdict(cfg),
-                     [tuple(c) for c in cfg.comparisons], cfg.equivalence_margin)
+        sweep = {run: {lr: swept_name(run, lr) for lr in cfg.rm_learning_rates} for run in cfg.swept_runs}
+        write_report(Path(cfg.output_dir), cfg.seeds, runs, report_dir, asdict(cfg),
+                     [tuple(c) for c in cfg.comparisons], cfg.equivalence_margin, sweep)
         steps.bar.update()
     finally:
         steps.close()

@@ -43,6 +43,10 @@ COMPARED = {
                                   "RM's on the same pairs (what the RM learned where the policy went)",
     "rm_accuracy_initial_policy_pairs": "secondary: RM accuracy vs gold on the initial policy's held-out pairs",
     "gold_last5": "secondary: rollout gold of the last 5 steps",
+    "probe_drift_last5": "drift: RM accuracy vs gold on the initial policy's fixed pairs, mean of the last 5 steps "
+                         "minus step 1's (the proxy's), measured in the run before each step's update",
+    "current_policy_gain_last5": "drift: RM accuracy vs gold on each step's own rollout pairs (within groups) minus "
+                                 "the proxy RM's on the same pairs, mean of the last 5 steps",
 }
 
 
@@ -81,12 +85,18 @@ def run_curves(run_dir: Path, evaluation: dict[str, Any]) -> dict[str, dict[int,
             letters.setdefault(row["step"], []).append(len("".join(response.split())))
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     mean = lambda values: sum(values) / len(values)  # noqa: E731
+    current = {int(step): value for step, value in evaluation.get("rm_accuracy_current_policy_by_step", {}).items()}
+    proxy_current = {int(step): value for step, value in
+                     evaluation.get("proxy_accuracy_current_policy_by_step", {}).items()}
     return {
         "gold": {step: mean(v) for step, v in sorted(gold.items())},
         "letters": {step: mean(v) for step, v in sorted(letters.items())},
         "keep_rate": {m["step"]: m["filter/keep_rate"] for m in metrics if "filter/keep_rate" in m},
         "rm_reward": {m["step"]: m["filter/reward_mean"] for m in metrics if "filter/reward_mean" in m},
         "proxy_reward": {int(step): value for step, value in evaluation["proxy_reward_by_step"].items()},
+        "probe_accuracy": {m["step"]: m["rm_probe/accuracy"] for m in metrics if "rm_probe/accuracy" in m},
+        "current_policy_accuracy": current,
+        "current_policy_gain": {step: current[step] - proxy_current[step] for step in current if step in proxy_current},
     }
 
 
@@ -94,6 +104,8 @@ def run_summary(evaluation: dict[str, Any], curves: dict[str, dict[int, float]])
     """The table's numbers of one run and seed, from its gold_eval.json and its curves."""
     gold = list(curves["gold"].values())
     keep = list(curves["keep_rate"].values())
+    probe = list(curves["probe_accuracy"].values())
+    gain = list(curves["current_policy_gain"].values())
     return {
         **{key: evaluation[key] for key in ("final_policy_gold", "rm_accuracy_initial_policy_pairs",
                                             "rm_accuracy_final_policy_pairs", "proxy_accuracy_final_policy_pairs",
@@ -103,6 +115,8 @@ def run_summary(evaluation: dict[str, Any], curves: dict[str, dict[int, float]])
         "gold_last5": sum(gold[-5:]) / len(gold[-5:]),
         "gold_gain": sum(gold[-5:]) / len(gold[-5:]) - gold[0],
         "keep_rate": sum(keep) / len(keep) if keep else float("nan"),
+        "probe_drift_last5": sum(probe[-5:]) / len(probe[-5:]) - probe[0] if probe else float("nan"),
+        "current_policy_gain_last5": sum(gain[-5:]) / len(gain[-5:]) if gain else float("nan"),
     }
 
 
@@ -242,10 +256,113 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
     return paths
 
 
+# A sweep: run -> RM learning rate -> the name of that run at that learning rate.
+Sweep = dict[str, dict[float, str]]
+CONTROL = "online_gold"
+
+
+def dose_response(per_seed: dict[str, list[dict[str, float]]], sweep: Sweep, margin: float,
+                  reference: str = "frozen") -> dict[str, dict[str, dict[str, dict]]]:
+    """run -> RM learning rate -> COMPARED metric -> the paired difference run@lr - reference over seeds (mean, 95%
+    interval, verdict)."""
+    return {run: {f"{lr:g}": compare_runs(per_seed, [(name, reference)], margin)[f"{name} - {reference}"]
+                  for lr, name in by_lr.items()} for run, by_lr in sweep.items()}
+
+
+def dose_response_readings(dose: dict[str, dict[str, dict[str, dict]]]) -> list[str]:
+    """The pre-registered readings (docs/gold_testbed/README.md) of a dose-response: does the positive control
+    raise the RM's accuracy where the policy goes, at which learning rates each run helps or hurts, and does SAVE
+    drift from gold where the control does not."""
+    lines = []
+    control = dose.get(CONTROL, {})
+    seen = [lr for lr, stats in control.items() if stats["rm_gain_final_policy_pairs"]["verdict"] == "higher"]
+    lines.append(f"- Positive control (`{CONTROL} - frozen`, rm_gain_final_policy_pairs higher): "
+                 + (f"passes at RM LR {', '.join(seen)}: the testbed can see an online RM improvement there."
+                    if seen else "passes at no RM learning rate: **the testbed cannot see the effect SAVE claims** "
+                    "at these settings."))
+    for run, by_lr in dose.items():
+        cells = [f"{lr}: gold {stats['final_policy_gold']['verdict']}, rm_gain "
+                 f"{stats['rm_gain_final_policy_pairs']['verdict']}" for lr, stats in by_lr.items()]
+        lines.append(f"- `{run} - frozen` by RM LR: " + "; ".join(cells) + ".")
+    for metric in ("probe_drift_last5", "current_policy_gain_last5"):
+        drifts = [lr for lr, stats in dose.get("save", {}).items() if stats[metric]["verdict"] == "lower"
+                  and control.get(lr, {}).get(metric, {}).get("verdict") != "lower"]
+        lines.append(f"- Drift on `{metric}`: SAVE falls below the frozen proxy where `{CONTROL}` does not at RM LR "
+                     + (", ".join(drifts) if drifts else "none") + ".")
+    return lines
+
+
+def dose_response_table(dose: dict[str, dict[str, dict[str, dict]]]) -> list[str]:
+    """The dose-response as markdown lines: one row per run and learning rate."""
+    lines = ["", "Dose-response: per-seed difference `run@lr - frozen` (mean ± 95% t interval, verdict):", "",
+             "| run | RM LR | " + " | ".join(COMPARED) + " |", "|---" * (len(COMPARED) + 2) + "|"]
+    for run, by_lr in dose.items():
+        for lr, stats in by_lr.items():
+            lines.append(f"| {run} | {lr} | " + " | ".join(f"{_cell(stats[m])} ({stats[m]['verdict']})"
+                                                            for m in COMPARED) + " |")
+    return lines + ["", "Pre-registered readings:", "", *dose_response_readings(dose)]
+
+
+def write_dose_response_plots(dose: dict[str, dict[str, dict[str, dict]]], curves: dict[str, list[dict]],
+                              sweep: Sweep, margin: float, report_dir: Path, window: int = PLOT_WINDOW
+                              ) -> list[Path]:
+    """dose_response.png (each COMPARED metric's paired difference against the RM learning rate, 95% intervals,
+    the equivalence band shaded) and drift.png (per learning rate, by step: the rollouts' gold, the probe accuracy
+    and the current-policy gain, means over seeds, ``frozen`` in every column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, grid = plt.subplots(2, 3, figsize=(13, 7))
+    for axes, metric in zip(grid.flat, COMPARED):
+        for offset, (run, by_lr) in enumerate(dose.items()):
+            rates = [float(lr) * (1 + 0.08 * (offset - 1)) for lr in by_lr]  # side by side, not on top
+            means = [stats[metric]["mean"] for stats in by_lr.values()]
+            halves = [stats[metric]["ci95"] or 0.0 for stats in by_lr.values()]
+            axes.errorbar(rates, means, yerr=halves, marker="o", capsize=3, label=run)
+        axes.axhline(0.0, color="black", linewidth=0.8)
+        axes.axhspan(-margin, margin, color="grey", alpha=0.15)
+        axes.set_xscale("log")
+        axes.set_xlabel("RM learning rate")
+        axes.set_title(f"{metric} - frozen", fontsize=9)
+    grid.flat[0].legend(fontsize=8)
+    for axes in list(grid.flat)[len(COMPARED):]:
+        axes.axis("off")
+    figure.tight_layout()
+    paths = [report_dir / "dose_response.png"]
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+
+    rates = sorted({lr for by_lr in sweep.values() for lr in by_lr})
+    figure, grid = plt.subplots(3, len(rates), figsize=(4 * len(rates), 10), squeeze=False)
+    for column, lr in enumerate(rates):
+        names = {"frozen": "frozen", **{run: by_lr[lr] for run, by_lr in sweep.items() if lr in by_lr}}
+        for row, (key, label) in enumerate((("gold", "gold reward of rollouts"),
+                                            ("probe_accuracy", "RM accuracy, initial policy's fixed pairs"),
+                                            ("current_policy_gain", "RM minus proxy accuracy, current pairs"))):
+            axes = grid[row][column]
+            for run, name in names.items():
+                if name in curves and all(c[key] for c in curves[name]):
+                    steps, mean, _ = _mean_curve([c[key] for c in curves[name]], window)
+                    axes.plot(steps, mean, label=run)
+            axes.set_title(f"RM LR {lr:g}", fontsize=9)
+            axes.set_xlabel("RL step")
+            axes.set_ylabel(f"{label} ({window}-step avg)", fontsize=8)
+    grid[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    paths.append(report_dir / "drift.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
 def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir: Path,
-                 settings: dict[str, Any], comparisons: list[tuple[str, str]] = (), margin: float = 0.02) -> Path:
+                 settings: dict[str, Any], comparisons: list[tuple[str, str]] = (), margin: float = 0.02,
+                 sweep: Sweep | None = None) -> Path:
     """results.json, results.md and the plots, from every seed's runs under ``output_dir``; with ``comparisons``
-    ([run, reference] pairs) also the paired comparisons and their verdicts."""
+    ([run, reference] pairs) also the paired comparisons and their verdicts; with a ``sweep`` the dose-response
+    against ``frozen``, its readings and plots."""
     report_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = {run: [output_dir / f"seed_{s}" / "runs" / run for s in seeds] for run in runs}
     evaluations = {run: [json.loads((d / "gold_eval.json").read_text()) for d in dirs]
@@ -268,9 +385,11 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
                                                zip(rows, per_seed["frozen"])]) for column in PAIRED}
                   for run, rows in per_seed.items() if run != "frozen"}
     compared = compare_runs(per_seed, list(comparisons), margin)
+    dose = dose_response(per_seed, sweep, margin) if sweep else {}
     markdown = markdown_table(table, initial, seeds, paired)
-    (report_dir / "results.md").write_text(markdown + ("\n".join(comparison_table(compared, margin)) + "\n"
-                                                       if compared else ""))
+    (report_dir / "results.md").write_text(
+        markdown + ("\n".join(comparison_table(compared, margin)) + "\n" if compared else "")
+        + ("\n".join(dose_response_table(dose)) + "\n" if dose else ""))
     # The runs of a report may come from several launches (seeds=[...] in parts): each evaluation's revision is
     # listed, with the report's own.
     run_revisions = sorted({(e["provenance"]["revision"], e["provenance"]["dirty"]) if "provenance" in e
@@ -278,8 +397,12 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
     (report_dir / "results.json").write_text(json.dumps(
         {"provenance": current_provenance().as_dict(),
          "run_revisions": [{"revision": r, "dirty": d} for r, d in run_revisions], "seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "comparisons": compared,
+         "dose_response": dose, "dose_response_readings": dose_response_readings(dose) if dose else [],
          "per_seed": per_seed,
          "curves": {run: [{k: {str(s): v for s, v in c.items()} for k, c in cs.items()} for cs in per_run]
                     for run, per_run in curves.items()}, "settings": settings}, indent=2) + "\n")
-    write_plots(curves, report_dir)
+    swept = {name for by_lr in (sweep or {}).values() for name in by_lr.values()}
+    write_plots({run: c for run, c in curves.items() if run not in swept}, report_dir)  # drift.png has the rest
+    if dose:
+        write_dose_response_plots(dose, curves, sweep, margin, report_dir)
     return report_dir

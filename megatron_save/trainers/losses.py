@@ -87,6 +87,18 @@ def hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torc
     return batch.sum_scale * reward_sum, _outputs(rewards, values, reward_sum, pairs)
 
 
+def verifier_hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry on each group's highest vs lowest response by the verifier's grades (``batch.grades``), not
+    by the reward model's own scores: HL-BT with pairs labelled by the truth. The sum over pairs, as
+    ``hl_bt_rm_loss``."""
+    rewards, values, trained = _group_scores(batch, scores)  # [k, G]
+    grades = batch.grades.to(scores.device).view(-1, batch.group_size)  # [k, G]
+    pairs = highest_lowest_pairs(grades, trained)[2].sum()
+    reward_sum = hl_bt_loss(rewards, trained, grades) * pairs
+    return batch.sum_scale * reward_sum, _outputs(rewards, values, reward_sum, pairs)
+
+
 def _group_scores(batch: ResponseGroupBatch, scores: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """R at each response's last token [k, G], V at each prompt's last token [k] (None without a value head; a

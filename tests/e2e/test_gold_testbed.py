@@ -36,6 +36,17 @@ def test_the_preregistered_configs_pass_their_check(regime, share):
     assert ["save", "frozen"] in cfg.comparisons and ["save_lagged", "save"] in cfg.comparisons
 
 
+def test_the_dose_response_config_passes_its_check():
+    from megatron_save.testbed.pipeline import run_table
+
+    cfg = load_config(TestbedConfig, [EXAMPLES / "gold_testbed.yaml", EXAMPLES / "dose_response.yaml"])
+    check_testbed_config(cfg)
+    table = run_table(cfg)
+    assert cfg.seeds == list(range(5)) and cfg.overlong_pair_share == 0.0 and len(table) == 13
+    assert table["save@0.0001"][-2:] == ["reward.optim.lr=0.0001", "reward.optim.value_head_lr=0.05"]
+    assert table["online_gold@1e-06"][0] == "reward.strategy=verifier_hl_bt"
+
+
 def _config(out, *extra):
     return load_config(TestbedConfig, [EXAMPLES / "gold_testbed.yaml"], [f"output_dir={out}", *SHORT, *extra])
 
@@ -44,7 +55,9 @@ def test_gold_testbed_short_run(tmp_path):
     """Through tools/gold_testbed.py, README's first command, shortened."""
     out = tmp_path / "testbed"
     # Regime two's path (a share of the proxy's pairs padded past L) and a pre-registered comparison, shortened.
-    extra = ["overlong_pair_share=0.25", "comparisons=[[save,frozen]]"]
+    # The positive control swept at one RM learning rate: the dose-response report's path.
+    extra = ["overlong_pair_share=0.25", "comparisons=[[save,frozen]]", "swept_runs=[online_gold]",
+             "rm_learning_rates=[1e-3]"]
     result = subprocess.run([sys.executable, "tools/gold_testbed.py", f"output_dir={out}", *SHORT, *extra], cwd=REPO,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
                             timeout=1200)
@@ -53,7 +66,7 @@ def test_gold_testbed_short_run(tmp_path):
     assert f"table: {report / 'results.md'} (and results.json)" in result.stdout
     assert result.stdout.startswith((report / "results.md").read_text())
     results = json.loads((report / "results.json").read_text())
-    assert set(results["table"]) == {"frozen", "save"}
+    assert set(results["table"]) == {"frozen", "save", "online_gold@0.001"}
     # Every evaluation of this launch recorded the revision the report names.
     assert results["run_revisions"] == [{k: results["provenance"][k] for k in ("revision", "dirty")}]
     for run, stats in results["table"].items():
@@ -62,6 +75,18 @@ def test_gold_testbed_short_run(tmp_path):
         curves = results["curves"][run][0]
         assert list(curves["gold"]) == list(curves["proxy_reward"]) == ["1", "2", "3"]
         assert all(math.isfinite(v) for v in curves["proxy_reward"].values())
+        # Drift: the RM measured before each step's update on the fixed pairs, and on each step's own pairs.
+        assert list(curves["probe_accuracy"]) == ["1", "2", "3"]
+        assert all(0 <= v <= 1 for v in curves["probe_accuracy"].values())
+        assert all(-1 <= v <= 1 for v in curves["current_policy_gain"].values())
+    # Before any update every run's RM is the proxy: the same probe accuracy at step 1; frozen's never moves.
+    probes = {run: results["curves"][run][0]["probe_accuracy"] for run in results["table"]}
+    assert len({p["1"] for p in probes.values()}) == 1 and len(set(probes["frozen"].values())) == 1
+    assert results["per_seed"]["frozen"][0]["probe_drift_last5"] == 0.0
+    assert results["per_seed"]["frozen"][0]["current_policy_gain_last5"] == pytest.approx(0.0, abs=1e-6)
+    dose = results["dose_response"]["online_gold"]["0.001"]
+    assert set(dose) == set(results["comparisons"]["save - frozen"]) and dose["final_policy_gold"]["n"] == 1
+    assert any("Positive control" in line for line in results["dose_response_readings"])
     runs = out / "seed_0" / "runs"
     # frozen trains only the policy; save trains the RM too, so its evaluation reads the run's own RM.
     assert not (runs / "frozen" / "reward_model").exists() and (runs / "save" / "reward_model").exists()
@@ -75,11 +100,13 @@ def test_gold_testbed_short_run(tmp_path):
         assert long.startswith(short) and len(long) >= target_length(pair["prompt"]) + 2
     compared = results["comparisons"]["save - frozen"]
     assert set(compared) == {"final_policy_gold", "rm_gain_final_policy_pairs", "rm_accuracy_initial_policy_pairs",
-                             "gold_last5"}
+                             "gold_last5", "probe_drift_last5", "current_policy_gain_last5"}
     assert compared["final_policy_gold"]["n"] == 1 and compared["final_policy_gold"]["verdict"] == "undecided"
     assert "| save |" in (report / "results.md").read_text()
-    assert sorted(p.name for p in report.glob("*.png")) == ["gold_by_step.png", "keep_rate.png",
-                                                            "letters_by_step.png", "overoptimisation.png"]
+    assert sorted(p.name for p in report.glob("*.png")) == ["dose_response.png", "drift.png", "gold_by_step.png",
+                                                            "keep_rate.png", "letters_by_step.png",
+                                                            "overoptimisation.png"]
+    assert "Dose-response" in (report / "results.md").read_text()
 
     # A relaunch runs nothing again: every step is marked done and the report is rewritten from the same files.
     before = (runs / "save" / "gold_eval.json").stat().st_mtime_ns

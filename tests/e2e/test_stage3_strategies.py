@@ -30,6 +30,8 @@ VARIANTS = {
     "offline_bt": ["reward.strategy=offline_bt", "reward.offline_batch_size=8"],
     "mean_reward": ["reward.strategy=mean_reward"],
     "hl_bt": ["reward.strategy=hl_bt"],
+    # HL-BT with each group's pair chosen by a verifier (a stand-in grading length parity), the RM probed each step.
+    "verifier_hl_bt": ["reward.strategy=verifier_hl_bt", "reward.verifier=helpers:length_parity_grade"],
     # The policy update scored by the pre-update RM: no re-score.
     "lagged": ["reward.lagged_scores=true"],
     "frozen_policy": ["policy.frozen=true"],
@@ -43,7 +45,7 @@ VARIANTS = {
     # PRIME's labels from a verifier (the gold testbed uses its gold reward; here a stand-in that grades the
     # parity of a response's length), its default accuracy filter and the double forward.
     "prime_verifier": ["reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-3",
-                       "reward.prime.labels=verifier", "reward.prime.verifier=helpers:length_parity_grade",
+                       "reward.prime.labels=verifier", "reward.verifier=helpers:length_parity_grade",
                        "reward.prime.recompute_after_update=true"],
     "gspo": ["policy.loss=gspo", "policy.clip_low=3e-4", "policy.clip_high=4e-4"],
     "temperature": ["rollout.sampling.temperature=0.7"],
@@ -60,13 +62,19 @@ VARIANTS = {
 # one mini-batch (two: a forward before it). PRIME's PRM scores, updates (and re-scores with the double
 # forward), its reference shared with the policy's.
 SAVE_PASSES = {"reward": (2, 1), "policy": (1, 1), "reference": (1, 0)}
-PASSES = {"frozen_rm": {**SAVE_PASSES, "reward": (1, 0)}, "frozen_policy": {"reward": (2, 1)},
+PASSES = {"frozen_policy": {"reward": (2, 1)},
           "offline_bt": {**SAVE_PASSES, "reward": (3, 1)}, "lagged": {**SAVE_PASSES, "reward": (1, 1)},
           "rloo": {**SAVE_PASSES, "policy": (2, 1)},
+          "frozen_rm": {**SAVE_PASSES, "reward": (1, 0), "reward_probe": (1, 0)},
+          "verifier_hl_bt": {**SAVE_PASSES, "reward_probe": (1, 0)},
           "reinforce_pp": {"reward": (2, 1), "policy": (1, 1)},  # kl_coef = 0: no reference
           "r2m": {"reward": (1, 0), "policy": (3, 1), "reference": (1, 0), "r2m_head": (2, 1)},
           "prime": {"reward": (1, 0), "prm": (2, 1), "policy": (1, 1), "reference": (2, 0)},
           "prime_verifier": {"reward": (1, 0), "prm": (3, 1), "policy": (1, 1), "reference": (2, 0)}}
+
+
+# Variants run with reward.probe_data (the fixed pairs the RM is measured on at every step).
+PROBED = ("frozen_rm", "verifier_hl_bt")
 
 
 # The advantage estimator of each variant's policy update (GSPO keeps GRPO's advantages; the default is GRPO).
@@ -153,6 +161,23 @@ def recomputed_advantages(estimator: str, rows: list[dict]) -> list[list[list[fl
     return result
 
 
+def verifier_pair_loss(rows: list[dict]) -> float:
+    """verifier_hl_bt's reward loss of a step, transcribed: per prompt, the first valid response with the highest
+    grade (helpers.length_parity_grade of the logged text) against the first with the lowest, where the grades
+    differ; the mean of -log sigmoid(R_best - R_worst) over those pairs, R the logged pre-update rewards."""
+    from helpers import length_parity_grade
+
+    losses = []
+    for row in rows:
+        graded = [(length_parity_grade("", text), reward) for text, reward, valid in
+                  zip(row["responses"], row["rewards"], row["valid"]) if valid]
+        best = max(graded, key=lambda pair: pair[0])
+        worst = min(graded, key=lambda pair: pair[0])
+        if best[0] > worst[0]:
+            losses.append(math.log1p(math.exp(-(best[1] - worst[1]))))
+    return sum(losses) / len(losses)
+
+
 def check_recorded_advantages(rollouts: list[dict], estimator: str | None) -> None:
     """Each step's advantages, recomputed from the rollout log's record of the policy update (rewards, kept,
     lengths; PRIME: labels and token rewards), equal the ones the update was handed."""
@@ -177,6 +202,8 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     overrides = VARIANTS[variant]
     if variant == "offline_bt":
         overrides = [*overrides, f"reward.offline_data={rl_data['pairs']}"]
+    if variant in PROBED:
+        overrides = [*overrides, f"reward.probe_data={rl_data['pairs']}"]
     out = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / variant, *overrides))
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
@@ -224,8 +251,16 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         if learned and trains_policy and variant != "lagged":
             rows = [row for row in rollouts if row["step"] == record["step"]]
             assert any(row["policy_update"]["rewards"] != row["rewards"] for row in rows), record["step"]
-    if variant in ("hl_bt", "mean_reward"):
+    if variant in ("hl_bt", "mean_reward", "verifier_hl_bt"):
         assert any(r["rm/reward_loss"] > 0 for r in records)
+    if variant == "verifier_hl_bt":
+        for record in records:
+            rows = [row for row in rollouts if row["step"] == record["step"]]
+            assert record["rm/reward_loss"] == pytest.approx(verifier_pair_loss(rows), rel=1e-5)
+    if variant in PROBED:
+        assert all(0 <= r["rm_probe/accuracy"] <= 1 for r in records)
+    if variant == "frozen_rm":  # the probe measures the RM itself: unchanged when it is frozen
+        assert records[0]["rm_probe/accuracy"] == records[1]["rm_probe/accuracy"]
     if variant == "temperature":
         # One optimizer step per rollout batch: its log-probs are the old ones, if both are taken at T = 0.7.
         assert all(abs(r["policy/approx_kl"]) < 1e-6 and r["policy/clip_fraction"] == 0 for r in records)

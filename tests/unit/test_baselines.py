@@ -51,3 +51,18 @@ def test_hl_bt_without_pairs_is_zero_with_zero_gradient():
     loss = hl_bt_loss(rewards, torch.ones(1, 2, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(rewards.grad == 0)
+
+
+def test_hl_bt_with_grades_pairs_by_the_grades_not_the_rewards():
+    # Group 0: the RM prefers response 1, the verifier response 0 -> the pair is (0 over 1), against the RM.
+    # Group 1: grades tie -> no pair, whatever the rewards. Group 2: response 2 invalid, never paired.
+    rewards = torch.tensor([[1.0, 3.0, 0.0], [0.0, 5.0, 1.0], [2.0, 0.5, 9.0]], requires_grad=True)
+    grades = torch.tensor([[0.9, 0.1, 0.5], [0.4, 0.4, 0.4], [0.2, 0.6, 1.0]])
+    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    loss = hl_bt_loss(rewards, valid, grades)
+    # pairs: group 0 best 0 / worst 1 (margin 1 - 3 = -2), group 2 best 1 / worst 0 (margin 0.5 - 2 = -1.5)
+    expected = (math.log1p(math.exp(2.0)) + math.log1p(math.exp(1.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert rewards.grad[0, 0] < 0 < rewards.grad[0, 1] and torch.all(rewards.grad[1] == 0)
+    assert rewards.grad[2, 2] == 0

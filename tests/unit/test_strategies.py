@@ -12,7 +12,8 @@ from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, register_s
 
 def test_the_paper_strategies_are_rows():
     assert list(STRATEGIES) == ["save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "prime",
-                                "r2m"]
+                                "r2m", "verifier_hl_bt"]  # the last is no paper's: the testbed's positive control
+    assert STRATEGIES["verifier_hl_bt"].verifier_grades and not STRATEGIES["hl_bt"].verifier_grades
     save = STRATEGIES["save"]
     assert (save.anchor, save.curriculum, save.value_head, save.update) == ("value_head", True, True, "before_policy")
     assert not STRATEGIES["save_no_curriculum"].curriculum
@@ -78,7 +79,7 @@ def _prime_config(**prime) -> Stage3Config:
     cfg = Stage3Config(output_dir="o", train_data="d")
     cfg.reward.strategy, cfg.policy.advantage = "prime", "rloo"
     for name, value in prime.items():
-        setattr(cfg.reward.prime, name, value)
+        setattr(cfg.reward if name == "verifier" else cfg.reward.prime, name, value)
     return cfg
 
 
@@ -90,7 +91,7 @@ def test_prime_settings_are_checked_before_any_model():
     with pytest.raises(ValueError, match="reward.strategy=prime computes PRIME's advantages.*policy.advantage=rloo"):
         check_stage3_config(cfg)
     refusals = {"reward.prime.labels='median'": dict(labels="median"),
-                "reward.prime.verifier .* is needed with reward.prime.labels=verifier": dict(labels="verifier"),
+                "reward.verifier .* is needed with .* reward.prime.labels=verifier": dict(labels="verifier"),
                 "and only then": dict(verifier="a:b"),
                 "expected module:function": dict(labels="verifier", verifier="gold_reward"),
                 "accuracy_low=0.9 and accuracy_high=0.8": dict(accuracy_low=0.9),
@@ -100,22 +101,22 @@ def test_prime_settings_are_checked_before_any_model():
             check_stage3_config(_prime_config(**prime))
 
 
-def test_prime_verifier_is_loaded_by_name_or_refused():
+def test_verifier_is_loaded_by_name_or_refused():
     from megatron_save.testbed.task import gold_reward
-    from megatron_save.trainers.stage3.prime import load_verifier
+    from megatron_save.trainers.stage3.verifier import load_verifier
 
     assert load_verifier("megatron_save.testbed.task:gold_reward") is gold_reward
-    with pytest.raises(ValueError, match="reward.prime.verifier='megatron_save.testbed.task:nope': cannot load"):
+    with pytest.raises(ValueError, match="reward.verifier='megatron_save.testbed.task:nope': cannot load"):
         load_verifier("megatron_save.testbed.task:nope")
     with pytest.raises(ValueError, match="cannot load"):
         load_verifier("no_such_module_here:f")
 
 
-def test_prime_verifier_labels_each_valid_response_and_refuses_out_of_range_grades():
+def test_verifier_grades_each_valid_response_and_refuses_out_of_range_grades():
     import torch
 
     from megatron_save.trainers.stage3.groups import RolloutGroups
-    from megatron_save.trainers.stage3.prime import verifier_labels
+    from megatron_save.trainers.stage3.verifier import verifier_grades
 
     class Letters:  # a tokenizer stand-in: token i is the letter chr(97 + i)
         @staticmethod
@@ -133,7 +134,7 @@ def test_prime_verifier_labels_each_valid_response_and_refuses_out_of_range_grad
         seen.append((prompt, response))
         return float(response == "a")
 
-    assert verifier_labels(grade, groups, Letters()).tolist() == [[1.0, 0.0, 0.0]]
+    assert verifier_grades(grade, groups, Letters()).tolist() == [[1.0, 0.0, 0.0]]
     assert seen == [("say a", "a"), ("say a", "ba")]  # the last user turn; the invalid slot is not graded
-    with pytest.raises(ValueError, match=r"gave 2.0 for prompt 'say a'; labels must be in \[0, 1\]"):
-        verifier_labels(lambda prompt, response: 2.0, groups, Letters())
+    with pytest.raises(ValueError, match=r"reward.verifier gave 2.0 for prompt 'say a'; grades must be in \[0, 1\]"):
+        verifier_grades(lambda prompt, response: 2.0, groups, Letters())

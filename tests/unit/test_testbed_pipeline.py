@@ -26,6 +26,12 @@ def test_settings_are_checked_before_any_work():
         check_testbed_config(TestbedConfig(runs=["frozen", "save"], comparisons=[["save", "hl_bt"]]))
     with pytest.raises(ValueError, match="overlong_pair_share 1.5"):
         check_testbed_config(TestbedConfig(overlong_pair_share=1.5))
+    with pytest.raises(ValueError, match="go together"):
+        check_testbed_config(TestbedConfig(swept_runs=["save"]))
+    with pytest.raises(ValueError, match=r"unknown \['sav'\]"):
+        check_testbed_config(TestbedConfig(swept_runs=["sav"], rm_learning_rates=[1e-4]))
+    check_testbed_config(TestbedConfig(runs=["frozen"], swept_runs=["save"], rm_learning_rates=[1e-4],
+                                       comparisons=[["save@0.0001", "frozen"]]))
 
 
 def test_output_dir_guard(tmp_path):

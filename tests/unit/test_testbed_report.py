@@ -105,3 +105,49 @@ def test_verdicts_hand_computed():
     assert verdict({"mean": 0.0, "ci95": 0.03}, 0.02) == "undecided"  # crosses 0 and leaves the margin
     assert verdict({"mean": 0.02, "ci95": 0.019}, 0.02) == "higher"  # above 0 wins over the margin
     assert verdict({"mean": 0.5, "ci95": None}, 0.02) == "undecided"  # one seed: no interval
+
+
+def test_within_group_agreement_hand_computed():
+    from megatron_save.testbed.gold_eval import within_group_agreement
+
+    # gold orders (0 > 1), (0 > 2), (2 > 1); 1 and 3 tie in gold and are left out; 0 vs 3, 2 vs 3 ordered.
+    gold = [0.9, 0.1, 0.5, 0.1]
+    scores = [2.0, 1.0, 1.0, 3.0]  # right on (0,1), (0,2); tie on (1,2) -> 1/2; (0,3) wrong; (2,3) wrong
+    assert within_group_agreement(gold, scores) == (2.5, 5)
+    assert within_group_agreement([0.3, 0.3], [1.0, 2.0]) == (0.0, 0)
+
+
+def test_current_policy_accuracy_per_step_of_the_logged_and_the_proxy_scores():
+    from megatron_save.testbed.gold_eval import current_policy_accuracy
+
+    # "abc: write 4 vowels": gold("aaaa") = 1 > gold("aab") = 2/3 * 3/4 = 0.5 > gold("zz") = 0.
+    rows = [{"step": 1, "prompt": [{"role": "user", "content": "abc: write 4 vowels"}],
+             "responses": ["aaaa", "aab", "zz"], "rewards": [3.0, 2.0, None], "valid": [True, True, False]},
+            {"step": 2, "prompt": "abc: write 4 vowels", "responses": ["zz", "aaaa"], "rewards": [5.0, 1.0],
+             "valid": [True, True]}]
+    proxy = [0.0, 1.0, 9.0, 0.0, 1.0]  # one per logged response, in order (the invalid one is not paired)
+    assert current_policy_accuracy(rows, proxy) == {"rm": {1: 1.0, 2: 0.0}, "proxy": {1: 0.0, 2: 1.0}}
+
+
+def test_dose_response_readings_follow_the_preregistered_rules():
+    from megatron_save.testbed.report import dose_response, dose_response_readings
+
+    def seeds(*values):
+        return [{"final_policy_gold": v, "rm_gain_final_policy_pairs": v, "rm_accuracy_initial_policy_pairs": v,
+                 "gold_last5": v, "probe_drift_last5": v, "current_policy_gain_last5": v} for v in values]
+
+    per_seed = {"frozen": seeds(0, 0, 0), "online_gold@0.001": seeds(0.10, 0.12, 0.11),
+                "online_gold@1e-05": seeds(0.01, -0.01, 0.0), "save@0.001": seeds(-0.10, -0.12, -0.11),
+                "save@1e-05": seeds(0.3, -0.3, 0.0)}
+    sweep = {"online_gold": {1e-3: "online_gold@0.001", 1e-5: "online_gold@1e-05"},
+             "save": {1e-3: "save@0.001", 1e-5: "save@1e-05"}}
+    dose = dose_response(per_seed, sweep, margin=0.02)
+    assert dose["online_gold"]["0.001"]["rm_gain_final_policy_pairs"]["verdict"] == "higher"
+    assert dose["save"]["0.001"]["final_policy_gold"]["verdict"] == "lower"
+    assert dose["save"]["1e-05"]["final_policy_gold"]["verdict"] == "undecided"
+    readings = dose_response_readings(dose)
+    assert "passes at RM LR 0.001:" in readings[0]
+    assert readings[-2].endswith("at RM LR 0.001.") and readings[-1].endswith("at RM LR 0.001.")  # SAVE drifts
+    per_seed["online_gold@0.001"] = seeds(0.0, 0.01, -0.01)
+    readings = dose_response_readings(dose_response(per_seed, sweep, margin=0.02))
+    assert "the testbed cannot see the effect SAVE claims" in readings[0]

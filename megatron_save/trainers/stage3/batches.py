@@ -20,9 +20,11 @@ def prompts_per_rank(prompts: int, ranks: int, micro_batch_size: int) -> int:
 
 
 def response_group_batches(groups: RolloutGroups, trained: torch.Tensor, threshold: float, micro_batch_size: int,
-                           pad_id: int, ranks: int, rank: int) -> list[ResponseGroupBatch]:
+                           pad_id: int, ranks: int, rank: int, grades: torch.Tensor | None = None
+                           ) -> list[ResponseGroupBatch]:
     """Data-parallel rank ``rank`` of ``ranks``: its micro-batches of ``micro_batch_size`` prompts x G slots, for
-    an update that scores, partitions at ``threshold`` and learns from the ``trained`` [B, G] responses.
+    an update that scores, partitions at ``threshold`` and learns from the ``trained`` [B, G] responses (with a
+    verifier's ``grades`` [B, G] of them, when its pairs come from those).
 
     The B prompts are padded with empty groups (no valid slot: they add nothing) to a multiple of ranks x
     micro_batch_size and split contiguously over ranks (``prompts_per_rank`` each).
@@ -50,6 +52,8 @@ def response_group_batches(groups: RolloutGroups, trained: torch.Tensor, thresho
         threshold=threshold,
         sum_scale=float(micro_batches * ranks),
         value_scale=micro_batches * ranks / value_count if value_count else 0.0,
+        grades=None if grades is None else torch.tensor([float(grades[i, j]) if i < prompts else 0.0
+                                                         for i, j in slots]),
     )
     return batch.split(micro_batch_size * group_size)
 

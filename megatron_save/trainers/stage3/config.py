@@ -73,9 +73,7 @@ class PrimeSettings:
     """beta of r_phi(y_t) = beta * log(pi_phi / pi_ref) (PRIME: 0.05)."""
     labels: str = "above_group_mean"
     """Outcome labels: above_group_mean (1 where the frozen RM scores a response above its group's mean),
-    top_of_group (1 on each group's best response) or verifier (``verifier`` grades each response)."""
-    verifier: str | None = None
-    """labels=verifier: ``module:function`` called as function(prompt_text, response_text) -> label in [0, 1]."""
+    top_of_group (1 on each group's best response) or verifier (``reward.verifier`` grades each response)."""
     accuracy_low: float = 0.2
     """PRIME's accuracy filter: prompts whose mean label is below this are left out of both updates."""
     accuracy_high: float = 0.8
@@ -103,7 +101,7 @@ class RewardSettings:
     """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
     strategy: str = "save"
     """A row of trainers/strategies.py: save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt,
-    r2m or prime."""
+    verifier_hl_bt, r2m or prime."""
     initial_margin: float = 0.5
     """m0 of the curriculum filter (eq. 14)."""
     value_loss_weight: float = 1.0
@@ -123,6 +121,12 @@ class RewardSettings:
     """r2m: weight of the group reward entropy in the GREBT loss (R2M paper: 0.3)."""
     r2m_min_weight: float = 0.6
     """r2m: Omega, the floor of the weight on the reward model's own last-token state (R2M paper: 0.6-0.7)."""
+    verifier: str | None = None
+    """``module:function`` called as function(prompt_text, response_text) -> grade in [0, 1]: the labels of
+    reward.prime.labels=verifier and the pairs of the verifier_hl_bt strategy."""
+    probe_data: str | None = None
+    """Preference pairs (prompt / chosen / rejected) the reward model is measured on at every step, before its
+    update: ``rm_probe/accuracy`` shows an online RM drifting from (or towards) a fixed reference."""
     offline_data: str | None = None
     """offline_bt: preference pairs (prompt / chosen / rejected) of the continual offline BT baseline."""
     offline_split: str = "train"
@@ -231,6 +235,13 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
     if strategy.implicit_prm:
         _check_prime(cfg)
+    uses_verifier = strategy.verifier_grades or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier")
+    if uses_verifier != bool(cfg.reward.verifier):
+        raise ValueError(f"reward.verifier (module:function) is needed with reward.strategy=verifier_hl_bt or "
+                         f"reward.prime.labels=verifier, and only then (strategy={strategy.name!r}, prime.labels="
+                         f"{cfg.reward.prime.labels!r}, verifier={cfg.reward.verifier!r})")
+    if cfg.reward.verifier and ":" not in cfg.reward.verifier:
+        raise ValueError(f"reward.verifier={cfg.reward.verifier!r}: expected module:function")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":
         raise ValueError(f"rollout.sampling.n={cfg.rollout.sampling.n}: group advantages need at least 2 "
                          "responses per prompt")
@@ -274,11 +285,6 @@ def _check_prime(cfg: Stage3Config) -> None:
                          f"{cfg.policy.advantage!r})")
     if prime.labels not in PRIME_LABELS:
         raise ValueError(f"reward.prime.labels={prime.labels!r} is not one of {', '.join(PRIME_LABELS)}")
-    if (prime.labels == "verifier") != bool(prime.verifier):
-        raise ValueError("reward.prime.verifier (module:function) is needed with reward.prime.labels=verifier and "
-                         f"only then (labels={prime.labels!r}, verifier={prime.verifier!r})")
-    if prime.verifier and ":" not in prime.verifier:
-        raise ValueError(f"reward.prime.verifier={prime.verifier!r}: expected module:function")
     if not 0.0 <= prime.accuracy_low <= prime.accuracy_high <= 1.0:
         raise ValueError(f"reward.prime.accuracy_low={prime.accuracy_low} and accuracy_high={prime.accuracy_high} "
                          "must satisfy 0 <= low <= high <= 1")

@@ -45,7 +45,7 @@ from megatron_save.trainers.stage3.metrics import (
 )
 from megatron_save.trainers.stage3.policy_phase import old_logprobs_passes, policy_mini_batches, update_policy
 from megatron_save.trainers.stage3.prime import prime_token_advantages
-from megatron_save.trainers.stage3.reward_phase import r2m_phase, reward_phase, update_on_rollouts
+from megatron_save.trainers.stage3.reward_phase import probe_metrics, r2m_phase, reward_phase, update_on_rollouts
 from megatron_save.trainers.stage3.rollout_phase import (
     ROLLOUT_LOG,
     log_rollouts,
@@ -128,6 +128,9 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     with timer.phase("rollout"):
         groups = sample_groups(run, cfg, step)
     metrics = rollout_metrics(groups)
+    if run.probe_pairs:
+        with timer.phase("probe"):
+            add_metrics(metrics, probe_metrics(run, cfg))
     threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
     update = None
     if strategy.scores_in_update and groups.valid.any():

@@ -7,7 +7,6 @@ policy's response tokens without any re-encoding."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
 from functools import partial
 from typing import Any, Callable
@@ -23,43 +22,17 @@ from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.stage3.batches import PolicyRows, mini_batch_layout, policy_rows, policy_token_rows
 from megatron_save.trainers.stage3.config import PrimeSettings
 from megatron_save.trainers.stage3.groups import FeedbackPartition, GroupScores, OutcomeFeedback, RolloutGroups
+from megatron_save.trainers.stage3.verifier import Verifier, verifier_grades
 from megatron_save.trainers.step import train_step
 from megatron_save.trainers.strategies import RMStrategy
-
-Verifier = Callable[[str, str], float]
-
-
-def load_verifier(spec: str) -> Verifier:
-    """The function named by ``module:function`` (reward.prime.verifier)."""
-    module_name, _, function_name = spec.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"reward.prime.verifier={spec!r}: cannot load it ({error})") from error
-    if not callable(function):
-        raise ValueError(f"reward.prime.verifier={spec!r} is not callable")
-    return function
-
-
-def verifier_labels(verifier: Verifier, groups: RolloutGroups, tokenizer: Any) -> torch.Tensor:
-    """[B, G] the verifier's label of every valid response (its prompt is the last user turn), 0 elsewhere;
-    refuses a label outside [0, 1], naming the prompt."""
-    labels = torch.zeros(groups.valid.shape)
-    for b, g in groups.valid.nonzero().tolist():
-        prompt = next(m["content"] for m in reversed(groups.prompts[b]) if m["role"] == "user")
-        label = float(verifier(prompt, tokenizer.decode(groups.policy_response_ids[b][g], skip_special_tokens=True)))
-        if not 0.0 <= label <= 1.0:
-            raise ValueError(f"reward.prime.verifier gave {label} for prompt {prompt!r}; labels must be in [0, 1]")
-        labels[b, g] = label
-    return labels
 
 
 def label_outcomes(settings: PrimeSettings, groups: RolloutGroups, rewards: torch.Tensor, tokenizer: Any,
                    verifier: Verifier | None) -> OutcomeFeedback:
-    """Outcome labels by ``settings.labels`` (the frozen RM's scores [B, G] or the verifier) and the prompts
-    PRIME's accuracy filter keeps."""
+    """Outcome labels by ``settings.labels`` (the frozen RM's scores [B, G] or reward.verifier's grades) and the
+    prompts PRIME's accuracy filter keeps."""
     if settings.labels == "verifier":
-        labels = verifier_labels(verifier, groups, tokenizer)
+        labels = verifier_grades(verifier, groups, tokenizer)
     else:
         labels = outcome_labels(rewards.nan_to_num(0.0), groups.valid, settings.labels)
     in_range = accuracy_filter(labels, groups.valid, settings.accuracy_low, settings.accuracy_high)

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.data.batching import length_grouped_batches, pad_id_of
 from megatron_save.data.preference import PreferencePair
-from megatron_save.models.forward import broadcast_from_last_stage
+from megatron_save.models.forward import broadcast_from_last_stage, score_token_sequences
 from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.common import BatchSettings, pair_micro_batches
 from megatron_save.trainers.optimizer import backbone_frozen, scale_backbone_gradients
@@ -32,6 +33,7 @@ from megatron_save.trainers.stage3.prime import update_implicit_prm, with_proces
 from megatron_save.trainers.stage3.r2m import update_r2m_after_policy
 from megatron_save.trainers.stage3.rollout_phase import r2m_omega, score_micro_batch, score_rollouts, scoring_passes
 from megatron_save.trainers.stage3.run import Stage3Run
+from megatron_save.trainers.stage3.verifier import verifier_grades
 from megatron_save.trainers.step import forward_backward, optimizer_step, train_step
 from megatron_save.trainers.strategies import RMStrategy
 from megatron_save.utils.logging import get_logger
@@ -61,26 +63,28 @@ def update_on_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups,
     (``update_reward_model``), leaving truncated responses out of the update with
     ``reward.update_skips_truncated``."""
     trained = rm_trained(groups, cfg.reward.update_skips_truncated)
+    grades = verifier_grades(run.verifier, groups, run.policy_tokenizer) if run.strategy.verifier_grades else None
     with timer.phase("rm_update"), run.offload.resident("reward"):
         update = update_reward_model(run.reward_state, run.strategy, cfg.reward, groups, trained, threshold,
-                                     pad_id_of(run.reward_tokenizer), run.reward_model.has_value_head)
+                                     pad_id_of(run.reward_tokenizer), run.reward_model.has_value_head, grades)
     update.metrics["rm/truncated_left_out"] = float((groups.valid & ~trained).sum())
     return update
 
 
 def update_reward_model(state: TrainState, strategy: RMStrategy, settings: RewardSettings, groups: RolloutGroups,
-                        trained: torch.Tensor, threshold: float, pad_id: int, value_head: bool) -> RolloutUpdate:
+                        trained: torch.Tensor, threshold: float, pad_id: int, value_head: bool,
+                        grades: torch.Tensor | None = None) -> RolloutUpdate:
     """Collective: the strategy's loss on the last pipeline stage reads R (and V) of each micro-batch's groups,
     partitions them at mu(t) = ``threshold`` over the ``trained`` [B, G] responses and returns the reward term's
     sum with the value term's mean (micro-batches hold whole groups, so a partition is local); the scores and
     sums then come back from every rank, and the optimizer steps on the backbone's gradient divided by the
     batch's count (Megatron's per-token-loss normalisation, with a count per term), unless the scores are not
-    finite or there is nothing to learn."""
+    finite or there is nothing to learn. ``grades`` [B, G]: a verifier's, for a strategy whose pairs they label."""
     loss_fn = (partial(strategy.loss, value_loss_weight=settings.value_loss_weight) if strategy.value_head
                else strategy.loss)
     micro_batches = response_group_batches(groups, trained, threshold, settings.micro_batch_size, pad_id,
                                            parallel_state.get_data_parallel_world_size(),
-                                           parallel_state.get_data_parallel_rank())
+                                           parallel_state.get_data_parallel_rank(), grades)
     outputs = forward_backward(state, micro_batches, loss_fn)
     scores, sums = gather_rollout_outputs(outputs, groups, settings.micro_batch_size, value_head)
     reward_sum, reward_count, value_sum = sums.tolist()
@@ -203,6 +207,16 @@ def _update_on_offline_pairs(state: TrainState, strategy: RMStrategy, settings: 
     metrics = train_step(state, pair_micro_batches(pairs, indices, batch, pad_id), strategy.loss,
                          strategy.loss_metrics)
     return {"rm/bt_loss": metrics["loss"], "rm/bt_accuracy": metrics["accuracy"], "rm/grad_norm": metrics["grad_norm"]}
+
+
+def probe_metrics(run: Stage3Run, cfg: Stage3Config) -> dict[str, float]:
+    """Collective: the reward model's accuracy on reward.probe_data's fixed pairs (chosen scored strictly above
+    rejected), as it stands before the step's update."""
+    sequences = [ids for pair in run.probe_pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    rewards = score_token_sequences(run.reward_model, sequences, pad_id_of(run.reward_tokenizer),
+                                    score_micro_batch(cfg), description=None).rewards  # [2P]
+    return {"rm_probe/accuracy": float(pairwise_accuracy(rewards[0::2], rewards[1::2])),
+            **passes("reward_probe", forward=1)}
 
 
 def r2m_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,

@@ -29,8 +29,8 @@ from megatron_save.rollout.vllm_engine import VLLMRolloutEngine
 from megatron_save.trainers.offload import IdleOffload
 from megatron_save.trainers.optimizer import build_train_state
 from megatron_save.trainers.stage3.config import Stage3Config
-from megatron_save.trainers.stage3.prime import load_verifier
 from megatron_save.trainers.stage3.r2m import build_r2m_head
+from megatron_save.trainers.stage3.verifier import load_verifier
 from megatron_save.trainers.strategies import RMStrategy, strategy_named
 from megatron_save.utils.files import publish_directory
 from megatron_save.utils.logging import get_logger
@@ -76,7 +76,9 @@ class Stage3Run:
     prm_reference: Any | None = None
     """The PRM's frozen reference: the policy's reference itself when both come from the same checkpoint."""
     verifier: Callable[[str, str], float] | None = None
-    """PRIME's outcome verifier (reward.prime.labels=verifier)."""
+    """reward.verifier: PRIME's outcome labels (reward.prime.labels=verifier) or verifier_hl_bt's pairs."""
+    probe_pairs: list[PreferencePair] | None = None
+    """reward.probe_data: the pairs the reward model's accuracy is measured on at every step."""
 
     def trained_states(self) -> dict[str, TrainState]:
         """The models this run trains, by checkpoint name."""
@@ -165,8 +167,10 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
                     policy_tokenizer, reward_tokenizer, policy_hf, offline_pairs, r2m_state)
     if strategy.implicit_prm:
         run.prm_state, run.prm_reference = _build_implicit_prm(cfg, policy_hf, reference)
-        if cfg.reward.prime.verifier:
-            run.verifier = load_verifier(cfg.reward.prime.verifier)
+    if cfg.reward.verifier:
+        run.verifier = load_verifier(cfg.reward.verifier)
+    if cfg.reward.probe_data:
+        run.probe_pairs, _ = load_preference_pairs(cfg.reward.probe_data, reward_tokenizer, cfg.reward.max_length)
     run.offload = IdleOffload(cfg.offload, run.trained_states(), reference)
     return run
 
