@@ -9,6 +9,7 @@ run again when the command is repeated with the same settings; an interrupted on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -204,12 +205,13 @@ class Steps:
         if not marker.exists():
             for output in outputs:
                 shutil.rmtree(output, ignore_errors=True)
+            start = time.monotonic()
             if command is not None:
                 run_child(command, self.root / "logs" / f"{name.replace('/', '__')}.log", self.bar)
             if action is not None:
                 action()
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            marker.write_text(json.dumps({"seconds": time.monotonic() - start}) + "\n")
         self.bar.update()
 
     def close(self) -> None:
@@ -295,6 +297,18 @@ def prepare_output_dir(cfg: TestbedConfig) -> None:
     saved.write_text(settings)
 
 
+def wall_time(cfg: TestbedConfig) -> dict[str, float | int | str]:
+    """What the report's seeds cost: the seconds of every finished step that recorded them (its marker), summed
+    over all and over the stage-3 runs, and the steps that did not (markers of an older launch are empty); the span
+    from the first to the last finished step (launch gaps included) for those."""
+    markers = [m for seed in cfg.seeds for m in (Path(cfg.output_dir) / "done").glob(f"seed_{seed}__*")]
+    seconds = {m.name: json.loads(m.read_text())["seconds"] for m in markers if m.read_text().strip()}
+    finished = sorted(m.stat().st_mtime for m in markers)
+    return {"steps": len(markers), "steps_timed": len(seconds), "seconds_timed": sum(seconds.values()),
+            "seconds_timed_rl_runs": sum(v for k, v in seconds.items() if "__rl_" in k),
+            "span_seconds_first_to_last_finished_step": finished[-1] - finished[0] if finished else 0.0}
+
+
 def run_testbed(cfg: TestbedConfig) -> Path:
     """Runs (or continues) every seed, then writes the report; returns the report directory."""
     from megatron_save.testbed.report import write_report
@@ -309,7 +323,7 @@ def run_testbed(cfg: TestbedConfig) -> Path:
         report_dir = Path(cfg.report_dir or Path(cfg.output_dir) / "report")
         steps.bar.set_description("gold testbed: report")
         sweep = {run: {lr: swept_name(run, lr) for lr in cfg.rm_learning_rates} for run in cfg.swept_runs}
-        write_report(Path(cfg.output_dir), cfg.seeds, runs, report_dir, asdict(cfg),
+        write_report(Path(cfg.output_dir), cfg.seeds, runs, report_dir, {**asdict(cfg), "wall_time": wall_time(cfg)},
                      [tuple(c) for c in cfg.comparisons], cfg.equivalence_margin, sweep)
         steps.bar.update()
     finally:

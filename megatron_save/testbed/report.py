@@ -195,6 +195,18 @@ def markdown_table(table: dict[str, dict[str, dict]], initial: dict[str, dict], 
     return "\n".join(lines) + "\n"
 
 
+def cost_line(wall: dict[str, Any] | None) -> str:
+    """The report's cost in one line (the pipeline's ``wall_time``), empty without one."""
+    if not wall:
+        return ""
+    untimed = wall["steps"] - wall["steps_timed"]
+    return (f"\nWall time: {wall['seconds_timed'] / 60:.1f} min over {wall['steps_timed']} timed steps (stage-3 "
+            f"runs {wall['seconds_timed_rl_runs'] / 60:.1f} min)"
+            + (f"; {untimed} steps of an older launch recorded no time" if untimed else "")
+            + f"; {wall['span_seconds_first_to_last_finished_step'] / 60:.1f} min from the first to the last "
+            "finished step, gaps between launches included.\n")
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     """Centred moving average (shorter windows at the ends): each step's prompts differ, so raw curves are noisy."""
     half = window // 2
@@ -386,7 +398,7 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
                   for run, rows in per_seed.items() if run != "frozen"}
     compared = compare_runs(per_seed, list(comparisons), margin)
     dose = dose_response(per_seed, sweep, margin) if sweep else {}
-    markdown = markdown_table(table, initial, seeds, paired)
+    markdown = markdown_table(table, initial, seeds, paired) + cost_line(settings.get("wall_time"))
     (report_dir / "results.md").write_text(
         markdown + ("\n".join(comparison_table(compared, margin)) + "\n" if compared else "")
         + ("\n".join(dose_response_table(dose)) + "\n" if dose else ""))

@@ -107,6 +107,9 @@ def test_gold_testbed_short_run(tmp_path):
                                                             "keep_rate.png", "letters_by_step.png",
                                                             "overoptimisation.png"]
     assert "Dose-response" in (report / "results.md").read_text()
+    wall = results["settings"]["wall_time"]  # every step of this fresh launch timed
+    assert wall["steps"] == wall["steps_timed"] == 11 and 0 < wall["seconds_timed_rl_runs"] < wall["seconds_timed"]
+    assert "Wall time:" in (report / "results.md").read_text()
 
     # A relaunch runs nothing again: every step is marked done and the report is rewritten from the same files.
     before = (runs / "save" / "gold_eval.json").stat().st_mtime_ns

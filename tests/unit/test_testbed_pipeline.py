@@ -74,6 +74,27 @@ def test_steps_run_once_and_an_interrupted_step_starts_over(tmp_path):
     assert calls == [[]]  # ran once, after the partial output was removed
 
 
+def test_wall_time_sums_the_timed_steps_of_the_report_seeds(tmp_path):
+    import json
+    import os
+
+    from megatron_save.testbed.pipeline import wall_time
+
+    done = tmp_path / "done"
+    done.mkdir()
+    for name, seconds, finished in (("seed_0__sft", 10.0, 100), ("seed_0__rl_save@0.001", 30.0, 400),
+                                    ("seed_0__stage1", None, 50), ("seed_1__sft", 99.0, 9000)):
+        (done / name).write_text("" if seconds is None else json.dumps({"seconds": seconds}))
+        os.utime(done / name, (finished, finished))
+    assert wall_time(TestbedConfig(output_dir=str(tmp_path), seeds=[0])) == {
+        "steps": 3, "steps_timed": 2, "seconds_timed": 40.0, "seconds_timed_rl_runs": 30.0,
+        "span_seconds_first_to_last_finished_step": 350.0}
+    steps = Steps(TestbedConfig(output_dir=str(tmp_path)), total=1)
+    steps.run("seed_2/data", action=lambda: None)
+    steps.close()
+    assert json.loads((done / "seed_2__data").read_text())["seconds"] >= 0
+
+
 def test_progress_of_reads_the_last_bar_of_a_child_log(tmp_path):
     log = tmp_path / "child.log"
     log.write_text("[12:00 x] hello\nstage 3 (save):  10%|#         | 3/30 [00:01<00:09]\r"
