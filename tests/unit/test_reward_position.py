@@ -237,3 +237,17 @@ def test_a_reward_read_at_the_last_token_fails_these_checks(pad_is_eos_models, w
     reference = _transformers_rewards(paths["export"], sequences)
     ends_in_eos = torch.tensor([s[-1] == EOS_ID for s in sequences])
     assert (ours - reference).abs()[ends_in_eos].min().item() > 100 * REWARD_ATOL
+
+
+@pytest.mark.parametrize("kind", ["converted", "as_reward_model"])
+def test_r2m_reads_the_reward_models_state_where_its_reward_is_read(pad_is_eos_models, kind, world_of_one):
+    """R2M fuses the frozen RM's state at its reward position: that state through the reward head is the RM's own
+    reward (so R2M's head, which starts as the reward head, starts from the RM's reading of the sequence)."""
+    from megatron_save.trainers.stage3.r2m import reward_states
+
+    sequences = _sequences()
+    model, _, _ = build_model_from_checkpoint(pad_is_eos_models[kind]["mg"])
+    states = reward_states(model, sequences, PAD_ID, micro_batch_size=2)  # [N, H]
+    rewards = score_token_sequences(model, sequences, PAD_ID, micro_batch_size=2, description=None).rewards
+    through_head = (states @ model.output_layer.reward_head.weight.detach().float().T)[:, 0]
+    assert (through_head - rewards).abs().max().item() < REWARD_ATOL

@@ -1,6 +1,6 @@
-"""The R2M baseline in stage 3 (its Algorithm 1): rewards from the frozen reward model's last-token state fused
-with the policy's hidden states (R2MHead), and the lightweight GREBT update of that head after each policy update
-on the updated policy's states."""
+"""The R2M baseline in stage 3 (its Algorithm 1): rewards from the frozen reward model's state at its reward
+position fused with the policy's hidden states (R2MHead), and the lightweight GREBT update of that head after each
+policy update on the updated policy's states."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from megatron_save.algorithms import grebt_loss
 from megatron_save.distributed import compute_device
-from megatron_save.models.forward import at_last_token, broadcast_from_last_stage, final_hidden_states
+from megatron_save.models.forward import broadcast_from_last_stage, final_hidden_states
 from megatron_save.models.r2m import R2MHead
+from megatron_save.models.reward_model import reward_positions
 from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.stage3.groups import GroupScores, RolloutGroups
 from megatron_save.utils.tensors import pad_rows
@@ -25,7 +26,7 @@ class PolicyFeedback:
     slots: list[tuple[int, int]]
     """(prompt, response) index of each row."""
     reward_states: torch.Tensor
-    """[N, Dm] the frozen reward model's last-layer state at each conversation's last token."""
+    """[N, Dm] the frozen reward model's last-layer state where it reads each conversation's reward."""
     policy_hidden: torch.Tensor
     """[N, S, Dp] the policy's last-layer hidden states over prompt + response (all but the last token)."""
     policy_mask: torch.Tensor
@@ -51,14 +52,27 @@ def policy_hidden_states(policy: Any, groups: RolloutGroups, slots: list[tuple[i
     return hidden, mask
 
 
+def reward_states(reward_model: Any, sequences: list[list[int]], pad_id: int, micro_batch_size: int
+                  ) -> torch.Tensor:
+    """[N, Dm] the reward model's last-layer state where it reads each sequence's reward: the last token that is
+    not its pad token, as transformers reads it (``reward_positions``; with pad = EOS, before a trailing EOS)."""
+    rows = sequences + [sequences[0]] * (-len(sequences) % micro_batch_size)
+    input_ids, mask = pad_rows(rows, pad_id)
+    hidden = final_hidden_states(reward_model, input_ids, micro_batch_size)  # [N', S, Dm]
+    rows_index = torch.arange(len(rows))
+    last = mask.long().sum(dim=1) - 1  # [N']
+    read_at = reward_positions(input_ids, reward_model.pad_token_id)[rows_index, last]  # [N']
+    return hidden[rows_index, read_at.to(hidden.device)][: len(sequences)]
+
+
 def collect_feedback(reward_model: Any, policy: Any, groups: RolloutGroups, rm_pad: int, policy_pad: int,
                      micro_batch_size: int) -> PolicyFeedback:
-    """Collective: the reward model's last-token states and the policy's hidden states of every valid slot."""
+    """Collective: the reward model's states (at its reward positions) and the policy's hidden states of every
+    valid slot."""
     slots = [tuple(s) for s in groups.valid.nonzero().tolist()]
-    hidden, mask = _hidden_of(reward_model, [groups.rm_sequences[b][g] for b, g in slots], rm_pad, micro_batch_size)
-    reward_states = at_last_token(hidden, mask)  # [N, Dm]
+    states = reward_states(reward_model, [groups.rm_sequences[b][g] for b, g in slots], rm_pad, micro_batch_size)
     policy_hidden, policy_mask = policy_hidden_states(policy, groups, slots, policy_pad, micro_batch_size)
-    return PolicyFeedback(slots, reward_states, policy_hidden, policy_mask)
+    return PolicyFeedback(slots, states, policy_hidden, policy_mask)
 
 
 def build_r2m_head(reward_model: Any, policy: Any, width: int, seed: int) -> R2MHead:
