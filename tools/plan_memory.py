@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-reference", action="store_true", help="no KL reference (policy.kl_coef=0)")
     parser.add_argument("--frozen-reward", action="store_true", help="the RM is not trained (reward.strategy=frozen)")
     parser.add_argument("--rollout-backend", choices=("transformers", "megatron", "vllm"), default="transformers")
+    parser.add_argument("--vllm-kv-cache-gib", type=float, default=None,
+                        help="--rollout-backend vllm: the KV cache each engine reserves "
+                             "(rollout.vllm.kv_cache_memory_gib; default: what --rollout-batch fills)")
     parser.add_argument("--value-head", action="store_true", help="the RM has a [1, hidden] value head")
     parser.add_argument("--spec", choices=("te", "local"), default="te",
                         help="layer implementation of the activation model (default te: GPU with Transformer Engine)")
@@ -100,6 +103,7 @@ def layout_of(args: argparse.Namespace) -> MemoryLayout:
         offload_optimizer=args.offload_optimizer, offload_gradients=args.offload_gradients,
         offload_reference=args.offload_reference, reference=not args.no_reference,
         reward_trained=not args.frozen_reward, value_head=args.value_head, rollout_backend=args.rollout_backend,
+        vllm_kv_cache_bytes=None if args.vllm_kv_cache_gib is None else int(args.vllm_kv_cache_gib * GIB),
         spec=args.spec)
 
 

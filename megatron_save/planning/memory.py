@@ -155,6 +155,9 @@ class MemoryLayout:
     """The reward model carries a value head [1, h] (SAVE's does)."""
     rollout_backend: str = "transformers"
     """transformers, megatron or vllm (``rollout.backend``)."""
+    vllm_kv_cache_bytes: int | None = None
+    """rollout.backend=vllm: the KV cache each engine reserves (``rollout.vllm.kv_cache_memory_gib``), whatever the
+    rollout batch needs; None plans the cache the batch fills."""
     spec: str = "te"
     """Layer implementation the activation model follows: te (Transformer Engine, GPU) or local (Megatron-Core's
     own modules, what runs on CPU)."""
@@ -383,7 +386,8 @@ def rollout_bytes(policy: Architecture, layout: MemoryLayout, stage: int) -> tup
     - transformers: one full HF copy of the policy and its whole-model KV cache on the first GPU of each
       model-parallel group (stage 0), fed by weight sync.
     - vllm: an engine on every GPU with vLLM's tensor parallelism = TP (experts split by TP as well): weights
-      and KV heads / TP (at least one head: vLLM replicates KV heads beyond their count), all layers.
+      and KV heads / TP (at least one head: vLLM replicates KV heads beyond their count), all layers; with
+      ``vllm_kv_cache_bytes`` the cache is what the engine reserves instead.
     - megatron: samples from the sharded policy itself (no copy); static KV cache of the stage's layers with
       kv heads / TP.
     """
@@ -395,6 +399,8 @@ def rollout_bytes(policy: Architecture, layout: MemoryLayout, stage: int) -> tup
         return stage_params(policy, 1, 1, 0).total() * e, 2 * policy.layers * g * d * kv_tokens * e
     if layout.rollout_backend == "vllm":
         weights = stage_params(policy, layout.tp, 1, 0, etp=layout.tp).total() * e
+        if layout.vllm_kv_cache_bytes is not None:
+            return weights, layout.vllm_kv_cache_bytes
         return weights, 2 * policy.layers * max(1, g // layout.tp) * d * kv_tokens * e
     layers = len(stage_layers(policy, layout.pp, stage))
     return 0, 2 * layers * (g // layout.tp) * d * kv_tokens * e

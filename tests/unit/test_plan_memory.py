@@ -145,6 +145,14 @@ def test_plan_reports_the_fullest_stage_and_sums_its_parts():
     assert stage_activation_bytes(policy, layout, 0, 2) > stage_activation_bytes(policy, layout, 1, 2)
     with pytest.raises(ValueError, match="tensor_model_parallel_size=8 does not divide the 4 attention heads"):
         plan_memory(policy, reward, replace(layout, tp=8))
+    # vLLM reserves rollout.vllm.kv_cache_memory_gib whatever the batch fills; without it the batch's need.
+    vllm = replace(layout, rollout_backend="vllm")
+    needed = plan_memory(policy, reward, vllm).per_gpu_bytes["rollout_kv_cache"]
+    assert needed == 2 * policy.layers * max(1, policy.kv_heads // 2) * policy.head_dim * vllm.sequence * \
+        vllm.rollout_batch * 2  # bf16
+    reserved = plan_memory(policy, reward, replace(vllm, vllm_kv_cache_bytes=3 * 2**30))
+    assert reserved.per_gpu_bytes["rollout_kv_cache"] == 3 * 2**30 and reserved.total == sum(
+        v for k, v in reserved.per_gpu_bytes.items() if k != "total")
 
 
 # -- against the real Megatron allocation -----------------------------------------------------------------------
@@ -260,6 +268,12 @@ def test_cli_json_total_is_the_sum_of_its_parts(tiny_configs):
     assert "rollout_weights" not in parts  # the megatron backend samples from the policy itself
     assert parts["policy_optimizer_states"] == 0 < parts["offload_restored"]
     assert (out["layout"]["tp"], out["layout"]["pp"], out["layout"]["dp"]) == (2, 2, 2)
+    vllm = subprocess.run(
+        [sys.executable, str(TOOL), "--policy", str(tiny_configs["policy"]), "--reward", str(tiny_configs["reward"]),
+         "--rollout-backend", "vllm", "--vllm-kv-cache-gib", "0.5", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert vllm.returncode == 0, vllm.stderr
+    assert json.loads(vllm.stdout)["per_gpu_bytes"]["rollout_kv_cache"] == 2**29
 
 
 def test_cli_lists_the_layouts_that_fit_smallest_model_parallel_first(tiny_configs):
