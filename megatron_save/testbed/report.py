@@ -330,7 +330,7 @@ def write_dose_response_plots(dose: dict[str, dict[str, dict[str, dict]]], curve
     for axes, metric in zip(grid.flat, COMPARED):
         for offset, (run, by_lr) in enumerate(dose.items()):
             rates = [float(lr) * (1 + 0.08 * (offset - 1)) for lr in by_lr]  # side by side, not on top
-            means = [stats[metric]["mean"] for stats in by_lr.values()]
+            means = [math.nan if stats[metric]["mean"] is None else stats[metric]["mean"] for stats in by_lr.values()]
             halves = [stats[metric]["ci95"] or 0.0 for stats in by_lr.values()]
             axes.errorbar(rates, means, yerr=halves, marker="o", capsize=3, label=run)
         axes.axhline(0.0, color="black", linewidth=0.8)
