@@ -200,11 +200,12 @@ def cost_line(wall: dict[str, Any] | None) -> str:
     if not wall:
         return ""
     untimed = wall["steps"] - wall["steps_timed"]
-    return (f"\nWall time: {wall['seconds_timed'] / 60:.1f} min over {wall['steps_timed']} timed steps (stage-3 "
-            f"runs {wall['seconds_timed_rl_runs'] / 60:.1f} min)"
-            + (f"; {untimed} steps of an older launch recorded no time" if untimed else "")
-            + f"; {wall['span_seconds_first_to_last_finished_step'] / 60:.1f} min from the first to the last "
-            "finished step, gaps between launches included.\n")
+    timed = (f"{wall['seconds_timed'] / 60:.1f} min over {wall['steps_timed']} timed steps (stage-3 runs "
+             f"{wall['seconds_timed_rl_runs'] / 60:.1f} min)" if wall["steps_timed"] else "")
+    untimed_text = f"{untimed} steps of an older launch recorded no time" if untimed else ""
+    span = (f"{wall['span_seconds_first_to_last_finished_step'] / 60:.1f} min from the first to the last finished "
+            "step, gaps between launches included")
+    return "\nWall time: " + "; ".join(part for part in (timed, untimed_text, span) if part) + ".\n"
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
