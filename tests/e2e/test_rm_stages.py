@@ -1,4 +1,5 @@
-"""Stages 1 and 2 end to end on CPU, as examples/cpu/tiny_rm_stages.sh runs them (stage 1 at TP=2, stage 2 at PP=2)."""
+"""Stages 1 and 2 end to end on CPU, as examples/cpu/tiny_rm_stages.sh runs them (its data from
+tools/make_synthetic_data.py, stage 1 at TP=2, stage 2 at PP=2)."""
 
 from __future__ import annotations
 

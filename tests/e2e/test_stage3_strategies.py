@@ -272,6 +272,25 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     assert all(("prm/loss" in r) == prime for r in records)
 
 
+ALGORITHM_EXAMPLES = ["grpo.yaml", "dr_grpo.yaml", "rloo.yaml", "reinforce_pp.yaml", "gspo.yaml"]
+
+
+@pytest.mark.parametrize("example", ALGORITHM_EXAMPLES)
+def test_algorithm_examples_run(example, tiny_models, rl_data, tmp_path, world_of_one):
+    """Each examples/algorithms overlay as README shows it, on the CPU stage-3 config: one step, whose recorded
+    advantages are the overlay's estimator's."""
+    overrides = [f"output_dir={tmp_path}", f"train_data={rl_data['prompts']}",
+                 f"policy.checkpoint={tiny_models['llama-lm']['mg']}",
+                 f"reward.checkpoint={tiny_models['llama-rmv']['mg']}", "parallel.tensor_model_parallel_size=1",
+                 "total_steps=1", "save_every=0", "tensorboard=false", "rollout_log=true"]
+    cfg = load_config(Stage3Config, [REPO / "examples" / "cpu" / "stage3_save.yaml",
+                                     REPO / "examples" / "algorithms" / example], overrides)
+    out = loop.train_stage3(cfg)
+    assert math.isfinite(read_metrics(out)[0]["policy/pg_loss"])
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    check_recorded_advantages(rollouts, cfg.policy.advantage)
+
+
 def test_non_finite_rewards_skip_the_step(tiny_models, rl_data, tmp_path, world_of_one, monkeypatch):
     """A NaN in the first scoring (the fused RM update's own forward) skips step 1 without an RM step; an inf in
     step 2's re-scoring (after the RM update) skips its policy update only; step 3 runs whole. Both counted."""
