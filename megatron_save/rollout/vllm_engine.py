@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from megatron_save.distributed.init import before_shutdown
+from megatron_save.models.families import head_dim_of
 from megatron_save.rollout.engine import Rollouts, SamplingSettings, check_weight_stream
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -109,7 +110,7 @@ def check_head_dim(config: Any, dtype: torch.dtype, model_dir: str | Path, platf
     fixed list: 32, 64, 80, ... in vLLM 0.32). On GPUs vLLM's own backend selection names an unsupported size."""
     if not platform.is_cpu():
         return
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     backend = cpu_attention_backend(platform, head_dim, dtype)
     if backend is not None and not backend.supports_head_size(head_dim):
         raise ValueError(f"rollout.backend=vllm: the policy's head_dim={head_dim} ({Path(model_dir) / 'config.json'})"

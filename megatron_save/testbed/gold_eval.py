@@ -87,11 +87,17 @@ def labelled_pairs(prompts: list[str], samples: list[list[str]]) -> list[dict]:
     return [pair for pair in pairs if pair is not None]
 
 
+def pair_credit(preferred: float, other: float) -> float:
+    """A reward model's credit on one gold-ordered pair from its scores of the preferred and the other response:
+    1 when it orders them like gold, 1/2 on a tie, 0 otherwise."""
+    return 1.0 if preferred > other else 0.5 if preferred == other else 0.0
+
+
 def pair_accuracy(rm_ckpt: str | Path, pairs: list[dict]) -> float:
     """Collective: share of gold-labelled pairs the reward model orders like the gold reward (ties count half)."""
     prompts = [p["prompt"] for p in pairs for _ in range(2)]
     scores = rm_scores(rm_ckpt, prompts, [r for p in pairs for r in (p["chosen"], p["rejected"])])
-    credit = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[0::2], scores[1::2])]
+    credit = [pair_credit(c, r) for c, r in zip(scores[0::2], scores[1::2])]
     return sum(credit) / len(credit)
 
 
@@ -141,20 +147,18 @@ def within_group_agreement(gold: list[float], scores: list[float]) -> tuple[floa
             if abs(gold[i] - gold[j]) < 1e-9:
                 continue
             pairs += 1
-            agree = (scores[i] - scores[j]) * (gold[i] - gold[j])
-            credit += 1.0 if agree > 0 else 0.5 if scores[i] == scores[j] else 0.0
+            preferred, other = (i, j) if gold[i] > gold[j] else (j, i)
+            credit += pair_credit(scores[preferred], scores[other])
     return credit, pairs
 
 
-def current_policy_accuracy(rollouts: list[dict], proxy_scores: list[float]) -> dict[str, dict[int, float]]:
+def current_policy_accuracy(rollouts: list[dict], proxy_scores: list[list[float]]) -> dict[str, dict[int, float]]:
     """Per step, on the gold-ordered pairs within each group of the step's valid rollouts: the accuracy of the
-    run's RM as it scored them (the logged rewards, before the step's update) and of the proxy RM (its scores,
-    one per logged response in order)."""
-    proxy = iter(proxy_scores)
+    run's RM as it scored them (the logged rewards, before the step's update) and of the proxy RM (its scores of
+    each logged row's responses)."""
     sums: dict[int, list[float]] = {}
-    for row in rollouts:
+    for row, proxy_row in zip(rollouts, proxy_scores):
         prompt = prompt_text(row["prompt"])
-        proxy_row = [next(proxy) for _ in row["responses"]]
         valid = [i for i, ok in enumerate(row["valid"]) if ok]
         gold = [gold_reward(prompt, row["responses"][i]) for i in valid]
         rm_credit, pairs = within_group_agreement(gold, [row["rewards"][i] for i in valid])
@@ -184,13 +188,13 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace, initial_pairs: list[di
     }
     rollouts = read_jsonl(run_dir / "rollouts.jsonl")
     prompts = [row["prompt"] for row in rollouts for _ in row["responses"]]
-    proxy_scores = rm_scores(args.proxy_rm, prompts, [r for row in rollouts for r in row["responses"]])
-    proxy = iter(proxy_scores)
+    proxy = iter(rm_scores(args.proxy_rm, prompts, [r for row in rollouts for r in row["responses"]]))
+    proxy_rows = [[next(proxy) for _ in row["responses"]] for row in rollouts]
     per_step: dict[int, list[float]] = {}
-    for row in rollouts:
-        per_step.setdefault(row["step"], []).extend(next(proxy) for _ in row["responses"])
+    for row, proxy_row in zip(rollouts, proxy_rows):
+        per_step.setdefault(row["step"], []).extend(proxy_row)
     result["proxy_reward_by_step"] = {step: sum(v) / len(v) for step, v in sorted(per_step.items())}
-    accuracy = current_policy_accuracy(rollouts, proxy_scores)
+    accuracy = current_policy_accuracy(rollouts, proxy_rows)
     result["rm_accuracy_current_policy_by_step"] = accuracy["rm"]
     result["proxy_accuracy_current_policy_by_step"] = accuracy["proxy"]
     return result

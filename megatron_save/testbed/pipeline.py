@@ -302,7 +302,8 @@ def wall_time(cfg: TestbedConfig) -> dict[str, float | int | str]:
     over all and over the stage-3 runs, and the steps that did not (markers of an older launch are empty); the span
     from the first to the last finished step (launch gaps included) for those."""
     markers = [m for seed in cfg.seeds for m in (Path(cfg.output_dir) / "done").glob(f"seed_{seed}__*")]
-    seconds = {m.name: json.loads(m.read_text())["seconds"] for m in markers if m.read_text().strip()}
+    texts = {m.name: m.read_text() for m in markers}
+    seconds = {name: json.loads(text)["seconds"] for name, text in texts.items() if text.strip()}
     finished = sorted(m.stat().st_mtime for m in markers)
     return {"steps": len(markers), "steps_timed": len(seconds), "seconds_timed": sum(seconds.values()),
             "seconds_timed_rl_runs": sum(v for k, v in seconds.items() if "__rl_" in k),

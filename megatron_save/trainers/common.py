@@ -20,10 +20,12 @@ from megatron_save.checkpoint.model_checkpoint import (
     build_model_from_checkpoint,
     read_checkpoint_meta,
 )
+from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.config import ParallelConfig, load_config
 from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
+from megatron_save.models.forward import score_token_sequences
 from megatron_save.models.gpt_config import model_shape
 from megatron_save.trainers.optimizer import DECAY_STYLES, OptimizerSettings
 from megatron_save.utils.files import LOCK_FILE, RunLock
@@ -191,3 +193,13 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
         if item.name == "checkpoint" and isinstance(value, str) and not (Path(value) / META_FILE).is_file():
             raise FileNotFoundError(f"{name}={value}: not a model checkpoint (no {META_FILE}; convert one with "
                                     "tools/convert_hf_to_megatron.py)")
+
+
+def pairwise_eval(model, pairs: list[PreferencePair], sequences_per_forward: int, pad_id: int,
+                  description: str | None = "held-out") -> float:
+    """Collective: accuracy over every pair (chosen strictly above rejected), the same on every rank."""
+    if not pairs:
+        raise ValueError("no held-out pairs to evaluate")
+    sequences = [ids for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    rewards = score_token_sequences(model, sequences, pad_id, sequences_per_forward, description=description).rewards
+    return pairwise_accuracy(rewards[0::2], rewards[1::2]).item()

@@ -79,22 +79,12 @@ def mean_reward_rm_loss(
 
 
 def hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The HL-BT baseline: Bradley-Terry on each group's highest vs lowest reward trained response; the sum over
-    pairs (divided by the batch's pairs after the pass)."""
+    """The HL-BT baseline: Bradley-Terry on each group's highest vs lowest trained response, ranked by the reward
+    model's own scores, or by a verifier's grades where the batch carries them (``batch.grades``: the pairs are
+    then labelled by the truth); the sum over pairs (divided by the batch's pairs after the pass)."""
     rewards, values, trained = _group_scores(batch, scores)  # [k, G]
-    pairs = highest_lowest_pairs(rewards, trained)[2].sum()
-    reward_sum = hl_bt_loss(rewards, trained) * pairs
-    return batch.sum_scale * reward_sum, _outputs(rewards, values, reward_sum, pairs)
-
-
-def verifier_hl_bt_rm_loss(batch: ResponseGroupBatch, scores: torch.Tensor
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry on each group's highest vs lowest response by the verifier's grades (``batch.grades``), not
-    by the reward model's own scores: HL-BT with pairs labelled by the truth. The sum over pairs, as
-    ``hl_bt_rm_loss``."""
-    rewards, values, trained = _group_scores(batch, scores)  # [k, G]
-    grades = batch.grades.to(scores.device).view(-1, batch.group_size)  # [k, G]
-    pairs = highest_lowest_pairs(grades, trained)[2].sum()
+    grades = None if batch.grades is None else batch.grades.to(scores.device).view(-1, batch.group_size)  # [k, G]
+    pairs = highest_lowest_pairs(rewards if grades is None else grades, trained)[2].sum()
     reward_sum = hl_bt_loss(rewards, trained, grades) * pairs
     return batch.sum_scale * reward_sum, _outputs(rewards, values, reward_sum, pairs)
 

@@ -11,14 +11,12 @@ from functools import partial
 
 from omegaconf import MISSING
 
-from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
 from megatron_save.config import ParallelConfig
 from megatron_save.data.batching import pad_id_of
-from megatron_save.data.preference import PreferencePair, load_preference_pairs
-from megatron_save.models.forward import score_token_sequences
+from megatron_save.data.preference import load_preference_pairs
 from megatron_save.trainers.common import (
     BatchSettings,
     DataSettings,
@@ -27,6 +25,7 @@ from megatron_save.trainers.common import (
     epoch_batches,
     load_examples,
     pair_micro_batches,
+    pairwise_eval,
     progress,
     run_from_command_line,
     start_from_checkpoint,
@@ -64,15 +63,6 @@ class Stage1Config:
     """Tensor / pipeline parallel layout."""
 
 
-def pairwise_eval(model, pairs: list[PreferencePair], micro_batch_size: int, pad_id: int) -> float:
-    """Held-out accuracy over every pair (chosen strictly above rejected), the same on every rank."""
-    if not pairs:
-        raise ValueError("no held-out pairs to evaluate")
-    sequences = [ids for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
-    rewards = score_token_sequences(model, sequences, pad_id, 2 * micro_batch_size, description="held-out").rewards
-    return pairwise_accuracy(rewards[0::2], rewards[1::2]).item()
-
-
 def train_stage1(cfg: Stage1Config) -> dict:
     check_settings(cfg)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
@@ -82,7 +72,7 @@ def train_stage1(cfg: Stage1Config) -> dict:
     batches = epoch_batches([p.length for p in train_pairs], cfg.batch, cfg.data.train_data, "pairs")
     state = build_train_state(model, cfg.optim, total_steps=len(batches))
     start = load_train_checkpoint(state, cfg.resume_from) if cfg.resume_from else 0
-    evaluate = partial(pairwise_eval, model, eval_pairs, cfg.batch.micro_batch_size, pad_id)
+    evaluate = partial(pairwise_eval, model, eval_pairs, 2 * cfg.batch.micro_batch_size, pad_id)
 
     history = {"eval_accuracy": [(start, evaluate())], "train": []}
     logger.info("%d training pairs, %d held out, steps %d..%d; held-out accuracy %.3f", len(train_pairs),

@@ -14,7 +14,6 @@ from megatron_save.trainers.losses import (
     mean_reward_rm_loss,
     prime_prm_loss,
     save_rm_loss,
-    verifier_hl_bt_rm_loss,
 )
 
 Anchor = Literal["value_head", "group_mean", "none"]
@@ -53,8 +52,8 @@ class RMStrategy:
     """Names of the metrics ``loss`` returns: averaged by the training step, or for a loss on rollouts its
     per-micro-batch scores and sums (ROLLOUT_LOSS_OUTPUTS), gathered by the update."""
     verifier_grades: bool = False
-    """The update's pairs are labelled by ``reward.verifier``'s grades of the responses, not by the reward model's
-    own scores."""
+    """The update's batches carry ``reward.verifier``'s grades of the responses, which label its pairs in place of
+    the reward model's own scores."""
     implicit_prm: bool = False
     """Trains PRIME's implicit process reward model (a causal LM against its frozen reference) on outcome labels
     instead of the reward model, which stays frozen and only labels; the policy's advantages then combine the
@@ -123,7 +122,7 @@ for _row in (
     # truth's ranking of its own policy's responses. Not a baseline of the paper: where a verifier exists (the gold
     # testbed), the positive control of an online update on the same groups.
     RMStrategy("verifier_hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
-               learns_from="rollouts", update="before_policy", loss=verifier_hl_bt_rm_loss,
+               learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
                loss_metrics=ROLLOUT_LOSS_OUTPUTS, verifier_grades=True),
 ):
     register_strategy(_row)

@@ -125,7 +125,7 @@ def test_current_policy_accuracy_per_step_of_the_logged_and_the_proxy_scores():
              "responses": ["aaaa", "aab", "zz"], "rewards": [3.0, 2.0, None], "valid": [True, True, False]},
             {"step": 2, "prompt": "abc: write 4 vowels", "responses": ["zz", "aaaa"], "rewards": [5.0, 1.0],
              "valid": [True, True]}]
-    proxy = [0.0, 1.0, 9.0, 0.0, 1.0]  # one per logged response, in order (the invalid one is not paired)
+    proxy = [[0.0, 1.0, 9.0], [0.0, 1.0]]  # one per logged response (the invalid one is not paired)
     assert current_policy_accuracy(rows, proxy) == {"rm": {1: 1.0, 2: 0.0}, "proxy": {1: 0.0, 2: 1.0}}
 
 

@@ -11,7 +11,7 @@ import torch
 
 from megatron_save.algorithms import grebt_loss
 from megatron_save.distributed import compute_device
-from megatron_save.models.forward import broadcast_from_last_stage, final_hidden_states
+from megatron_save.models.forward import broadcast_from_last_stage, final_hidden_states, last_token_index
 from megatron_save.models.r2m import R2MHead
 from megatron_save.models.reward_model import reward_positions
 from megatron_save.models.train_state import TrainState
@@ -34,21 +34,21 @@ class PolicyFeedback:
 
 
 def _hidden_of(model: Any, sequences: list[list[int]], pad_id: int, micro_batch_size: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states [N, S, H] and the padding mask [N, S] of token sequences (filled up to whole
-    micro-batches with copies of the first row, dropped afterwards)."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final hidden states [N, S, H], the padded token ids [N, S] and the padding mask [N, S] of token sequences
+    (filled up to whole micro-batches with copies of the first row, dropped afterwards)."""
     rows = sequences + [sequences[0]] * (-len(sequences) % micro_batch_size)
     input_ids, mask = pad_rows(rows, pad_id)
-    return final_hidden_states(model, input_ids, micro_batch_size)[: len(sequences)], mask[: len(sequences)]
+    hidden = final_hidden_states(model, input_ids, micro_batch_size)
+    return hidden[: len(sequences)], input_ids[: len(sequences)], mask[: len(sequences)]
 
 
 def policy_hidden_states(policy: Any, groups: RolloutGroups, slots: list[tuple[int, int]], pad_id: int,
                          micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's hidden states at positions 0 .. S - 2 of each slot's prompt + response: [N, S, Dp], mask."""
     sequences = [groups.policy_prompt_ids[b] + groups.policy_response_ids[b][g] for b, g in slots]
-    hidden, mask = _hidden_of(policy, sequences, pad_id, micro_batch_size)
-    last = mask.long().sum(dim=1) - 1
-    mask[torch.arange(len(sequences)), last] = False  # the last token predicts nothing in the response
+    hidden, _, mask = _hidden_of(policy, sequences, pad_id, micro_batch_size)
+    mask[torch.arange(len(sequences)), last_token_index(mask)] = False  # the last token predicts nothing
     return hidden, mask
 
 
@@ -56,13 +56,10 @@ def reward_states(reward_model: Any, sequences: list[list[int]], pad_id: int, mi
                   ) -> torch.Tensor:
     """[N, Dm] the reward model's last-layer state where it reads each sequence's reward: the last token that is
     not its pad token, as transformers reads it (``reward_positions``; with pad = EOS, before a trailing EOS)."""
-    rows = sequences + [sequences[0]] * (-len(sequences) % micro_batch_size)
-    input_ids, mask = pad_rows(rows, pad_id)
-    hidden = final_hidden_states(reward_model, input_ids, micro_batch_size)  # [N', S, Dm]
-    rows_index = torch.arange(len(rows))
-    last = mask.long().sum(dim=1) - 1  # [N']
-    read_at = reward_positions(input_ids, reward_model.pad_token_id)[rows_index, last]  # [N']
-    return hidden[rows_index, read_at.to(hidden.device)][: len(sequences)]
+    hidden, input_ids, mask = _hidden_of(reward_model, sequences, pad_id, micro_batch_size)  # [N, S, Dm]
+    rows = torch.arange(len(sequences))
+    read_at = reward_positions(input_ids, reward_model.pad_token_id)[rows, last_token_index(mask)]  # [N]
+    return hidden[rows, read_at.to(hidden.device)]
 
 
 def collect_feedback(reward_model: Any, policy: Any, groups: RolloutGroups, rm_pad: int, policy_pad: int,

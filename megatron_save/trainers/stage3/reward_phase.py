@@ -12,12 +12,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.data.batching import length_grouped_batches, pad_id_of
 from megatron_save.data.preference import PreferencePair
-from megatron_save.models.forward import broadcast_from_last_stage, score_token_sequences
+from megatron_save.models.forward import broadcast_from_last_stage
 from megatron_save.models.train_state import TrainState
-from megatron_save.trainers.common import BatchSettings, pair_micro_batches
+from megatron_save.trainers.common import BatchSettings, pair_micro_batches, pairwise_eval
 from megatron_save.trainers.optimizer import backbone_frozen, scale_backbone_gradients
 from megatron_save.trainers.stage3.batches import prompts_per_rank, response_group_batches
 from megatron_save.trainers.stage3.config import RewardSettings, Stage3Config
@@ -212,11 +211,9 @@ def _update_on_offline_pairs(state: TrainState, strategy: RMStrategy, settings: 
 def probe_metrics(run: Stage3Run, cfg: Stage3Config) -> dict[str, float]:
     """Collective: the reward model's accuracy on reward.probe_data's fixed pairs (chosen scored strictly above
     rejected), as it stands before the step's update."""
-    sequences = [ids for pair in run.probe_pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
-    rewards = score_token_sequences(run.reward_model, sequences, pad_id_of(run.reward_tokenizer),
-                                    score_micro_batch(cfg), description=None).rewards  # [2P]
-    return {"rm_probe/accuracy": float(pairwise_accuracy(rewards[0::2], rewards[1::2])),
-            **passes("reward_probe", forward=1)}
+    accuracy = pairwise_eval(run.reward_model, run.probe_pairs, score_micro_batch(cfg),
+                             pad_id_of(run.reward_tokenizer), description=None)
+    return {"rm_probe/accuracy": accuracy, **passes("reward_probe", forward=1)}
 
 
 def r2m_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
