@@ -107,3 +107,14 @@ def length_parity_grade(prompt: str, response: str) -> float:
     """A stand-in verifier for stage 3's tests (reward.verifier=helpers:length_parity_grade): 1 for a response
     of even length, else 0 (mixed labels within a group, which PRIME's accuracy filter keeps)."""
     return float(len(response) % 2 == 0)
+
+
+def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF model directory, its value-head side file included."""
+    from megatron_save.checkpoint.hf import VALUE_HEAD_FILE
+    from megatron_save.checkpoint.safetensors_io import SafetensorsReader
+
+    model_dir = Path(model_dir)
+    side = (VALUE_HEAD_FILE,) if (model_dir / VALUE_HEAD_FILE).exists() else ()
+    reader = SafetensorsReader(model_dir, side_files=side)
+    return {name: reader.get(name) for name in sorted(reader.names())}

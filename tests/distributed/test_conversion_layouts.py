@@ -8,17 +8,8 @@ from pathlib import Path
 
 import torch
 
-from helpers import torchrun_tool
+from helpers import hf_tensors, torchrun_tool
 from megatron_save.checkpoint.model_checkpoint import read_checkpoint_meta
-from megatron_save.checkpoint.safetensors_io import SafetensorsReader
-from megatron_save.checkpoint.hf import VALUE_HEAD_FILE
-
-
-def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF model directory, its value-head side file included."""
-    side = (VALUE_HEAD_FILE,) if (model_dir / VALUE_HEAD_FILE).exists() else ()
-    reader = SafetensorsReader(model_dir, side_files=side)
-    return {name: reader.get(name) for name in sorted(reader.names())}
 
 
 def assert_same_tensors(expected: Path, actual: Path) -> None:

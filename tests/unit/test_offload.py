@@ -3,7 +3,7 @@ named model is resident, and the optimizer offload selects the optimizer's own t
 
 Freeing gradient buffers releases their storage on any device, which is measured here. Moving optimizer tensors
 to host memory moves nothing on CPU (they are there already): what is tested is which tensors would move; on a GPU
-machine they move (tests/gpu/test_offload_gpu.py measures the device memory). The models use the local spec: its
+machine they move (tests/gpu/test_gpu_offload.py measures the device memory). The models use the local spec: its
 forward and backward are deterministic on a GPU too, so the trained weights compare exactly."""
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import hf_tensors
 from megatron.core.transformer.identity_op import IdentityOp
 from safetensors.torch import load_file
 
 from megatron_save.checkpoint import build_model_from_checkpoint
-from megatron_save.checkpoint.hf import VALUE_HEAD_FILE
 from megatron_save.checkpoint.hf.gather import gather_hf_state
 from megatron_save.models.families import family_for
 from megatron_save.models.spec import (
@@ -25,13 +25,6 @@ from megatron_save.models.spec import (
 from megatron_save.testing.te_names import TE_FUSED_NORM, with_te_parameter_names
 
 DENSE = ("llama-lm", "qwen2-lm", "qwen3-lm", "llama-rmv")
-
-
-def _hf_file_tensors(hf_dir) -> dict[str, torch.Tensor]:
-    tensors = load_file(hf_dir / "model.safetensors")
-    if (hf_dir / VALUE_HEAD_FILE).exists():
-        tensors.update(load_file(hf_dir / VALUE_HEAD_FILE))
-    return tensors
 
 
 def _te_model(checkpoint):
@@ -101,7 +94,7 @@ def test_te_named_model_syncs_exact_hf_tensors(name, tiny_models, world_of_one):
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
     assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
-    original = _hf_file_tensors(tiny_models[name]["hf"])
+    original = hf_tensors(tiny_models[name]["hf"])
     if hf_config.tie_word_embeddings:
         original.pop("lm_head.weight", None)
     gathered = dict(gather_hf_state(model, family_for(hf_config), hf_config))
@@ -115,7 +108,7 @@ def test_te_named_moe_model_syncs_exact_hf_tensors(tiny_moe_models, world_of_one
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
     assert "decoder.layers.0.pre_mlp_layernorm.weight" in names  # TE keeps it before the router
     gathered = dict(gather_hf_state(model, family_for(hf_config), hf_config))
-    original = _hf_file_tensors(tiny_moe_models["qwen3_moe-rmv"]["hf"])
+    original = hf_tensors(tiny_moe_models["qwen3_moe-rmv"]["hf"])
     assert sorted(gathered) == sorted(original)
     assert all(torch.equal(gathered[k], original[k]) for k in original)
 
@@ -135,7 +128,7 @@ def test_checkpoint_of_a_te_named_model_exports_to_the_same_hf_tensors(name, tin
         model.decoder.layers[1].self_attention.linear_qkv.get_parameter(TE_FUSED_NORM).mul_(1.5)
     save_model_checkpoint(model, tmp_path / "te_ckpt", meta, dirs["mg"] / HF_SUBDIR)
     exported = load_file(convert_megatron_to_hf(tmp_path / "te_ckpt", tmp_path / "hf") / "model.safetensors")
-    expected = _hf_file_tensors(dirs["hf"])
+    expected = hf_tensors(dirs["hf"])
     expected["model.layers.1.input_layernorm.weight"] = expected["model.layers.1.input_layernorm.weight"] * 1.5
     expected.pop("value_head.weight", None)
     if hf_config.tie_word_embeddings:

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import LAYOUTS  # noqa: E402
+from helpers import LAYOUTS, hf_tensors  # noqa: E402
 
 from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
-from megatron_save.checkpoint.hf import VALUE_HEAD_FILE  # noqa: E402
 from megatron_save.checkpoint.hf.gather import gather_hf_state  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
@@ -35,9 +33,7 @@ def main() -> None:
             model, meta, hf_config = build_model_from_checkpoint(dirs["mg"])
             if dirs.get("te_names"):  # the parameter names of a Transformer Engine spec model
                 with_te_parameter_names(model)
-            original = load_file(Path(dirs["hf"]) / "model.safetensors")
-            if (Path(dirs["hf"]) / VALUE_HEAD_FILE).exists():
-                original.update(load_file(Path(dirs["hf"]) / VALUE_HEAD_FILE))
+            original = hf_tensors(dirs["hf"])
             gathered = dict(gather_hf_state(model, family_for(hf_config), hf_config))
             if hf_config.tie_word_embeddings:
                 original.pop("lm_head.weight", None)
