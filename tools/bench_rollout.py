@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,14 +51,6 @@ def bench_prompts(tokenizer_dir: Path, count: int, length: int) -> list[list[int
     return [ordinary[torch.randint(len(ordinary), (length,), generator=generator)].tolist() for _ in range(count)]
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory (VmHWM), GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def build_engine(backend: str, hf_dir: Path, mg_dir: Path, longest: int, batch: int):
     """The backend's engine, and the model whose weights an update sends (None for Megatron-Core's engine)."""
     import torch
@@ -87,13 +78,16 @@ def build_engine(backend: str, hf_dir: Path, mg_dir: Path, longest: int, batch: 
 
 def run_backend(args: argparse.Namespace) -> None:
     """One backend in this process (a world of one): writes its measurements as JSON to --child-out."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
     import torch
 
     from megatron_save.config import ParallelConfig
     from megatron_save.distributed import init_distributed, shutdown_distributed
+    from megatron_save.distributed.init import free_port
     from megatron_save.rollout import SamplingSettings
+    from megatron_save.utils.metrics import peak_host_rss_gib
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
 
     init_distributed(ParallelConfig())
     prompts = json.loads(Path(args.prompts_file).read_text())
@@ -114,15 +108,9 @@ def run_backend(args: argparse.Namespace) -> None:
         rollouts = engine.generate(prompts, greedy)
         elapsed = time.perf_counter() - start
     tokens = sum(len(r) for group in rollouts.response_ids for r in group)
-    result |= {"tokens_per_s": tokens / elapsed, "tokens": tokens, "peak_rss_gib": peak_rss_gib()}
+    result |= {"tokens_per_s": tokens / elapsed, "tokens": tokens, "peak_rss_gib": peak_host_rss_gib()}
     Path(args.child_out).write_text(json.dumps(result))
     shutdown_distributed()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:

@@ -79,7 +79,8 @@ def check_parallel_layout(parallel: ParallelConfig, world_size: int, shape: Mode
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous that has no MASTER_ADDR / MASTER_PORT)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -102,7 +103,7 @@ def init_distributed(parallel: ParallelConfig, *shapes: ModelShape) -> None:
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
         # Outside torchrun (a world of one: conversion tools, tests) pick a free local port without touching
         # os.environ, so child processes do not inherit an address that this process already holds.
-        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # A gloo job on a GPU machine may run more processes than GPUs (the streamed export on host memory).
         if cuda and (backend == "nccl" or local_rank < torch.cuda.device_count()):

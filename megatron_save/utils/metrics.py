@@ -87,6 +87,11 @@ def truncate_history(path: str | Path, last_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def peak_host_rss_gib() -> float:
+    """This process's peak resident host memory so far, GiB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class PhaseTimer:
     """Wall time and (on GPU) peak allocated memory of named phases of a step."""
 
@@ -111,6 +116,5 @@ class PhaseTimer:
         """The step's timings, and a fresh start for the next step."""
         metrics, self.metrics = self.metrics, {}
         metrics["time/step_s"] = sum(v for k, v in metrics.items() if k.startswith("time/"))
-        # ru_maxrss is in KiB on Linux: this process's peak resident memory so far (host side, all phases).
-        metrics["memory/host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        metrics["memory/host_peak_rss_gib"] = peak_host_rss_gib()
         return metrics
