@@ -101,7 +101,7 @@ class RewardSettings:
     """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
     strategy: str = "save"
     """A row of trainers/strategies.py: save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt,
-    verifier_hl_bt, r2m or prime."""
+    verifier_hl_bt, verifier_reward (the policy rewarded by reward.verifier: an oracle), r2m or prime."""
     initial_margin: float = 0.5
     """m0 of the curriculum filter (eq. 14)."""
     value_loss_weight: float = 1.0
@@ -123,7 +123,7 @@ class RewardSettings:
     """r2m: Omega, the floor of the weight on the reward model's own last-token state (R2M paper: 0.6-0.7)."""
     verifier: str | None = None
     """``module:function`` called as function(prompt_text, response_text) -> grade in [0, 1]: the labels of
-    reward.prime.labels=verifier and the pairs of the verifier_hl_bt strategy."""
+    reward.prime.labels=verifier, the pairs of the verifier_hl_bt strategy and the rewards of verifier_reward."""
     probe_data: str | None = None
     """Preference pairs (prompt / chosen / rejected) the reward model is measured on at every step, before its
     update: ``rm_probe/accuracy`` shows an online RM drifting from (or towards) a fixed reference."""
@@ -235,9 +235,11 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
     if strategy.implicit_prm:
         _check_prime(cfg)
-    uses_verifier = strategy.verifier_grades or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier")
+    uses_verifier = (strategy.verifier_grades or strategy.rewards == "verifier"
+                     or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier"))
     if uses_verifier != bool(cfg.reward.verifier):
-        raise ValueError(f"reward.verifier (module:function) is needed with reward.strategy=verifier_hl_bt or "
+        raise ValueError(f"reward.verifier (module:function) is needed with reward.strategy=verifier_hl_bt, "
+                         f"verifier_reward or "
                          f"reward.prime.labels=verifier, and only then (strategy={strategy.name!r}, prime.labels="
                          f"{cfg.reward.prime.labels!r}, verifier={cfg.reward.verifier!r})")
     if cfg.reward.verifier and ":" not in cfg.reward.verifier:
