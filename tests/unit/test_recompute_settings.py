@@ -161,3 +161,26 @@ def test_the_local_spec_recomputes_with_the_same_gradients(world_of_one, granula
         gradients.append(torch.cat([p.grad.flatten() for p in each.parameters()]))
     assert torch.equal(gradients[0], gradients[1])
     assert calls == {"layer": 2 if recomputed == "layer" else 1, "core_attn": 2}
+
+
+def test_layer_counts_are_checked_against_the_layout_before_anything_starts(tiny_models, rl_data, tmp_path):
+    """The tiny models have 4 layers: at PP=2 each stage holds 2. Stage 3 (each trained model) and the stages that
+    start from one checkpoint refuse num_layers the layout cannot take, before any process group exists."""
+    from megatron_save.config import ParallelConfig
+    from megatron_save.trainers.common import start_from_checkpoint
+    from megatron_save.trainers.stage3.run import build_stage3_run
+
+    with pytest.raises(ValueError, match=r"^recompute.num_layers=3 exceeds the 2 transformer layers"):
+        start_from_checkpoint(str(tiny_models["llama-rmv"]["mg"]), ParallelConfig(pipeline_model_parallel_size=2),
+                              recompute=RecomputeSettings("full", "block", 3))
+    base = dict(output_dir=str(tmp_path), train_data=str(rl_data["prompts"]))
+    for name, settings, message in (
+            ("policy", RecomputeSettings("full", num_layers=3), r"policy.recompute.num_layers=3 with policy.recompute"
+                                                                 r".method=uniform must divide the 4 transformer"),
+            ("reward", RecomputeSettings("full", "block", 5), r"reward.recompute.num_layers=5 exceeds the 4")):
+        cfg = Stage3Config(**base)
+        cfg.policy.checkpoint, cfg.reward.checkpoint = str(tiny_models["llama-lm"]["mg"]), str(
+            tiny_models["llama-rmv"]["mg"])
+        getattr(cfg, name).recompute = settings
+        with pytest.raises(ValueError, match=message):
+            build_stage3_run(cfg)

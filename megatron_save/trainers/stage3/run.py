@@ -135,12 +135,14 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
                          "run stage 2 (python -m megatron_save stage2) on it first")
     shapes = [model_shape(policy_hf, f"policy.checkpoint={cfg.policy.checkpoint}"),
               model_shape(reward_hf, f"reward.checkpoint={cfg.reward.checkpoint}")]
+    recomputes = [("policy.recompute", cfg.policy.recompute, policy_hf),
+                  ("reward.recompute", cfg.reward.recompute, reward_hf)]
     if strategy.implicit_prm:
-        shapes.append(model_shape(read_checkpoint_meta(prm_checkpoint(cfg))[1],
-                                  f"reward.prime.checkpoint={prm_checkpoint(cfg)}"))
-    for name, settings, hf_config in (("policy.recompute", cfg.policy.recompute, policy_hf),
-                                      ("reward.recompute", cfg.reward.recompute, reward_hf)):
-        # The layout's layer counts, before any model is built (the PRM's are checked where it is built).
+        prm_hf = read_checkpoint_meta(prm_checkpoint(cfg))[1]
+        shapes.append(model_shape(prm_hf, f"reward.prime.checkpoint={prm_checkpoint(cfg)}"))
+        recomputes.append(("reward.prime.recompute", cfg.reward.prime.recompute, prm_hf))
+    for name, settings, hf_config in recomputes:
+        # The layout's layer counts, before any process group or model exists.
         check_recompute(settings, name, hf_config.num_hidden_layers // cfg.parallel.pipeline_model_parallel_size)
     init_distributed(cfg.parallel, *shapes)
     policy_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.policy.checkpoint) / HF_SUBDIR)
