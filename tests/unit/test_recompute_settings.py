@@ -184,3 +184,18 @@ def test_layer_counts_are_checked_against_the_layout_before_anything_starts(tiny
         getattr(cfg, name).recompute = settings
         with pytest.raises(ValueError, match=message):
             build_stage3_run(cfg)
+
+
+def test_a_run_may_resume_with_other_recompute_settings():
+    """Recompute changes memory, not results: a stage-3 run that ran out of memory resumes with it switched on."""
+    from dataclasses import asdict
+
+    from megatron_save.checkpoint.run_checkpoint import settings_changes
+    from megatron_save.trainers.stage3.config import RESUMABLE_CHANGES
+
+    saved = asdict(_stage3())
+    cfg = _stage3(policy__recompute=RecomputeSettings("full", "block", 2),
+                  reward__recompute=RecomputeSettings("selective"), reward__prime__recompute=RecomputeSettings("full"))
+    assert settings_changes(saved, asdict(cfg), RESUMABLE_CHANGES) == []
+    cfg.policy.kl_coef = 0.5
+    assert settings_changes(saved, asdict(cfg), RESUMABLE_CHANGES) == ["policy.kl_coef: 0.04 -> 0.5"]
