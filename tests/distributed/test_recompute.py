@@ -1,7 +1,8 @@
 """Activation recompute changes memory, not results: the policy update, a stage-1 (BT) step and the fused SAVE
 reward-model step give the same losses, gradient norms and updated parameters with full (uniform and block) and
 selective recompute as without, at TP=2 and at PP=2; and a tiny stage-3 SAVE run at TP=2 with
-``policy.recompute.granularity=full reward.recompute.granularity=full`` logs the same metrics as without. Hooks on
+``policy.recompute.granularity=full reward.recompute.granularity=full`` builds its policy and reward model (not the
+reference) with recompute and logs the same metrics as without. Hooks on
 every transformer layer and core attention count their forward calls during training, so a recompute setting that
 never reached Megatron (or that Megatron ignored) fails here: recomputing runs a module's forward again in the
 backward. Everything runs in one 2-process launch (tests/distributed/workers/recompute_worker.py)."""
@@ -99,7 +100,11 @@ def test_megatron_recomputes_what_the_setting_says(recompute_runs, layout, case)
 
 
 def test_a_stage3_save_run_logs_the_same_with_recompute(recompute_runs):
-    _, runs = recompute_runs
+    steps, runs = recompute_runs
+    # What the runs built: the trained policy and reward model with recompute, the reference never.
+    assert steps["stage3_models"] == {
+        "plain": [["llama-lm-mg", None], ["llama-lm-mg", None], ["llama-rmv-mg", None]],
+        "recompute": [["llama-lm-mg", "full"], ["llama-lm-mg", None], ["llama-rmv-mg", "full"]]}
     plain, recomputed = runs["plain"], runs["recompute"]
     assert [r["step"] for r in plain] == [r["step"] for r in recomputed] == [1, 2]
     compared = 0

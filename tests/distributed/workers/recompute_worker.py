@@ -7,10 +7,12 @@ each layer's core attention, ran forward during the training step (hooks), so th
 silently ignored is seen: recomputing runs a module's forward again in the backward.
 
 Writes {"<layout>": {"<case>": {"<part>": {...}}}} to --out. Then each --stage3 (a JSON list of key=value overrides
-of examples/cpu/stage3_save.yaml) runs as a whole stage-3 run in the same launch (one start-up for everything).
+of examples/cpu/stage3_save.yaml) runs as a whole stage-3 run in the same launch (one start-up for everything),
+recording the recompute granularity of every model it builds under "stage3_models".
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -33,6 +35,7 @@ from megatron_save.distributed import init_distributed, set_model_parallel, shut
 from megatron_save.trainers.losses import bt_pair_loss  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
 from megatron_save.trainers.stage3 import Stage3Config, train_stage3  # noqa: E402
+from megatron_save.trainers.stage3 import run as stage3_run  # noqa: E402
 from megatron_save.trainers.stage3.batches import policy_rows  # noqa: E402
 from megatron_save.trainers.stage3.config import PolicySettings, RewardSettings  # noqa: E402
 from megatron_save.trainers.stage3.groups import prepare_groups  # noqa: E402
@@ -158,11 +161,33 @@ def main() -> None:
                 result["config"] = {name: getattr(model.config, name) for name in (
                     "recompute_granularity", "recompute_method", "recompute_num_layers")}
                 results.setdefault(layout_name, {}).setdefault(case, {})[part] = result
+    results["stage3_models"] = {}
+    for overrides in args.stage3:
+        cfg = load_config(Stage3Config, STAGE3_CPU_CONFIG, json.loads(overrides))
+        with recorded_builds() as built:
+            train_stage3(cfg)
+        results["stage3_models"][Path(cfg.output_dir).name] = built
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
-    for overrides in args.stage3:
-        train_stage3(load_config(Stage3Config, STAGE3_CPU_CONFIG, json.loads(overrides)))
     shutdown_distributed()
+
+
+@contextlib.contextmanager
+def recorded_builds():
+    """[checkpoint directory name, recompute granularity] of every model a stage-3 run builds, in order (policy,
+    reference, reward model): what reached Megatron's TransformerConfig."""
+    original, built = stage3_run.build_model_from_checkpoint, []
+
+    def recording(checkpoint, *args, **kwargs):
+        model, meta, hf_config = original(checkpoint, *args, **kwargs)
+        built.append([Path(checkpoint).name, model.config.recompute_granularity])
+        return model, meta, hf_config
+
+    stage3_run.build_model_from_checkpoint = recording
+    try:
+        yield built
+    finally:
+        stage3_run.build_model_from_checkpoint = original
 
 
 if __name__ == "__main__":
