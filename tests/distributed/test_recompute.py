@@ -2,7 +2,8 @@
 reward-model step give the same losses, gradient norms and updated parameters with full (uniform and block) and
 selective recompute as without, at TP=2 and at PP=2; and a tiny stage-3 SAVE run at TP=2 with
 ``policy.recompute.granularity=full reward.recompute.granularity=full`` builds its policy and reward model (not the
-reference) with recompute and logs the same metrics as without. Hooks on
+reference) with recompute and logs the same metrics as without, and a PRIME run builds its implicit PRM with
+``reward.prime.recompute``. Hooks on
 every transformer layer and core attention count their forward calls during training, so a recompute setting that
 never reached Megatron (or that Megatron ignored) fails here: recomputing runs a module's forward again in the
 backward. Everything runs in one 2-process launch (tests/distributed/workers/recompute_worker.py)."""
@@ -28,18 +29,22 @@ relative difference of 0 in every loss, gradient norm and parameter at both layo
 roundoffs (6e-8) in case a BLAS picks another kernel for the replayed forward's freshly allocated buffers; a
 recompute that changed the computation (a wrong layer replayed, a lost RNG state) moves them by far more."""
 
+PRIME = ("reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-2", "reward.prime.accuracy_low=0.0")
 RUN_METRICS = ("rm/", "policy/", "filter/", "filter_after_rm_update/", "rollout/", "passes/")
 
 
 @pytest.fixture(scope="module")
 def recompute_runs(tiny_models, rl_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("recompute")
-    runs = {"plain": (), "recompute": ("policy.recompute.granularity=full", "reward.recompute.granularity=full")}
+    runs = {"plain": ("total_steps=2",),
+            "recompute": ("total_steps=2", "policy.recompute.granularity=full", "reward.recompute.granularity=full"),
+            "prime": ("total_steps=1", *PRIME, "policy.recompute.granularity=full",
+                      "reward.prime.recompute.granularity=full")}
     stage3 = []
     for name, overrides in runs.items():
         stage3 += ["--stage3", json.dumps(stage3_overrides(
             root / name, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
-            "total_steps=2", "save_every=0", "save_final_checkpoint=false", "tensorboard=false", *overrides))]
+            "save_every=0", "save_final_checkpoint=false", "tensorboard=false", *overrides))]
     torchrun("recompute_worker.py", 2, "--policy", str(tiny_models["llama-lm"]["mg"]), "--reward",
              str(tiny_models["llama-rmv"]["mg"]), "--out", str(root / "steps.json"), *stage3)
     return read_json(root / "steps.json"), {name: read_metrics(root / name) for name in runs}
@@ -104,7 +109,11 @@ def test_a_stage3_save_run_logs_the_same_with_recompute(recompute_runs):
     # What the runs built: the trained policy and reward model with recompute, the reference never.
     assert steps["stage3_models"] == {
         "plain": [["llama-lm-mg", None], ["llama-lm-mg", None], ["llama-rmv-mg", None]],
-        "recompute": [["llama-lm-mg", "full"], ["llama-lm-mg", None], ["llama-rmv-mg", "full"]]}
+        "recompute": [["llama-lm-mg", "full"], ["llama-lm-mg", None], ["llama-rmv-mg", "full"]],
+        # PRIME: the reward model stays frozen; the implicit PRM trains, its reference (the policy's) does not.
+        "prime": [["llama-lm-mg", "full"], ["llama-lm-mg", None], ["llama-rmv-mg", None], ["llama-lm-mg", "full"]]}
+    (prime,) = runs["prime"]
+    assert prime["prm/loss"] > 0 and prime["policy/grad_norm"] > 0
     plain, recomputed = runs["plain"], runs["recompute"]
     assert [r["step"] for r in plain] == [r["step"] for r in recomputed] == [1, 2]
     compared = 0
