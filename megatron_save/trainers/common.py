@@ -177,8 +177,8 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 def check_settings(cfg: Any, prefix: str = "") -> None:
     """Refuses, before any model is built and naming the setting: a negative learning rate or warm-up, a
-    min_lr_ratio outside [0, 1], an unknown decay style, invalid recompute settings, an output_dir that is a file, a local data file or a
-    model checkpoint that does not exist. Walks every nested settings dataclass of ``cfg``."""
+    min_lr_ratio outside [0, 1], an unknown decay style, invalid recompute settings, an output_dir that is a file,
+    a local data file or a model checkpoint that does not exist. Walks every nested settings dataclass of ``cfg``."""
     for item in dataclasses.fields(cfg):
         name, value = f"{prefix}{item.name}", getattr(cfg, item.name)
         if dataclasses.is_dataclass(value):

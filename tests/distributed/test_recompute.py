@@ -29,7 +29,8 @@ relative difference of 0 in every loss, gradient norm and parameter at both layo
 roundoffs (6e-8) in case a BLAS picks another kernel for the replayed forward's freshly allocated buffers; a
 recompute that changed the computation (a wrong layer replayed, a lost RNG state) moves them by far more."""
 
-PRIME = ("reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-2", "reward.prime.accuracy_low=0.0")
+PRIME = ("reward.strategy=prime", "policy.advantage=rloo", "reward.prime.optim.lr=1e-2",
+         "reward.prime.accuracy_low=0.0")
 RUN_METRICS = ("rm/", "policy/", "filter/", "filter_after_rm_update/", "rollout/", "passes/")
 
 
