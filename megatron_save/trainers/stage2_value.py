@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
-from megatron_save.config import ParallelConfig
+from megatron_save.config import ParallelConfig, RecomputeSettings
 from megatron_save.data.batching import PromptTargetBatch, pad_id_of
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
 from megatron_save.models.forward import score_token_sequences
@@ -61,6 +61,9 @@ class Stage2Config:
     """Optimizer of the value head (``lr`` is ignored: the backbone and reward head are frozen)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel layout."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the training forwards; it saves memory at PP > 1 only, where the frozen backbone
+    still runs its backward (at PP = 1 only the value head keeps activations for one)."""
 
 
 def mean_frozen_rewards(model, groups: list[ResponseGroup], micro_batch_size: int, pad_id: int) -> torch.Tensor:
@@ -110,7 +113,8 @@ def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, ind
 
 def train_stage2(cfg: Stage2Config) -> dict:
     check_settings(cfg)
-    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True)
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True,
+                                                  recompute=cfg.recompute)
     ensure_output_dir(cfg.output_dir, resuming=False)
     pad_id = pad_id_of(tokenizer)
     groups, eval_groups = load_examples(cfg.data, load_response_groups, tokenizer)
