@@ -17,7 +17,9 @@ which re-runs that script, stays as light.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import sys
 
 COMMANDS = {
@@ -31,12 +33,47 @@ COMMANDS = {
 }
 
 
+SETTINGS = {
+    "sft": "SFTConfig",
+    "stage1": "Stage1Config",
+    "stage2": "Stage2Config",
+    "stage3": "Stage3Config",
+    "sample-responses": "SampleResponsesConfig",
+}
+"""The config dataclass (in the command's module) whose settings a YAML-driven command takes; the other commands
+take options, from their module's ``build_parser()``."""
+
+USAGE = "usage: megatron-save COMMAND ARGS... (torchrun [...] -m megatron_save COMMAND ARGS...)"
+
+
+def _log_fallbacks() -> None:
+    """One info line for what megatron_save/__init__.py silenced: megatron-core's PyTorch fallbacks."""
+    if "megatron.core" not in sys.modules:
+        return
+    missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        from megatron_save.utils.logging import get_logger
+
+        get_logger("cli").info("%s not installed: megatron-core uses its PyTorch fallbacks (expected on CPU)",
+                               " and ".join(missing))
+
+
 def main(argv: list[str]) -> None:
     """Runs ``COMMANDS[argv[0]]``'s ``main`` with the rest of the arguments."""
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: torchrun [...] -m megatron_save COMMAND ARGS... (or python -m megatron_save ...)\n"
-                         f"commands: {', '.join(COMMANDS)}")
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout and exit 0; no command: stderr and exit 2
+        (sys.stdout if argv else sys.stderr).write(f"{USAGE}\ncommands: {', '.join(COMMANDS)}\n"
+                                                   "(megatron-save COMMAND --help: its settings or options)\n")
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        sys.stderr.write(f"megatron-save: error: unknown command {argv[0]!r}{hint}\ncommands: {', '.join(COMMANDS)}"
+                         "\n")
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[argv[0]])
+    _log_fallbacks()
+    module.main(argv[1:])
 
 
 def cli() -> None:

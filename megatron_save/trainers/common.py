@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
 from megatron.core import parallel_state
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -21,7 +23,8 @@ from megatron_save.checkpoint.model_checkpoint import (
     read_checkpoint_meta,
 )
 from megatron_save.algorithms import pairwise_accuracy
-from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute, load_config
+from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute, load_config, merge_config
+from megatron_save.config.describe import format_settings
 from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
@@ -147,15 +150,63 @@ def progress(total: int, description: str) -> tqdm:
     return tqdm(total=total, desc=description, disable=dist.get_rank() != 0, dynamic_ncols=True)
 
 
-def run_from_command_line(schema: type, train: Callable[[Any], Any], command: str, argv: list[str]) -> None:
+COMMAND_LINE_OPTIONS = ("-h", "--help", "--print-config")
+"""The options of a trainer command; every other argument is a YAML file or a ``key=value`` override."""
+
+
+def command_usage(command: str) -> str:
+    return (f"usage: megatron-save {command} CONFIG.yaml [MORE.yaml ...] [key=value ...] [--print-config]\n"
+            f"       torchrun [...] -m megatron_save {command} CONFIG.yaml [MORE.yaml ...] [key=value ...]")
+
+
+def command_help(schema: type, command: str) -> str:
+    """``--help``: the usage, then every setting of ``schema`` (dotted key, type, default, docstring)."""
+    summary = " ".join((schema.__doc__ or "").split())
+    return (f"{command_usage(command)}\n\n{summary}\n\nYAML files merge in order, then the key=value overrides "
+            "(dotted keys, YAML values).\n  --print-config  print the merged configuration (YAML) and exit\n"
+            f"  -h, --help      show this help and exit\n\nsettings:\n{format_settings(schema)}\n")
+
+
+def command_line_error(command: str, error: BaseException) -> SystemExit:
+    """A bad command line or config: one line on stderr (rank 0), exit status 2; ``MEGATRON_SAVE_DEBUG=1`` raises
+    the error itself, with its traceback."""
+    if os.environ.get("MEGATRON_SAVE_DEBUG", "") not in ("", "0"):
+        raise error
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"megatron-save {command}: error: {error}\n")
+    return SystemExit(2)
+
+
+def run_from_command_line(schema: type, train: Callable[[Any], Any], command: str, argv: list[str],
+                          check: Callable[[Any], None] | None = None) -> None:
     """``python -m megatron_save COMMAND CONFIG.yaml [MORE.yaml ...] [key=value ...]``: loads the config (later
-    files override earlier ones, then the overrides), trains holding the run directory's lock, shuts the process
-    groups down."""
-    files = [arg for arg in argv if "=" not in arg]
-    if not files or argv[: len(files)] != files:
-        raise SystemExit(f"usage: torchrun [...] -m megatron_save {command} CONFIG.yaml [MORE.yaml ...] "
-                         "[key=value ...]")
-    cfg = load_config(schema, files, argv[len(files):])
+    files override earlier ones, then the overrides), checks it (``check``, then ``check_settings``), trains
+    holding the run directory's lock, shuts the process groups down. ``--help`` lists the settings,
+    ``--print-config`` prints the merged config; a bad file, setting or value ends in one line (exit 2)."""
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(command_help(schema, command))
+        raise SystemExit(0)
+    options = [arg for arg in argv if arg.startswith("-")]
+    args = [arg for arg in argv if not arg.startswith("-")]
+    files = [arg for arg in args if "=" not in arg]
+    try:
+        unknown = [arg for arg in options if arg not in COMMAND_LINE_OPTIONS]
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]} (options: --help, --print-config; settings are "
+                             "key=value)")
+        if not files:
+            raise ValueError(f"no config file\n{command_usage(command)}\n(--help lists the settings)")
+        if args[: len(files)] != files:
+            raise ValueError(f"the YAML files come before the key=value overrides: {' '.join(args)}")
+        if "--print-config" in options:
+            sys.stdout.write(OmegaConf.to_yaml(merge_config(schema, files, args[len(files):])))
+            raise SystemExit(0)
+        cfg = load_config(schema, files, args[len(files):])
+        if check is not None:
+            check(cfg)
+        check_settings(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        raise command_line_error(command, error) from None
     with RunLock(cfg.output_dir):
         try:
             train(cfg)

@@ -256,4 +256,4 @@ def _sample_rounds(cfg: SampleResponsesConfig, engine: RolloutEngine | None, pro
 
 def main(argv: list[str]) -> None:
     """``torchrun ... -m megatron_save sample-responses CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
-    run_from_command_line(SampleResponsesConfig, sample_responses, "sample-responses", argv)
+    run_from_command_line(SampleResponsesConfig, sample_responses, "sample-responses", argv, check=check_sample_config)

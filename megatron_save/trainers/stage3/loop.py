@@ -207,4 +207,4 @@ def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGr
 
 def main(argv: list[str]) -> None:
     """``torchrun ... -m megatron_save stage3 CONFIG.yaml [MORE.yaml ...] [key=value ...]``."""
-    run_from_command_line(Stage3Config, train_stage3, "stage3", argv)
+    run_from_command_line(Stage3Config, train_stage3, "stage3", argv, check=check_stage3_config)
