@@ -120,7 +120,8 @@ def _layout(text: str) -> tuple[int, int]:
     return int(tp), int(pp)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="llama", help="tiny-model family (megatron_save.testing)")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 16], help="depths to measure")
@@ -137,6 +138,11 @@ def main() -> None:
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.worker:
         run_worker(args)

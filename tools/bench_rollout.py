@@ -162,7 +162,8 @@ def report(args: argparse.Namespace, summary: dict, prompts: int, stamp: str) ->
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("smollm2", "random-1024"), default="random-1024")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache"), help="where SmolLM2 is kept (--model smollm2)")
@@ -177,6 +178,11 @@ def main() -> None:
     parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     for hidden in ("--child-out", "--hf-dir", "--mg-dir", "--prompts-file"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.child:
         run_backend(args)

@@ -185,7 +185,8 @@ def bench_value_head(args: argparse.Namespace) -> None:
           f"(V's ratio is {'inside' if inside else 'outside'} the self-vs-self IQR)")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=16)
@@ -204,6 +205,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     parser.add_argument("--skip-forward", action="store_true", help="only benchmark the losses")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     if args.threads > 0:

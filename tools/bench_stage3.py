@@ -105,7 +105,8 @@ def mean_of(records: list[dict], name: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="stage-3 YAML config")
     parser.add_argument("--policy", required=True, help="policy: Megatron checkpoint or HF causal LM")
@@ -120,6 +121,11 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true",
                         help="load and check both runs' configs (stage 3's checks), print them, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.check_only:
         check_launches(args)

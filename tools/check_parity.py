@@ -59,7 +59,8 @@ from megatron_save.utils.logging import get_logger
 logger = get_logger("tools.check_parity")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="converted checkpoint directory")
     parser.add_argument("--hf-dir", required=True, help="the transformers model it should match")
@@ -76,7 +77,11 @@ def parse_args() -> argparse.Namespace:
                         help="relative tolerance (default: 1e-4 for fp32 checkpoints, 2e-2 for bf16)")
     parser.add_argument("--min-top1", type=float, default=None,
                         help="minimum top-1 agreement of a causal LM, 0..1 (default: 0.98 fp32, 0.90 bf16)")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def load_batch(ckpt: Path, text_file: str | None, max_length: int) -> ParityBatch:

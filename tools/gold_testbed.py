@@ -12,13 +12,25 @@ import sys
 from pathlib import Path
 
 from megatron_save.config import load_config
+from megatron_save.config.describe import format_settings
 from megatron_save.testbed.pipeline import EXAMPLES, TestbedConfig, run_testbed
+
+CONFIG_SCHEMA = TestbedConfig
+"""What the key=value overrides set (the docs test checks the documented ones against it)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"settings (key=value):\n{format_settings(TestbedConfig)}")
+    parser.add_argument("--full", action="store_true", help=f"the full comparison ({EXAMPLES / 'full.yaml'})")
+    parser.add_argument("settings", nargs="*", help="more YAML files, then key=value overrides")
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help=f"the full comparison ({EXAMPLES / 'full.yaml'})")
-    parser.add_argument("settings", nargs="*", help="more YAML files, then key=value overrides")
+    parser = build_parser()
     args = parser.parse_args()
     files = [EXAMPLES / "gold_testbed.yaml"] + ([EXAMPLES / "full.yaml"] if args.full else [])
     files += [s for s in args.settings if "=" not in s]

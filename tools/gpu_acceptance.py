@@ -249,7 +249,8 @@ def report_markdown(env: dict[str, str], outcomes: list[Outcome], budget_s: floa
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="outputs/gpu_acceptance", help="scratch directory (emptied first)")
     parser.add_argument("--report", default="docs/gpu/REPORT.md", help="the markdown report to write")
@@ -259,6 +260,11 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", default=None,
                         help="model scales (default: tiny and 0.5b with CUDA, tiny without)")
     parser.add_argument("--quick", action="store_true", help="the bench with one measured step")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     scales = args.scales or (["tiny", "0.5b"] if torch.cuda.is_available() else ["tiny"])
     work = Path(args.work).resolve()

@@ -18,13 +18,19 @@ from megatron_save.testing.synthetic import (
 )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--pairs", type=int, default=600)
     parser.add_argument("--prompts", type=int, default=240)
     parser.add_argument("--responses", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     out = Path(args.out)
     write_jsonl(synthetic_preference_rows(args.pairs, args.seed), out / "preference_train.jsonl")

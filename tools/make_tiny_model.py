@@ -10,7 +10,8 @@ import argparse
 from megatron_save.testing import SCALES, TINY_FAMILIES, TINY_MOE_FAMILIES, save_tiny_hf_model
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=TINY_FAMILIES + TINY_MOE_FAMILIES, default="llama")
     parser.add_argument("--out", required=True, help="output directory (HF format)")
@@ -18,6 +19,11 @@ def main() -> None:
     parser.add_argument("--value-head", action="store_true", help="reward model with a random value head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", choices=sorted(SCALES), default="tiny", help="model shape (default tiny)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.value_head and not args.reward_model:
         parser.error("--value-head needs --reward-model")

@@ -24,7 +24,8 @@ from megatron_save.data.recipe_data import match_preference_pairs, selection_pro
 SHOWN_UNMATCHED = 3
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="data/ultrafeedback_prompts.jsonl",
                         help="the selected prompts: rows with a 'prompt' string (tools/select_prompts.py)")
@@ -33,7 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ultrafeedback_binarized rows: a json / jsonl / parquet file or a hub dataset")
     parser.add_argument("--split", default="train_prefs", help="split of --pairs when it is a hub dataset")
     parser.add_argument("--out", default="data/ultrafeedback_binarized_pairs.jsonl")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,13 +14,19 @@ from pathlib import Path
 from megatron_save.evaluation.paper_tables import ROWS, table1_markdown, table3_markdown
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="reproduce.sh's WORK directory")
     parser.add_argument("--rm-name", required=True, help="the initial RM's name (Table 1's first row)")
     parser.add_argument("--policies", nargs="+", required=True, help="policy names, one section each")
     parser.add_argument("--rows", nargs="+", required=True, choices=ROWS, help="the rows that were run")
     parser.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from megatron_save.planning import (MemoryLayout, architecture_from_hf, candidat
 GIB = 2**30
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="HF config of the policy (a causal LM)")
     parser.add_argument("--reward", required=True, help="HF config of the reward model")
@@ -123,7 +123,7 @@ def plan_json(plan) -> dict:
 
 def run(argv: list[str]) -> tuple[int, list[str]]:
     """(exit status, output lines) of the command line ``argv``."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     policy = load_architecture(args.policy, reward_model=False)
     reward = load_architecture(args.reward, reward_model=True)
     layout = layout_of(args)

@@ -68,7 +68,8 @@ def load_tokenizer(source: str):
                          "directory (tools/convert_hf_to_megatron.py), an HF directory or a hub name") from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="openbmb/UltraFeedback",
                         help="UltraFeedback rows: a json / jsonl / parquet file or a hub dataset")
@@ -84,7 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rule", default="any", help=f"one of {', '.join(LENGTH_RULES)}: whether any completion, "
                         "every completion, or their mean length must pass (default: any, see above)")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many selected prompts")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

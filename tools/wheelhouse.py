@@ -403,7 +403,8 @@ def summary(plan: Plan, out: Path, dry_run: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python-version", required=True, help="the node's Python, X.Y (e.g. 3.12)")
     parser.add_argument("--out", required=True, type=Path, help="the wheelhouse directory")
@@ -420,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the project whose install_requires the node needs (default: this checkout's)")
     parser.add_argument("--pip-arg", action="append", default=[],
                         help="an option for every pip call, e.g. --pip-arg=--index-url=URL (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not re.fullmatch(r"3\.\d+", args.python_version):
         parser.error(f"--python-version {args.python_version!r}: expected X.Y, e.g. 3.12")

@@ -214,7 +214,8 @@ def evaluate(args: argparse.Namespace) -> None:
                     result["rm_accuracy_final_policy_pairs"])
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this command (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("collect", "evaluate"))
     parser.add_argument("runs", nargs="*", help="evaluate: stage-3 output directories")
@@ -230,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "collect" and not args.policy:
         parser.error("collect needs --policy")

@@ -25,7 +25,8 @@ def reward_model_from_policy(policy_ckpt: Path, out: Path, seed: int, reward_hea
     return out / "rm_init"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this command (the docs test checks the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=("policy", "reward-model"))
     parser.add_argument("--out", required=True, help="output directory")
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=TINY_FAMILIES, default="llama", help="policy: tiny model family")
     parser.add_argument("--policy", help="reward-model: the policy checkpoint to start from")
     parser.add_argument("--reward-head-std", type=float, default=0.02, help="reward-model: initial head std")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.model == "policy":
