@@ -68,8 +68,7 @@ def main(argv: list[str]) -> None:
     if argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        sys.stderr.write(f"megatron-save: error: unknown command {argv[0]!r}{hint}\ncommands: {', '.join(COMMANDS)}"
-                         "\n")
+        sys.stderr.write(f"megatron-save: error: unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)}\n")
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[argv[0]])
     _log_fallbacks()

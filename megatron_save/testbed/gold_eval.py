@@ -216,7 +216,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this command (the docs test checks the documented commands against it)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-save testbed-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("collect", "evaluate"))
     parser.add_argument("runs", nargs="*", help="evaluate: stage-3 output directories")
     parser.add_argument("--data-dir", required=True, help="the seed's task data (prompts, pairs)")

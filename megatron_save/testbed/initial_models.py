@@ -27,7 +27,7 @@ def reward_model_from_policy(policy_ckpt: Path, out: Path, seed: int, reward_hea
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this command (the docs test checks the documented commands against it)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-save testbed-models", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=("policy", "reward-model"))
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
