@@ -139,3 +139,21 @@ def test_every_tool_has_a_help(tool, capsys, monkeypatch):
         runpy.run_path(str(REPO / "tools" / tool), run_name="__main__")
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith("usage:")
+
+
+def test_only_megatron_cores_fallback_warnings_are_silenced():
+    import warnings
+
+    from megatron_save import silence_fallback_warnings
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        silence_fallback_warnings()
+        for message, module in (("Apex is not installed. Falling back to Torch Norm", "megatron.core.models.backends"),
+                                ("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+                                 "megatron.core.optimizer"),
+                                ("Apex is not installed. Falling back to Torch Norm", "someone_else.module"),
+                                ("Some other warning", "megatron.core.optimizer")):
+            warnings.warn_explicit(message, UserWarning, "x.py", 1, module=module)
+    assert [str(w.message) for w in shown] == ["Apex is not installed. Falling back to Torch Norm", "Some other warning"]
