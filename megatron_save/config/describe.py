@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -56,7 +57,10 @@ def _dataclass_in(hint) -> type | None:
 
 
 def _type_name(hint) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    """``float``, ``str | None``, ``list[int]``, ``Inner | None``: without module prefixes."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(hint))
 
 
 def _default_of(item: dataclasses.Field):
