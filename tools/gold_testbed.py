@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_save.config import load_config
+from megatron_save.config import ConfigError, load_config
 from megatron_save.config.describe import format_settings
 from megatron_save.testbed.pipeline import EXAMPLES, TestbedConfig, run_testbed
 
@@ -34,7 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     files = [EXAMPLES / "gold_testbed.yaml"] + ([EXAMPLES / "full.yaml"] if args.full else [])
     files += [s for s in args.settings if "=" not in s]
-    cfg = load_config(TestbedConfig, files, [s for s in args.settings if "=" in s])
+    try:
+        cfg = load_config(TestbedConfig, files, [s for s in args.settings if "=" in s])
+    except ConfigError as error:  # a bad file, setting or value: one line, exit 2
+        parser.error(str(error))
     report = run_testbed(cfg)
     sys.stdout.write((report / "results.md").read_text())
     plots = ", ".join(str(p) for p in sorted(Path(report).glob("*.png")))

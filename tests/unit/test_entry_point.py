@@ -165,3 +165,12 @@ def test_only_megatron_cores_fallback_warnings_are_silenced():
                                 ("Some other warning", "megatron.core.optimizer")):
             warnings.warn_explicit(message, UserWarning, "x.py", 1, module=module)
     assert [str(w.message) for w in shown] == ["Apex is not installed. Falling back to Torch Norm", "Some other warning"]
+
+
+def test_the_testbed_tool_names_a_mistyped_setting(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tools/gold_testbed.py", "seed=1"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "tools" / "gold_testbed.py"), run_name="__main__")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: override 'seed=1': unknown setting seed (did you mean seeds?)")
