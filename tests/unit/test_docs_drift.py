@@ -35,8 +35,9 @@ SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
 CHECKED_ROOTS = ("examples/", "tools/", "docs/")
 SEPARATORS = ("&&", "||", ";", "|")
 TORCHRUN_SWITCHES = ("--standalone", "--no-python", "--no_python", "--run-path", "--run_path")
-OUTPUT_OPTIONS = ("--out", "--output", "--json", "--out-dir")
-"""Options whose value is a file the command writes: it need not exist yet."""
+OUTPUT_OPTIONS = ("--out", "--output", "--json", "--out-dir", "--report")
+"""Options whose value is a file the command writes: it need not exist yet (nor need a shell script's
+arguments: work directories and reports)."""
 
 
 def doc_files() -> list[Path]:
@@ -188,6 +189,8 @@ def command_problems(tokens: list[str]) -> list[str]:
         tokens = tokens[1:]
     starts = [i for i, t in enumerate(tokens) if Path(t).name in ("python", "python3", "torchrun", "megatron-save")]
     written = {i + 1 for i, t in enumerate(tokens) if t in OUTPUT_OPTIONS}
+    if tokens and Path(tokens[0]).name in ("bash", "sh") and len(tokens) > 2:  # a script's arguments: what it writes
+        written |= set(range(2, len(tokens)))
     problems = [p for i, t in enumerate(tokens) if i not in written and not t.startswith(("--out=", "output_dir="))
                 for p in [_path_problem(t)] if p]
     if not starts:
