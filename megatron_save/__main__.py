@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 4 -m megatron_save stage3 CONFIG.yaml [MORE.yaml ...] [key=value ...]
 
-Commands: ``sft``, ``stage1``, ``stage2``, ``stage3`` (the trainers: YAML configs, then ``key=value`` overrides),
-``testbed-models`` and ``testbed-eval`` (steps of the gold-reward testbed).
+Commands: ``sft``, ``stage1``, ``stage2``, ``stage3``, ``sample-responses`` (YAML configs, then ``key=value``
+overrides), ``testbed-models`` and ``testbed-eval`` (steps of the gold-reward testbed). ``COMMAND --help`` lists a
+command's settings (or options), ``--print-config`` the merged config of a YAML-driven one.
 
 Why one package entry point: Megatron-Core's checkpoint writer starts a multiprocessing manager with the spawn
 method, and a spawned interpreter imports the launching module again (as ``__mp_main__``) unless that module is a

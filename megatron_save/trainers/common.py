@@ -155,6 +155,7 @@ COMMAND_LINE_OPTIONS = ("-h", "--help", "--print-config")
 
 
 def command_usage(command: str) -> str:
+    """The two usage lines of a YAML-driven command."""
     return (f"usage: megatron-save {command} CONFIG.yaml [MORE.yaml ...] [key=value ...] [--print-config]\n"
             f"       torchrun [...] -m megatron_save {command} CONFIG.yaml [MORE.yaml ...] [key=value ...]")
 
