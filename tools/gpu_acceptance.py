@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_save.models.spec import transformer_engine_import_error, transformer_engine_missing
+
 REPO = Path(__file__).resolve().parent.parent
 # Output lines a section's report keeps (the rest stays in its log): parity verdicts, the bench's table and ratios,
 # the test tier's outcomes and summary.
@@ -82,10 +84,11 @@ def importable(module: str) -> bool:
 def environment() -> dict[str, str]:
     """Versions and which optional GPU extras are importable."""
     cuda = torch.cuda.is_available()
-    found = {name: importable(module) for name, module in (("Transformer Engine", "transformer_engine"),
-                                                           ("vLLM", "vllm"), ("NVIDIA Apex", "apex.normalization"))}
+    found = {name: importable(module) for name, module in (("vLLM", "vllm"), ("NVIDIA Apex", "apex.normalization"))}
+    te_error = transformer_engine_import_error()
     return {"torch": torch.__version__, "CUDA": torch.version.cuda if cuda else "not available",
             "device": torch.cuda.get_device_name(0) if cuda else "CPU (gloo processes)",
+            "Transformer Engine": "imports" if te_error is None else f"does not import ({te_error})",
             **{name: "importable" if ok else "not importable" for name, ok in found.items()}}
 
 
@@ -99,8 +102,7 @@ def gpu_tier_section(budget_s: float) -> Section:
 def sections(work: Path, scales: list[str], quick: bool) -> list[Section]:
     """Every check in order; later ones read what earlier ones wrote under ``work``."""
     cuda = torch.cuda.is_available()
-    te = None if cuda and importable("transformer_engine") else "Transformer Engine needs CUDA and " \
-        "the transformer-engine package: not importable here"
+    te = transformer_engine_missing()
     vllm = None if cuda and importable("vllm") else "vLLM needs CUDA and the vllm package: not " \
         "importable here"
     py, data = sys.executable, work / "data"
