@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -84,3 +85,37 @@ def test_tests_needing_transformer_engine_skip_at_collection_on_a_gpu_without_it
     assert all(tier_skip_reason(set(item["markers"]), set(item["fixtures"]), cuda=False, te_missing=None,
                                 vllm_missing=None) == "needs a CUDA GPU (the GPU tier)" for item in items)
     assert TE_FIXTURES >= {"te"}
+
+
+def _gpu_acceptance():
+    module_spec = importlib.util.spec_from_file_location("gpu_acceptance_tool", REPO / "tools" / "gpu_acceptance.py")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # its dataclasses look their module up
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_tier_estimates_itself_within_its_budget():
+    """Every file with tests marked ``gpu`` has its H100 estimate in tools/gpu_acceptance.py, and their sum fits
+    the tier's 8 minutes. (The acceptance report puts the measured time beside it.)"""
+    acceptance = _gpu_acceptance()
+    marked = {path.relative_to(REPO).as_posix() for path in (REPO / "tests").rglob("test_*.py")
+              if re.search(r"^(pytestmark = |@)pytest\.mark\.gpu\b", path.read_text(), flags=re.MULTILINE)}
+    assert set(acceptance.GPU_TIER_ESTIMATE_S) == marked, set(acceptance.GPU_TIER_ESTIMATE_S) ^ marked
+    assert acceptance.gpu_tier_estimate_s() <= acceptance.TIER_BUDGET_S == 8 * 60
+    outcome = acceptance.Outcome(acceptance.GPU_TIER, "ok", 301.0)
+    report = acceptance.report_markdown({}, [outcome], 480, 400, 480)
+    assert f"own estimate on one H100: {acceptance.gpu_tier_estimate_s():.0f} s of its 480 s budget; measured " \
+           "here: 301 s." in report
+
+
+def test_without_time_limits_a_slow_section_is_not_failed(tmp_path):
+    """On CPU the acceptance sets no budget: a section that outlives its limit (a loaded machine) still passes, and
+    only a hang guard of ten times the limit (here 60 s) stops it."""
+    acceptance = _gpu_acceptance()
+    slow = acceptance.Section("slow", [sys.executable, "-c", "import time; time.sleep(7)"], timeout_s=6.0)
+    assert acceptance.run_section(slow, tmp_path / "a.log", seconds_left=0.5, time_limits=False).status == "ok"
+    limited = acceptance.run_section(slow, tmp_path / "b.log", seconds_left=100, time_limits=True)
+    assert limited.status == "timed out after 6 s"
+    assert acceptance.run_section(slow, tmp_path / "c.log", seconds_left=1, time_limits=True).status == \
+        "skipped: the time budget is spent"
