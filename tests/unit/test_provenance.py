@@ -47,7 +47,7 @@ def test_an_untracked_file_makes_the_tree_dirty_and_an_ignored_one_does_not(tmp_
 def _record(tmp_path, *command):
     out = tmp_path / "record.txt"
     result = subprocess.run([sys.executable, "tools/record.py", "--out", str(out), "--", *command], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=600)
     return result, out.read_text()
 
 
