@@ -34,6 +34,8 @@ def test_save_step_passes_by_hooks_on_the_gpu(tiny_models, rl_data, tmp_path, wo
                                           tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
                                           f"reward.strategy={strategy}", "parallel.tensor_model_parallel_size=1")
              for strategy in ("frozen", "save")}
+    for strategy, step in steps.items():
+        print(f"hooked rows, {strategy}: forward {dict(step.forward)}, backward {dict(step.backward)}")
     check_save_against_grpo(steps["frozen"], steps["save"])
 
 
