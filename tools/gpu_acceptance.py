@@ -48,7 +48,8 @@ from megatron_save.models.spec import transformer_engine_import_error, transform
 REPO = Path(__file__).resolve().parent.parent
 # Output lines a section's report keeps (the rest stays in its log): parity verdicts, the bench's table and ratios,
 # the test tier's outcomes and summary.
-KEPT_LINES = re.compile(r"(OK|MISMATCH)$|^(time|memory|passes)/|^metric |SAVE / GRPO|wrote|held-out accuracy|"
+KEPT_LINES = re.compile(r"(OK|MISMATCH)$|^(time|memory|passes)/|^metric |^hooked rows|SAVE / GRPO|wrote|"
+                        r"held-out accuracy|"
                         r"after \d+ steps|Traceback|Error|^per GPU of|^\s+total\s|"
                         r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |^(=+ )?\d+ (passed|failed|skipped|errors?)\b")
 GPU_TIER = "GPU test tier (python -m pytest -m gpu tests)"
