@@ -68,19 +68,31 @@ def world_of_one():
     init_distributed(ParallelConfig())
 
 
+@pytest.fixture
+def te(world_of_one):
+    """A world of one on a GPU where Transformer Engine imports. Tests that take it (directly or through another
+    fixture) are skipped at collection where it does not (pytest_collection_modifyitems), before any fixture runs."""
+
+
 def pytest_collection_modifyitems(config, items):
     """The tiers that need another environment skip, with the reason, where it is missing: ``gpu`` without CUDA,
-    ``vllm`` where vLLM does not import."""
+    ``vllm`` where vLLM does not import, and a test that takes a fixture needing Transformer Engine on a GPU without
+    it (helpers.tier_skip_reason). Decided here, at collection, so no fixture of a skipped test runs."""
     import importlib.util
 
     import torch
+    from helpers import tier_skip_reason
 
-    missing = {"gpu": None if torch.cuda.is_available() else "needs a CUDA GPU (the GPU tier)",
-               "vllm": None if importlib.util.find_spec("vllm") else "needs real vLLM (.ci/vllm_tier.sh builds it)"}
+    from megatron_save.models.spec import transformer_engine_missing
+
+    cuda = torch.cuda.is_available()
+    te_missing = transformer_engine_missing() if cuda else None
+    vllm_missing = None if importlib.util.find_spec("vllm") else "needs real vLLM (.ci/vllm_tier.sh builds it)"
     for item in items:
-        for marker, reason in missing.items():
-            if reason and marker in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+        reason = tier_skip_reason({mark.name for mark in item.iter_markers()}, set(getattr(item, "fixturenames", ())),
+                                  cuda, te_missing, vllm_missing)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_sessionfinish(session, exitstatus):

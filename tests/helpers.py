@@ -29,6 +29,26 @@ def cpu_process_env(*python_path: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(path)}
 
 
+TE_FIXTURES = frozenset({"te", "tiny_moe_models"})
+"""Fixtures that need Transformer Engine on a GPU: ``te`` itself, and the tiny MoE models (megatron-core 0.16.1's
+MoE router fails on a GPU without TE, so their conversion would). A test that takes one, directly or through another
+fixture, is skipped at collection where TE is missing, before any fixture converts anything."""
+
+
+def tier_skip_reason(markers: set[str], fixtures: set[str], cuda: bool, te_missing: str | None,
+                     vllm_missing: str | None) -> str | None:
+    """Why a test with these markers and this fixture closure cannot run here (None: it can): ``gpu`` without CUDA,
+    ``vllm`` where vLLM is missing, and on a GPU a TE fixture where Transformer Engine is (``te_missing``, the
+    reason from megatron_save.models.spec.transformer_engine_missing)."""
+    if "gpu" in markers and not cuda:
+        return "needs a CUDA GPU (the GPU tier)"
+    if "vllm" in markers and vllm_missing:
+        return vllm_missing
+    if cuda and te_missing and fixtures & TE_FIXTURES:
+        return f"needs Transformer Engine ({', '.join(sorted(fixtures & TE_FIXTURES))}): {te_missing}"
+    return None
+
+
 def _launch(nproc: int, target: list[str], timeout: int) -> None:
     """torchrun on gloo from the repository root (``cpu_process_env``; tests/gpu checks the GPU paths); fails with
     the launch's output on error."""

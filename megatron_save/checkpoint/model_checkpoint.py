@@ -28,18 +28,27 @@ from transformers import AutoConfig
 from megatron_save.checkpoint.megatron_version import installed_megatron_core, refuse_newer_megatron_core
 from megatron_save.config.recompute import RecomputeSettings
 from megatron_save.models.builder import build_model
-from megatron_save.utils.files import MANIFEST_FILE, CorruptCheckpointError, verify_manifest, write_manifest
+from megatron_save.utils.files import (
+    MANIFEST_FILE,
+    CorruptCheckpointError,
+    missing_manifest,
+    tree_fingerprint,
+    verify_manifest,
+    write_manifest,
+)
 from megatron_save.utils.logging import get_logger
 
 logger = get_logger("checkpoint.model_checkpoint")
 VERIFY_ENV = "MEGATRON_SAVE_VERIFY"
-_verified: set[tuple[str, int, str]] = set()  # checkpoints this process verified (path, manifest mtime, mode)
+_verified: set[tuple[str, str, tuple]] = set()  # checkpoints this process verified (path, mode, tree_fingerprint)
 
 META_FILE = "megatron_save.json"
 HF_SUBDIR = "hf"
 WEIGHTS_SUBDIR = "weights"
 CHECKPOINT_PARTS = (META_FILE, HF_SUBDIR, WEIGHTS_SUBDIR)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: always has manifest.json. 1: written before or after manifests existed; those after record megatron_core."""
+READABLE_FORMATS = (1, 2)
 VALUE_HEAD_PREFIX = "output_layer.value_head."
 # Everything of an HF model directory except its weights: config, tokenizer, chat template, generation config.
 HF_SIDE_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
@@ -114,8 +123,9 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, Any]:
         meta = CheckpointMeta(**json.loads(meta_path.read_text()))
     except (ValueError, TypeError) as error:
         raise ValueError(f"{meta_path}: not a valid checkpoint description ({error})") from None
-    if meta.format_version != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.format_version}, this package reads {FORMAT_VERSION}")
+    if meta.format_version not in READABLE_FORMATS:
+        raise ValueError(f"{meta_path}: format_version {meta.format_version}, this package reads "
+                         f"{', '.join(map(str, READABLE_FORMATS))}")
     refuse_newer_megatron_core(ckpt_dir, meta.megatron_core)
     hf_config = ckpt_dir / HF_SUBDIR / "config.json"
     if not hf_config.is_file():
@@ -147,26 +157,48 @@ def checkpoint_verification() -> str:
     return mode
 
 
+def predates_manifests(ckpt_dir: str | Path) -> tuple[bool, str]:
+    """Whether the checkpoint's recorded format is older than manifests (format_version 1 with no megatron_core:
+    megatron-save recorded the megatron-core release only after it wrote manifests), and the record that says so."""
+    meta_path = Path(ckpt_dir) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        version, core = meta.get("format_version", 1), meta.get("megatron_core")
+    except (OSError, ValueError, AttributeError):
+        return False, f"{meta_path} is unreadable"
+    old = version < 2 and core is None
+    return old, f"{meta_path} records format_version {version}" + (f" and megatron_core {core}" if core else "")
+
+
 def verify_collectively(root: str | Path, mode: str | None = None) -> None:
     """Collective: rank 0 checks ``root`` against its manifest (``mode``, default checkpoint_verification());
-    every rank raises CorruptCheckpointError naming the first bad file if it fails."""
+    every rank raises CorruptCheckpointError naming the first bad file if it fails, or naming manifest.json when
+    it is missing from a checkpoint whose format has one. Only a checkpoint of a format older than manifests loads
+    without one (with a warning).
+
+    A verification is remembered by the checkpoint's files' sizes and mtimes (a policy, its reference and the PRM
+    often share one checkpoint): a file changed since is verified again."""
     mode = mode or checkpoint_verification()
-    manifest = Path(root) / MANIFEST_FILE
-    key = (str(Path(root).resolve()), manifest.stat().st_mtime_ns if manifest.exists() else 0, mode)
-    if mode == "off" or key in _verified:  # a policy, its reference and the PRM often share one checkpoint
+    if mode == "off":
         return
     error = [None]
+    key = None
     if dist.get_rank() == 0:
+        key = (str(Path(root).resolve()), mode, tree_fingerprint(Path(root), CHECKPOINT_PARTS))
         try:
-            if not verify_manifest(Path(root), hashes=mode == "hash", parts=CHECKPOINT_PARTS):
-                logger.warning("%s has no %s (written by an older megatron-save): loaded unverified", root,
-                               MANIFEST_FILE)
+            if key not in _verified:
+                old, record = predates_manifests(root)
+                if missing_manifest(Path(root), old, record):
+                    logger.warning("%s has no %s (%s, written by an older megatron-save): loaded unverified", root,
+                                   MANIFEST_FILE, record)
+                else:
+                    verify_manifest(Path(root), hashes=mode == "hash", parts=CHECKPOINT_PARTS)
+                _verified.add(key)
         except CorruptCheckpointError as caught:
             error = [str(caught)]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise CorruptCheckpointError(error[0])
-    _verified.add(key)
 
 
 def build_model_from_checkpoint(

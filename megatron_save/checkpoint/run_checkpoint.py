@@ -29,11 +29,12 @@ from megatron.core import parallel_state, tensor_parallel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
+from megatron_save.checkpoint.train_checkpoint import TRAIN_STATE_FILE, load_train_checkpoint, save_train_checkpoint
 from megatron_save.models.train_state import TrainState
 from megatron_save.utils.files import (
     CorruptCheckpointError,
     atomic_write_text,
+    missing_manifest,
     publish_directory,
     verify_manifest,
     write_manifest,
@@ -45,6 +46,8 @@ logger = get_logger("checkpoint.run_checkpoint")
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"
 RUN_STATE_FILE = "run_state.json"
+RUN_FORMAT_VERSION = 2
+"""run_state.json's ``format_version``: 2 has manifest.json; none recorded is older (see predates_manifests)."""
 
 
 def save_rng_states(path: Path) -> None:
@@ -158,12 +161,37 @@ def resume_candidates(run_dir: str | Path) -> list[Path]:
     return ([latest] if latest is not None else []) + others
 
 
+def predates_manifests(checkpoint: Path) -> tuple[bool, str]:
+    """Whether a run checkpoint's recorded format is older than manifests, and the record that says so: its run
+    state records no format_version and none of its training checkpoints records the megatron-core that wrote it
+    (megatron-save recorded that only after it wrote manifests)."""
+    state = checkpoint / RUN_STATE_FILE
+    try:
+        version = json.loads(state.read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return False, f"{state} is unreadable"
+    if version is not None:
+        return False, f"{state} records format_version {version}"
+    for train_state in sorted(checkpoint.glob(f"*/{TRAIN_STATE_FILE}")):
+        try:
+            core = json.loads(train_state.read_text()).get("megatron_core")
+        except (OSError, ValueError, AttributeError):
+            return False, f"{train_state} is unreadable"
+        if core is not None:
+            return False, f"{train_state} records megatron_core {core}"
+    return True, f"{state} records no format_version"
+
+
 def verify_run_checkpoint(checkpoint: Path, hashes: bool = True) -> None:
-    """Raises CorruptCheckpointError naming the first bad file of a run checkpoint (its manifest, or for one
-    written before manifests, its run state)."""
+    """Raises CorruptCheckpointError naming the first bad file of a run checkpoint: against its manifest, or its
+    missing manifest when its format has one; for one written before manifests, its run state."""
     if not checkpoint.is_dir():
         raise CorruptCheckpointError(f"{checkpoint}: missing")
-    verify_manifest(checkpoint, hashes)
+    old, record = predates_manifests(checkpoint)
+    if missing_manifest(checkpoint, old, record):
+        logger.warning("%s has no manifest (%s, written by an older megatron-save): not verified", checkpoint, record)
+    else:
+        verify_manifest(checkpoint, hashes)
     try:
         json.loads((checkpoint / RUN_STATE_FILE).read_text())
     except (OSError, ValueError) as error:
@@ -214,7 +242,8 @@ def save_run_checkpoint(run_dir: str | Path, step: int, states: dict[str, TrainS
     save_rng_states(rng_file(staging, dist.get_rank()))
     dist.barrier()
     if dist.get_rank() == 0:
-        state = {"step": step, "counters": counters, "layout": _layout(), "settings": settings}
+        state = {"format_version": RUN_FORMAT_VERSION, "step": step, "counters": counters, "layout": _layout(),
+                 "settings": settings}
         (staging / RUN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         write_manifest(staging)
         publish_directory(staging, final)

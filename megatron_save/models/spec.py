@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import re
 from enum import Enum
 
@@ -31,9 +30,31 @@ class SpecBackend(str, Enum):
     LOCAL = "local"
 
 
+@functools.cache
+def transformer_engine_import_error() -> str | None:
+    """None when Transformer Engine's PyTorch API imports in this process, else why not (not installed, or its
+    import failed: a missing CUDA library, a build for another torch). Every decision about TE goes through here
+    (:func:`transformer_engine_available`): a package that importlib.util.find_spec finds may still fail to
+    import, and megatron-core then builds without it while a find_spec check would pick the TE spec."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any failure of the import means TE cannot be used
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def transformer_engine_available() -> bool:
-    """True when Transformer Engine can be used: CUDA present and the package importable."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    """True when Transformer Engine can be used: CUDA present and TE imports (transformer_engine_import_error)."""
+    return torch.cuda.is_available() and transformer_engine_import_error() is None
+
+
+def transformer_engine_missing() -> str | None:
+    """Why Transformer Engine cannot be used here (no CUDA, or the import's failure), or None when it can: the
+    reason a TE-only test or check gives when it skips."""
+    if not torch.cuda.is_available():
+        return "Transformer Engine needs CUDA: not available here"
+    error = transformer_engine_import_error()
+    return None if error is None else f"Transformer Engine does not import here ({error})"
 
 
 def resolve_backend(backend: SpecBackend | str) -> SpecBackend:
@@ -42,7 +63,7 @@ def resolve_backend(backend: SpecBackend | str) -> SpecBackend:
     if backend is SpecBackend.AUTO:
         return SpecBackend.TRANSFORMER_ENGINE if transformer_engine_available() else SpecBackend.LOCAL
     if backend is SpecBackend.TRANSFORMER_ENGINE and not transformer_engine_available():
-        raise ValueError("spec backend 'te' needs CUDA and the transformer-engine package; use 'local' or 'auto'")
+        raise ValueError(f"spec backend 'te': {transformer_engine_missing()}; use 'local' or 'auto'")
     return backend
 
 

@@ -160,6 +160,28 @@ def write_manifest(root: Path, parts: tuple[str, ...] | None = None) -> None:
     atomic_write_text(root / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
 
+def missing_manifest(root: Path, predates_manifests: bool, record: str) -> bool:
+    """Whether ``root`` has no manifest, for a checkpoint whose format ``record`` (a file and what it says) tells
+    whether it ``predates_manifests``. True (load it unverified) only for such an old checkpoint; a newer one
+    without its manifest may have been altered, so CorruptCheckpointError names the missing file."""
+    manifest = Path(root) / MANIFEST_FILE
+    if manifest.exists():
+        return False
+    if not predates_manifests:
+        raise CorruptCheckpointError(f"{manifest}: missing, though {record}, a format written with a manifest; the "
+                                     "checkpoint cannot be verified (restore the file, or re-create the checkpoint)")
+    return True
+
+
+def tree_fingerprint(root: Path, parts: tuple[str, ...] | None = None) -> tuple:
+    """(name, bytes, mtime) of the manifest and of every file in scope (``parts`` of ``root``, everything when
+    None): what a cache of verified checkpoints is keyed on, so a file changed, added or removed after a
+    verification is verified again (its content is not read: size and mtime stand for it)."""
+    root = Path(root)
+    found = _files_in_scope(root, parts) + ([root / MANIFEST_FILE] if (root / MANIFEST_FILE).exists() else [])
+    return tuple((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in found)
+
+
 def verify_manifest(root: Path, hashes: bool = True, parts: tuple[str, ...] | None = None) -> bool:
     """Checks the files under ``root`` against its manifest: every listed file present with its size, and
     (``hashes``) its SHA-256, and no file in the manifest's scope (``parts`` of ``root``, as the manifest records

@@ -23,7 +23,8 @@ class Provenance:
     revision: str
     """``git rev-parse HEAD`` of the code that ran ("unknown" outside a git checkout)."""
     dirty: bool
-    """True when tracked files differed from that revision (the numbers then belong to no commit exactly)."""
+    """True when tracked files differed from that revision or the checkout held untracked files that git does not
+    ignore (a new script, say): the numbers then belong to no commit exactly."""
     date: str
     """UTC time of the stamp, ISO 8601."""
     cpu_model: str
@@ -41,9 +42,10 @@ class Provenance:
         return "\n".join(f"{key}: {value}" for key, value in asdict(self).items())
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, repo: Path = REPO) -> str | None:
     try:
-        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        # Not a verdict: a hang guard for a git that waits on a lock; 120 s is far beyond a status on a slow disk.
+        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -59,10 +61,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def current_provenance(command: str | None = None) -> Provenance:
-    """The stamp of this process: its command line (or ``command``), the checkout's revision and dirty flag."""
-    revision = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+def current_provenance(command: str | None = None, repo: Path = REPO) -> Provenance:
+    """The stamp of this process: its command line (or ``command``), the revision of the checkout ``repo`` (this
+    package's own by default) and its dirty flag (changed tracked files, or untracked ones git does not ignore)."""
+    revision = _git("rev-parse", "HEAD", repo=repo)
+    status = _git("status", "--porcelain", "--untracked-files=all", repo=repo)
     return Provenance(
         command=command if command is not None else " ".join([Path(sys.executable).name, *sys.argv]),
         revision=revision or "unknown",

@@ -111,7 +111,7 @@ def test_killed_and_relaunched_run_ends_as_the_uninterrupted_one(tiny_models, rl
         time.sleep(0.05)
     # While it runs, another launch into the same directory stops at once, naming the holder.
     refused = subprocess.run([sys.executable, "-m", "megatron_save", "stage3", str(STAGE3_CPU_CONFIG), *overrides],
-                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             cwd=REPO, capture_output=True, text=True, timeout=600,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert refused.returncode != 0 and "is in use by another launch" in refused.stderr, refused.stderr[-2000:]
     _kill_when(second, in_checkpoint_write.exists)  # inside a checkpoint write: all written, not yet renamed

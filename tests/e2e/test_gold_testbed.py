@@ -72,7 +72,7 @@ def test_gold_testbed_short_run(tmp_path):
              "rm_learning_rates=[1e-3]"]
     result = subprocess.run([sys.executable, "tools/gold_testbed.py", f"output_dir={out}", *SHORT, *extra], cwd=REPO,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
-                            timeout=1200)
+                            timeout=3000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = out / "report"
     assert f"table: {report / 'results.md'} (and results.json)" in result.stdout

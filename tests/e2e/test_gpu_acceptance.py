@@ -14,11 +14,17 @@ ENV = cpu_process_env()
 
 
 def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
+    """No wall-clock budget decides this on CPU (--no-time-limits, also the default without CUDA): under load the
+    inherited 8-minute budget for the sections once left the last of them 11 s. The launch's limit is a hang guard,
+    about ten times the sections' time on a quiet machine."""
     work, report = tmp_path / "work", tmp_path / "REPORT.md"
-    result = subprocess.run(["bash", "examples/gpu/acceptance.sh", str(work), str(report), "--quick"], cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(["bash", "examples/gpu/acceptance.sh", str(work), str(report), "--quick",
+                             "--no-time-limits"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = report.read_text()
+    assert "with no time budget (hang guards of 10x each limit only)" in text, text
+    assert re.search(r"^The GPU test tier's own estimate on one H100: \d+ s of its 480 s budget; measured here",
+                     text, flags=re.MULTILINE), text
     rows = dict(re.findall(r"^\| (.+?) \| (.+?) \| [\d.]+ \|$", text, flags=re.MULTILINE))
     for section in ("synthetic data", "tiny: convert to bf16 Megatron", "tiny: parity vs transformers, local spec, "
                     "policy", "tiny: parity vs transformers, local spec, RM", "tiny: stage 1 (BT) in bf16",
@@ -51,5 +57,5 @@ def test_check_parity_refuses_the_te_spec_without_cuda(tmp_path):
                     str(tmp_path / "mg")], cwd=REPO, env=ENV, check=True, capture_output=True)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                              "tools/check_parity.py", "--ckpt", str(tmp_path / "mg"), "--hf-dir", str(tmp_path / "hf"),
-                             "--spec", "te"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                             "--spec", "te"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
     assert result.returncode != 0 and "--spec te" in result.stderr and "needs CUDA" in result.stderr, result.stderr

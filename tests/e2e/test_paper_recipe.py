@@ -44,7 +44,7 @@ class RecipeRun:
 
 def _reproduce(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "examples/paper/reproduce.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=3600)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_save.checkpoint import build_model_from_checkpoint
-from megatron_save.models.spec import transformer_engine_available
 
 pytestmark = pytest.mark.gpu
 
@@ -87,9 +86,8 @@ def test_a_gpu_model_runs_the_fused_swiglu_and_it_matches_the_plain_path(tiny_mo
 
 
 @pytest.fixture
-def te_model(tiny_models, world_of_one):
-    if not transformer_engine_available():
-        pytest.skip("Transformer Engine is not importable on this GPU machine")
+def te_model(te, tiny_models):
+    """The tiny Qwen3 LM through the TE spec (``te``: skipped at collection where TE does not import)."""
     return build_model_from_checkpoint(tiny_models["qwen3-lm"]["mg"], spec_backend="te")[0]
 
 

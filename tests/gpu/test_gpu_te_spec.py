@@ -1,7 +1,9 @@
 """Transformer Engine's layer spec on a GPU (what the ``auto`` spec builds there): its parameters are the local
 spec's under TE's names (one translation, ``megatron_save.models.spec.local_parameter_name``), checkpoints of one spec
 load into the other, both match transformers, a bf16 training step agrees between them, and the weight sync reads a
-TE-spec model exactly. The CPU suite checks the same paths with TE's names emulated (tests/unit/test_te_names.py)."""
+TE-spec model exactly. Every test takes the ``te`` fixture (tests/conftest.py): on a GPU where TE does not import
+they are skipped at collection, before the models are converted. The CPU suite checks the same paths with TE's names
+emulated (tests/unit/test_te_names.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from megatron_save.checkpoint.hf import VALUE_HEAD_FILE
 from megatron_save.checkpoint.hf.gather import gather_hf_state
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.models.families import family_for
-from megatron_save.models.spec import local_parameter_name, transformer_engine_available
+from megatron_save.models.spec import local_parameter_name
 
 pytestmark = pytest.mark.gpu
 
@@ -25,13 +27,6 @@ pytestmark = pytest.mark.gpu
 # norm is O(0.1) off on the tiny models (their norm weights are perturbed by 0.1 N(0, 1)).
 FP32_RTOL = 1e-2
 MIN_TOP1 = 0.9
-
-
-@pytest.fixture
-def te(world_of_one):
-    """A world of one on the GPU, with Transformer Engine importable."""
-    if not transformer_engine_available():
-        pytest.skip("Transformer Engine is not importable on this GPU machine (pip install transformer-engine[pytorch])")
 
 
 def _hf_tensors(hf_dir) -> dict[str, torch.Tensor]:

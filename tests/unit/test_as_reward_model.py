@@ -75,7 +75,7 @@ def test_convert_tool_as_reward_model(tmp_path):
     lm_dir = save_tiny_hf_model("qwen3", tmp_path / "lm")
     result = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(lm_dir), "--out",
                              str(tmp_path / "rm"), "--as-reward-model", "--seed", "3"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]
     meta = json.loads((tmp_path / "rm" / "megatron_save.json").read_text())

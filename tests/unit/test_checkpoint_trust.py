@@ -1,5 +1,6 @@
 """Nothing of ours is unpickled from a checkpoint: RNG states are tensors and JSON in safetensors, and a planted
-malicious pickle is never executed on resume."""
+malicious pickle is never executed on resume. A checkpoint whose format has a manifest is refused without it, and a
+checkpoint verified once is verified again when a file of it changed."""
 
 from __future__ import annotations
 
@@ -101,3 +102,94 @@ def test_flipped_bytes_in_a_shard_stop_an_export_naming_the_file(tiny_models, tm
     with pytest.raises(CorruptCheckpointError, match=rf"{shard.name}: SHA-256 differs"):
         convert_megatron_to_hf(checkpoint, tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def _model_checkpoint(root, **meta):
+    """A model checkpoint's files (megatron_save.json with ``meta``, hf/, weights/) and its manifest: what
+    verification reads, without a model."""
+    from megatron_save.checkpoint.model_checkpoint import CHECKPOINT_PARTS, META_FILE
+    from megatron_save.utils.files import write_manifest
+
+    (root / "hf").mkdir(parents=True)
+    (root / "weights").mkdir()
+    (root / META_FILE).write_text(json.dumps({"family": "llama", "kind": "causal_lm", "dtype": "fp32", **meta}))
+    (root / "hf" / "config.json").write_text("{}")
+    (root / "weights" / "0.distcp").write_bytes(b"0123456789")
+    write_manifest(root, CHECKPOINT_PARTS)
+    return root
+
+
+@pytest.mark.parametrize("meta, refused", [({"format_version": 2, "megatron_core": "0.16.1"}, True),
+                                           ({"format_version": 1, "megatron_core": "0.16.1"}, True),
+                                           ({"format_version": 1}, False)])
+def test_a_model_checkpoint_without_its_manifest_loads_only_if_its_format_predates_manifests(meta, refused, tmp_path,
+                                                                                            world_of_one):
+    from megatron_save.checkpoint.model_checkpoint import load_model_checkpoint
+    from megatron_save.utils.files import MANIFEST_FILE, CorruptCheckpointError
+
+    checkpoint = _model_checkpoint(tmp_path / "ckpt", **meta)
+    (checkpoint / MANIFEST_FILE).unlink()
+    if refused:
+        # The load's first step: nothing of the model is touched before the refusal.
+        with pytest.raises(CorruptCheckpointError, match=rf"{checkpoint / MANIFEST_FILE}: missing, though "
+                                                         rf".*megatron_save.json records format_version"):
+            load_model_checkpoint(None, checkpoint)
+    else:
+        with pytest.raises(AttributeError, match="sharded_state_dict"):  # verification let it through to the model
+            load_model_checkpoint(None, checkpoint)
+
+
+def test_the_checkpoint_format_written_now_has_a_manifest_and_older_ones_stay_readable():
+    from megatron_save.checkpoint.model_checkpoint import FORMAT_VERSION, READABLE_FORMATS, CheckpointMeta
+
+    assert CheckpointMeta("llama", "causal_lm", "fp32").format_version == FORMAT_VERSION == 2
+    assert READABLE_FORMATS == (1, 2)
+
+
+def test_a_verified_checkpoint_is_verified_again_when_a_file_changes(tmp_path, world_of_one, monkeypatch):
+    """The cache of verified checkpoints is keyed on the files' sizes and mtimes, not on the manifest's alone: a
+    shard rewritten after a verification (same size, same manifest) is caught by the next load."""
+    import os
+
+    from megatron_save.checkpoint import model_checkpoint
+    from megatron_save.utils.files import CorruptCheckpointError
+
+    checkpoint = _model_checkpoint(tmp_path / "ckpt", format_version=2, megatron_core="0.16.1")
+    checks = []
+    verify = model_checkpoint.verify_manifest
+    monkeypatch.setattr(model_checkpoint, "verify_manifest", lambda *a, **k: checks.append(a[0]) or verify(*a, **k))
+    model_checkpoint.verify_collectively(checkpoint)
+    model_checkpoint.verify_collectively(checkpoint)
+    assert len(checks) == 1  # the second load of an unchanged checkpoint reads no file again
+    shard = checkpoint / "weights" / "0.distcp"
+    mtime = shard.stat().st_mtime_ns
+    shard.write_bytes(b"0123456780")
+    os.utime(shard, ns=(mtime + 10**9, mtime + 10**9))  # a coarse-mtime file system would show the rewrite so
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard}: SHA-256 differs"):
+        model_checkpoint.verify_collectively(checkpoint)
+    shard.write_bytes(b"0123456789")
+    model_checkpoint.verify_collectively(checkpoint)
+    (checkpoint / "weights" / "planted.pt").write_bytes(b"x")
+    with pytest.raises(CorruptCheckpointError, match="planted.pt: not listed"):
+        model_checkpoint.verify_collectively(checkpoint)
+
+
+def test_a_run_checkpoint_without_its_manifest_is_refused_unless_it_predates_manifests(tmp_path, world_of_one):
+    from megatron_save.checkpoint.run_checkpoint import choose_resume_checkpoint, save_run_checkpoint
+    from megatron_save.utils.files import MANIFEST_FILE, CorruptCheckpointError
+
+    checkpoint = save_run_checkpoint(tmp_path, 1, {}, {}, keep=1, settings={})
+    assert json.loads((checkpoint / RUN_STATE_FILE).read_text())["format_version"] == 2
+    assert choose_resume_checkpoint(tmp_path) == checkpoint
+    (checkpoint / MANIFEST_FILE).unlink()
+    with pytest.raises(CorruptCheckpointError, match=rf"{checkpoint / MANIFEST_FILE}: missing, though "
+                                                     rf".*run_state.json records format_version 2"):
+        choose_resume_checkpoint(tmp_path)
+    # No format recorded, but a training checkpoint records its megatron-core: written after manifests existed.
+    (checkpoint / RUN_STATE_FILE).write_text(json.dumps({"step": 1, "counters": {}, "layout": _layout()}))
+    (checkpoint / "policy").mkdir()
+    (checkpoint / "policy" / "train_state.json").write_text(json.dumps({"step": 1, "megatron_core": "0.16.1"}))
+    with pytest.raises(CorruptCheckpointError, match=r"policy/train_state.json records megatron_core 0.16.1"):
+        choose_resume_checkpoint(tmp_path)
+    (checkpoint / "policy" / "train_state.json").write_text(json.dumps({"step": 1}))
+    assert choose_resume_checkpoint(tmp_path) == checkpoint  # older than manifests: taken unverified

@@ -35,7 +35,7 @@ TRAINERS = {"sample-responses": (SampleResponsesConfig, check_sample_config), "s
 def dry_run(**settings: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DRY_RUN": "1", **settings}
     return subprocess.run(["bash", "examples/paper/reproduce.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=600)
 
 
 def commands_of(result: subprocess.CompletedProcess) -> list[list[str]]:
@@ -133,7 +133,7 @@ def test_a_missing_benchmark_file_is_named(tmp_path):
     result = subprocess.run(["bash", "examples/paper/reproduce.sh"], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "ROWS": "initial", "WORK": str(tmp_path / "work"),
                                  "BENCHMARK_DIR": str(tmp_path / "nothing"), "POLICY_HF": "p",
-                                 "DRY_RUN": ""}, timeout=60, input="")
+                                 "DRY_RUN": ""}, timeout=600, input="")
     # Without DRY_RUN the script would convert first; the benchmark files are looked up before anything runs.
     assert result.returncode == 1
     assert f"no {tmp_path}/nothing/reward-bench/filtered.parquet, .jsonl, .json or directory" in result.stderr

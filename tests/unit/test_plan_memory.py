@@ -255,7 +255,7 @@ def test_cli_json_total_is_the_sum_of_its_parts(tiny_configs):
         [sys.executable, str(TOOL), "--policy", str(tiny_configs["policy"]), "--reward", str(tiny_configs["reward"]),
          "--tp", "2", "--pp", "2", "--dp", "2", "--dtype", "bf16", "--micro-batch", "2", "--value-head",
          "--distributed-optimizer", "--offload-optimizer", "--rollout-backend", "megatron", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert set(out) == {"per_gpu_bytes", "layout"}
@@ -271,7 +271,7 @@ def test_cli_json_total_is_the_sum_of_its_parts(tiny_configs):
     vllm = subprocess.run(
         [sys.executable, str(TOOL), "--policy", str(tiny_configs["policy"]), "--reward", str(tiny_configs["reward"]),
          "--rollout-backend", "vllm", "--vllm-kv-cache-gib", "0.5", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert vllm.returncode == 0, vllm.stderr
     assert json.loads(vllm.stdout)["per_gpu_bytes"]["rollout_kv_cache"] == 2**29
 
@@ -285,7 +285,7 @@ def test_cli_lists_the_layouts_that_fit_smallest_model_parallel_first(tiny_confi
     sizes = [tp * pp * ep for tp, pp, ep, dp in rows]
     assert sizes == sorted(sizes) and (1, 1, 1, 4) == tuple(rows[0]), rows
     result = subprocess.run([sys.executable, str(TOOL), *common, "--gpu-memory", "100KB"], capture_output=True,
-                            text=True, timeout=120, cwd=REPO)
+                            text=True, timeout=600, cwd=REPO)
     assert result.returncode == 1 and "no layout of 4 GPUs fits 100KB per GPU" in result.stderr, result.stderr
 
 

@@ -30,7 +30,7 @@ def _export(policy, benchmark, prompts, out):
     cmd = [sys.executable, "tools/export_policy_answers.py", "--benchmark", benchmark, "--prompts", str(prompts),
            "--hf-model", str(policy), "--model-name", "tiny", "--out", str(out), "--max-new-tokens", "6",
            "--batch-size", "2"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

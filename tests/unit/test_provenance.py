@@ -20,10 +20,34 @@ def test_stamp_names_revision_and_machine():
     assert stamp.as_text().splitlines()[0] == "command: python x.py"
 
 
+def _git(repo, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_an_untracked_file_makes_the_tree_dirty_and_an_ignored_one_does_not(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / ".gitignore").write_text("outputs/\n")
+    (repo / "bench.py").write_text("print(1)\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "first")
+    assert not current_provenance(command="x", repo=repo).dirty
+    (repo / "outputs").mkdir()
+    (repo / "outputs" / "result.txt").write_text("ignored\n")
+    assert not current_provenance(command="x", repo=repo).dirty
+    (repo / "new_helper.py").write_text("untracked\n")
+    assert current_provenance(command="x", repo=repo).dirty
+    (repo / "new_helper.py").unlink()
+    (repo / "bench.py").write_text("print(2)\n")
+    assert current_provenance(command="x", repo=repo).dirty
+
+
 def _record(tmp_path, *command):
     out = tmp_path / "record.txt"
     result = subprocess.run([sys.executable, "tools/record.py", "--out", str(out), "--", *command], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=600)
     return result, out.read_text()
 
 

@@ -40,6 +40,6 @@ def test_sbatch_launches_a_checked_stage3_config(tmp_path):
            "SLURM_JOB_NODELIST": "gpu-node-[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242"}
     result = subprocess.run(["bash", "examples/slurm/stage3_save.sbatch", "examples/paper/stage3_save.yaml",
                              "examples/scaling/stage3_8b.yaml", f"output_dir={tmp_path / 'run'}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["checked", "gpu-node-01:29500", "4242", "2", str(tmp_path / "run")]
