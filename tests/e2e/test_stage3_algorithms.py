@@ -63,46 +63,60 @@ def _check_rollout_correction(rows: list[dict], record: dict, is_threshold: floa
     assert record["rollout_correction/rejected_token_fraction"] == pytest.approx(1 - kept_tokens / len(diffs))
 
 
+def _check_dynamic_sampling(rows: list[dict], record: dict, prompts: list[str], next_batch: int) -> int:
+    """One step's generation batches (the stream's next ones), kept groups (spread in the verifier's grade, the
+    first prompts_per_step) and dynamic_sampling/* metrics, recomputed from its rows; returns the stream's next
+    batch."""
+    batches = int(record["dynamic_sampling/generation_batches"])
+    assert len(rows) == batches * PROMPTS_PER_STEP
+    assert [_user_text(row["prompt"]) for row in rows] == [
+        p for k in range(batches) for p in _prompt_stream(prompts, next_batch + k)]
+    spread = []
+    for row in rows:
+        grades = [length_parity_grade(_user_text(row["prompt"]), text)
+                  for text, valid in zip(row["responses"], row["valid"]) if valid]
+        spread.append(len(grades) >= 2 and max(grades) > min(grades))
+    expected_kept = [s and sum(spread[: b + 1]) <= PROMPTS_PER_STEP for b, s in enumerate(spread)]
+    assert [row["policy_update"]["group_kept"] for row in rows] == expected_kept
+    assert all(not any(row["policy_update"]["kept"]) for row, kept in zip(rows, expected_kept) if not kept)
+    assert record["dynamic_sampling/groups_kept"] == sum(expected_kept)
+    assert record["dynamic_sampling/dropped_fraction"] == pytest.approx(1 - sum(spread) / len(spread))
+    assert record["dynamic_sampling/cap_reached"] == float(sum(spread) < PROMPTS_PER_STEP)
+    return next_batch + batches
+
+
+def _verifier_importable(monkeypatch) -> None:
+    """The launched ranks import the verifier from tests/helpers.py."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
+
+
+DYNAMIC_SAMPLING = ["rollout.dynamic_sampling.enabled=true", "rollout.dynamic_sampling.metric=verifier",
+                    "rollout.dynamic_sampling.max_generation_batches=3", "reward.verifier=helpers:length_parity_grade"]
+COMMON = ["save_every=0", "save_final_checkpoint=false", "tensorboard=false", "rollout_log=true"]
+
+
+def _prompts(rl_data) -> list[str]:
+    return [_user_text(json.loads(line)["prompt"]) for line in rl_data["prompts"].read_text().splitlines()]
+
+
 def test_cispo_tis_dynamic_sampling_and_overlong_shaping_at_tp2(tiny_models, rl_data, tmp_path, monkeypatch):
     """CISPO + token TIS (threshold 1: about half the tokens truncated) + overlong buffer + dynamic sampling by a
     verifier's grade. Step 1 in one launch, step 2 after a resume: the prompt stream continues where step 1's
     extra generation batches left it."""
-    # The launched ranks import the verifier from tests/helpers.py.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
+    _verifier_importable(monkeypatch)
     out = tmp_path / "cispo"
-    settings = ["total_steps=2", "save_every=0", "save_final_checkpoint=false", "tensorboard=false",
-                "rollout_log=true", "policy.loss=cispo", "policy.clip_low=1.0", "policy.clip_high=0.28",
+    settings = ["total_steps=2", *COMMON, "policy.loss=cispo", "policy.clip_low=1.0", "policy.clip_high=0.28",
                 "policy.rollout_correction.is_level=token", "policy.rollout_correction.is_threshold=1.0",
-                "reward.overlong_buffer.length=4", "reward.overlong_buffer.penalty=0.5",
-                "rollout.dynamic_sampling.enabled=true", "rollout.dynamic_sampling.metric=verifier",
-                "rollout.dynamic_sampling.max_generation_batches=3", "reward.verifier=helpers:length_parity_grade"]
+                "reward.overlong_buffer.length=4", "reward.overlong_buffer.penalty=0.5", *DYNAMIC_SAMPLING]
     models = (tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"])
     run_stage3(2, out, *models, *settings, "exit_after_steps=1")
     run_stage3(2, out, *models, *settings)
     records, rollouts = read_metrics(out), _rollouts(out)
     assert [r["step"] for r in records] == [1, 2]
-    prompts = [_user_text(json.loads(line)["prompt"]) for line in rl_data["prompts"].read_text().splitlines()]
     next_batch = 1
     for record in records:
         rows = [row for row in rollouts if row["step"] == record["step"]]
-        batches = int(record["dynamic_sampling/generation_batches"])
-        assert len(rows) == batches * PROMPTS_PER_STEP
-        # Data order: batch k of the step is the stream's next batch, across the resume.
-        assert [_user_text(row["prompt"]) for row in rows] == [
-            p for k in range(batches) for p in _prompt_stream(prompts, next_batch + k)]
-        next_batch += batches
-        # Kept groups: spread in the verifier's grade, the first prompts_per_step of them; the RM saw every group.
-        spread = []
-        for row in rows:
-            grades = [length_parity_grade(_user_text(row["prompt"]), text)
-                      for text, valid in zip(row["responses"], row["valid"]) if valid]
-            spread.append(len(grades) >= 2 and max(grades) > min(grades))
-        expected_kept = [s and sum(spread[: b + 1]) <= PROMPTS_PER_STEP for b, s in enumerate(spread)]
-        assert [row["policy_update"]["group_kept"] for row in rows] == expected_kept
-        assert all(not any(row["policy_update"]["kept"]) for row, kept in zip(rows, expected_kept) if not kept)
-        assert record["dynamic_sampling/groups_kept"] == sum(expected_kept)
-        assert record["dynamic_sampling/dropped_fraction"] == pytest.approx(1 - sum(spread) / len(spread))
-        assert record["dynamic_sampling/cap_reached"] == float(sum(spread) < PROMPTS_PER_STEP)
+        next_batch = _check_dynamic_sampling(rows, record, _prompts(rl_data), next_batch)  # across the resume
         # The overlong penalty of each response, in the policy's reward only (the logged RM scores lack it).
         for row in rows:
             for length, penalty in zip(row["response_lengths"], row["policy_update"]["overlong_penalty"]):
@@ -114,14 +128,17 @@ def test_cispo_tis_dynamic_sampling_and_overlong_shaping_at_tp2(tiny_models, rl_
     check_recorded_advantages(rollouts, "grpo")
 
 
-def test_gmpo_with_token_rejection_sampling_at_tp2(tiny_models, rl_data, tmp_path):
-    """GMPO with token RS at [1, 2]: about half the tokens (pi_old below pi_rollout) leave the loss."""
+def test_gmpo_rejection_sampling_and_dynamic_sampling_at_tp2_dp2(tiny_models, rl_data, tmp_path, monkeypatch):
+    """GMPO with token RS at [1, 2] (about half the tokens, pi_old below pi_rollout, leave the loss) and dynamic
+    sampling, at TP=2 x DP=2: each data-parallel rank corrects its own rows, the log gathers them all."""
+    _verifier_importable(monkeypatch)
     out = tmp_path / "gmpo"
-    run_stage3(2, out, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
-               "total_steps=1", "save_every=0", "save_final_checkpoint=false", "tensorboard=false", "rollout_log=true",
-               "policy.loss=gmpo", "policy.clip_low=0.4", "policy.clip_high=0.4", "policy.rollout_correction.rs=token",
-               "policy.rollout_correction.rs_low=1.0", "policy.rollout_correction.rs_high=2.0")
+    run_stage3(4, out, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
+               "total_steps=1", *COMMON, "policy.loss=gmpo", "policy.clip_low=0.4", "policy.clip_high=0.4",
+               "policy.rollout_correction.rs=token", "policy.rollout_correction.rs_low=1.0",
+               "policy.rollout_correction.rs_high=2.0", *DYNAMIC_SAMPLING)
     (record,), rollouts = read_metrics(out), _rollouts(out)
+    _check_dynamic_sampling(rollouts, record, _prompts(rl_data), 1)
     _check_rollout_correction(rollouts, record, is_threshold=None, rs_bounds=(1.0, 2.0))
     assert 0.1 < record["rollout_correction/rejected_token_fraction"] < 0.9
     assert math.isfinite(record["policy/pg_loss"])
