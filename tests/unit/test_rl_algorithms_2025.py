@@ -5,6 +5,7 @@ GMPO eq. 3 with verl's sign-aware log-space clip, verl's rollout_corr_helper, DA
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from megatron_save.algorithms import (
     ppo_clip_policy_loss,
     rollout_correction_weights,
 )
+
+CPU_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "cpu" / "stage3_save.yaml"
 
 
 def _batch(seed: int = 0, n: int = 5, t: int = 7):
@@ -182,3 +185,31 @@ def test_groups_with_spread():
     valid = torch.tensor([[True, True, True], [True, True, True], [True, False, True], [True, False, False]])
     # all equal; spread; equal on its valid members; a single valid member (no baseline)
     assert groups_with_spread(metric, valid).tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policy.rollout_correction.is_level=tokens", "policy.rollout_correction.is_level='tokens' is not one of"),
+    ("policy.rollout_correction.rs=seq", "policy.rollout_correction.rs='seq' is not one of"),
+    ("policy.rollout_correction.rs_low=1.5", "rs_low=1.5 <= 1"),
+    ("rollout.dynamic_sampling.metric=verifier", "reward.verifier .* is needed"),
+    ("reward.overlong_buffer.length=13", "reward.overlong_buffer.length=13 must be in"),
+    ("policy.loss=cispo_v2", "policy.loss='cispo_v2' is not one of ppo_clip, gspo, cispo, gmpo"),
+])
+def test_bad_issue_39_settings_are_refused_by_name(override, message):
+    from megatron_save.config import load_config
+    from megatron_save.trainers.stage3.config import Stage3Config, check_stage3_config
+
+    extra = ["rollout.dynamic_sampling.enabled=true"] if "dynamic_sampling" in override else []
+    cfg = load_config(Stage3Config, CPU_CONFIG, [override, *extra])
+    with pytest.raises(ValueError, match=message):
+        check_stage3_config(cfg)
+
+
+def test_megatron_rollouts_refuse_rollout_correction():
+    from megatron_save.config import load_config
+    from megatron_save.trainers.stage3.config import Stage3Config, check_stage3_config
+
+    cfg = load_config(Stage3Config, CPU_CONFIG,
+                      ["rollout.backend=megatron", "policy.rollout_correction.log_mismatch=true"])
+    with pytest.raises(ValueError, match="rollout.backend=megatron does not report"):
+        check_stage3_config(cfg)
