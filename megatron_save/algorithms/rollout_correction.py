@@ -7,6 +7,7 @@ Token tensors are ``[N, T]`` with ``mask`` [N, T] marking real response tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ def rollout_correction_weights(old_logp: torch.Tensor, rollout_logp: torch.Tenso
         else:
             raise ValueError(f"rollout correction rs={rs_level!r} is not one of {RS_LEVELS} or null")
         # Compared in log space: the sequence product of a long response overflows where its log does not.
-        inside = (statistic >= torch.log(torch.tensor(rs_low))) & (statistic <= torch.log(torch.tensor(rs_high)))
+        inside = (statistic >= math.log(rs_low)) & (statistic <= math.log(rs_high))
         keep = mask & inside
     return RolloutCorrection(weights.masked_fill(~keep, 0.0), keep, truncated)
 
