@@ -10,7 +10,15 @@ from megatron_save.algorithms.advantages import (
 )
 from megatron_save.algorithms.baselines import hl_bt_loss, highest_lowest_pairs, mean_reward_anchor
 from megatron_save.algorithms.bradley_terry import bt_loss, pairwise_accuracy
-from megatron_save.algorithms.policy_loss import PolicyLossOutput, gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
+from megatron_save.algorithms.dapo import groups_with_spread, overlong_penalty
+from megatron_save.algorithms.policy_loss import (
+    PolicyLossOutput,
+    cispo_policy_loss,
+    gmpo_policy_loss,
+    gspo_policy_loss,
+    kl_penalty,
+    ppo_clip_policy_loss,
+)
 from megatron_save.algorithms.prime import (
     OUTCOME_LABEL_RULES,
     accuracy_filter,
@@ -20,6 +28,12 @@ from megatron_save.algorithms.prime import (
     prime_advantages,
 )
 from megatron_save.algorithms.r2m import grebt_loss, group_reward_entropy, r2m_time_weight
+from megatron_save.algorithms.rollout_correction import (
+    RolloutCorrection,
+    mismatch_metrics,
+    mismatch_sums,
+    rollout_correction_weights,
+)
 from megatron_save.algorithms.save import (
     curriculum_threshold,
     save_partition,
@@ -36,7 +50,15 @@ __all__ = [
     "outcome_labels",
     "prime_advantages",
     "PolicyLossOutput",
+    "RolloutCorrection",
     "bt_loss",
+    "cispo_policy_loss",
+    "gmpo_policy_loss",
+    "groups_with_spread",
+    "mismatch_metrics",
+    "mismatch_sums",
+    "overlong_penalty",
+    "rollout_correction_weights",
     "grebt_loss",
     "group_reward_entropy",
     "grpo_advantages",

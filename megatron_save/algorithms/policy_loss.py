@@ -1,6 +1,8 @@
-"""Policy-gradient losses (PPO-clip with dual clip and four aggregations, GSPO) and the KL penalty.
+"""Policy-gradient losses (PPO-clip with dual clip and four aggregations, GSPO, CISPO, GMPO) and the KL penalty.
 
-Token tensors are ``[N, T]`` (N responses, T response tokens) with ``mask`` [N, T] marking real tokens.
+Token tensors are ``[N, T]`` (N responses, T response tokens) with ``mask`` [N, T] marking real tokens. Every loss
+takes optional ``is_weights`` [N, T]: rollout-correction weights (``rollout_correction_weights``), constants that
+multiply each token's loss before aggregation (verl's ``rollout_is_weights``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def ppo_clip_policy_loss(
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
     norm_constant: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO's clipped surrogate per token, max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), with the dual clip
     min(., -A c) on negative advantages when ``dual_clip`` = c > 1, aggregated as asked.
@@ -75,6 +78,7 @@ def ppo_clip_policy_loss(
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         capped = torch.minimum(token_losses, -advantages * dual_clip)
         token_losses = torch.where(advantages < 0, capped, token_losses)
+    token_losses = _weighted(token_losses, is_weights)
     real = mask.sum().clamp(min=1)
     return PolicyLossOutput(
         loss=aggregate(token_losses, mask, aggregation, norm_constant),
@@ -90,6 +94,7 @@ def gspo_policy_loss(
     mask: torch.Tensor,
     clip_low: float,
     clip_high: float,
+    is_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """GSPO: sequence ratio s_i = exp(mean_t (logp - old_logp)) clipped at the sequence level,
     -mean_i min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i). Written per token as in GSPO-token
@@ -109,7 +114,7 @@ def gspo_policy_loss(
     advantage = advantages[:, None].expand_as(ratio)
     unclipped = -advantage * ratio
     clipped = -advantage * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    token_losses = torch.maximum(unclipped, clipped)
+    token_losses = _weighted(torch.maximum(unclipped, clipped), is_weights)
     sequence_ratio = sequence_log_ratio.detach().exp()
     sequence_clipped = (sequence_ratio < 1.0 - clip_low) & (advantages < 0) | (sequence_ratio > 1.0 + clip_high) & (advantages > 0)
     return PolicyLossOutput(
@@ -117,6 +122,81 @@ def gspo_policy_loss(
         clip_fraction=sequence_clipped.float().mean(),
         approx_kl=(-log_ratio).sum().detach() / mask.sum().clamp(min=1),
     )
+
+
+def cispo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    aggregation: str = "token-mean",
+    norm_constant: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """CISPO (MiniMax-M1, eqs. 4-5): per token -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp, with
+    r = exp(logp - old_logp). The clipped IS weight is a constant (stop-gradient), so a clipped token keeps its
+    gradient A * grad(logp) scaled by the bound, where PPO-clip's would be zero.
+
+    logp, old_logp, mask [N, T]; advantages [N, T], or [N] broadcast over tokens; aggregated as asked.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
+    ratio = torch.exp(log_ratio.detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [N, T]
+    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    token_losses = _weighted(-clipped_ratio * advantages * logp.masked_fill(~mask, 0.0), is_weights)
+    real = mask.sum().clamp(min=1)
+    return PolicyLossOutput(
+        loss=aggregate(token_losses, mask, aggregation, norm_constant),
+        clip_fraction=((clipped_ratio != ratio) & mask).sum() / real,
+        approx_kl=(-log_ratio).detach().sum() / real,
+    )
+
+
+def gmpo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    is_weights: torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """GMPO: per response -A_i * prod_t (r_t^clipped)^(1 / |y_i|) = -A_i * exp(mean_t l_t), averaged over
+    responses, where l_t = logp - old_logp is clipped sign-aware in log space: for A > 0, min(l, clip(l, -clip_low,
+    clip_high)); for A < 0, max(l, clip(l, ...)) (GMPO paper eq. 3; its range (e^-0.4, e^0.4) is clip_low =
+    clip_high = 0.4 here). A clipped token is a constant in the mean, so its gradient is zero.
+
+    logp, old_logp, mask [N, T]; advantages [N], or [N, T] reduced to each response's mean over its real tokens.
+    ``is_weights`` [N, T] enter as each response's geometric mean of its tokens' weights (as verl does).
+    """
+    tokens = mask.sum(dim=1).clamp(min=1)  # [N]
+    if advantages.dim() == 2:
+        advantages = advantages.masked_fill(~mask, 0.0).sum(dim=1) / tokens  # [N]
+    logp = logp.masked_fill(~mask, 0.0)
+    log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)  # [N, T]
+    sign = torch.sign(advantages)[:, None]  # [N, 1]
+    bounded = log_ratio.clamp(-clip_low, clip_high)
+    clipped = sign * torch.minimum(sign * log_ratio, sign * bounded)  # [N, T]
+    sequence_log_ratio = clipped.masked_fill(~mask, 0.0).sum(dim=1) / tokens  # [N]
+    sequence_losses = -advantages * torch.exp(sequence_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [N]
+    if is_weights is not None:
+        log_weights = torch.log(is_weights.clamp(min=1e-10)).masked_fill(~mask, 0.0)
+        sequence_losses = sequence_losses * torch.exp(log_weights.sum(dim=1) / tokens)
+    real = mask.sum().clamp(min=1)
+    was_clipped = (bounded != log_ratio) & mask & (sign != 0) & (clipped == bounded)
+    return PolicyLossOutput(
+        loss=sequence_losses.mean(),
+        clip_fraction=was_clipped.sum() / real,
+        approx_kl=(-log_ratio).detach().sum() / real,
+    )
+
+
+def _weighted(token_losses: torch.Tensor, is_weights: torch.Tensor | None) -> torch.Tensor:
+    """Token losses times the rollout-correction weights (constants: no gradient flows into them)."""
+    return token_losses if is_weights is None else token_losses * is_weights.detach()
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:

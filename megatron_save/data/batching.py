@@ -112,6 +112,8 @@ class PolicyBatch(TokenBatch):
     loss_scale: float = 1.0
     """(micro-batches x data-parallel ranks) x this micro-batch's share of the whole mini-batch's tokens (or
     sequences): turns a micro-batch mean into its part of the global mean after Megatron's averaging."""
+    is_weights: torch.Tensor | None = None
+    """[N, S - 1] fp32 rollout-correction IS weights multiplied into each token's loss; None without them."""
 
 
 @dataclass

@@ -281,7 +281,10 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     assert all(("prm/loss" in r) == prime for r in records)
 
 
-ALGORITHM_EXAMPLES = ["grpo.yaml", "dr_grpo.yaml", "rloo.yaml", "reinforce_pp.yaml", "gspo.yaml"]
+ALGORITHM_EXAMPLES = ["grpo.yaml", "dr_grpo.yaml", "rloo.yaml", "reinforce_pp.yaml", "gspo.yaml", "cispo.yaml",
+                      "gmpo.yaml", "dapo.yaml"]
+# What an overlay needs on the CPU config beyond README's command: its 12 new tokens are shorter than DAPO's buffer.
+EXAMPLE_OVERRIDES = {"dapo.yaml": ["reward.overlong_buffer.length=4"]}
 
 
 @pytest.mark.parametrize("example", ALGORITHM_EXAMPLES)
@@ -291,7 +294,8 @@ def test_algorithm_examples_run(example, tiny_models, rl_data, tmp_path, world_o
     overrides = [f"output_dir={tmp_path}", f"train_data={rl_data['prompts']}",
                  f"policy.checkpoint={tiny_models['llama-lm']['mg']}",
                  f"reward.checkpoint={tiny_models['llama-rmv']['mg']}", "parallel.tensor_model_parallel_size=1",
-                 "total_steps=1", "save_every=0", "tensorboard=false", "rollout_log=true"]
+                 "total_steps=1", "save_every=0", "tensorboard=false", "rollout_log=true",
+                 *EXAMPLE_OVERRIDES.get(example, [])]
     cfg = load_config(Stage3Config, [REPO / "examples" / "cpu" / "stage3_save.yaml",
                                      REPO / "examples" / "algorithms" / example], overrides)
     out = loop.train_stage3(cfg)

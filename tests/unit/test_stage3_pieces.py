@@ -152,7 +152,7 @@ def test_policy_micro_batch_losses_add_up_to_the_whole_batch_loss(aggregation, t
                               clip_low=0.2, clip_high=0.2)
     rows = _rows()
     temperature = 0.7  # log-probs of the sampling distribution softmax(logits / 0.7)
-    (micro_batches,), metrics = policy_mini_batches(policy, policy, rows, settings, pad_id=0,
+    (micro_batches,), metrics, _ = policy_mini_batches(policy, policy, rows, settings, pad_id=0,
                                                     temperature=temperature)
     assert len(micro_batches) == 3  # 5 rows + 1 filler in micro-batches of 2
     # One optimizer step: the old log-probs (and pre-update metrics) come from the update's own forward.

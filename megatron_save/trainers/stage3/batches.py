@@ -68,6 +68,9 @@ class PolicyRows:
     """Policy tokens of each row's prompt."""
     advantages: list[torch.Tensor]
     """Per response token advantage, [len(response)] fp32 each."""
+    rollout_logprobs: list[torch.Tensor] | None = None
+    """Per response token behaviour log-prob from the rollout engine, [len(response)] fp32 each (rollout
+    correction), else None."""
 
     @property
     def response_lengths(self) -> list[int]:
@@ -76,14 +79,17 @@ class PolicyRows:
 
 
 def policy_rows(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], kept: torch.Tensor,
-                advantages: torch.Tensor) -> PolicyRows:
-    """The kept responses with their advantages. kept [B, G], advantages [B, G, T]."""
-    rows = PolicyRows([], [], [])
+                advantages: torch.Tensor, rollout_logprobs: list[list[list[float]]] | None = None) -> PolicyRows:
+    """The kept responses with their advantages (and behaviour log-probs [B][G][len]). kept [B, G], advantages
+    [B, G, T]."""
+    rows = PolicyRows([], [], [], None if rollout_logprobs is None else [])
     for b, g in kept.nonzero().tolist():
         response = response_ids[b][g]
         rows.sequences.append(prompt_ids[b] + response)
         rows.prompt_lengths.append(len(prompt_ids[b]))
         rows.advantages.append(advantages[b, g, : len(response)])
+        if rows.rollout_logprobs is not None:
+            rows.rollout_logprobs.append(torch.tensor(rollout_logprobs[b][g], dtype=torch.float32))
     return rows
 
 
@@ -123,6 +129,20 @@ def policy_token_rows(rows: PolicyRows, layout: list[list[list[int]]], rank: int
             loss_mask[row, start : start + response_lengths[i]] = True
             advantages[row, start : start + response_lengths[i]] = rows.advantages[i]
     return input_ids, attention_mask, loss_mask, advantages
+
+
+def shifted_row_values(rows: PolicyRows, values: list[torch.Tensor], layout: list[list[list[int]]], rank: int
+                       ) -> torch.Tensor:
+    """Per response token ``values`` ([len(response)] each, by row) of rank ``rank``'s rows, in the order and
+    shifted frame of ``policy_token_rows``: [N, S - 1], 0 off the response tokens and on filler rows."""
+    mine = [i for part in layout for i in part[rank]]
+    width = max(len(s) for s in rows.sequences)
+    out = torch.zeros(len(mine), width - 1)
+    for row, i in enumerate(mine):
+        if i >= 0:
+            start = rows.prompt_lengths[i] - 1
+            out[row, start : start + len(values[i])] = values[i]
+    return out
 
 
 def policy_loss_scales(layout: list[list[list[int]]], rank: int, response_lengths: list[int], token_mean: bool,

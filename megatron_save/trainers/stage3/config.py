@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from megatron_save.algorithms import ADVANTAGE_ESTIMATORS, OUTCOME_LABEL_RULES
+from megatron_save.algorithms.rollout_correction import IS_LEVELS, RS_LEVELS
 from megatron_save.checkpoint.train_checkpoint import distributed_optimizer_state_supported
 from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute
 from megatron_save.rollout.engine import SamplingSettings
@@ -16,7 +17,7 @@ from megatron_save.trainers.offload import OffloadSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
 from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, strategy_named
 
-POLICY_LOSSES = ("ppo_clip", "gspo")
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo", "gmpo")
 # Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
 RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "save_final_checkpoint",
                      "keep_checkpoints", "log_every", "rollout_log", "tensorboard", "wandb_project", "offload",
@@ -24,6 +25,34 @@ RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "
                      "rollout.vllm.kv_cache_memory_gib", "rollout.vllm.sleep_between_rollouts",
                      "rollout.vllm.enforce_eager", "policy.recompute", "reward.recompute", "reward.prime.recompute")
 ROLLOUT_BACKENDS = ("transformers", "megatron", "vllm")
+
+
+@dataclass
+class RolloutCorrectionSettings:
+    """policy.rollout_correction: the trainer's old policy pi_old against the behaviour log-probs pi_rollout the
+    rollout engine reports for the tokens it sampled (algorithms/rollout_correction.py). With is_level, rs or
+    log_mismatch set, the old log-probs take their own forward and rollout_correction/* is logged every step."""
+
+    is_level: str | None = None
+    """Truncated importance sampling: token (w_t = min(pi_old / pi_rollout, is_threshold) per token), sequence
+    (w = min(prod_t pi_old / pi_rollout, is_threshold) per response) or null (no weights). verl's ``rollout_is``
+    (``is`` itself is a Python keyword)."""
+    is_threshold: float = 2.0
+    """Upper truncation of the IS weights (verl's default: 2)."""
+    rs: str | None = None
+    """Rejection sampling: token (mask tokens whose ratio falls outside [rs_low, rs_high]), sequence (the response's
+    product of ratios), geometric (its geometric mean) or null. A rejected token leaves the loss and its count."""
+    rs_low: float = 0.5
+    """Lower bound of the kept ratios."""
+    rs_high: float = 2.0
+    """Upper bound of the kept ratios."""
+    log_mismatch: bool = False
+    """Log rollout_correction/* (mismatch of pi_old and pi_rollout) without correcting anything."""
+
+    @property
+    def enabled(self) -> bool:
+        """The step needs behaviour log-probs and separate old log-probs."""
+        return self.is_level is not None or self.rs is not None or self.log_mismatch
 
 
 @dataclass
@@ -37,13 +66,17 @@ class PolicySettings:
     advantage: str = "grpo"
     """grpo, dr_grpo (no std normalisation), rloo, reinforce_pp (batch-whitened) or reinforce_pp_baseline."""
     loss: str = "ppo_clip"
-    """ppo_clip (token-level ratio, GRPO / RLOO / REINFORCE++) or gspo (sequence-level ratio)."""
+    """ppo_clip (token-level ratio, GRPO / RLOO / REINFORCE++), gspo (sequence-level ratio), cispo (clipped,
+    detached IS weight x advantage x log-prob: clipped tokens keep their gradient) or gmpo (geometric mean of the
+    token ratios, clipped in log space)."""
     aggregation: str = "token-mean"
     """ppo_clip loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     clip_low: float = 0.2
-    """Lower clip range: ratios below 1 - clip_low are clipped (GSPO's paper uses 3e-4)."""
+    """Lower clip range: ratios below 1 - clip_low are clipped (GSPO's paper uses 3e-4; CISPO's paper sets it
+    large, no lower bound); for gmpo the log-ratio's: below -clip_low (GMPO's paper: 0.4)."""
     clip_high: float = 0.2
-    """Upper clip range: ratios above 1 + clip_high are clipped (GSPO's paper uses 4e-4)."""
+    """Upper clip range: ratios above 1 + clip_high are clipped (GSPO's paper uses 4e-4); for gmpo the
+    log-ratio's: above clip_high (GMPO's paper: 0.4)."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 for negative advantages (ppo_clip only); null disables."""
     kl_coef: float = 0.04
@@ -54,6 +87,8 @@ class PolicySettings:
     """Optimizer steps per rollout batch (the batch is cut into this many mini-batches)."""
     micro_batch_size: int = 4
     """Sequences per forward pass on one rank."""
+    rollout_correction: RolloutCorrectionSettings = field(default_factory=RolloutCorrectionSettings)
+    """Truncated importance sampling / rejection sampling against the rollout engine's behaviour log-probs."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=2e-6, decay_style="constant"))
     """Optimizer of the policy (``value_head_lr`` is unused)."""
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
@@ -98,6 +133,18 @@ class PrimeSettings:
 
 
 @dataclass
+class OverlongBufferSettings:
+    """reward.overlong_buffer: DAPO's soft overlong punishment, added to the policy's reward after the reward model
+    scored it (never to the reward model's training targets or its value anchor)."""
+
+    length: int = 0
+    """L_cache: the penalty grows linearly over the last this many tokens before rollout.sampling.max_new_tokens
+    (0: off; DAPO: 4096 of 20480)."""
+    penalty: float = 1.0
+    """The penalty at max_new_tokens (DAPO: 1, its rewards being +-1): scale it to the reward model's rewards."""
+
+
+@dataclass
 class RewardSettings:
     """The reward model and how it is updated during RL."""
 
@@ -137,6 +184,8 @@ class RewardSettings:
     """offline_bt: split of a hub dataset (HuggingFaceH4/ultrafeedback_binarized: train_prefs)."""
     offline_batch_size: int = 32
     """offline_bt: pairs per RM update."""
+    overlong_buffer: OverlongBufferSettings = field(default_factory=OverlongBufferSettings)
+    """DAPO's overlong reward shaping of the policy's reward."""
     prime: PrimeSettings = field(default_factory=PrimeSettings)
     """prime: the implicit PRM, its labels and advantages (the reward model above stays frozen and labels)."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(
@@ -146,6 +195,25 @@ class RewardSettings:
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     """Activation recompute of the reward model's update, for strategies that train its backbone (scoring never
     recomputes)."""
+
+
+DYNAMIC_SAMPLING_METRICS = ("reward", "verifier")
+
+
+@dataclass
+class DynamicSamplingSettings:
+    """rollout.dynamic_sampling: DAPO's dynamic sampling. A group whose metric has no spread (every valid response
+    equal) leaves the policy update, and the step generates further batches of prompts_per_step prompts until
+    prompts_per_step groups are kept or max_generation_batches were generated. The reward model's update sees
+    every generated group."""
+
+    enabled: bool = False
+    """Filter groups and generate more (off: one batch, every group trains the policy)."""
+    metric: str = "reward"
+    """reward: the policy's reward (the reward model's score, as it stands before the step's update, plus the
+    overlong penalty); verifier: reward.verifier's grade."""
+    max_generation_batches: int = 4
+    """Most batches a step generates; with fewer groups kept the step trains on those it has (logged)."""
 
 
 @dataclass
@@ -166,6 +234,8 @@ class RolloutSettings:
     """Group size G (``n``), temperature, top-p, top-k, max new tokens, stop tokens (paper Table 8)."""
     drop_truncated: bool = False
     """Leave responses cut at max_new_tokens out of both updates (counted) instead of scoring them as they are."""
+    dynamic_sampling: DynamicSamplingSettings = field(default_factory=DynamicSamplingSettings)
+    """DAPO's dynamic sampling: groups without signal dropped from the policy update, more batches generated."""
 
 
 @dataclass
@@ -242,13 +312,16 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
     if strategy.implicit_prm:
         _check_prime(cfg)
+    dynamic = cfg.rollout.dynamic_sampling
     uses_verifier = (strategy.verifier_grades or strategy.rewards == "verifier"
-                     or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier"))
+                     or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier")
+                     or (dynamic.enabled and dynamic.metric == "verifier"))
     if uses_verifier != bool(cfg.reward.verifier):
         raise ValueError(f"reward.verifier (module:function) is needed with reward.strategy=verifier_hl_bt, "
-                         f"verifier_reward or "
-                         f"reward.prime.labels=verifier, and only then (strategy={strategy.name!r}, prime.labels="
-                         f"{cfg.reward.prime.labels!r}, verifier={cfg.reward.verifier!r})")
+                         f"verifier_reward, reward.prime.labels=verifier or rollout.dynamic_sampling.metric="
+                         f"verifier, and only then (strategy={strategy.name!r}, prime.labels="
+                         f"{cfg.reward.prime.labels!r}, dynamic_sampling.metric={dynamic.metric!r}, verifier="
+                         f"{cfg.reward.verifier!r})")
     if cfg.reward.verifier and ":" not in cfg.reward.verifier:
         raise ValueError(f"reward.verifier={cfg.reward.verifier!r}: expected module:function")
     if cfg.rollout.sampling.n < 2 and cfg.policy.advantage != "reinforce_pp":
@@ -261,6 +334,7 @@ def check_stage3_config(cfg: Stage3Config) -> None:
     if cfg.policy.mini_batches < 1:
         raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")
     _check_recompute(cfg, strategy)
+    _check_algorithms(cfg, strategy)
     _check_run_checkpoints(cfg)
 
 
@@ -276,6 +350,39 @@ def _check_recompute(cfg: Stage3Config, strategy: RMStrategy) -> None:
         check_recompute(settings, name)
         if settings.enabled and not trained:
             raise ValueError(f"{name}.granularity={settings.granularity} does nothing: {reason}")
+
+
+def _check_algorithms(cfg: Stage3Config, strategy: RMStrategy) -> None:
+    """Rollout correction, dynamic sampling and overlong shaping (issue 39's settings)."""
+    correction = cfg.policy.rollout_correction
+    levels = {"policy.rollout_correction.is_level": (correction.is_level, IS_LEVELS),
+              "policy.rollout_correction.rs": (correction.rs, RS_LEVELS),
+              "rollout.dynamic_sampling.metric": (cfg.rollout.dynamic_sampling.metric, DYNAMIC_SAMPLING_METRICS)}
+    for name, (value, allowed) in levels.items():
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}" +
+                             (" or null" if name.startswith("policy") else ""))
+    if correction.is_threshold <= 0 or not 0 < correction.rs_low <= 1 <= correction.rs_high:
+        raise ValueError(f"policy.rollout_correction: is_threshold={correction.is_threshold} must be > 0 and "
+                         f"rs_low={correction.rs_low} <= 1 <= rs_high={correction.rs_high} (rs_low > 0)")
+    if correction.enabled and cfg.rollout.backend == "megatron":
+        raise ValueError("policy.rollout_correction needs the rollout engine's behaviour log-probs, which "
+                         "rollout.backend=megatron does not report; use rollout.backend=transformers or vllm")
+    dynamic = cfg.rollout.dynamic_sampling
+    if dynamic.enabled:
+        if dynamic.max_generation_batches < 1:
+            raise ValueError(f"rollout.dynamic_sampling.max_generation_batches={dynamic.max_generation_batches} "
+                             "must be >= 1")
+        if strategy.implicit_prm or strategy.rewards == "r2m_head":
+            raise ValueError(f"rollout.dynamic_sampling does not combine with reward.strategy={strategy.name} "
+                             "(its own filter / its rewards come from the policy's states)")
+    buffer = cfg.reward.overlong_buffer
+    if buffer.length < 0 or buffer.length > cfg.rollout.sampling.max_new_tokens:
+        raise ValueError(f"reward.overlong_buffer.length={buffer.length} must be in [0, rollout.sampling."
+                         f"max_new_tokens={cfg.rollout.sampling.max_new_tokens}]")
+    if buffer.length and strategy.implicit_prm:
+        raise ValueError("reward.overlong_buffer does not combine with reward.strategy=prime (its advantages come "
+                         "from outcome labels and process rewards, not the reward model's score)")
 
 
 def _check_run_checkpoints(cfg: Stage3Config) -> None:

@@ -39,11 +39,32 @@ class RolloutGroups:
     """[B, G] policy tokens of each response."""
     skipped: Counter = field(default_factory=Counter)
     """Responses left invalid, by reason."""
+    rollout_logprobs: list[list[list[float]]] | None = None
+    """[B][G] the rollout engine's behaviour log-prob of each response token (rollout correction), else None."""
 
     @property
     def group_size(self) -> int:
         """G."""
         return self.valid.shape[1]
+
+
+def concat_groups(parts: list[RolloutGroups]) -> RolloutGroups:
+    """Several generation batches' groups, in order, as one batch (dynamic sampling)."""
+    if len(parts) == 1:
+        return parts[0]
+    logprobs = [p.rollout_logprobs for p in parts]
+    return RolloutGroups(
+        prompts=[x for p in parts for x in p.prompts],
+        policy_prompt_ids=[x for p in parts for x in p.policy_prompt_ids],
+        policy_response_ids=[x for p in parts for x in p.policy_response_ids],
+        rm_prompt_lengths=[x for p in parts for x in p.rm_prompt_lengths],
+        rm_sequences=[x for p in parts for x in p.rm_sequences],
+        valid=torch.cat([p.valid for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        response_lengths=torch.cat([p.response_lengths for p in parts]),
+        skipped=sum((p.skipped for p in parts), Counter()),
+        rollout_logprobs=None if any(x is None for x in logprobs) else [x for lp in logprobs for x in lp],
+    )
 
 
 @dataclass
@@ -135,6 +156,7 @@ def prepare_groups(rollouts: Rollouts, prompts: list[Prompt], policy_tokenizer: 
         truncated=torch.tensor(rollouts.truncated, dtype=torch.bool),
         response_lengths=torch.tensor([[len(r) for r in group] for group in rollouts.response_ids]),
         skipped=skipped,
+        rollout_logprobs=rollouts.logprobs,
     )
 
 

@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from megatron_save.algorithms import token_advantages
 from megatron_save.checkpoint.run_checkpoint import (
     check_run_settings,
@@ -49,6 +51,8 @@ from megatron_save.trainers.stage3.reward_phase import probe_metrics, r2m_phase,
 from megatron_save.trainers.stage3.rollout_phase import (
     ROLLOUT_LOG,
     log_rollouts,
+    policy_reward_penalty,
+    sample_dynamic,
     sample_groups,
     score_rollouts,
     scoring_passes,
@@ -125,9 +129,16 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     head update after it). A strategy that updates on its own scores (SAVE, Mean Reward, HL-BT) scores,
     partitions and updates in one reward-model forward-backward."""
     timer, strategy = PhaseTimer(), run.strategy
+    policy_groups = None  # dynamic sampling: [B] the groups the policy may train on
     with timer.phase("rollout"):
-        groups = sample_groups(run, cfg, step)
+        if cfg.rollout.dynamic_sampling.enabled:
+            sample = sample_dynamic(run, cfg, step, counters)
+            groups, policy_groups = sample.groups, sample.policy_groups
+        else:
+            groups = sample_groups(run, cfg, step)
     metrics = rollout_metrics(groups)
+    if policy_groups is not None:
+        add_metrics(metrics, sample.metrics)
     if run.probe_pairs:
         with timer.phase("probe"):
             add_metrics(metrics, probe_metrics(run, cfg))
@@ -163,7 +174,8 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         add_metrics(metrics, feedback_metrics(groups, scores, partition, "filter_after_rm_update"))
     policy_update = None
     if run.policy_state is not None:
-        policy_metrics, policy_update = policy_phase(run, cfg, step, groups, scores, partition, counters, timer)
+        policy_metrics, policy_update = policy_phase(run, cfg, step, groups, scores, partition, counters, timer,
+                                                     policy_groups)
         add_metrics(metrics, policy_metrics)
     if strategy.update == "after_policy":
         add_metrics(metrics, r2m_phase(run, cfg, step, groups, scores, timer))
@@ -172,27 +184,39 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
 
 
 def policy_phase(run: Stage3Run, cfg: Stage3Config, step: int, groups: RolloutGroups, scores: GroupScores,
-                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer
-                 ) -> tuple[dict[str, float], PolicyUpdateInputs | None]:
-    """Algorithm 2, line 17 and the weight sync: advantages over the kept responses, old / reference log-probs,
-    the policy update and the new weights into the rollout engine. Returns its metrics and what it learned from
-    (None when the filter kept nothing)."""
-    if not partition.kept.any():
+                 partition: FeedbackPartition, counters: Counter, timer: PhaseTimer,
+                 policy_groups: torch.Tensor | None = None) -> tuple[dict[str, float], PolicyUpdateInputs | None]:
+    """Algorithm 2, line 17 and the weight sync: advantages over the kept responses (of the ``policy_groups`` [B]
+    that dynamic sampling kept) from the rewards plus the overlong penalty, old / reference log-probs, the policy
+    update and the new weights into the rollout engine. Returns its metrics and what it learned from (None when
+    the filter kept nothing)."""
+    kept = partition.kept if policy_groups is None else partition.kept & policy_groups[:, None]
+    if not kept.any():
         count_skip(counters, "policy_updates_skipped_nothing_kept", step,
                    "the filter kept no response; policy update skipped")
         return {}, None
     temperature = cfg.rollout.sampling.logit_temperature
+    penalty = policy_reward_penalty(cfg, groups)  # [B, G], 0 without reward.overlong_buffer
+    rewards = scores.rewards + penalty  # the policy's reward: the reward model never sees the penalty
+    correcting = cfg.policy.rollout_correction.enabled
     with timer.phase("policy_logprobs"), run.offload.resident("reference"):
         advantages = (prime_token_advantages(scores, partition, groups.response_lengths, cfg.reward.prime)
                       if scores.outcome is not None else
-                      token_advantages(cfg.policy.advantage, scores.rewards, partition.kept, groups.response_lengths))
-        rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
+                      token_advantages(cfg.policy.advantage, rewards, kept, groups.response_lengths))
+        rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, kept, advantages,
+                           groups.rollout_logprobs if correcting else None)
+        mini_batches, metrics, corrected = policy_mini_batches(
+            run.policy, run.reference, rows, cfg.policy, pad_id_of(run.policy_tokenizer), temperature=temperature,
+            record=cfg.rollout_log)
         outcome = scores.outcome
-        inputs = PolicyUpdateInputs(scores.rewards, partition.kept, rows.advantages,
+        shaped = bool(cfg.reward.overlong_buffer.length)
+        inputs = PolicyUpdateInputs(rewards, kept, rows.advantages,
                                     None if outcome is None else outcome.labels,
-                                    None if outcome is None else outcome.process_rewards)
-        mini_batches, metrics = policy_mini_batches(run.policy, run.reference, rows, cfg.policy,
-                                                    pad_id_of(run.policy_tokenizer), temperature=temperature)
+                                    None if outcome is None else outcome.process_rewards,
+                                    overlong_penalty=penalty if shaped else None, policy_groups=policy_groups,
+                                    rollout_correction=corrected)
+    if shaped:
+        metrics["policy/overlong_penalty_mean"] = penalty[kept].mean().item()
     # The old log-probs' forward (none when the update's own forward gives them), then the update's (its
     # mini-batches make one pass).
     metrics |= passes("reference", forward=int(run.reference is not None))

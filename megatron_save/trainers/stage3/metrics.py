@@ -3,6 +3,7 @@ rollout log, and the counted skip of a step or phase."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -135,6 +136,13 @@ class PolicyUpdateInputs:
     """PRIME: [B, G] the outcome labels."""
     process_rewards: torch.Tensor | None = None
     """PRIME: [B, G, T] the implicit PRM's token rewards."""
+    overlong_penalty: torch.Tensor | None = None
+    """reward.overlong_buffer: [B, G] the penalty ``rewards`` include (the reward model's score is rewards - it)."""
+    policy_groups: torch.Tensor | None = None
+    """rollout.dynamic_sampling: [B] bool, the groups the policy could train on (spread in the metric)."""
+    rollout_correction: list[Any] | None = None
+    """policy.rollout_correction: each kept response's CorrectedRow (old / rollout log-probs, IS weights, kept
+    tokens), in the order of ``kept.nonzero()``."""
 
 
 def _finite_or_none(values: list[float]) -> list[float | None]:
@@ -154,6 +162,16 @@ def _policy_update_row(update: PolicyUpdateInputs, b: int, response_lengths: lis
     if update.process_rewards is not None:
         entry["process_rewards"] = [update.process_rewards[b, g, :length].tolist() if update.kept[b, g] else None
                                     for g, length in enumerate(response_lengths)]
+    if update.overlong_penalty is not None:
+        entry["overlong_penalty"] = update.overlong_penalty[b].tolist()
+    if update.policy_groups is not None:
+        entry["group_kept"] = bool(update.policy_groups[b])
+    if update.rollout_correction is not None:
+        corrected: list[dict[str, list] | None] = [None] * len(response_lengths)
+        for (row, g), values in zip(update.kept.nonzero().tolist(), update.rollout_correction):
+            if row == b:
+                corrected[g] = dataclasses.asdict(values)
+        entry["rollout_correction"] = corrected
     return entry
 
 

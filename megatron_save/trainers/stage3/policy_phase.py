@@ -1,9 +1,11 @@
-"""The policy phase of stage 3 (Algorithm 2, line 17): old and reference log-probs of the kept responses, and
-PPO-clip / GSPO updates with a KL-to-reference term through Megatron's pipeline schedule."""
+"""The policy phase of stage 3 (Algorithm 2, line 17): old and reference log-probs of the kept responses, rollout
+correction against the engine's behaviour log-probs, and PPO-clip / GSPO / CISPO / GMPO updates with a
+KL-to-reference term through Megatron's pipeline schedule."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -11,12 +13,27 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_save.algorithms import gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
+from megatron_save.algorithms import (
+    cispo_policy_loss,
+    gmpo_policy_loss,
+    gspo_policy_loss,
+    kl_penalty,
+    mismatch_metrics,
+    mismatch_sums,
+    ppo_clip_policy_loss,
+    rollout_correction_weights,
+)
 from megatron_save.algorithms.policy_loss import aggregate
 from megatron_save.data.batching import PolicyBatch
 from megatron_save.models.policy import sequence_logprobs, token_logprobs, vocab_parallel_entropy
 from megatron_save.models.train_state import TrainState
-from megatron_save.trainers.stage3.batches import PolicyRows, mini_batch_layout, policy_loss_scales, policy_token_rows
+from megatron_save.trainers.stage3.batches import (
+    PolicyRows,
+    mini_batch_layout,
+    policy_loss_scales,
+    policy_token_rows,
+    shifted_row_values,
+)
 from megatron_save.trainers.stage3.config import PolicySettings
 from megatron_save.trainers.step import train_step
 
@@ -25,8 +42,12 @@ POLICY_METRICS = ("pg_loss", "kl_loss", "clip_fraction", "approx_kl")
 PRE_UPDATE_SUMS = ("entropy_sum", "kl_to_reference_sum", "tokens")
 
 
+# Losses whose ratio is per response: their loss (and KL term) is a mean over responses of token means.
+SEQUENCE_LOSSES = ("gspo", "gmpo")
+
+
 def _aggregation(settings: PolicySettings) -> str:
-    return "seq-mean-token-mean" if settings.loss == "gspo" else settings.aggregation
+    return "seq-mean-token-mean" if settings.loss in SEQUENCE_LOSSES else settings.aggregation
 
 
 def policy_loss(settings: PolicySettings, norm_constant: float, temperature: float, batch: PolicyBatch,
@@ -40,11 +61,18 @@ def policy_loss(settings: PolicySettings, norm_constant: float, temperature: flo
     mask, advantages = batch.loss_mask.to(device), batch.advantages.to(device)
     old_logp = logp.detach() if batch.old_logp is None else batch.old_logp.to(device)
     ref_logp = None if batch.ref_logp is None else batch.ref_logp.to(device)
+    weights = None if batch.is_weights is None else batch.is_weights.to(device)
+    clip = (settings.clip_low, settings.clip_high)
     if settings.loss == "gspo":
-        surrogate = gspo_policy_loss(logp, old_logp, advantages, mask, settings.clip_low, settings.clip_high)
+        surrogate = gspo_policy_loss(logp, old_logp, advantages, mask, *clip, is_weights=weights)
+    elif settings.loss == "gmpo":
+        surrogate = gmpo_policy_loss(logp, old_logp, advantages, mask, *clip, is_weights=weights)
+    elif settings.loss == "cispo":
+        surrogate = cispo_policy_loss(logp, old_logp, advantages, mask, *clip, settings.aggregation, norm_constant,
+                                      is_weights=weights)
     else:
-        surrogate = ppo_clip_policy_loss(logp, old_logp, advantages, mask, settings.clip_low, settings.clip_high,
-                                         settings.dual_clip, settings.aggregation, norm_constant)
+        surrogate = ppo_clip_policy_loss(logp, old_logp, advantages, mask, *clip, settings.dual_clip,
+                                         settings.aggregation, norm_constant, is_weights=weights)
     kl = torch.zeros((), device=device)
     if settings.kl_coef > 0 and ref_logp is not None:
         kl = aggregate(kl_penalty(logp, ref_logp, settings.kl_kind), mask, _aggregation(settings), norm_constant)
@@ -68,28 +96,100 @@ def _pre_update_sums(logits: torch.Tensor, logp: torch.Tensor, ref_logp: torch.T
             "tokens": mask.sum().float()}
 
 
+@dataclass
+class CorrectedRow:
+    """One trained response's rollout correction, for the rollout log ([len(response)] fp32 lists)."""
+
+    old_logprobs: list[float]
+    """log pi_old of each token (the trainer's forward before the update)."""
+    rollout_logprobs: list[float]
+    """log pi_rollout of each token (the rollout engine's)."""
+    is_weights: list[float]
+    """The IS weight multiplied into each token's loss (1 without IS, 0 where rejected)."""
+    keep: list[bool]
+    """The tokens rejection sampling kept."""
+
+
 def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, settings: PolicySettings,
-                        pad_id: int, *, temperature: float) -> tuple[list[list[PolicyBatch]], dict[str, float]]:
+                        pad_id: int, *, temperature: float, record: bool = False
+                        ) -> tuple[list[list[PolicyBatch]], dict[str, float], list[CorrectedRow] | None]:
     """Collective: this data-parallel rank's mini-batches of micro-batches (``mini_batch_layout``), with reference
-    log-probs at the sampling ``temperature`` and, when the update takes more than one optimizer step, old
-    log-probs and the pre-update entropy / KL metrics of the whole batch (one step: its own first forward is the
-    old policy's, and ``update_policy`` reports them)."""
+    log-probs at the sampling ``temperature`` and, when the update takes more than one optimizer step or rollout
+    correction is on, old log-probs and the pre-update entropy / KL metrics of the whole batch (one step: its own
+    first forward is the old policy's, and ``update_policy`` reports them). Rollout correction's rejected tokens
+    leave the loss mask (and the token counts of the loss scales); its IS weights ride in the batch. With
+    ``record``, the third value holds every row's correction (on every rank), else None."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mbs = settings.micro_batch_size
     layout = mini_batch_layout(len(rows.sequences), settings.mini_batches, ranks, mbs)
     input_ids, attention_mask, loss_mask, advantages = policy_token_rows(rows, layout, rank, pad_id)
-    old = sequence_logprobs(policy, input_ids, mbs, temperature) if len(layout) > 1 else None
+    correcting = settings.rollout_correction.enabled
+    old = sequence_logprobs(policy, input_ids, mbs, temperature) if len(layout) > 1 or correcting else None
     ref_logp = sequence_logprobs(reference, input_ids, mbs, temperature).logp if reference is not None else None
-    batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, None if old is None else old.logp, ref_logp)
-    token_mean = settings.loss != "gspo" and settings.aggregation == "token-mean"
-    scales = policy_loss_scales(layout, rank, rows.response_lengths, token_mean, mbs)
+    metrics = {} if old is None else _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)
+    is_weights, loss_tokens, corrected = None, rows.response_lengths, None
+    if correcting:
+        loss_mask, is_weights, loss_tokens, correction_metrics, corrected = _rollout_correction(
+            rows, layout, rank, old.logp, loss_mask, settings, record)
+        metrics |= correction_metrics
+    batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, None if old is None else old.logp, ref_logp,
+                        is_weights=is_weights)
+    token_mean = settings.loss not in SEQUENCE_LOSSES and settings.aggregation == "token-mean"
+    scales = policy_loss_scales(layout, rank, loss_tokens, token_mean, mbs)
     mini_batches, offset = [], 0
     for part_scales in scales:
         mini_batches.append([dataclasses.replace(batch.rows(offset + m * mbs, offset + (m + 1) * mbs),
                                                  loss_scale=scale) for m, scale in enumerate(part_scales)])
         offset += len(part_scales) * mbs
-    metrics = {} if old is None else _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)
-    return mini_batches, metrics
+    return mini_batches, metrics, corrected
+
+
+def _rollout_correction(rows: PolicyRows, layout: list[list[list[int]]], rank: int, old_logp: torch.Tensor,
+                        loss_mask: torch.Tensor, settings: PolicySettings, record: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], dict[str, float],
+                                   list[CorrectedRow] | None]:
+    """Collective: rank ``rank``'s rollout correction (``rollout_correction_weights``) of its rows [N, S - 1]:
+    the loss mask without rejected tokens, the IS weights (None without IS), every row's count of loss tokens
+    (over all data-parallel ranks, for the loss scales), the batch's mismatch metrics, and with ``record`` every
+    row's CorrectedRow."""
+    if rows.rollout_logprobs is None:
+        raise RuntimeError("policy.rollout_correction: the rollout engine returned no behaviour log-probs")
+    settings_rc = settings.rollout_correction
+    rollout_logp = shifted_row_values(rows, rows.rollout_logprobs, layout, rank).to(old_logp.device)
+    correction = rollout_correction_weights(old_logp, rollout_logp, loss_mask.to(old_logp.device),
+                                            settings_rc.is_level, settings_rc.is_threshold, settings_rc.rs,
+                                            settings_rc.rs_low, settings_rc.rs_high)
+    sums = mismatch_sums(old_logp, rollout_logp, loss_mask.to(old_logp.device), correction)
+    # Each row lives on one rank: the sum over ranks of the per-row counts (0 elsewhere) is every row's count.
+    mine = torch.tensor([i for part in layout for i in part[rank]])
+    counts = torch.zeros(len(rows.sequences), dtype=torch.float64, device=old_logp.device)
+    real = mine >= 0
+    counts[mine[real].to(old_logp.device)] = correction.keep[real.to(old_logp.device)].sum(dim=1).double()
+    packed = torch.cat([sums.to(counts), counts])
+    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
+    weights = correction.weights.cpu() if settings_rc.is_level is not None else None
+    corrected = _gather_corrected_rows(rows, mine.tolist(), old_logp.cpu(), rollout_logp.cpu(),
+                                       correction.weights.cpu(), correction.keep.cpu()) if record else None
+    return (correction.keep.cpu(), weights, [int(c) for c in packed[len(sums):].tolist()],
+            mismatch_metrics(packed[: len(sums)].cpu()), corrected)
+
+
+def _gather_corrected_rows(rows: PolicyRows, mine: list[int], old_logp: torch.Tensor, rollout_logp: torch.Tensor,
+                           weights: torch.Tensor, keep: torch.Tensor) -> list[CorrectedRow]:
+    """Collective over data-parallel ranks: every row's CorrectedRow, in row order, from each rank's own rows
+    (their [N, S - 1] tensors in ``mine``'s order)."""
+    local = {}
+    for r, i in enumerate(mine):
+        if i >= 0:
+            start, length = rows.prompt_lengths[i] - 1, rows.response_lengths[i]
+            span = slice(start, start + length)
+            local[i] = CorrectedRow(old_logp[r, span].tolist(), rollout_logp[r, span].tolist(),
+                                    weights[r, span].tolist(), keep[r, span].tolist())
+    group = parallel_state.get_data_parallel_group()
+    parts: list[dict[int, CorrectedRow] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, local, group=group)
+    merged = {i: row for part in parts for i, row in part.items()}
+    return [merged[i] for i in range(len(rows.sequences))]
 
 
 def old_logprobs_passes(mini_batches: list[list[PolicyBatch]]) -> int:

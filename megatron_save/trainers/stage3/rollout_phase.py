@@ -6,7 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from megatron_save.algorithms import r2m_time_weight
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from megatron_save.algorithms import groups_with_spread, overlong_penalty, r2m_time_weight
 from megatron_save.data.batching import pad_id_of
 from megatron_save.data.prompts import Prompt
 from megatron_save.rollout.distributed import generate_data_parallel
@@ -15,6 +20,7 @@ from megatron_save.trainers.stage3.groups import (
     FeedbackPartition,
     GroupScores,
     RolloutGroups,
+    concat_groups,
     prepare_groups,
     score_groups,
 )
@@ -40,11 +46,75 @@ def prompt_batch(prompts: list[Prompt], batch_size: int, step: int, seed: int) -
 
 def sample_groups(run: Stage3Run, cfg: Stage3Config, step: int) -> RolloutGroups:
     """Collective: the step's prompts, G sampled responses each, prepared for the policy and the reward model."""
-    prompts = prompt_batch(run.prompts, cfg.prompts_per_step, step, cfg.seed)
+    return _generation_batch(run, cfg, step)
+
+
+def _generation_batch(run: Stage3Run, cfg: Stage3Config, index: int) -> RolloutGroups:
+    """Collective: prompt batch ``index`` (1-based; without dynamic sampling, the step's number) of the seeded
+    prompt stream, G sampled responses each."""
+    prompts = prompt_batch(run.prompts, cfg.prompts_per_step, index, cfg.seed)
     rollouts = generate_data_parallel(run.engine, [p.ids for p in prompts], cfg.rollout.sampling,
-                                      seed=cfg.seed + 7919 * step)
+                                      seed=cfg.seed + 7919 * index)
     return prepare_groups(rollouts, prompts, run.policy_tokenizer, run.reward_tokenizer, cfg.reward.max_length,
                           cfg.rollout.drop_truncated)
+
+
+EXTRA_BATCHES = "dynamic_sampling_extra_batches"
+"""The run counter of generation batches beyond each step's first: it places every batch in the prompt stream, so
+a resumed run (the counters are in its checkpoint) continues the same sequence."""
+
+
+@dataclass
+class DynamicSample:
+    """A step's groups under DAPO's dynamic sampling."""
+
+    groups: RolloutGroups
+    """Every generated group, in generation order (the reward model's update sees them all)."""
+    policy_groups: torch.Tensor
+    """[B] bool, the groups the policy trains on: the first prompts_per_step with spread in the metric."""
+    metric: torch.Tensor
+    """[B, G] the metric the filter read (the policy's reward, or the verifier's grade)."""
+    metrics: dict[str, float]
+    """dynamic_sampling/* of the step."""
+
+
+def sample_dynamic(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> DynamicSample:
+    """Collective: generation batches of prompts_per_step prompts until prompts_per_step groups have spread in
+    rollout.dynamic_sampling.metric, or max_generation_batches were generated. Batch k of the step is prompt batch
+    step + (extra batches of the earlier steps) + k of the stream; the metric is the verifier's grade or the
+    policy's reward: the reward model's score as it stands before the step's update plus the overlong penalty."""
+    settings = cfg.rollout.dynamic_sampling
+    parts, metric_parts, kept = [], [], 0
+    first = step + counters[EXTRA_BATCHES]
+    while kept < cfg.prompts_per_step and len(parts) < settings.max_generation_batches:
+        groups = _generation_batch(run, cfg, first + len(parts))
+        if settings.metric == "verifier":
+            metric = verifier_grades(run.verifier, groups, run.policy_tokenizer)
+        else:
+            metric = score_rollouts(run, cfg, groups, step).rewards + policy_reward_penalty(cfg, groups)
+        parts.append(groups)
+        metric_parts.append(metric)
+        kept += int(groups_with_spread(metric, groups.valid).sum())
+    counters[EXTRA_BATCHES] += len(parts) - 1
+    groups, metric = concat_groups(parts), torch.cat(metric_parts)
+    spread = groups_with_spread(metric, groups.valid)
+    policy_groups = spread & (spread.cumsum(dim=0) <= cfg.prompts_per_step)  # the first prompts_per_step kept
+    metrics = {"dynamic_sampling/generation_batches": float(len(parts)),
+               "dynamic_sampling/groups_kept": float(policy_groups.sum()),
+               "dynamic_sampling/dropped_fraction": 1.0 - spread.float().mean().item(),
+               "dynamic_sampling/cap_reached": float(kept < cfg.prompts_per_step)}
+    if settings.metric == "reward":
+        metrics |= passes("reward", forward=1)
+    return DynamicSample(groups, policy_groups, metric, metrics)
+
+
+def policy_reward_penalty(cfg: Stage3Config, groups: RolloutGroups) -> torch.Tensor:
+    """[B, G] what reward.overlong_buffer adds to the policy's reward of each response (0 when off)."""
+    buffer = cfg.reward.overlong_buffer
+    if not buffer.length:
+        return torch.zeros(groups.valid.shape)
+    return overlong_penalty(groups.response_lengths, cfg.rollout.sampling.max_new_tokens, buffer.length,
+                            buffer.penalty)
 
 
 def score_micro_batch(cfg: Stage3Config) -> int:

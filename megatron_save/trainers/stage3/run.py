@@ -104,17 +104,19 @@ def _megatron_engine(cfg: Stage3Config, policy: Any, tokenizer: Any, meta: Check
 def _vllm_engine(cfg: Stage3Config, policy: Any, tokenizer: Any, meta: CheckpointMeta, longest: int
                  ) -> RolloutEngine:
     return VLLMRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, cfg.rollout.vllm, DTYPES[meta.dtype], longest,
-                             cfg.rollout.max_batch_size, cfg.seed)
+                             cfg.rollout.max_batch_size, cfg.seed,
+                             return_logprobs=cfg.policy.rollout_correction.enabled)
 
 
 def _transformers_engine(cfg: Stage3Config, policy: Any, tokenizer: Any, meta: CheckpointMeta, longest: int
                          ) -> RolloutEngine | None:
     if not is_rollout_rank():
         return None
-    # Behaviour log-probs are not needed (the policy's own are recomputed) and would keep a full vocabulary of
-    # scores per generated token.
+    # Behaviour log-probs keep a full vocabulary of scores per generated token: asked for only by rollout
+    # correction (otherwise the policy's own are recomputed).
     return TransformersRolloutEngine(Path(cfg.policy.checkpoint) / HF_SUBDIR, dtype=DTYPES[meta.dtype],
-                                     max_batch_size=cfg.rollout.max_batch_size, return_logprobs=False)
+                                     max_batch_size=cfg.rollout.max_batch_size,
+                                     return_logprobs=cfg.policy.rollout_correction.enabled)
 
 
 ENGINES: dict[str, Callable[..., RolloutEngine | None]] = {

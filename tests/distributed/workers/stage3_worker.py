@@ -88,7 +88,7 @@ def run(args, tokenizer, strategy: str, mini_batches: int = 2, rm_updates: int =
     advantages = token_advantages("grpo", rescored.rewards, kept, groups.response_lengths)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, kept, advantages)
     # At a sampling temperature other than 1, so the vocabulary-parallel log-probs at T are compared across layouts.
-    mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0, temperature=0.7)
+    mini_batches, pre, _ = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0, temperature=0.7)
     policy_metrics = update_policy(policy_state, mini_batches, policy_settings, norm_constant=8.0, temperature=0.7)
     probe = mini_batches[0][0].input_ids  # this rank's first rows; compare the log-probs of row 0 of rank 0
     after = sequence_logprobs(policy, probe, probe.shape[0], temperature=0.7).logp[0]
@@ -126,7 +126,7 @@ def run_prime(args, tokenizer) -> dict:
     scores = with_process_rewards(scores, process_rewards)
     advantages = prime_token_advantages(scores, partition, groups.response_lengths, settings)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, partition.kept, advantages)
-    mini_batches, pre = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0, temperature=1.0)
+    mini_batches, pre, _ = policy_mini_batches(policy, reference, rows, policy_settings, pad_id=0, temperature=1.0)
     policy_metrics = update_policy(policy_state, mini_batches, policy_settings, norm_constant=8.0, temperature=1.0)
     return {"kept": int(partition.kept.sum()), "trained": int(trained.sum()), **prm_metrics, **pre,
             **policy_metrics, "labels": scores.outcome.labels.flatten().tolist(),
