@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,26 @@ def run_model(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor) -> t
     return output
 
 
+@contextmanager
+def varying_lengths(config: Any, lengths: list[int]) -> Iterator[None]:
+    """For one pipeline-schedule call over micro-batches of these sequence ``lengths``: when they differ under
+    pipeline parallelism, Megatron-Core's ``variable_seq_lengths`` (ModelParallelConfig: the stages' p2p then
+    sends each activation's shape before it) instead of one ``seq_length`` for every micro-batch; restored after.
+    A no-op without PP or with one length."""
+    if len(set(lengths)) < 2 or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        yield
+        return
+    if not hasattr(config, "variable_seq_lengths"):
+        raise RuntimeError("this megatron-core has no ModelParallelConfig.variable_seq_lengths: token-budget "
+                           "micro-batches of different lengths cannot run under pipeline parallelism")
+    previous = config.variable_seq_lengths
+    config.variable_seq_lengths = True
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = previous
+
+
 def _forward_step(postprocess, data_iterator, model):
     tokens = next(data_iterator).to(compute_device())  # [b, S]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -65,21 +86,35 @@ def pipeline_forward(
     """
     if input_ids.shape[0] % micro_batch_size != 0:
         raise ValueError(f"batch size {input_ids.shape[0]} is not a multiple of micro_batch_size={micro_batch_size}")
+    outputs = forward_micro_batches(model, list(input_ids.split(micro_batch_size)), postprocess)
+    return None if outputs is None else torch.cat(outputs, dim=0)
+
+
+@torch.no_grad()
+def forward_micro_batches(
+    model: Any,
+    micro_batches: list[torch.Tensor],
+    postprocess: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[torch.Tensor] | None:
+    """Forward-only over right-padded micro-batches [b_i, S_i] (rows and lengths may differ: token-budget
+    micro-batches) through the pipeline schedule. Returns each micro-batch's output [b_i, S_i, ...] (or
+    ``postprocess(tokens, output)``) on the last pipeline stage, None on other stages."""
     model.eval()
-    micro_batches = list(input_ids.split(micro_batch_size))
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, postprocess),
-        data_iterator=iter(micro_batches),
-        model=[model],
-        num_microbatches=len(micro_batches),
-        seq_length=sequence_parallel_length(input_ids.shape[1], model.config),
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
-        collect_non_loss_data=postprocess is not None,
-    )
+    lengths = [sequence_parallel_length(m.shape[1], model.config) for m in micro_batches]
+    with varying_lengths(model.config, lengths):
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, postprocess),
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(lengths),
+            micro_batch_size=max(m.shape[0] for m in micro_batches),
+            forward_only=True,
+            collect_non_loss_data=postprocess is not None,
+        )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return torch.cat(outputs, dim=0)
+    return list(outputs)
 
 
 def gather_vocab_logits(sharded_logits: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,9 @@ class BatchSettings:
     """Examples per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 2
     """Examples per forward pass on one rank (gradient accumulation makes up the rest)."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: micro-batches formed by tokens (rows x the micro-batch's longest row at most this), not by
+    micro_batch_size; 0: fixed micro-batches."""
     epochs: int = 1
     """Passes over the training data."""
     seed: int = 1234

@@ -14,9 +14,21 @@ from megatron.core import parallel_state
 from megatron_save.algorithms import gspo_policy_loss, kl_penalty, ppo_clip_policy_loss
 from megatron_save.algorithms.policy_loss import aggregate
 from megatron_save.data.batching import PolicyBatch
-from megatron_save.models.policy import sequence_logprobs, token_logprobs, vocab_parallel_entropy
+from megatron_save.models.policy import (
+    micro_batch_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+    vocab_parallel_entropy,
+)
 from megatron_save.models.train_state import TrainState
-from megatron_save.trainers.stage3.batches import PolicyRows, mini_batch_layout, policy_loss_scales, policy_token_rows
+from megatron_save.trainers.stage3.batches import (
+    PolicyRows,
+    mini_batch_layout,
+    policy_budget_parts,
+    policy_budget_scales,
+    policy_loss_scales,
+    policy_token_rows,
+)
 from megatron_save.trainers.stage3.config import PolicySettings
 from megatron_save.trainers.step import train_step
 
@@ -75,21 +87,44 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
     log-probs and the pre-update entropy / KL metrics of the whole batch (one step: its own first forward is the
     old policy's, and ``update_policy`` reports them)."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mbs = settings.micro_batch_size
+    budget = settings.max_tokens_per_micro_batch
+    mbs = 1 if budget else settings.micro_batch_size
     layout = mini_batch_layout(len(rows.sequences), settings.mini_batches, ranks, mbs)
     input_ids, attention_mask, loss_mask, advantages = policy_token_rows(rows, layout, rank, pad_id)
-    old = sequence_logprobs(policy, input_ids, mbs, temperature) if len(layout) > 1 else None
-    ref_logp = sequence_logprobs(reference, input_ids, mbs, temperature).logp if reference is not None else None
-    batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, None if old is None else old.logp, ref_logp)
     token_mean = settings.loss != "gspo" and settings.aggregation == "token-mean"
-    scales = policy_loss_scales(layout, rank, rows.response_lengths, token_mean, mbs)
-    mini_batches, offset = [], 0
-    for part_scales in scales:
-        mini_batches.append([dataclasses.replace(batch.rows(offset + m * mbs, offset + (m + 1) * mbs),
-                                                 loss_scale=scale) for m, scale in enumerate(part_scales)])
-        offset += len(part_scales) * mbs
+    if budget:
+        parts = policy_budget_parts(layout, rank, [len(s) for s in rows.sequences], budget)
+        scales = policy_budget_scales(layout, rank, parts, rows.response_lengths, token_mean)
+        flat = [micro for part in parts for micro in part]
+
+        def logprobs(model):
+            return micro_batch_logprobs(model, input_ids, attention_mask, flat, temperature)
+    else:
+        scales = policy_loss_scales(layout, rank, rows.response_lengths, token_mean, mbs)
+        parts, offset = [], 0
+        for part_scales in scales:
+            parts.append([list(range(offset + m * mbs, offset + (m + 1) * mbs)) for m in range(len(part_scales))])
+            offset += len(part_scales) * mbs
+
+        def logprobs(model):
+            return sequence_logprobs(model, input_ids, mbs, temperature)
+    old = logprobs(policy) if len(layout) > 1 else None
+    ref_logp = logprobs(reference).logp if reference is not None else None
+    batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, None if old is None else old.logp, ref_logp)
+    mini_batches = []
+    for part, part_scales in zip(parts, scales):
+        mini_batches.append([dataclasses.replace(_micro_batch(batch, micro, bool(budget)), loss_scale=scale)
+                             for micro, scale in zip(part, part_scales)])
     metrics = {} if old is None else _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)
     return mini_batches, metrics
+
+
+def _micro_batch(batch: PolicyBatch, rows: list[int], own_width: bool) -> PolicyBatch:
+    """Rows ``rows`` of ``batch`` (consecutive ones for fixed micro-batches), padded to the batch's longest row,
+    or with ``own_width`` to their own longest (a token-budget micro-batch)."""
+    if not own_width:
+        return batch.rows(rows[0], rows[-1] + 1)
+    return batch.select(rows, int(batch.attention_mask[rows].sum(dim=1).max()))
 
 
 def old_logprobs_passes(mini_batches: list[list[PolicyBatch]]) -> int:
