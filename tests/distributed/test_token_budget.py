@@ -66,6 +66,13 @@ def test_the_policy_update_with_a_budget_matches_fixed_micro_batches(budget_resu
     assert result["param_rel_diff"] < 1e-6
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rm_scoring_with_a_budget_matches_fixed_micro_batches(budget_results, layout):
+    result = budget_results[f"{layout}-scoring"]
+    assert result["budget"]["rewards"] == pytest.approx(result["fixed"]["rewards"], rel=1e-6, abs=1e-7)
+    assert result["budget"]["values"] == pytest.approx(result["fixed"]["values"], rel=1e-6, abs=1e-7)
+
+
 def test_breaking_the_gradient_cache_changes_the_step(tiny_models, tmp_path):
     """Gradients of each half group from that half alone (a per-micro-batch loss): the logged loss is unchanged
     but the gradient norm and the weights move away from the fixed micro-batches' step."""

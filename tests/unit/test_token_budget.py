@@ -92,3 +92,31 @@ def test_the_largest_micro_batch_is_as_small_as_any_partition_makes_it(seed):
         assert largest == _best_largest(lengths, count)
     assert min_micro_batches(lengths, max(lengths), SETTING) == min(
         c for c in range(1, len(lengths) + 1) if _best_largest(lengths, c) <= max(lengths))
+
+
+def test_budget_settings_are_checked_naming_the_setting():
+    import dataclasses
+
+    from megatron_save.trainers.common import BatchSettings, check_settings
+    from megatron_save.trainers.stage3.config import Stage3Config, check_stage3_config
+
+    @dataclasses.dataclass
+    class Stage1Like:
+        batch: BatchSettings = dataclasses.field(default_factory=lambda: BatchSettings(max_tokens_per_micro_batch=64))
+
+    with pytest.raises(ValueError, match=r"batch.max_tokens_per_micro_batch=64: token-budget micro-batches are "
+                                         r"implemented in stage 3 only"):
+        check_settings(Stage1Like())
+    check_settings(Stage1Like(BatchSettings()))  # 0: fixed micro-batches
+    cfg = Stage3Config()
+    cfg.reward.max_tokens_per_micro_batch = 512
+    cfg.policy.max_tokens_per_micro_batch = 512
+    check_stage3_config(cfg)  # SAVE takes both
+    cfg.policy.max_tokens_per_micro_batch = -1
+    with pytest.raises(ValueError, match=r"policy.max_tokens_per_micro_batch=-1 must be >= 0"):
+        check_stage3_config(cfg)
+    cfg.policy.max_tokens_per_micro_batch = 0
+    cfg.reward.strategy, cfg.reward.offline_data = "offline_bt", "pairs.jsonl"
+    with pytest.raises(ValueError, match=r"reward.max_tokens_per_micro_batch=512 is not supported with "
+                                         r"reward.strategy=offline_bt"):
+        check_stage3_config(cfg)

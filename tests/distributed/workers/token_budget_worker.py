@@ -37,7 +37,7 @@ from megatron_save.trainers.optimizer import OptimizerSettings, build_train_stat
 from megatron_save.trainers.stage3 import reward_phase  # noqa: E402
 from megatron_save.trainers.stage3.batches import policy_rows, response_slot_partition  # noqa: E402
 from megatron_save.trainers.stage3.config import PolicySettings, RewardSettings  # noqa: E402
-from megatron_save.trainers.stage3.groups import partition_feedback, prepare_groups  # noqa: E402
+from megatron_save.trainers.stage3.groups import prepare_groups, score_groups  # noqa: E402
 from megatron_save.trainers.stage3.policy_phase import policy_mini_batches, update_policy  # noqa: E402
 from megatron_save.trainers.strategies import STRATEGIES  # noqa: E402
 
@@ -96,6 +96,19 @@ def rm_case(args, tokenizer, kind: str, threshold: float) -> dict:
     count = len(response_slot_partition(groups, budget, _dp_size())[0])
     return {**results, "param_rel_diff": _param_rel_diff(models["budget"], models["fixed"]),
             "budget_tokens": budget, "group_tokens": group_tokens, "micro_batches": count}
+
+
+def scoring_case(args, tokenizer) -> dict:
+    """RM scoring (R and V of every valid response) in token-budget micro-batches against fixed ones."""
+    prompts, rollouts = fixed_rollouts(tokenizer)
+    groups = prepare_groups(rollouts, prompts, tokenizer, tokenizer, rm_max_length=128, drop_truncated=False)
+    budget, _ = _budget(groups)
+    model, _, _ = build_model_from_checkpoint(args.reward)
+    results = {}
+    for name, tokens in (("fixed", 0), ("budget", budget)):
+        scores = score_groups(model, groups, 0, 4, tokens)
+        results[name] = {"rewards": scores.rewards[groups.valid].tolist(), "values": scores.values.tolist()}
+    return results
 
 
 def _dp_size() -> int:
@@ -165,6 +178,7 @@ def main() -> None:
                 continue
             results[f"{layout}-{case}"] = rm_case(args, tokenizer, kind, threshold)
         if not args.break_cache:
+            results[f"{layout}-scoring"] = scoring_case(args, tokenizer)
             results[f"{layout}-grpo"] = policy_case(args, tokenizer, mini_batches=2)
             results[f"{layout}-grpo_one_step"] = policy_case(args, tokenizer, mini_batches=1)
     if dist.get_rank() == 0:

@@ -1,0 +1,67 @@
+"""A tiny stage-3 SAVE run at TP=2 with token-budget micro-batches (reward.max_tokens_per_micro_batch below one
+group's tokens, so every group spans micro-batches of the RM update; policy.max_tokens_per_micro_batch too) logs
+the same losses, rewards and filter statistics (metrics.jsonl) as the run with fixed micro-batches: both runs in
+one 2-process launch. And tools/bench_token_budget.py at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, cpu_process_env, read_metrics, stage3_overrides, torchrun
+
+# Rows are at most reward.max_length = 128 RM tokens (longer ones are left out), so 128 fits every row; a group is
+# 4 responses to one prompt of more than 32 tokens (a character-level tokenizer and a chat template), above 128.
+BUDGETS = ("reward.max_tokens_per_micro_batch=128", "policy.max_tokens_per_micro_batch=128")
+STEPS = ("total_steps=2", "save_every=0", "save_final_checkpoint=false", "rollout_log=true")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_models, rl_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage3_token_budget")
+    runs = {"fixed": STEPS, "budget": STEPS + BUDGETS}
+    arguments = []
+    for name, overrides in runs.items():
+        settings = stage3_overrides(root / name, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"],
+                                    rl_data["prompts"], *overrides)
+        arguments += ["--settings", json.dumps(settings)]
+    torchrun("stage3_runs_worker.py", 2, *arguments)
+    return {name: root / name for name in runs}
+
+
+def test_a_token_budget_run_logs_the_same_losses_and_rewards(two_runs):
+    fixed, budget = read_metrics(two_runs["fixed"]), read_metrics(two_runs["budget"])
+    assert [r["step"] for r in budget] == [r["step"] for r in fixed] == [1, 2]
+    logs = {name: [json.loads(line) for line in (path / "rollouts.jsonl").read_text().splitlines()]
+            for name, path in two_runs.items()}
+    assert len(logs["budget"]) == len(logs["fixed"]) == 8
+    for reference, row in zip(logs["fixed"], logs["budget"]):
+        # Every group spans micro-batches: G = 4 rows of at least its prompt's characters (a character-level
+        # tokenizer; the chat template adds more) exceed the 128-token budget.
+        assert 4 * sum(len(m["content"]) for m in row["prompt"]) > 128
+        assert row["responses"] == reference["responses"]
+        assert row["rewards"] == pytest.approx(reference["rewards"], rel=1e-5, abs=1e-6)
+    for reference, record in zip(fixed, budget):
+        compared = [k for k in reference if k.split("/")[0] in ("rm", "policy", "filter", "filter_after_rm_update",
+                                                               "rollout") and reference[k] is not None]
+        assert {"rm/reward_loss", "rm/value_loss", "filter/reward_mean", "policy/pg_loss"} <= set(compared)
+        for name in compared:
+            assert record[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), (record["step"], name)
+        # The gradient cache: a scoring forward and the forward-backward, then the re-score.
+        assert record["passes/reward_forward"] == 3 and reference["passes/reward_forward"] == 2
+        assert record["passes/reward_backward"] == reference["passes/reward_backward"] == 1
+
+
+def test_bench_token_budget_times_both_updates_with_and_without_a_budget():
+    result = subprocess.run(
+        [sys.executable, "tools/bench_token_budget.py", "--layers", "1", "--hidden-size", "32", "--intermediate-size",
+         "64", "--heads", "2", "--kv-heads", "1", "--prompts", "2", "--group-size", "4", "--prompt-length", "8",
+         "--max-length", "48", "--policy-micro-batch", "2", "--rounds", "2"],
+        cwd=REPO, env=cpu_process_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ratios = re.findall(r"budget / fixed: ([\d.]+)", result.stdout)
+    assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), result.stdout
+    assert "2 forwards + 1 backward (gradient cache)" in result.stdout
