@@ -7,22 +7,39 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 from helpers import REPO, cpu_process_env, read_metrics, stage3_overrides, torchrun
 
-# Rows are at most reward.max_length = 128 RM tokens (longer ones are left out), so 128 fits every row; a group is
-# 4 responses to one prompt of more than 32 tokens (a character-level tokenizer and a chat template), above 128.
-BUDGETS = ("reward.max_tokens_per_micro_batch=128", "policy.max_tokens_per_micro_batch=128")
 STEPS = ("total_steps=2", "save_every=0", "save_final_checkpoint=false", "rollout_log=true")
+NEW_TOKENS = 12  # examples/cpu/stage3_save.yaml's rollout.sampling.max_new_tokens
+
+
+def _budget(tiny_models, rl_data) -> tuple[int, int]:
+    """(the longest RM row any prompt can make: prompt + NEW_TOKENS characters, with the chat template; the shortest
+    RM prompt). The tiny tokenizer is character-level, so a response of NEW_TOKENS policy tokens is at most
+    NEW_TOKENS characters."""
+    from transformers import AutoTokenizer
+
+    from megatron_save.data.chat import conversation, encode_conversation, encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(tiny_models["llama-rmv"]["mg"]) / "hf")
+    prompts = [json.loads(line)["prompt"] for line in rl_data["prompts"].read_text().splitlines()]
+    longest = max(len(encode_conversation(tokenizer, conversation(p, "x" * NEW_TOKENS))) for p in prompts)
+    return longest, min(len(encode_prompt(tokenizer, p)) for p in prompts)
 
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_models, rl_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage3_token_budget")
-    runs = {"fixed": STEPS, "budget": STEPS + BUDGETS}
+    budget, shortest_prompt = _budget(tiny_models, rl_data)
+    # Every row fits the budget; every group (4 rows of at least its prompt) exceeds it: groups span micro-batches.
+    assert 4 * shortest_prompt > budget, (budget, shortest_prompt)
+    budgets = (f"reward.max_tokens_per_micro_batch={budget}", f"policy.max_tokens_per_micro_batch={budget}")
+    runs = {"fixed": STEPS, "budget": STEPS + budgets}
     arguments = []
     for name, overrides in runs.items():
         settings = stage3_overrides(root / name, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"],
@@ -39,9 +56,6 @@ def test_a_token_budget_run_logs_the_same_losses_and_rewards(two_runs):
             for name, path in two_runs.items()}
     assert len(logs["budget"]) == len(logs["fixed"]) == 8
     for reference, row in zip(logs["fixed"], logs["budget"]):
-        # Every group spans micro-batches: G = 4 rows of at least its prompt's characters (a character-level
-        # tokenizer; the chat template adds more) exceed the 128-token budget.
-        assert 4 * sum(len(m["content"]) for m in row["prompt"]) > 128
         assert row["responses"] == reference["responses"]
         assert row["rewards"] == pytest.approx(reference["rewards"], rel=1e-5, abs=1e-6)
     for reference, record in zip(fixed, budget):
