@@ -64,8 +64,13 @@ def test_a_token_budget_run_logs_the_same_losses_and_rewards(two_runs):
         compared = [k for k in reference if k.split("/")[0] in ("rm", "policy", "filter", "filter_after_rm_update",
                                                                "rollout") and reference[k] is not None]
         assert {"rm/reward_loss", "rm/value_loss", "filter/reward_mean", "policy/pg_loss"} <= set(compared)
+        # Step 1 starts from the same weights: equal to 1e-5. Step 2 starts from weights one Adam step apart: Adam's
+        # first step moves an element whose gradient is near eps by lr x g / (|g| + eps), amplifying the ~1e-7
+        # rounding of gradients summed over differently formed micro-batches by lr / eps (see
+        # tests/distributed/workers/token_budget_worker.py), so step 2 agrees to the cross-layout tests' 1e-4.
+        rel, abs_ = (1e-5, 1e-6) if record["step"] == 1 else (1e-4, 1e-5)
         for name in compared:
-            assert record[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), (record["step"], name)
+            assert record[name] == pytest.approx(reference[name], rel=rel, abs=abs_), (record["step"], name)
         # The gradient cache: a scoring forward and the forward-backward, then the re-score.
         assert record["passes/reward_forward"] == 3 and reference["passes/reward_forward"] == 2
         assert record["passes/reward_backward"] == reference["passes/reward_backward"] == 1
