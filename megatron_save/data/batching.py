@@ -36,6 +36,18 @@ class TokenBatch:
         """Rows [start, stop) of every tensor field (other fields are shared)."""
         return dataclasses.replace(self, **{name: getattr(self, name)[start:stop] for name in self._tensor_fields()})
 
+    def select(self: B, indices: list[int], width: int) -> B:
+        """Rows ``indices`` (in that order) of every tensor field, cut to ``width`` tokens: a micro-batch padded to
+        its own longest row. Fields narrower than input_ids (the shifted frame, S - 1) keep their offset."""
+        total = self.input_ids.shape[1]
+        index = torch.tensor(indices, dtype=torch.long)
+
+        def cut(value: torch.Tensor) -> torch.Tensor:
+            value = value[index.to(value.device)]
+            return value[:, : width - (total - value.shape[1])] if value.dim() > 1 else value
+
+        return dataclasses.replace(self, **{name: cut(getattr(self, name)) for name in self._tensor_fields()})
+
     def split(self: B, rows_per_part: int) -> list[B]:
         """Consecutive parts of ``rows_per_part`` rows (the row count must divide evenly)."""
         total = self.input_ids.shape[0]
@@ -85,6 +97,22 @@ class ResponseGroupBatch(TokenBatch):
     grades: torch.Tensor | None = None
     """[N] a verifier's grade of each slot (reward.verifier), for a strategy whose pairs the truth labels; None
     otherwise."""
+
+
+@dataclass
+class ScoredRowBatch(TokenBatch):
+    """Rows of a token-budget reward-model update on rollouts (a group may span micro-batches): each row's R is
+    read at its last token and V at its prompt's last token, and the pass backpropagates the cached gradients of
+    the whole batch's loss with respect to them."""
+
+    prompt_lengths: torch.Tensor
+    """[N] tokens of each row's prompt."""
+    reward_grad: torch.Tensor
+    """[N] fp32 dJ/dR of each row (0 in the scoring pass)."""
+    value_grad: torch.Tensor
+    """[N] fp32 dJ/dV carried by one row of each group (0 elsewhere and in the scoring pass)."""
+    loss_scale: float = 1.0
+    """Micro-batches x data-parallel ranks: undoes Megatron's average over both."""
 
 
 @dataclass

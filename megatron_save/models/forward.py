@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, gather_from_tensor_model_parallel_region
 
+from megatron_save.data.token_budget import agreed_micro_batches, partition_by_tokens
 from megatron_save.distributed.init import compute_device
 from megatron_save.models.reward_model import SequenceScores, read_scores
 from megatron_save.utils.tensors import pad_rows
@@ -40,6 +42,26 @@ def run_model(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor) -> t
     return output
 
 
+@contextmanager
+def varying_lengths(config: Any, lengths: list[int]) -> Iterator[None]:
+    """For one pipeline-schedule call over micro-batches of these sequence ``lengths``: when they differ under
+    pipeline parallelism, Megatron-Core's ``variable_seq_lengths`` (ModelParallelConfig: the stages' p2p then
+    sends each activation's shape before it) instead of one ``seq_length`` for every micro-batch; restored after.
+    A no-op without PP or with one length."""
+    if len(set(lengths)) < 2 or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        yield
+        return
+    if not hasattr(config, "variable_seq_lengths"):
+        raise RuntimeError("this megatron-core has no ModelParallelConfig.variable_seq_lengths: token-budget "
+                           "micro-batches of different lengths cannot run under pipeline parallelism")
+    previous = config.variable_seq_lengths
+    config.variable_seq_lengths = True
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = previous
+
+
 def _forward_step(postprocess, data_iterator, model):
     tokens = next(data_iterator).to(compute_device())  # [b, S]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -65,21 +87,35 @@ def pipeline_forward(
     """
     if input_ids.shape[0] % micro_batch_size != 0:
         raise ValueError(f"batch size {input_ids.shape[0]} is not a multiple of micro_batch_size={micro_batch_size}")
+    outputs = forward_micro_batches(model, list(input_ids.split(micro_batch_size)), postprocess)
+    return None if outputs is None else torch.cat(outputs, dim=0)
+
+
+@torch.no_grad()
+def forward_micro_batches(
+    model: Any,
+    micro_batches: list[torch.Tensor],
+    postprocess: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[torch.Tensor] | None:
+    """Forward-only over right-padded micro-batches [b_i, S_i] (rows and lengths may differ: token-budget
+    micro-batches) through the pipeline schedule. Returns each micro-batch's output [b_i, S_i, ...] (or
+    ``postprocess(tokens, output)``) on the last pipeline stage, None on other stages."""
     model.eval()
-    micro_batches = list(input_ids.split(micro_batch_size))
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, postprocess),
-        data_iterator=iter(micro_batches),
-        model=[model],
-        num_microbatches=len(micro_batches),
-        seq_length=sequence_parallel_length(input_ids.shape[1], model.config),
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
-        collect_non_loss_data=postprocess is not None,
-    )
+    lengths = [sequence_parallel_length(m.shape[1], model.config) for m in micro_batches]
+    with varying_lengths(model.config, lengths):
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, postprocess),
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(lengths),
+            micro_batch_size=max(m.shape[0] for m in micro_batches),
+            forward_only=True,
+            collect_non_loss_data=postprocess is not None,
+        )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return torch.cat(outputs, dim=0)
+    return list(outputs)
 
 
 def gather_vocab_logits(sharded_logits: torch.Tensor) -> torch.Tensor:
@@ -142,8 +178,13 @@ def score_token_sequences(
     micro_batch_size: int,
     prompt_lengths: list[int] | None = None,
     description: str | None = "scoring",
+    max_tokens: int = 0,
+    budget_setting: str = "max_tokens_per_micro_batch",
 ) -> SequenceScores:
     """Scores many token sequences once each, on every rank, spreading the work over data-parallel ranks.
+
+    ``max_tokens`` > 0: token-budget micro-batches instead (``_score_by_tokens``; ``budget_setting`` names the
+    setting in errors).
 
     Sequences are sorted by length (little padding) and cut into chunks of ``micro_batch_size`` x (pipeline
     size) rows, so a pipeline always has micro-batches in flight; chunk k goes to data-parallel rank k mod DP and
@@ -152,6 +193,8 @@ def score_token_sequences(
     """
     from tqdm import tqdm
 
+    if max_tokens:
+        return _score_by_tokens(model, sequences, pad_id, prompt_lengths, max_tokens, budget_setting)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     chunk_size = micro_batch_size * parallel_state.get_pipeline_model_parallel_world_size()
     chunks = [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
@@ -175,6 +218,49 @@ def score_token_sequences(
     rewards = torch.tensor([everything[i][0] for i in range(len(sequences))])
     values = None if prompt_lengths is None else torch.tensor([everything[i][1] for i in range(len(sequences))])
     return SequenceScores(rewards=rewards, values=values)
+
+
+def _score_by_tokens(model: Any, sequences: list[list[int]], pad_id: int, prompt_lengths: list[int] | None,
+                     budget: int, setting: str) -> SequenceScores:
+    """``score_token_sequences`` in token-budget micro-batches: data-parallel rank r scores the length-sorted
+    sequences r, r + DP, ... (every rank about the same tokens), cut by ``partition_by_tokens`` into the same
+    number of micro-batches on every rank (an empty one scores a copy of the shortest sequence, dropped), each
+    padded to its own longest row; results gathered on every rank."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    shares = [order[r::ranks] for r in range(ranks)]
+    count = agreed_micro_batches([[len(sequences[i]) for i in share] for share in shares], budget, setting)
+    mine = shares[rank]
+    parts = [[mine[k] for k in part] for part in partition_by_tokens([len(sequences[i]) for i in mine], budget,
+                                                                      count, setting)]
+    fillers = {k for k, part in enumerate(parts) if not part}
+    parts = [part or [order[0]] for part in parts]
+    batches = [pad_rows([sequences[i] for i in part], pad_id) for part in parts]
+    outputs = forward_micro_batches(model, [ids for ids, _ in batches], postprocess=lambda tokens, output: output)
+    heads = 1 if prompt_lengths is None else 2
+    rows = sum(len(part) for part in parts)
+    read = None
+    if outputs is not None:
+        pieces = []
+        for part, (_, mask), scores in zip(parts, batches, outputs):
+            last = last_token_index(mask).to(scores.device)
+            if prompt_lengths is None:
+                pieces.append(at_last_token(scores, mask)[:, :1])
+            else:
+                first = torch.tensor([prompt_lengths[i] - 1 for i in part], device=scores.device)
+                pieces.append(torch.stack(read_scores(scores, last, first), dim=1))
+        read = torch.cat(pieces).float()
+    read = broadcast_from_last_stage(read, (rows, heads), torch.float32).cpu()
+    results, position = {}, 0
+    for k, part in enumerate(parts):
+        if k not in fillers:
+            results.update({i: read[position + j].tolist() for j, i in enumerate(part)})
+        position += len(part)
+    gathered: list[dict] = [{} for _ in range(ranks)]
+    dist.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
+    everything = {index: pair for part in gathered for index, pair in part.items()}
+    scores = torch.tensor([everything[i] for i in range(len(sequences))])  # [N, heads]
+    return SequenceScores(rewards=scores[:, 0], values=None if prompt_lengths is None else scores[:, 1])
 
 
 def final_hidden_states(model: Any, input_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_save.models.forward import broadcast_from_last_stage, pipeline_forward
+from megatron_save.models.forward import broadcast_from_last_stage, forward_micro_batches, pipeline_forward
 
 
 @dataclass
@@ -64,5 +64,22 @@ def sequence_logprobs(model: Any, input_ids: torch.Tensor, micro_batch_size: int
     """Per-token log-probs and entropies of right-padded sequences [N, S], on every rank (forward only), under
     the policy's logits divided by ``temperature`` (RL scores the distribution its rollouts were sampled from)."""
     stats = pipeline_forward(model, input_ids, micro_batch_size, postprocess=partial(_logp_and_entropy, temperature))
+    stats = broadcast_from_last_stage(stats, (input_ids.shape[0], input_ids.shape[1] - 1, 2), torch.float32)
+    return TokenLogProbs(logp=stats[..., 0], entropy=stats[..., 1])
+
+
+def micro_batch_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, parts: list[list[int]],
+                         temperature: float = 1.0) -> TokenLogProbs:
+    """``sequence_logprobs`` over token-budget micro-batches: ``parts`` lists the rows of each micro-batch (every
+    row of input_ids [N, S] exactly once), each forwarded at its own longest row; log-probs and entropies
+    [N, S - 1] on every rank, 0 past a row's micro-batch width."""
+    widths = [int(attention_mask[part].sum(dim=1).max()) for part in parts]
+    outputs = forward_micro_batches(model, [input_ids[part][:, :width] for part, width in zip(parts, widths)],
+                                    postprocess=partial(_logp_and_entropy, temperature))
+    stats = None
+    if outputs is not None:
+        stats = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, 2, device=outputs[0].device)
+        for part, output in zip(parts, outputs):
+            stats[torch.tensor(part, device=stats.device), : output.shape[1]] = output.float()
     stats = broadcast_from_last_stage(stats, (input_ids.shape[0], input_ids.shape[1] - 1, 2), torch.float32)
     return TokenLogProbs(logp=stats[..., 0], entropy=stats[..., 1])

@@ -59,6 +59,9 @@ class BatchSettings:
     """Examples per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 2
     """Examples per forward pass on one rank (gradient accumulation makes up the rest)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token-budget micro-batches (rows x the micro-batch's longest row at most this) are implemented in stage 3
+    only (policy.* and reward.*): stages 1, 2 and SFT refuse a value other than 0 (fixed micro-batches)."""
     epochs: int = 1
     """Passes over the training data."""
     seed: int = 1234
@@ -235,6 +238,10 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
         name, value = f"{prefix}{item.name}", getattr(cfg, item.name)
         if dataclasses.is_dataclass(value):
             check_settings(value, f"{name}.")
+        if isinstance(value, BatchSettings) and value.max_tokens_per_micro_batch:
+            raise ValueError(f"{name}.max_tokens_per_micro_batch={value.max_tokens_per_micro_batch}: token-budget "
+                             "micro-batches are implemented in stage 3 only (policy.max_tokens_per_micro_batch, "
+                             f"reward.max_tokens_per_micro_batch); set it to 0 and size {name}.micro_batch_size")
         if isinstance(value, OptimizerSettings):
             if value.lr < 0 or value.value_head_lr < 0 or value.warmup_steps < 0:
                 raise ValueError(f"{name}: lr={value.lr}, value_head_lr={value.value_head_lr} and warmup_steps="

@@ -12,7 +12,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_save.data.batching import TokenBatch
 from megatron_save.distributed import compute_device
-from megatron_save.models.forward import broadcast_from_last_stage, run_model, sequence_parallel_length
+from megatron_save.models.forward import (
+    broadcast_from_last_stage,
+    run_model,
+    sequence_parallel_length,
+    varying_lengths,
+)
 from megatron_save.models.train_state import TrainState
 
 # (micro-batch, per-token head outputs [b, S, heads]) -> (loss, metrics of that micro-batch)
@@ -42,23 +47,30 @@ def _mean_metrics(per_micro_batch: list[dict[str, torch.Tensor]], names: Sequenc
     return dict(zip(names, values.tolist()))
 
 
-def forward_backward(state: TrainState, micro_batches: list[TokenBatch], loss_fn: LossFn
-                     ) -> list[dict[str, torch.Tensor]]:
+def forward_backward(state: TrainState, micro_batches: list[TokenBatch], loss_fn: LossFn,
+                     forward_only: bool = False) -> list[dict[str, torch.Tensor]]:
     """Forward + backward over this data-parallel rank's micro-batches through the pipeline schedule, gradients
     reduced over data-parallel ranks into the grad buffers (the mean of the micro-batch losses, averaged over
-    ranks). Returns each micro-batch's metrics on the last pipeline stage ([] on other stages)."""
+    ranks). Returns each micro-batch's metrics on the last pipeline stage ([] on other stages).
+
+    Micro-batches may differ in rows and length (token-budget micro-batches: under PP the schedule then sends
+    each activation's shape first). ``forward_only``: the forward and the loss function's metrics alone (in train
+    mode, without gradients), the grad buffers left as they are."""
     state.model.train()
-    state.model.zero_grad_buffer()
-    state.optimizer.zero_grad()
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn),
-        data_iterator=iter(micro_batches),
-        model=[state.model],
-        num_microbatches=len(micro_batches),
-        seq_length=sequence_parallel_length(micro_batches[0].input_ids.shape[1], state.model.config),
-        micro_batch_size=micro_batches[0].input_ids.shape[0],
-        forward_only=False,
-    )
+    if not forward_only:
+        state.model.zero_grad_buffer()
+        state.optimizer.zero_grad()
+    lengths = [sequence_parallel_length(m.input_ids.shape[1], state.model.config) for m in micro_batches]
+    with varying_lengths(state.model.config, lengths), torch.set_grad_enabled(not forward_only):
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, loss_fn),
+            data_iterator=iter(micro_batches),
+            model=[state.model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(lengths),
+            micro_batch_size=max(m.input_ids.shape[0] for m in micro_batches),
+            forward_only=forward_only,
+        )
 
 
 def optimizer_step(state: TrainState) -> dict[str, float]:

@@ -10,9 +10,12 @@ from typing import Any, Callable, Literal
 from megatron_save.trainers.losses import (
     ROLLOUT_LOSS_OUTPUTS,
     bt_pair_loss,
+    hl_bt_group_terms,
     hl_bt_rm_loss,
+    mean_reward_group_terms,
     mean_reward_rm_loss,
     prime_prm_loss,
+    save_group_terms,
     save_rm_loss,
 )
 
@@ -52,6 +55,11 @@ class RMStrategy:
     loss_metrics: tuple[str, ...] = ()
     """Names of the metrics ``loss`` returns: averaged by the training step, or for a loss on rollouts its
     per-micro-batch scores and sums (ROLLOUT_LOSS_OUTPUTS), gathered by the update."""
+    group_terms: Callable[..., Any] | None = None
+    """For a loss on rollouts: the same loss over whole groups as a function of their scores alone,
+    (rewards [k, G], values [k] or None, trained [k, G], threshold, grades) -> GroupLossTerms. A token-budget
+    update (reward.max_tokens_per_micro_batch) differentiates it for its gradient cache, so a group may span
+    micro-batches; None: the strategy cannot take a token budget in its update."""
     verifier_grades: bool = False
     """The update's batches carry ``reward.verifier``'s grades of the responses, which label its pairs in place of
     the reward model's own scores."""
@@ -91,11 +99,11 @@ for _row in (
     # SAVE (Algorithm 2): value-anchored softmax contrastive loss (eqs. 18-20) + value loss (eq. 21), curriculum.
     RMStrategy("save", anchor="value_head", curriculum=True, trains_backbone=True, value_head=True,
                learns_from="rollouts", update="before_policy", loss=save_rm_loss,
-               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS, group_terms=save_group_terms),
     # SAVE without the curriculum filter (ablation, paper Table 5).
     RMStrategy("save_no_curriculum", anchor="value_head", curriculum=False, trains_backbone=True, value_head=True,
                learns_from="rollouts", update="before_policy", loss=save_rm_loss,
-               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS, group_terms=save_group_terms),
     # Plain RL against the initial reward model.
     RMStrategy("frozen", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
                learns_from="nothing", update="never"),
@@ -106,11 +114,11 @@ for _row in (
     # SAVE's contrastive loss with the group's mean reward as the anchor, no value head.
     RMStrategy("mean_reward", anchor="group_mean", curriculum=True, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=mean_reward_rm_loss,
-               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS, group_terms=mean_reward_group_terms),
     # Bradley-Terry on each group's highest- vs lowest-reward response.
     RMStrategy("hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
-               loss_metrics=ROLLOUT_LOSS_OUTPUTS),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS, group_terms=hl_bt_group_terms),
     # PRIME (arXiv 2502.01456): an implicit PRM trained online on outcome labels (from the frozen RM or a
     # verifier); its token-level rewards and the labels' RLOO make the advantages.
     RMStrategy("prime", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
@@ -124,7 +132,7 @@ for _row in (
     # testbed), the positive control of an online update on the same groups.
     RMStrategy("verifier_hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
-               loss_metrics=ROLLOUT_LOSS_OUTPUTS, verifier_grades=True),
+               loss_metrics=ROLLOUT_LOSS_OUTPUTS, group_terms=hl_bt_group_terms, verifier_grades=True),
     # The policy rewarded by the verifier's grades directly, the reward model frozen and unused for the policy. Not
     # a baseline of the paper: where a task has a verifier (the gold testbed), the oracle, the ceiling of what any
     # reward-model strategy could give the policy with the same RL settings.

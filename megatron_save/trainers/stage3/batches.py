@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_save.data.batching import ResponseGroupBatch
+from megatron_save.data.batching import ResponseGroupBatch, ScoredRowBatch
+from megatron_save.data.token_budget import agreed_micro_batches, partition_by_tokens
 from megatron_save.trainers.stage3.groups import RolloutGroups
 from megatron_save.utils.tensors import pad_rows
 
@@ -56,6 +57,54 @@ def response_group_batches(groups: RolloutGroups, trained: torch.Tensor, thresho
                                                          for i, j in slots]),
     )
     return batch.split(micro_batch_size * group_size)
+
+
+REWARD_BUDGET = "reward.max_tokens_per_micro_batch"
+POLICY_BUDGET = "policy.max_tokens_per_micro_batch"
+
+
+def response_slot_partition(groups: RolloutGroups, budget: int, ranks: int) -> list[list[list[int]]]:
+    """[data-parallel rank][micro-batch] -> flat slots i * G + j of a token-budget reward-model update: rank r
+    holds the slots of its ``prompts_per_rank(B, ranks, 1)`` consecutive prompts (padding prompts past B hold
+    copies of slot (0, 0)), cut by ``partition_by_tokens`` into the same number of micro-batches on every rank."""
+    prompts, group_size = groups.valid.shape
+    per_rank = prompts_per_rank(prompts, ranks, 1)
+
+    def length(slot: int) -> int:
+        i, j = divmod(slot, group_size)
+        return len(groups.rm_sequences[i][j] if i < prompts else groups.rm_sequences[0][0])
+
+    slots = [list(range(r * per_rank * group_size, (r + 1) * per_rank * group_size)) for r in range(ranks)]
+    lengths = [[length(s) for s in mine] for mine in slots]
+    count = agreed_micro_batches(lengths, budget, REWARD_BUDGET)
+    return [[[mine[k] for k in part] for part in partition_by_tokens(rank_lengths, budget, count, REWARD_BUDGET)]
+            for mine, rank_lengths in zip(slots, lengths)]
+
+
+def scored_row_batches(groups: RolloutGroups, parts: list[list[int]], pad_id: int, ranks: int,
+                       reward_grad: torch.Tensor | None = None, value_grad: torch.Tensor | None = None
+                       ) -> list[ScoredRowBatch]:
+    """One rank's micro-batches of flat slots ``parts`` (``response_slot_partition``), each padded to its own
+    longest row, with the cached gradients dJ/dR [B, G] and dJ/dV [B] (None: zeros, the scoring pass); dJ/dV
+    rides on slot 0 of its group (every slot of a group reads the same V)."""
+    prompts, group_size = groups.valid.shape
+    batches = []
+    for part in parts:
+        rows = [divmod(slot, group_size) for slot in part]
+        sequences = [groups.rm_sequences[i][j] if i < prompts else groups.rm_sequences[0][0] for i, j in rows]
+        input_ids, attention_mask = pad_rows(sequences, pad_id)
+        batches.append(ScoredRowBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            prompt_lengths=torch.tensor([groups.rm_prompt_lengths[i] if i < prompts else groups.rm_prompt_lengths[0]
+                                         for i, _ in rows]),
+            reward_grad=torch.tensor([float(reward_grad[i, j]) if reward_grad is not None and i < prompts else 0.0
+                                      for i, j in rows]),
+            value_grad=torch.tensor([float(value_grad[i]) if value_grad is not None and i < prompts and j == 0
+                                     else 0.0 for i, j in rows]),
+            loss_scale=float(len(parts) * ranks),
+        ))
+    return batches
 
 
 @dataclass
@@ -163,4 +212,41 @@ def policy_loss_scales(layout: list[list[list[int]]], rank: int, response_length
         factor = len(mine) // micro_batch_size * ranks
         scales.append([((sum(weight(i) for i in mine[m : m + micro_batch_size]) if token_mean else micro_batch_size)
                          / total if total else 0.0) * factor for m in range(0, len(mine), micro_batch_size)])
+    return scales
+
+
+def policy_budget_parts(layout: list[list[list[int]]], rank: int, sequence_lengths: list[int], budget: int
+                        ) -> list[list[list[int]]]:
+    """Token-budget micro-batches of the policy update: [mini-batch][micro-batch] -> positions in rank ``rank``'s
+    rows (``policy_token_rows`` order: its share of each mini-batch in turn), every rank with the same count per
+    mini-batch. ``layout`` from ``mini_batch_layout(..., micro_batch_size=1)``; a filler (-1) counts as a copy of
+    its mini-batch's first row. sequence_lengths: prompt + response tokens of each row."""
+    parts, offset = [], 0
+    for part in layout:
+        lengths = [[sequence_lengths[i if i >= 0 else part[0][0]] for i in share] for share in part]
+        count = agreed_micro_batches(lengths, budget, POLICY_BUDGET)
+        parts.append([[offset + k for k in micro] for micro in
+                      partition_by_tokens(lengths[rank], budget, count, POLICY_BUDGET)])
+        offset += len(part[rank])
+    return parts
+
+
+def policy_budget_scales(layout: list[list[list[int]]], rank: int, parts: list[list[list[int]]],
+                         response_lengths: list[int], token_mean: bool) -> list[list[float]]:
+    """[mini-batch][micro-batch] loss scale of rank ``rank``'s token-budget micro-batches (``policy_budget_parts``):
+    as ``policy_loss_scales``, the micro-batch's share of its mini-batch's tokens (``token_mean``) or sequences
+    (its rows, fillers included, as a sequence mean counts them), times micro-batches x ranks."""
+    ranks = len(layout[0])
+
+    def weight(i: int) -> int:
+        return 0 if i < 0 else response_lengths[i] if token_mean else 1
+
+    scales, offset = [], 0
+    for part, micro_batches in zip(layout, parts):
+        total = sum(weight(i) for share in part for i in share)
+        mine = part[rank]
+        factor = len(micro_batches) * ranks
+        scales.append([((sum(weight(mine[k - offset]) for k in micro) if token_mean else len(micro)) / total
+                        if total else 0.0) * factor for micro in micro_batches])
+        offset += len(mine)
     return scales

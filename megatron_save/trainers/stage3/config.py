@@ -89,6 +89,9 @@ class PolicySettings:
     """Sequences per forward pass on one rank."""
     rollout_correction: RolloutCorrectionSettings = field(default_factory=RolloutCorrectionSettings)
     """Truncated importance sampling / rejection sampling against the rollout engine's behaviour log-probs."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: micro-batches of the policy update and of its old / reference log-prob forwards formed by tokens
+    (rows x the micro-batch's longest row at most this), not by micro_batch_size; 0: fixed micro-batches."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=2e-6, decay_style="constant"))
     """Optimizer of the policy (``value_head_lr`` is unused)."""
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
@@ -163,6 +166,9 @@ class RewardSettings:
     """Leave responses cut at max_new_tokens out of the RM update only (V then fits complete responses' rewards)."""
     micro_batch_size: int = 2
     """Prompts (each with its G responses) per forward pass of the RM update; scoring uses this x G sequences."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: micro-batches of RM scoring and of the RM update on rollouts formed by tokens (responses x the
+    micro-batch's longest, at most this; a group may span micro-batches), not by micro_batch_size; 0: fixed."""
     lagged_scores: bool = False
     """Score the policy update with the pre-update reward model (the update's own forward) and skip the re-score
     of Algorithm 2, line 15: one RM forward fewer per step. Off: the paper re-scores after the update."""
@@ -335,6 +341,7 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")
     _check_recompute(cfg, strategy)
     _check_algorithms(cfg, strategy)
+    _check_token_budgets(cfg)
     _check_run_checkpoints(cfg)
 
 
@@ -383,6 +390,23 @@ def _check_algorithms(cfg: Stage3Config, strategy: RMStrategy) -> None:
     if buffer.length and strategy.implicit_prm:
         raise ValueError("reward.overlong_buffer does not combine with reward.strategy=prime (its advantages come "
                          "from outcome labels and process rewards, not the reward model's score)")
+
+
+def _check_token_budgets(cfg: Stage3Config) -> None:
+    """Budgets are >= 0; the reward model's applies to its scoring and its update on the rollouts, so a strategy
+    whose reward model trains otherwise (offline pairs) or is read through another head (R2M) refuses it."""
+    for name, budget in (("policy", cfg.policy.max_tokens_per_micro_batch),
+                         ("reward", cfg.reward.max_tokens_per_micro_batch)):
+        if budget < 0:
+            raise ValueError(f"{name}.max_tokens_per_micro_batch={budget} must be >= 0 (0: fixed micro-batches)")
+    strategy = strategy_named(cfg.reward.strategy)
+    no_cache = strategy.scores_in_update and strategy.group_terms is None
+    if cfg.reward.max_tokens_per_micro_batch and (strategy.learns_from in ("offline_pairs", "policy_feedback")
+                                                  or no_cache):
+        raise ValueError(f"reward.max_tokens_per_micro_batch={cfg.reward.max_tokens_per_micro_batch} is not "
+                         f"supported with reward.strategy={strategy.name} (its update trains on "
+                         f"{strategy.learns_from.replace('_', ' ')}"
+                         f"{' without group_terms in its strategy row' if no_cache else ''}): set it to 0")
 
 
 def _check_run_checkpoints(cfg: Stage3Config) -> None:

@@ -160,9 +160,11 @@ def prepare_groups(rollouts: Rollouts, prompts: list[Prompt], policy_tokenizer: 
     )
 
 
-def score_groups(reward_model: Any, groups: RolloutGroups, pad_id: int, micro_batch_size: int) -> GroupScores:
+def score_groups(reward_model: Any, groups: RolloutGroups, pad_id: int, micro_batch_size: int,
+                 max_tokens: int = 0) -> GroupScores:
     """Collective: R of every valid response and V of every prompt from one forward per sequence (V is read at
-    the last prompt token inside each conversation; a group's copies agree, the first is taken)."""
+    the last prompt token inside each conversation; a group's copies agree, the first is taken); in micro-batches
+    of ``micro_batch_size`` sequences, or of at most ``max_tokens`` tokens (reward.max_tokens_per_micro_batch)."""
     index = groups.valid.nonzero().tolist()  # [(b, g)] of valid slots
     rewards = torch.full(groups.valid.shape, float("nan"))
     values = torch.full((groups.valid.shape[0],), float("nan")) if reward_model.has_value_head else None
@@ -171,7 +173,8 @@ def score_groups(reward_model: Any, groups: RolloutGroups, pad_id: int, micro_ba
     sequences = [groups.rm_sequences[b][g] for b, g in index]
     prompt_lengths = [groups.rm_prompt_lengths[b] for b, _ in index] if values is not None else None
     scores = score_token_sequences(reward_model, sequences, pad_id, micro_batch_size, prompt_lengths,
-                                   description=None)
+                                   description=None, max_tokens=max_tokens,
+                                   budget_setting="reward.max_tokens_per_micro_batch")
     rows, cols = torch.tensor(index).T
     rewards[rows, cols] = scores.rewards
     if values is not None:

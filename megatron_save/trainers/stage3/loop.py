@@ -147,7 +147,7 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
     if strategy.scores_in_update and groups.valid.any():
         update = update_on_rollouts(run, cfg, groups, threshold, timer)
         scores = update.scores
-        add_metrics(metrics, passes("reward", forward=1, backward=1))
+        add_metrics(metrics, passes("reward", forward=update.forwards, backward=update.backwards))
     else:
         with timer.phase("score"):
             scores = score_rollouts(run, cfg, groups, step)

@@ -25,11 +25,18 @@ from megatron_save.algorithms import (
 )
 from megatron_save.algorithms.policy_loss import aggregate
 from megatron_save.data.batching import PolicyBatch
-from megatron_save.models.policy import sequence_logprobs, token_logprobs, vocab_parallel_entropy
+from megatron_save.models.policy import (
+    micro_batch_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+    vocab_parallel_entropy,
+)
 from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.stage3.batches import (
     PolicyRows,
     mini_batch_layout,
+    policy_budget_parts,
+    policy_budget_scales,
     policy_loss_scales,
     policy_token_rows,
     shifted_row_values,
@@ -120,27 +127,42 @@ def policy_mini_batches(policy: Any, reference: Any | None, rows: PolicyRows, se
     leave the loss mask (and the token counts of the loss scales); its IS weights ride in the batch. With
     ``record``, the third value holds every row's correction (on every rank), else None."""
     ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mbs = settings.micro_batch_size
+    budget = settings.max_tokens_per_micro_batch
+    mbs = 1 if budget else settings.micro_batch_size
     layout = mini_batch_layout(len(rows.sequences), settings.mini_batches, ranks, mbs)
     input_ids, attention_mask, loss_mask, advantages = policy_token_rows(rows, layout, rank, pad_id)
     correcting = settings.rollout_correction.enabled
-    old = sequence_logprobs(policy, input_ids, mbs, temperature) if len(layout) > 1 or correcting else None
-    ref_logp = sequence_logprobs(reference, input_ids, mbs, temperature).logp if reference is not None else None
+    token_mean = settings.loss not in SEQUENCE_LOSSES and settings.aggregation == "token-mean"
+    if budget:
+        parts = policy_budget_parts(layout, rank, [len(s) for s in rows.sequences], budget)
+        flat = [micro for part in parts for micro in part]
+
+        def logprobs(model):
+            return micro_batch_logprobs(model, input_ids, attention_mask, flat, temperature)
+    else:
+        parts, offset = [], 0
+        for part in layout:
+            parts.append([list(range(offset + m * mbs, offset + (m + 1) * mbs)) for m in range(len(part[rank]) // mbs)])
+            offset += len(part[rank])
+
+        def logprobs(model):
+            return sequence_logprobs(model, input_ids, mbs, temperature)
+    old = logprobs(policy) if len(layout) > 1 or correcting else None
+    ref_logp = logprobs(reference).logp if reference is not None else None
     metrics = {} if old is None else _pre_update_metrics(old.entropy, old.logp, ref_logp, loss_mask, settings)
     is_weights, loss_tokens, corrected = None, rows.response_lengths, None
     if correcting:
         loss_mask, is_weights, loss_tokens, correction_metrics, corrected = _rollout_correction(
             rows, layout, rank, old.logp, loss_mask, settings, record)
         metrics |= correction_metrics
+    if budget:
+        scales = policy_budget_scales(layout, rank, parts, loss_tokens, token_mean)
+    else:
+        scales = policy_loss_scales(layout, rank, loss_tokens, token_mean, mbs)
     batch = PolicyBatch(input_ids, attention_mask, loss_mask, advantages, None if old is None else old.logp, ref_logp,
                         is_weights=is_weights)
-    token_mean = settings.loss not in SEQUENCE_LOSSES and settings.aggregation == "token-mean"
-    scales = policy_loss_scales(layout, rank, loss_tokens, token_mean, mbs)
-    mini_batches, offset = [], 0
-    for part_scales in scales:
-        mini_batches.append([dataclasses.replace(batch.rows(offset + m * mbs, offset + (m + 1) * mbs),
-                                                 loss_scale=scale) for m, scale in enumerate(part_scales)])
-        offset += len(part_scales) * mbs
+    mini_batches = [[dataclasses.replace(_micro_batch(batch, micro, bool(budget)), loss_scale=scale)
+                     for micro, scale in zip(part, part_scales)] for part, part_scales in zip(parts, scales)]
     return mini_batches, metrics, corrected
 
 
@@ -190,6 +212,14 @@ def _gather_corrected_rows(rows: PolicyRows, mine: list[int], old_logp: torch.Te
     dist.all_gather_object(parts, local, group=group)
     merged = {i: row for part in parts for i, row in part.items()}
     return [merged[i] for i in range(len(rows.sequences))]
+
+
+def _micro_batch(batch: PolicyBatch, rows: list[int], own_width: bool) -> PolicyBatch:
+    """Rows ``rows`` of ``batch`` (consecutive ones for fixed micro-batches), padded to the batch's longest row,
+    or with ``own_width`` to their own longest (a token-budget micro-batch)."""
+    if not own_width:
+        return batch.rows(rows[0], rows[-1] + 1)
+    return batch.select(rows, int(batch.attention_mask[rows].sum(dim=1).max()))
 
 
 def old_logprobs_passes(mini_batches: list[list[PolicyBatch]]) -> int:

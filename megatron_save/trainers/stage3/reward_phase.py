@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,13 @@ from megatron_save.models.forward import broadcast_from_last_stage
 from megatron_save.models.train_state import TrainState
 from megatron_save.trainers.common import BatchSettings, pair_micro_batches, pairwise_eval
 from megatron_save.trainers.optimizer import backbone_frozen, scale_backbone_gradients
-from megatron_save.trainers.stage3.batches import prompts_per_rank, response_group_batches
+from megatron_save.trainers.losses import gradient_cache_loss, group_loss_gradients
+from megatron_save.trainers.stage3.batches import (
+    prompts_per_rank,
+    response_group_batches,
+    response_slot_partition,
+    scored_row_batches,
+)
 from megatron_save.trainers.stage3.config import RewardSettings, Stage3Config
 from megatron_save.trainers.stage3.groups import (
     FeedbackPartition,
@@ -54,6 +61,10 @@ class RolloutUpdate:
     """rm/* metrics of the update."""
     stepped: bool
     """The optimizer stepped: the reward model changed and the batch needs its re-score."""
+    forwards: int = 1
+    """Reward-model forwards of the update: 1 fused, 2 with a token budget's gradient cache (1 when it skipped)."""
+    backwards: int = 1
+    """Reward-model backwards of the update (0 when a token-budget update skipped before its backward)."""
 
 
 def update_on_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, threshold: float,
@@ -79,6 +90,9 @@ def update_reward_model(state: TrainState, strategy: RMStrategy, settings: Rewar
     sums then come back from every rank, and the optimizer steps on the backbone's gradient divided by the
     batch's count (Megatron's per-token-loss normalisation, with a count per term), unless the scores are not
     finite or there is nothing to learn. ``grades`` [B, G]: a verifier's, for a strategy whose pairs they label."""
+    if settings.max_tokens_per_micro_batch:
+        return _update_with_gradient_cache(state, strategy, settings, groups, trained, threshold, pad_id,
+                                           value_head, grades)
     loss_fn = (partial(strategy.loss, value_loss_weight=settings.value_loss_weight) if strategy.value_head
                else strategy.loss)
     micro_batches = response_group_batches(groups, trained, threshold, settings.micro_batch_size, pad_id,
@@ -87,12 +101,23 @@ def update_reward_model(state: TrainState, strategy: RMStrategy, settings: Rewar
     outputs = forward_backward(state, micro_batches, loss_fn)
     scores, sums = gather_rollout_outputs(outputs, groups, settings.micro_batch_size, value_head)
     reward_sum, reward_count, value_sum = sums.tolist()
+    return _step_on_update(state, strategy, scores, groups, trained, reward_sum, reward_count, value_sum)
+
+
+def _step_on_update(state: TrainState, strategy: RMStrategy, scores: GroupScores, groups: RolloutGroups,
+                    trained: torch.Tensor, reward_sum: float, reward_count: float, value_sum: float,
+                    backward: Callable[[], None] | None = None) -> RolloutUpdate:
+    """Collective: the optimizer step of a rollout update whose gradients are in the buffers (or that
+    ``backward`` puts there, run only when the step is taken), with the checks and metrics of
+    ``update_reward_model``."""
     value_count = int(trained.any(dim=1).sum())
     if non_finite_scores(scores, groups.valid) or (reward_count == 0 and not (strategy.value_head and value_count)):
         # Non-finite scores skip the step (its caller counts it); with nothing to learn, an optimizer step on a
         # zero gradient would still move Adam's weights.
         return RolloutUpdate(scores, int(reward_count), {"rm/reward_loss": 0.0, "rm/update_skipped": 1.0},
                              stepped=False)
+    if backward is not None:
+        backward()
     if reward_count == 0:
         # Value-only (B~ empty): the backbone and reward head stay where they are (with a zero gradient, Adam's
         # momentum would still move them). A MoE backbone's load-balancing loss leaves router and expert gradients
@@ -109,6 +134,58 @@ def update_reward_model(state: TrainState, strategy: RMStrategy, settings: Rewar
     if strategy.value_head:
         metrics["rm/value_loss"] = value_sum / max(value_count, 1)
     return RolloutUpdate(scores, int(reward_count), metrics, stepped=not step["update_skipped"])
+
+
+def _update_with_gradient_cache(state: TrainState, strategy: RMStrategy, settings: RewardSettings,
+                                groups: RolloutGroups, trained: torch.Tensor, threshold: float, pad_id: int,
+                                value_head: bool, grades: torch.Tensor | None) -> RolloutUpdate:
+    """Collective: ``update_reward_model`` under reward.max_tokens_per_micro_batch, where a group may span
+    micro-batches while its loss couples its responses (SAVE, Mean Reward, HL-BT): a forward without gradients
+    scores every response (R and V), the strategy's ``group_terms`` over whole groups gives each response's
+    dJ/dR and dJ/dV (``group_loss_gradients``), then one forward-backward of sum(R x dJ/dR + V x dJ/dV) per
+    micro-batch puts exactly the whole-group loss's gradient in the buffers. Two RM forwards and one backward
+    (the fixed micro-batches' fused update: one of each); the loss values come from the first forward."""
+    ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    parts = response_slot_partition(groups, settings.max_tokens_per_micro_batch, ranks)
+    outputs = forward_backward(state, scored_row_batches(groups, parts[rank], pad_id, ranks), gradient_cache_loss,
+                               forward_only=True)
+    raw_rewards, raw_values = _gather_row_scores(outputs, parts, groups)  # [B, G], [B] (raw: every slot)
+    values = raw_values if value_head else None
+    terms, reward_grad, value_grad = group_loss_gradients(
+        strategy.group_terms, raw_rewards, values, trained, threshold, grades, settings.value_loss_weight)
+    scores = GroupScores(raw_rewards.masked_fill(~groups.valid, float("nan")),
+                         None if values is None else values.masked_fill(~groups.valid.any(dim=1), float("nan")))
+    micro_batches = scored_row_batches(groups, parts[rank], pad_id, ranks, reward_grad, value_grad)
+    value_sum = 0.0 if terms.value_sum is None else float(terms.value_sum)
+    update = _step_on_update(state, strategy, scores, groups, trained, float(terms.reward_sum),
+                             float(terms.reward_count), value_sum,
+                             backward=lambda: forward_backward(state, micro_batches, gradient_cache_loss))
+    ran_backward = "rm/grad_norm" in update.metrics
+    update.forwards, update.backwards = 1 + ran_backward, int(ran_backward)
+    return update
+
+
+def _gather_row_scores(outputs: list[dict[str, torch.Tensor]], parts: list[list[list[int]]],
+                       groups: RolloutGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective: R [B, G] of every slot and V [B] (slot 0 of each group; NaN without a value head) on every rank,
+    from the last pipeline stage's per-micro-batch rows of each data-parallel rank (``parts[r]``: rank r's flat
+    slots, its micro-batches in order)."""
+    prompts, group_size = groups.valid.shape
+    rank = parallel_state.get_data_parallel_rank()
+    per_rank = sum(len(part) for part in parts[rank])
+    local = None
+    if parallel_state.is_pipeline_last_stage():
+        order = torch.tensor([slot for part in parts[rank] for slot in part])
+        read = torch.stack([torch.cat([o["rewards"] for o in outputs]), torch.cat([o["values"] for o in outputs])],
+                           dim=1).float()  # [rows, 2] in micro-batch order
+        local = torch.empty_like(read)
+        local[order - order.min()] = read  # slot order (a rank's slots are consecutive)
+    local = broadcast_from_last_stage(local, (per_rank, 2), torch.float32)
+    group = parallel_state.get_data_parallel_group()
+    gathered = torch.empty(dist.get_world_size(group) * per_rank, 2, dtype=torch.float32, device=local.device)
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    gathered = gathered.cpu().view(-1, group_size, 2)[:prompts]  # [B, G, 2]
+    return gathered[..., 0], gathered[:, 0, 1]
 
 
 def gather_rollout_outputs(outputs: list[dict[str, torch.Tensor]], groups: RolloutGroups, micro_batch_size: int,

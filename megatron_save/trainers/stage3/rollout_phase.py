@@ -137,7 +137,8 @@ def score_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, ste
         return score_with_r2m(run.r2m_state, run.reward_model, run.policy, groups, r2m_omega(cfg, step),
                               pad_id_of(run.reward_tokenizer), pad_id_of(run.policy_tokenizer),
                               score_micro_batch(cfg))
-    scores = score_groups(run.reward_model, groups, pad_id_of(run.reward_tokenizer), score_micro_batch(cfg))
+    scores = score_groups(run.reward_model, groups, pad_id_of(run.reward_tokenizer), score_micro_batch(cfg),
+                          cfg.reward.max_tokens_per_micro_batch)
     if run.strategy.implicit_prm:
         scores.outcome = label_outcomes(cfg.reward.prime, groups, scores.rewards, run.policy_tokenizer, run.verifier)
     return scores
