@@ -611,3 +611,22 @@ def test_validation_tool_agrees_within_ten_percent(tmp_path):
     assert "PASS" in text.splitlines()[-1], text
     committed = (REPO / "docs" / "perf" / "memory_plan_validation.txt").read_text()
     assert "--size 135m" in committed and committed.splitlines()[-1].endswith("PASS")
+
+
+def test_scaling_guide_quotes_committed_artifacts():
+    """docs/guides/scaling.md's 8B table is the overlay's header, each peak it quotes is its overlay's, and the
+    numbers of the 8B run without fitting settings are docs/perf/plan_memory_8b.txt's."""
+    import re
+
+    guide = (REPO / "docs" / "guides" / "scaling.md").read_text()
+    header = (SCALING / "stage3_8b.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(header) if line.startswith("# per GPU, GiB"))
+    end = next(i for i, line in enumerate(header) if line.startswith("# peak:"))
+    assert "\n".join(line[2:] for line in header[start:end + 1]) in guide
+    quoted = re.findall(r"`(stage3_\w+\.yaml)`[^`]*? (\d+\.\d+)\s+GiB", guide)
+    assert len(quoted) == 4, quoted
+    for name, peak in quoted:
+        assert re.search(rf"^# peak: \w+, {re.escape(peak)} GiB", (SCALING / name).read_text(), re.M), name
+    record = (REPO / "docs" / "perf" / "plan_memory_8b.txt").read_text()
+    assert "peak: rm_update, 177.43 GiB" in record and "reward_activations" in record and " 89.88 " in record
+    assert "177.43 GiB" in guide and "89.88 GiB" in guide
