@@ -5,8 +5,9 @@ really holds, on CPU, at two layouts in one torchrun launch of 2 processes:
 
 Layouts: TP=1 x PP=1 x DP=2 with nothing offloaded, and TP=1 x PP=2 x DP=1 with ``offload.gradients``,
 ``offload.optimizer`` and ``offload.reference`` on (SmolLM2-135M's 9 heads / 3 kv heads allow no TP=2). The
-policy and reference are causal LMs, the reward model a reward model with a value head, all bf16 with random
-weights, Megatron-Core's local spec, the distributed optimizer, after one warm-up step (Adam's states exist).
+policy and reference are causal LMs, the reward model a reward model with a value head, with random
+weights, Megatron-Core's local spec, the distributed optimizer, after one warm-up step (Adam's states exist),
+all in ``--dtype`` (fp32 by default: this CPU's bf16 matrix products are an order of magnitude slower).
 What each rank measures, phase by phase, moving state as ``trainers/offload.py``'s IdleOffload does:
 
 - weights, gradient buffers, optimizer states: the bytes of their storages (DDP's param and grad buffers, the
@@ -55,6 +56,7 @@ from megatron_save.trainers.step import forward_backward, optimizer_step  # noqa
 from megatron_save.utils.provenance import current_provenance  # noqa: E402
 
 MIB = 2**20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = 0.10
 # (hf overrides, prompt, response, policy micro-batch, reward micro-batch, rollout batch)
 SIZES = {
@@ -173,7 +175,8 @@ def resident(run: dict) -> dict[str, int]:
     return parts
 
 
-def measure_layout(pp: int, offloaded: bool, size: str) -> tuple[MemoryLayout, int, dict[str, dict[str, int]]]:
+def measure_layout(pp: int, offloaded: bool, size: str, dtype: str
+                   ) -> tuple[MemoryLayout, int, dict[str, dict[str, int]]]:
     from megatron.core import parallel_state
     import transformers
 
@@ -182,11 +185,11 @@ def measure_layout(pp: int, offloaded: bool, size: str) -> tuple[MemoryLayout, i
     policy_hf, reward_hf = hf_configs(size)
     torch.manual_seed(0)
     settings = OptimizerSettings(lr=1e-5, use_distributed_optimizer=True)
-    policy = build_train_state(build_model(policy_hf, "causal_lm", "bf16", "local"), settings, 10)
-    reward = build_train_state(build_model(reward_hf, "reward_model", "bf16", "local", value_head=True), settings, 10)
-    reference = build_model(policy_hf, "causal_lm", "bf16", "local").eval()
+    policy = build_train_state(build_model(policy_hf, "causal_lm", dtype, "local"), settings, 10)
+    reward = build_train_state(build_model(reward_hf, "reward_model", dtype, "local", value_head=True), settings, 10)
+    reference = build_model(policy_hf, "causal_lm", dtype, "local").eval()
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    engine = (transformers.AutoModelForCausalLM.from_config(policy_hf, dtype=torch.bfloat16).eval()
+    engine = (transformers.AutoModelForCausalLM.from_config(policy_hf, dtype=DTYPES[dtype]).eval()
               if stage == 0 else None)
     sequence = prompt + response
     ids = lambda rows: torch.randint(1, policy_hf.vocab_size, (rows, sequence))  # noqa: E731
@@ -237,7 +240,7 @@ def measure_layout(pp: int, offloaded: bool, size: str) -> tuple[MemoryLayout, i
                 forward_backward(state, batches[name], loss)
             measured[phase] = {**parts, f"{name}_activations": tracker.peak}
 
-    layout = MemoryLayout(pp=pp, dp=2 // pp, dtype="bf16", micro_batch=mbs, reward_micro_batch=rmbs,
+    layout = MemoryLayout(pp=pp, dp=2 // pp, dtype=dtype, micro_batch=mbs, reward_micro_batch=rmbs,
                           prompt_length=prompt, response_length=response, rollout_batch=rollout_batch,
                           distributed_optimizer=True, offload_optimizer=offloaded, offload_gradients=offloaded,
                           offload_reference=offloaded, value_head=True, spec="local", fused_activation=False)
@@ -260,12 +263,15 @@ def compare(layout: MemoryLayout, stage: int, measured: dict, size: str) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="135m")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the models' dtype")
     parser.add_argument("--out", type=Path, required=True, help="the report (written by rank 0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    command = "torchrun --nproc-per-node 2 tools/validate_memory_plan.py " + " ".join(sys.argv[1:])
+    provenance = current_provenance(command)  # the code as it starts
     report = []
     for title, pp, offloaded in LAYOUTS:
-        layout, stage, measured = measure_layout(pp, offloaded, args.size)
+        layout, stage, measured = measure_layout(pp, offloaded, args.size, args.dtype)
         rows = compare(layout, stage, measured, args.size)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (dist.get_rank(), stage, rows))
@@ -274,11 +280,10 @@ def main() -> None:
         return
     policy_hf, _ = hf_configs(args.size)
     params = architecture_from_hf(policy_hf, False)
-    command = "torchrun --nproc-per-node 2 tools/validate_memory_plan.py " + " ".join(sys.argv[1:])
     _, prompt, response, mbs, rmbs, rollout_batch = SIZES[args.size]
-    lines = [current_provenance(command).as_text(), "",
+    lines = [provenance.as_text(), "",
              f"size {args.size}: Llama shape hidden {params.hidden}, {params.layers} layers, {params.heads} heads / "
-             f"{params.kv_heads} kv heads, vocab {params.vocab}; bf16, local spec, distributed optimizer; "
+             f"{params.kv_heads} kv heads, vocab {params.vocab}; {args.dtype}, local spec, distributed optimizer; "
              f"sequences of {prompt} + {response} tokens, policy micro-batch {mbs}, RM micro-batch {rmbs} (value "
              f"head), rollout batch {rollout_batch}, 4 micro-batches per update", "",
              "per rank (MiB): phase, predicted (planner, its pipeline stage), measured, difference; the part that "

@@ -605,7 +605,7 @@ def test_validation_tool_agrees_within_ten_percent(tmp_path):
     from helpers import torchrun_tool
 
     out = tmp_path / "validation.txt"
-    torchrun_tool("validate_memory_plan.py", 2, "--size", "tiny", "--out", str(out), timeout=900)
+    torchrun_tool("validate_memory_plan.py", 2, "--size", "tiny", "--dtype", "bf16", "--out", str(out), timeout=900)
     text = out.read_text()
     assert text.count(" stage ") == 20, text  # 2 layouts x 2 ranks x 5 phases
     assert "PASS" in text.splitlines()[-1], text
