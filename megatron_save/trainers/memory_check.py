@@ -122,6 +122,8 @@ def check_plan(plan: MemoryPlan, plan_of: Callable[[MemoryLayout], MemoryPlan], 
     """Logs ``plan``; with ``device_bytes`` (a GPU) and ``enabled``, raises MemoryPlanError when its peak exceeds
     ``device_bytes`` less ``margin_gib``, naming the cheapest fitting variants among ``candidates`` (parallel
     layouts) x ``knobs`` (``plan_of`` plans one)."""
+    if margin_gib < 0:
+        raise ValueError(f"memory_margin_gib={margin_gib} must be >= 0")
     logger.info("%s: planned memory per GPU (megatron_save/planning/memory.py)\n%s", what,
                 "\n".join(phase_table(plan)))
     if device_bytes is None:
@@ -144,15 +146,25 @@ def _architecture(checkpoint: str, setting: str) -> tuple[Architecture, Any]:
                                 source=f"{setting}={checkpoint}"), meta
 
 
-def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan:
+def _unplannable(what: str, error: ValueError) -> None:
+    # The layout checks of init_distributed and the settings' own checks refuse such a run with their own
+    # message; the plan only says why it is missing.
+    logger.warning("%s: no memory plan (%s); starting without the memory check", what, error)
+
+
+def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan | None:
     """Plans a stage-3 config from its checkpoints' configs and checks it (``device_bytes``: the GPU's, by
-    default this process's; None on CPU). Returns the plan."""
-    policy, policy_meta = _architecture(cfg.policy.checkpoint, "policy.checkpoint")
-    reward, reward_meta = _architecture(cfg.reward.checkpoint, "reward.checkpoint")
+    default this process's; None on CPU). Returns the plan (None when the planner cannot split the models)."""
     spec, fused = _machine()
-    layout = stage3_layout(cfg, world_size(), policy_meta.dtype, reward_meta.value_head, spec, fused)
-    plan_of = lambda variant: plan_memory(policy, reward, variant)  # noqa: E731
-    plan = plan_of(layout)
+    try:
+        policy, policy_meta = _architecture(cfg.policy.checkpoint, "policy.checkpoint")
+        reward, reward_meta = _architecture(cfg.reward.checkpoint, "reward.checkpoint")
+        layout = stage3_layout(cfg, world_size(), policy_meta.dtype, reward_meta.value_head, spec, fused)
+        plan_of = lambda variant: plan_memory(policy, reward, variant)  # noqa: E731
+        plan = plan_of(layout)
+    except ValueError as error:
+        _unplannable("stage 3", error)
+        return None
     gpus = layout.tp * layout.pp * layout.dp
     check_plan(plan, plan_of, KNOBS, STAGE3_SETTINGS, device_memory() if device_bytes is None else device_bytes,
                cfg.memory_margin_gib, cfg.memory_check, candidate_layouts(policy, reward, gpus, layout), "stage 3")
@@ -160,15 +172,19 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
 
 
 def check_training_memory(cfg: Any, what: str, sequences: int, backbone_trained: bool = True,
-                          device_bytes: int | None = None) -> MemoryPlan:
+                          device_bytes: int | None = None) -> MemoryPlan | None:
     """Plans a stage 1 / stage 2 / SFT config (``sequences`` per micro-batch of ``data.max_length`` tokens) and
     checks it as ``check_stage3_memory`` does."""
-    model, meta = _architecture(cfg.checkpoint, "checkpoint")
     spec, fused = _machine()
-    value_head = meta.value_head or not backbone_trained  # stage 2 adds the value head
-    layout = training_layout(cfg, world_size(), meta.dtype, sequences, value_head, spec, fused)
-    plan_of = lambda variant: plan_training(model, variant, backbone_trained)  # noqa: E731
-    plan = plan_of(layout)
+    try:
+        model, meta = _architecture(cfg.checkpoint, "checkpoint")
+        value_head = meta.value_head or not backbone_trained  # stage 2 adds the value head
+        layout = training_layout(cfg, world_size(), meta.dtype, sequences, value_head, spec, fused)
+        plan_of = lambda variant: plan_training(model, variant, backbone_trained)  # noqa: E731
+        plan = plan_of(layout)
+    except ValueError as error:
+        _unplannable(what, error)
+        return None
     gpus = layout.tp * layout.pp * layout.dp
     knobs = ("policy_recompute", "max_tokens_per_micro_batch") if backbone_trained else ()
     check_plan(plan, plan_of, knobs, TRAINING_SETTINGS, device_memory() if device_bytes is None else device_bytes,

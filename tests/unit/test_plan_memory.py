@@ -597,6 +597,17 @@ def test_every_stage_checks_its_plan_before_it_builds_a_model(stage, tiny_models
     cfg.memory_check = False  # the override: the check passes and the (stubbed) build is reached
     with pytest.raises(AssertionError, match="a model was built before the memory check"):
         entry(cfg)
+    cfg.memory_check = True
+    monkeypatch.setattr(memory_check, "device_memory", lambda: None)  # CPU: the plan is logged, not checked
+    records, handler = _capture("megatron_save.trainers.memory_check")
+    try:
+        with pytest.raises(AssertionError, match="a model was built before the memory check"):
+            entry(cfg)
+    finally:
+        import logging
+
+        logging.getLogger("megatron_save.trainers.memory_check").removeHandler(handler)
+    assert any("planned memory per GPU" in record and "peak:" in record for record in records), records
 
 
 def test_validation_tool_agrees_within_ten_percent(tmp_path):
