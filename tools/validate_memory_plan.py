@@ -26,6 +26,7 @@ Each rank compares its phases with the planner's phases of its own pipeline stag
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import weakref
 from collections import Counter
@@ -63,7 +64,7 @@ SIZES = {
     # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): 134.5M parameters.
     "135m": (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                  max_position_embeddings=2048), 128, 128, 2, 4, 8),
+                  max_position_embeddings=2048), 64, 64, 2, 2, 8),
     "tiny": (dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=256),
              16, 16, 2, 2, 4),
@@ -276,6 +277,8 @@ def main() -> None:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (dist.get_rank(), stage, rows))
         report.append((title, gathered))
+        del layout, measured
+        gc.collect()  # the first layout's models go before the second's are built
     if dist.get_rank() != 0:
         return
     policy_hf, _ = hf_configs(args.size)
