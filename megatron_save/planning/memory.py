@@ -13,13 +13,19 @@ builds it (``megatron_save.models.builder``, ``megatron_save.trainers.optimizer.
 - Optimizer: Adam's exp_avg and exp_avg_sq in fp32, plus fp32 main copies of 16-bit weights; the distributed
   optimizer keeps only this rank's shard of each buffer. Adam's per-tensor ``step`` counters are not counted:
   torch's Adam keeps them on the host, Transformer Engine's and Apex's FusedAdam one per group.
-- Activations: the bytes saved for backward by one micro-batch, times the micro-batches in flight on a stage
-  under the 1F1B schedule (PP - stage). See ``layer_activation_bytes`` for the per-tensor account.
+- Activations: the bytes saved for backward by one micro-batch (``micro_batch`` sequences, or a token budget's
+  worth), times the micro-batches in flight on a stage under the 1F1B schedule (PP - stage), with Megatron-Core's
+  recompute where it is set. See ``layer_activation_bytes`` and ``stage_activations``.
+- Forwards without backward (log-probs, RM scoring): see ``forward_bytes``.
 - Rollout: the engine's own copy of the policy's weights and its KV cache (see ``rollout_bytes``).
 
-Every part is counted as resident at once: a conservative total, since activations, the KV cache and an update's
-optimizer state are not all live in the same phase. Not counted: the CUDA context, NCCL buffers, transient
-workspace (a layer's forward temporaries, the fp32 copies of the logits before the loss) and fragmentation.
+``plan_memory`` gives the peak of each phase of a step (``stage_phases``: rollout, log-probs, RM scoring, RM update,
+policy update), holding what ``trainers/offload.py`` leaves resident plus what the phase brings back; the run's
+peak is the largest. The all-resident total (every part at once, as if nothing were ever freed) stays beside it.
+``search_fits`` looks for the cheapest recompute / token-budget / offload settings and TP / PP / EP layouts that
+fit a budget (``settings_cost`` says what cheapest means). Not counted: the CUDA context, NCCL buffers, transient
+workspace of the updates and fragmentation (the launch check's ``memory_margin_gib``); sequence parallelism's split
+of the activations (the plan is an upper bound where it is on).
 """
 
 from __future__ import annotations
