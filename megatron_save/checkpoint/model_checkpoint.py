@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
 from megatron_save.checkpoint.megatron_version import installed_megatron_core, refuse_newer_megatron_core
+from megatron_save.config.recompute import RecomputeSettings
 from megatron_save.models.builder import build_model
 from megatron_save.utils.files import MANIFEST_FILE, CorruptCheckpointError, verify_manifest, write_manifest
 from megatron_save.utils.logging import get_logger
@@ -173,18 +174,22 @@ def build_model_from_checkpoint(
     dtype: str | None = None,
     spec_backend: str = "auto",
     add_value_head: bool = False,
+    recompute: RecomputeSettings | None = None,
+    recompute_name: str = "recompute",
 ) -> tuple[Any, CheckpointMeta, Any]:
     """Builds this rank's stage under the current parallel state and loads the checkpoint into it.
 
     ``add_value_head`` gives a reward model saved without a value head a zero-initialised one (stage 2); the
-    returned meta then says it has one.
+    returned meta then says it has one. ``recompute``: activation recompute of a model that will train (setting
+    ``recompute_name``), see ``build_model``.
     """
     meta, hf_config = read_checkpoint_meta(ckpt_dir)
     if add_value_head and meta.kind != "reward_model":
         raise ValueError(f"{ckpt_dir}: add_value_head needs a reward model, the checkpoint holds a {meta.kind}")
     fresh_value_head = add_value_head and not meta.value_head
     value_head = meta.value_head or add_value_head
-    model = build_model(hf_config, meta.kind, dtype or meta.dtype, spec_backend, value_head=value_head)
+    model = build_model(hf_config, meta.kind, dtype or meta.dtype, spec_backend, value_head=value_head,
+                        recompute=recompute, recompute_name=recompute_name)
     if fresh_value_head and model.post_process:
         torch.nn.init.zeros_(model.output_layer.value_head.weight)
     load_model_checkpoint(model, ckpt_dir, skip_prefixes=(VALUE_HEAD_PREFIX,) if fresh_value_head else ())

@@ -2,5 +2,6 @@
 
 from megatron_save.config.loading import load_config
 from megatron_save.config.parallel import ParallelConfig
+from megatron_save.config.recompute import RecomputeSettings, check_recompute
 
-__all__ = ["ParallelConfig", "load_config"]
+__all__ = ["ParallelConfig", "RecomputeSettings", "check_recompute", "load_config"]

@@ -20,6 +20,10 @@ of running with the redirection silently missing.
   CUDA device inside a backward, ``Tensor.new_empty(..., device=torch.cuda.current_device())`` of the MoE
   dispatcher's all-to-all (tensor_parallel/mappings.py:439, reached from its backward at :458), goes through a
   ``Tensor.new_empty`` that puts a CUDA device argument on the CPU.
+* Activation recompute runs a layer's (or its core attention's) forward again inside the backward of Megatron's
+  ``CheckpointFunction`` (tensor_parallel/random.py:535-570), where no torch-function mode is active: that
+  backward runs under the mode above, so the recomputed forward meets the same redirections as the first one
+  (the causal mask's ``device="cuda"``, transformer/utils.py:35).
 * ``torch.cuda.current_device`` returns device index 0, which the mode above maps to the CPU:
   rotary_pos_embedding.py:162, p2p_communication.py:313,321, utils.py:631, tensor_parallel/mappings.py:91,
   transformer/attention.py:430, param_and_grad_buffer.py:800,806, distrib_optimizer.py:1077,
@@ -238,6 +242,13 @@ def install() -> bool:
         moe_utils.te_general_gemm = None
     _replace(token_dispatcher, "maybe_move_tensor_to_cpu", _host_tensor)
 
+    original_backward = tp_random.CheckpointFunction.backward
+
+    def _backward_on_cpu(ctx: Any, *grads: torch.Tensor):
+        with _CudaDeviceToCpu():
+            return original_backward(ctx, *grads)
+
+    tp_random.CheckpointFunction.backward = staticmethod(_backward_on_cpu)
     _replace(tp_random, "_get_cuda_rng_state", _cpu_rng_state)
     _replace(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
     # The RNG tracker warns whenever the CPU generator moves inside fork(); on CPU that generator *is* the

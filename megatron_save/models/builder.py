@@ -10,6 +10,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from megatron_save.config.recompute import RecomputeSettings
 from megatron_save.distributed.init import ParallelLayoutError
 from megatron_save.models.families import family_for
 from megatron_save.models.gpt_config import gpt_args_from_hf
@@ -31,13 +32,20 @@ def build_model(
     spec_backend: SpecBackend | str = SpecBackend.AUTO,
     value_head: bool = False,
     on_meta_device: bool = False,
+    recompute: RecomputeSettings | None = None,
+    recompute_name: str = "recompute",
 ) -> GPTModel:
     """This rank's stage of the model under the current Megatron parallel state (randomly initialised), or with
     ``on_meta_device`` its shapes alone (parameters on the meta device, for a caller that fills them part by
-    part with ``module.to_empty``)."""
+    part with ``module.to_empty``).
+
+    ``recompute``: activation recompute, for a model that trains (its training forwards; forwards in eval mode,
+    as scoring and generation run, keep nothing for a backward and recompute nothing); ``recompute_name`` names
+    the setting in a refusal.
+    """
     kind = ModelKind(kind)
     family = family_for(hf_config)
-    args = gpt_args_from_hf(hf_config, dtype, on_meta_device)
+    args = gpt_args_from_hf(hf_config, dtype, on_meta_device, recompute, recompute_name)
     if args.config.sequence_parallel and resolve_backend(spec_backend) is SpecBackend.LOCAL:
         # torch's norms do not mark their weights for the tensor-parallel gradient reduction that sequence
         # parallelism needs, and Megatron's wrapper asserts instead (transformer/torch_norm.py:32).

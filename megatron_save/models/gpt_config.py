@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
+from megatron_save.config.recompute import RecomputeSettings, check_recompute
 from megatron_save.distributed.init import ModelShape, sequence_parallel
 from megatron_save.models.families import UnsupportedModelError, family_for, head_dim_of, moe_settings, rope_parameters
 
@@ -36,10 +38,13 @@ class GPTArgs:
     """Output projection shares the embedding weight."""
 
 
-def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32", on_meta_device: bool = False) -> GPTArgs:
+def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32", on_meta_device: bool = False,
+                     recompute: RecomputeSettings | None = None, recompute_name: str = "recompute") -> GPTArgs:
     """Translates a Llama / Qwen2 / Qwen3 transformers config; refuses settings that would not be exact.
 
     ``on_meta_device``: the model is built without memory (shapes only) on the host side, weights uninitialised.
+    ``recompute``: the activation recompute of a model that trains (None: none), ``recompute_name`` its setting's
+    name in a refusal.
     """
     family = family_for(hf_config)
     if dtype not in DTYPES:
@@ -47,8 +52,11 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32", on_meta_device: bool =
     params_dtype = DTYPES[dtype]
     on_gpu = torch.cuda.is_available() and not on_meta_device
     tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+    pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size()
     config = TransformerConfig(
         **(_moe_arguments(hf_config, on_gpu) if family.moe else {}),
+        **recompute_arguments(recompute or RecomputeSettings(), hf_config.num_hidden_layers // pipeline_parallel,
+                              recompute_name),
         sequence_parallel=sequence_parallel(),
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
@@ -68,7 +76,7 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32", on_meta_device: bool =
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         attention_softmax_in_fp32=True,
         tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_model_parallel_size=pipeline_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -92,6 +100,22 @@ def gpt_args_from_hf(hf_config: Any, dtype: str = "fp32", on_meta_device: bool =
         rope_scaling_factor=float(rope.get("factor", 8.0)),
         tie_embeddings=bool(hf_config.tie_word_embeddings),
     )
+
+
+def recompute_arguments(settings: RecomputeSettings, layers_per_stage: int, name: str = "recompute") -> dict:
+    """TransformerConfig arguments of ``settings`` for a model with ``layers_per_stage`` transformer layers on each
+    pipeline stage (refused, naming the setting ``name``, when they cannot apply)."""
+    check_recompute(settings, name, layers_per_stage)
+    if settings.granularity is None:
+        return {}
+    if settings.granularity == "full":
+        return dict(recompute_granularity="full", recompute_method=settings.method,
+                    recompute_num_layers=settings.num_layers)
+    arguments = dict(recompute_granularity="selective")
+    if "recompute_modules" in {field.name for field in dataclasses.fields(TransformerConfig)}:
+        # Selective recompute of core attention alone (a release without the field recomputes only that).
+        arguments["recompute_modules"] = ["core_attn"]
+    return arguments
 
 
 def _moe_arguments(hf_config: Any, on_gpu: bool) -> dict:

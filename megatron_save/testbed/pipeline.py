@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from megatron_save.testbed.data import TaskDataSizes, write_task_data
+from megatron_save.testbed.report import SWEEP_SEPARATOR
 from megatron_save.testbed.task import GoldTaskSettings
 from megatron_save.utils.logging import get_logger
 
@@ -49,8 +50,10 @@ RUNS: dict[str, list[str]] = {
     # on each group's highest- vs lowest-gold response (Bradley-Terry). If this does not raise the RM's accuracy
     # where the policy goes, the testbed cannot see the effect SAVE claims.
     "online_gold": ["reward.strategy=verifier_hl_bt", "reward.verifier=megatron_save.testbed.task:gold_reward"],
+    # The oracle: the policy trained on the gold reward itself (the RM frozen, probed only), the same GRPO settings;
+    # the ceiling of what any RM strategy could give the policy here.
+    "oracle": ["reward.strategy=verifier_reward", "reward.verifier=megatron_save.testbed.task:gold_reward"],
 }
-SWEEP_SEPARATOR = "@"
 
 
 @dataclass
@@ -99,6 +102,9 @@ class TestbedConfig:
     included)."""
     equivalence_margin: float = 0.02
     """A paired difference whose 95% interval lies inside +-margin reads "no difference" in the verdict table."""
+    strata_proxy_accuracy: float | None = None
+    """Stratified reading of the comparisons: seeds whose frozen run's proxy RM accuracy on its final policy's pairs
+    is below this (the frozen policy games the proxy) and the others, compared apart; null: no strata."""
     sample_max_new_tokens: int = 16
     """Longest response when sampling pairs and evaluating (keep equal to stage 3's rollout.sampling)."""
     configs: StageConfigs = field(default_factory=StageConfigs)
@@ -279,7 +285,7 @@ def seed_runs(cfg: TestbedConfig, steps: Steps, seed: int) -> None:
 # Settings that do not change any seed's steps: a launch may name other seeds or runs (a comparison run in parts,
 # each seed and run its own steps) or another report without starting over.
 NOT_PER_STEP = ("seeds", "runs", "swept_runs", "rm_learning_rates", "value_head_lr_ratio", "report_dir",
-                "comparisons", "equivalence_margin")
+                "comparisons", "equivalence_margin", "strata_proxy_accuracy")
 
 
 def prepare_output_dir(cfg: TestbedConfig) -> None:
@@ -325,7 +331,7 @@ def run_testbed(cfg: TestbedConfig) -> Path:
         steps.bar.set_description("gold testbed: report")
         sweep = {run: {lr: swept_name(run, lr) for lr in cfg.rm_learning_rates} for run in cfg.swept_runs}
         write_report(Path(cfg.output_dir), cfg.seeds, runs, report_dir, {**asdict(cfg), "wall_time": wall_time(cfg)},
-                     [tuple(c) for c in cfg.comparisons], cfg.equivalence_margin, sweep)
+                     [tuple(c) for c in cfg.comparisons], cfg.equivalence_margin, sweep, cfg.strata_proxy_accuracy)
         steps.bar.update()
     finally:
         steps.close()

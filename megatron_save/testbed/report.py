@@ -15,6 +15,13 @@ from megatron_save.utils.provenance import current_provenance
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 PLOT_WINDOW = 5
+Sweep = dict[str, dict[float, str]]
+# A swept run's name is run@learning-rate (e.g. save@0.0001).
+SWEEP_SEPARATOR = "@"
+# The positive control: an online RM update whose pairs the gold reward labels (pipeline.RUNS).
+CONTROL = "online_gold"
+# The pre-registered primary metrics (docs/gold_testbed/README.md).
+PRIMARY = ("final_policy_gold", "rm_gain_final_policy_pairs")
 # Column name -> what it measures, in table order.
 COLUMNS = {
     "final_policy_gold": "gold reward of the final policy (held-out prompts)",
@@ -157,6 +164,36 @@ def compare_runs(per_seed: dict[str, list[dict[str, float]]], comparisons: list[
     return result
 
 
+# Runs whose RM learns from its own scores (self-labelled): a verdict on them counts only where the positive
+# control passes (pre-registered rule (b)): otherwise the testbed cannot tell help or harm from noise.
+SELF_LABELLED = ("save", "save_no_curriculum", "save_lagged", "mean_reward", "hl_bt")
+
+
+def control_passes(compared: dict[str, dict[str, dict]], reference: str = "frozen") -> bool | None:
+    """Whether the positive control (``CONTROL - reference``) raises the RM's accuracy where the policy goes
+    (rm_gain_final_policy_pairs *higher*); None when the comparisons do not include it."""
+    control = compared.get(f"{CONTROL} - {reference}")
+    return None if control is None else control["rm_gain_final_policy_pairs"]["verdict"] == "higher"
+
+
+def counts(comparison: str, passes: bool | None) -> bool:
+    """Rule (b)'s gate: a comparison involving a self-labelled run counts only where the control passes."""
+    runs = [name.split(SWEEP_SEPARATOR)[0] for name in comparison.split(" - ")]
+    return passes is not False or not any(run in SELF_LABELLED for run in runs)
+
+
+def comparison_readings(compared: dict[str, dict[str, dict]], metrics: tuple[str, ...] = PRIMARY) -> list[str]:
+    """Per comparison and primary metric its verdict, with rule (b)'s gate applied: a self-labelled run's verdict
+    that does not count says so."""
+    passes = control_passes(compared)
+    lines = []
+    for name, stats in compared.items():
+        cells = [f"{metric} {stats[metric]['verdict']} ({_cell(stats[metric])})" for metric in metrics]
+        gate = "" if counts(name, passes) else " (not counted: the positive control does not pass)"
+        lines.append(f"- `{name}`: " + "; ".join(cells) + gate + ".")
+    return lines
+
+
 def comparison_table(compared: dict[str, dict[str, dict]], margin: float) -> list[str]:
     """The pre-registered comparisons as markdown lines."""
     lines = ["", f"Pre-registered paired comparisons (per-seed difference, mean ± 95% t interval; verdict: interval "
@@ -165,7 +202,35 @@ def comparison_table(compared: dict[str, dict[str, dict]], margin: float) -> lis
     for name, stats in compared.items():
         lines.append(f"| {name} | " + " | ".join(f"{_cell(stats[m])} ({stats[m]['verdict']})" for m in COMPARED)
                      + " |")
-    return lines + ["", "Columns:"] + [f"- `{metric}`: {meaning}" for metric, meaning in COMPARED.items()]
+    return (lines + ["", "Columns:"] + [f"- `{metric}`: {meaning}" for metric, meaning in COMPARED.items()]
+            + ["", "Readings (pre-registered rule (b): a self-labelled run's verdict counts only where "
+               f"`{CONTROL} - frozen` raises rm_gain_final_policy_pairs):", "", *comparison_readings(compared)])
+
+
+def strata(per_seed: dict[str, list[dict[str, float]]], seeds: list[int], threshold: float,
+           reference: str = "frozen") -> dict[str, list[int]]:
+    """The pre-registered stratification: indices of the seeds whose ``reference`` run's proxy RM accuracy on its
+    own final policy's pairs is below ``threshold`` (the policy games the proxy) and of the others."""
+    gaming = [i for i, row in enumerate(per_seed[reference]) if row["proxy_accuracy_final_policy_pairs"] < threshold]
+    return {"games the proxy": gaming, "others": [i for i in range(len(seeds)) if i not in gaming]}
+
+
+def stratified_comparisons(per_seed: dict[str, list[dict[str, float]]], comparisons: list[tuple[str, str]],
+                           groups: dict[str, list[int]], margin: float) -> dict[str, dict[str, dict[str, dict]]]:
+    """stratum -> the comparisons over that stratum's seeds alone."""
+    return {name: compare_runs({run: [rows[i] for i in indices] for run, rows in per_seed.items()}, comparisons,
+                               margin) for name, indices in groups.items()}
+
+
+def stratified_lines(stratified: dict[str, dict[str, dict[str, dict]]], groups: dict[str, list[int]],
+                     seeds: list[int], threshold: float) -> list[str]:
+    """The stratified reading as markdown lines (rule (b)'s gate applied within each stratum)."""
+    lines = ["", f"Stratified reading (pre-registered): seeds whose frozen run's proxy accuracy on its final policy's "
+             f"pairs is below {threshold} (the frozen policy games the proxy) and the others, each compared apart:"]
+    for name, compared in stratified.items():
+        lines += ["", f"Stratum \"{name}\": seeds {[seeds[i] for i in groups[name]]}", "",
+                  *comparison_readings(compared)]
+    return lines
 
 
 def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
@@ -270,8 +335,6 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
 
 
 # A sweep: run -> RM learning rate -> the name of that run at that learning rate.
-Sweep = dict[str, dict[float, str]]
-CONTROL = "online_gold"
 
 
 def dose_response(per_seed: dict[str, list[dict[str, float]]], sweep: Sweep, margin: float,
@@ -295,7 +358,9 @@ def dose_response_readings(dose: dict[str, dict[str, dict[str, dict]]]) -> list[
                     "at these settings."))
     for run, by_lr in dose.items():
         cells = [f"{lr}: gold {stats['final_policy_gold']['verdict']}, rm_gain "
-                 f"{stats['rm_gain_final_policy_pairs']['verdict']}" for lr, stats in by_lr.items()]
+                 f"{stats['rm_gain_final_policy_pairs']['verdict']}"
+                 + ("" if lr in seen or run not in SELF_LABELLED else " (not counted: the control does not pass)")
+                 for lr, stats in by_lr.items()]
         lines.append(f"- `{run} - frozen` by RM LR: " + "; ".join(cells) + ".")
     for metric in ("probe_drift_last5", "current_policy_gain_last5"):
         drifts = [lr for lr, stats in dose.get("save", {}).items() if stats[metric]["verdict"] == "lower"
@@ -372,10 +437,11 @@ def write_dose_response_plots(dose: dict[str, dict[str, dict[str, dict]]], curve
 
 def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir: Path,
                  settings: dict[str, Any], comparisons: list[tuple[str, str]] = (), margin: float = 0.02,
-                 sweep: Sweep | None = None) -> Path:
+                 sweep: Sweep | None = None, strata_threshold: float | None = None) -> Path:
     """results.json, results.md and the plots, from every seed's runs under ``output_dir``; with ``comparisons``
-    ([run, reference] pairs) also the paired comparisons and their verdicts; with a ``sweep`` the dose-response
-    against ``frozen``, its readings and plots."""
+    ([run, reference] pairs) also the paired comparisons and their verdicts (and, with ``strata_threshold``, the
+    same within each stratum of seeds); with a ``sweep`` the dose-response against ``frozen``, its readings and
+    plots."""
     report_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = {run: [output_dir / f"seed_{s}" / "runs" / run for s in seeds] for run in runs}
     evaluations = {run: [json.loads((d / "gold_eval.json").read_text()) for d in dirs]
@@ -399,9 +465,12 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
                   for run, rows in per_seed.items() if run != "frozen"}
     compared = compare_runs(per_seed, list(comparisons), margin)
     dose = dose_response(per_seed, sweep, margin) if sweep else {}
+    groups = strata(per_seed, seeds, strata_threshold) if strata_threshold is not None and compared else {}
+    stratified = stratified_comparisons(per_seed, list(comparisons), groups, margin) if groups else {}
     markdown = markdown_table(table, initial, seeds, paired) + cost_line(settings.get("wall_time"))
     (report_dir / "results.md").write_text(
         markdown + ("\n".join(comparison_table(compared, margin)) + "\n" if compared else "")
+        + ("\n".join(stratified_lines(stratified, groups, seeds, strata_threshold)) + "\n" if stratified else "")
         + ("\n".join(dose_response_table(dose)) + "\n" if dose else ""))
     # The runs of a report may come from several launches (seeds=[...] in parts): each evaluation's revision is
     # listed, with the report's own.
@@ -410,6 +479,9 @@ def write_report(output_dir: Path, seeds: list[int], runs: list[str], report_dir
     (report_dir / "results.json").write_text(json.dumps(
         {"provenance": current_provenance().as_dict(),
          "run_revisions": [{"revision": r, "dirty": d} for r, d in run_revisions], "seeds": seeds, "initial": initial, "table": table, "paired_with_frozen": paired, "comparisons": compared,
+         "comparison_readings": comparison_readings(compared),
+         "strata": {name: [seeds[i] for i in indices] for name, indices in groups.items()},
+         "stratified_comparisons": stratified,
          "dose_response": dose, "dose_response_readings": dose_response_readings(dose) if dose else [],
          "per_seed": per_seed,
          "curves": {run: [{k: {str(s): v for s, v in c.items()} for k, c in cs.items()} for cs in per_run]

@@ -21,7 +21,7 @@ from megatron_save.checkpoint.model_checkpoint import (
     read_checkpoint_meta,
 )
 from megatron_save.algorithms import pairwise_accuracy
-from megatron_save.config import ParallelConfig, load_config
+from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute, load_config
 from megatron_save.data.batching import PairBatch, length_grouped_batches
 from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
@@ -62,14 +62,19 @@ class BatchSettings:
     """Seed of the data order."""
 
 
-def start_from_checkpoint(checkpoint: str, parallel: ParallelConfig, add_value_head: bool = False):
-    """Starts torch.distributed and Megatron's groups for the checkpoint's model, then builds and loads it.
+def start_from_checkpoint(checkpoint: str, parallel: ParallelConfig, add_value_head: bool = False,
+                          recompute: RecomputeSettings | None = None):
+    """Starts torch.distributed and Megatron's groups for the checkpoint's model, then builds and loads it, with
+    ``recompute`` (the stage's top-level ``recompute`` setting) as its activation recompute.
 
     Returns (model, meta, tokenizer).
     """
     _, hf_config = read_checkpoint_meta(checkpoint)
+    if recompute is not None:
+        # The layout's layer counts, before any process group or model exists.
+        check_recompute(recompute, "recompute", hf_config.num_hidden_layers // parallel.pipeline_model_parallel_size)
     init_distributed(parallel, model_shape(hf_config, f"checkpoint={checkpoint}"))
-    model, meta, _ = build_model_from_checkpoint(checkpoint, add_value_head=add_value_head)
+    model, meta, _ = build_model_from_checkpoint(checkpoint, add_value_head=add_value_head, recompute=recompute)
     tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / HF_SUBDIR)
     return model, meta, tokenizer
 
@@ -172,8 +177,8 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 def check_settings(cfg: Any, prefix: str = "") -> None:
     """Refuses, before any model is built and naming the setting: a negative learning rate or warm-up, a
-    min_lr_ratio outside [0, 1], an unknown decay style, an output_dir that is a file, a local data file or a
-    model checkpoint that does not exist. Walks every nested settings dataclass of ``cfg``."""
+    min_lr_ratio outside [0, 1], an unknown decay style, invalid recompute settings, an output_dir that is a file,
+    a local data file or a model checkpoint that does not exist. Walks every nested settings dataclass of ``cfg``."""
     for item in dataclasses.fields(cfg):
         name, value = f"{prefix}{item.name}", getattr(cfg, item.name)
         if dataclasses.is_dataclass(value):
@@ -185,6 +190,8 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
             if not 0.0 <= value.min_lr_ratio <= 1.0 or value.decay_style not in DECAY_STYLES:
                 raise ValueError(f"{name}: min_lr_ratio={value.min_lr_ratio} must be in [0, 1] and decay_style="
                                  f"{value.decay_style!r} one of {', '.join(DECAY_STYLES)}")
+        if isinstance(value, RecomputeSettings):
+            check_recompute(value, name)
         if item.name == "output_dir" and isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
             raise ValueError(f"{name}={value} is a file, not a directory")
         if item.name in _DATA_FIELDS and isinstance(value, str) and value.endswith(_DATA_SUFFIXES) \

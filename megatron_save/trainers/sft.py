@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
-from megatron_save.config import ParallelConfig
+from megatron_save.config import ParallelConfig, RecomputeSettings
 from megatron_save.data.batching import DemonstrationBatch, pad_id_of
 from megatron_save.data.demonstrations import Demonstration, load_demonstrations
 from megatron_save.models.policy import sequence_logprobs, token_logprobs
@@ -57,6 +57,8 @@ class SFTConfig:
     """Optimizer and learning-rate schedule."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel layout."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the model's training forwards (see docs/guides/recompute_and_token_budgets.md)."""
     memory_check: bool = True
     """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
     device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
@@ -101,7 +103,7 @@ def held_out_loss(model, demonstrations: list[Demonstration], pad_id: int, micro
 def train_sft(cfg: SFTConfig) -> dict:
     check_settings(cfg)
     check_training_memory(cfg, "SFT", sequences=cfg.batch.micro_batch_size)
-    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, recompute=cfg.recompute)
     if meta.kind != "causal_lm":
         raise ValueError(f"{cfg.checkpoint}: holds a {meta.kind}; supervised fine-tuning needs a causal_lm")
     ensure_output_dir(cfg.output_dir, resuming=False)

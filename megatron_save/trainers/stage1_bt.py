@@ -14,7 +14,7 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
-from megatron_save.config import ParallelConfig
+from megatron_save.config import ParallelConfig, RecomputeSettings
 from megatron_save.data.batching import pad_id_of
 from megatron_save.data.preference import load_preference_pairs
 from megatron_save.trainers.common import (
@@ -62,6 +62,8 @@ class Stage1Config:
     """Optimizer and learning-rate schedule."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel layout."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the reward model's training forwards (see docs/guides/recompute_and_token_budgets.md)."""
     memory_check: bool = True
     """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
     device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
@@ -74,7 +76,7 @@ class Stage1Config:
 def train_stage1(cfg: Stage1Config) -> dict:
     check_settings(cfg)
     check_training_memory(cfg, "stage 1", sequences=2 * cfg.batch.micro_batch_size)  # pairs: chosen + rejected
-    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel)
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, recompute=cfg.recompute)
     ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
     pad_id = pad_id_of(tokenizer)
     train_pairs, eval_pairs = load_examples(cfg.data, load_preference_pairs, tokenizer)

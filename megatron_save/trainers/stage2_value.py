@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
-from megatron_save.config import ParallelConfig
+from megatron_save.config import ParallelConfig, RecomputeSettings
 from megatron_save.data.batching import PromptTargetBatch, pad_id_of
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
 from megatron_save.models.forward import score_token_sequences
@@ -62,6 +62,9 @@ class Stage2Config:
     """Optimizer of the value head (``lr`` is ignored: the backbone and reward head are frozen)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel layout."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the training forwards; it saves memory at PP > 1 only, where the frozen backbone
+    still runs its backward (at PP = 1 only the value head keeps activations for one)."""
     memory_check: bool = True
     """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
     device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
@@ -121,7 +124,8 @@ def train_stage2(cfg: Stage2Config) -> dict:
     # Only the value head learns; the scoring forward reads score_micro_batch_size responses at once.
     check_training_memory(cfg, "stage 2", max(cfg.batch.micro_batch_size, cfg.score_micro_batch_size),
                           backbone_trained=False)
-    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True)
+    model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True,
+                                                  recompute=cfg.recompute)
     ensure_output_dir(cfg.output_dir, resuming=False)
     pad_id = pad_id_of(tokenizer)
     groups, eval_groups = load_examples(cfg.data, load_response_groups, tokenizer)

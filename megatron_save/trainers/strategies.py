@@ -19,7 +19,7 @@ from megatron_save.trainers.losses import (
 Anchor = Literal["value_head", "group_mean", "none"]
 LearnsFrom = Literal["rollouts", "offline_pairs", "policy_feedback", "nothing"]
 UpdateTime = Literal["before_policy", "after_policy", "never"]
-RewardSource = Literal["reward_model", "r2m_head"]
+RewardSource = Literal["reward_model", "r2m_head", "verifier"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class RMStrategy:
     """When the update runs: before the policy update (the batch is then re-scored, Algorithm 2 lines 12-15),
     after it (R2M trains its head on the updated policy's states), or never."""
     rewards: RewardSource = "reward_model"
-    """What scores the rollouts: the reward model itself, or R2M's head over its and the policy's states."""
+    """What scores the rollouts: the reward model itself, R2M's head over its and the policy's states, or
+    ``reward.verifier``'s grades (the reward model then only serves ``reward.probe_data``)."""
     loss: Callable[..., Any] | None = None
     """The update's loss on one micro-batch, (batch, scores) -> (loss, metrics); None when nothing trains or the
     trained part has its own step (R2M)."""
@@ -124,5 +125,10 @@ for _row in (
     RMStrategy("verifier_hl_bt", anchor="none", curriculum=False, trains_backbone=True, value_head=False,
                learns_from="rollouts", update="before_policy", loss=hl_bt_rm_loss,
                loss_metrics=ROLLOUT_LOSS_OUTPUTS, verifier_grades=True),
+    # The policy rewarded by the verifier's grades directly, the reward model frozen and unused for the policy. Not
+    # a baseline of the paper: where a task has a verifier (the gold testbed), the oracle, the ceiling of what any
+    # reward-model strategy could give the policy with the same RL settings.
+    RMStrategy("verifier_reward", anchor="none", curriculum=False, trains_backbone=False, value_head=False,
+               learns_from="nothing", update="never", rewards="verifier"),
 ):
     register_strategy(_row)

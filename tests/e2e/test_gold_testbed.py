@@ -47,6 +47,18 @@ def test_the_dose_response_config_passes_its_check():
     assert table["online_gold@1e-06"][0] == "reward.strategy=verifier_hl_bt"
 
 
+def test_the_large_lr_config_passes_its_check():
+    from megatron_save.testbed.pipeline import run_table
+
+    cfg = load_config(TestbedConfig, [EXAMPLES / "gold_testbed.yaml", EXAMPLES / "large_lr.yaml"])
+    check_testbed_config(cfg)
+    table = run_table(cfg)
+    assert cfg.seeds == list(range(100, 120)) and cfg.overlong_pair_share == 0.0
+    assert list(table) == ["frozen", "online_gold", "save", "oracle"]
+    assert table["oracle"][0] == "reward.strategy=verifier_reward" and cfg.strata_proxy_accuracy == 0.5
+    assert cfg.stage3_overrides == ["reward.optim.lr=1e-3", "reward.optim.value_head_lr=0.5"]
+
+
 def _config(out, *extra):
     return load_config(TestbedConfig, [EXAMPLES / "gold_testbed.yaml"], [f"output_dir={out}", *SHORT, *extra])
 

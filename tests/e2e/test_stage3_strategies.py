@@ -32,6 +32,8 @@ VARIANTS = {
     "hl_bt": ["reward.strategy=hl_bt"],
     # HL-BT with each group's pair chosen by a verifier (a stand-in grading length parity), the RM probed each step.
     "verifier_hl_bt": ["reward.strategy=verifier_hl_bt", "reward.verifier=helpers:length_parity_grade"],
+    # The oracle: the policy rewarded by the verifier's grades (the stand-in), the RM frozen and only probed.
+    "verifier_reward": ["reward.strategy=verifier_reward", "reward.verifier=helpers:length_parity_grade"],
     # The policy update scored by the pre-update RM: no re-score.
     "lagged": ["reward.lagged_scores=true"],
     "frozen_policy": ["policy.frozen=true"],
@@ -67,6 +69,7 @@ PASSES = {"frozen_policy": {"reward": (2, 1)},
           "rloo": {**SAVE_PASSES, "policy": (2, 1)},
           "frozen_rm": {**SAVE_PASSES, "reward": (1, 0), "reward_probe": (1, 0)},
           "verifier_hl_bt": {**SAVE_PASSES, "reward_probe": (1, 0)},
+          "verifier_reward": {"policy": (1, 1), "reference": (1, 0), "reward_probe": (1, 0)},
           "reinforce_pp": {"reward": (2, 1), "policy": (1, 1)},  # kl_coef = 0: no reference
           "r2m": {"reward": (1, 0), "policy": (3, 1), "reference": (1, 0), "r2m_head": (2, 1)},
           "prime": {"reward": (1, 0), "prm": (2, 1), "policy": (1, 1), "reference": (2, 0)},
@@ -74,7 +77,7 @@ PASSES = {"frozen_policy": {"reward": (2, 1)},
 
 
 # Variants run with reward.probe_data (the fixed pairs the RM is measured on at every step).
-PROBED = ("frozen_rm", "verifier_hl_bt")
+PROBED = ("frozen_rm", "verifier_hl_bt", "verifier_reward")
 
 
 # The advantage estimator of each variant's policy update (GSPO keeps GRPO's advantages; the default is GRPO).
@@ -207,7 +210,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
     out = loop.train_stage3(_config(tiny_models, rl_data, tmp_path / variant, *overrides))
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
-    trains_rm = variant != "frozen_rm"
+    trains_rm = variant not in ("frozen_rm", "verifier_reward")
     trains_policy = variant != "frozen_policy"
     # R2M trains only its head, PRIME its implicit PRM.
     prime = variant.startswith("prime")
@@ -232,7 +235,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
         assert len(row["responses"]) == len(row["rewards"]) == len(row["kept"]) == 4
         assert all((reward is not None) == valid for reward, valid in zip(row["rewards"], row["valid"]))
         assert not any(kept and not valid for kept, valid in zip(row["kept"], row["valid"]))
-        assert (row["value"] is not None) == (variant != "r2m" and any(row["valid"]))
+        assert (row["value"] is not None) == (variant not in ("r2m", "verifier_reward") and any(row["valid"]))
     if variant == "offline_bt":
         assert records[0]["rm/bt_loss"] > 0
     if variant == "r2m":
@@ -244,7 +247,13 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
             kept = sum(sum(row["kept"]) for row in rollouts if row["step"] == record["step"])
             assert record["prm/trained_responses"] == kept > 0
     check_recorded_advantages(rollouts, ESTIMATORS.get(variant, "grpo"))
-    if variant in ("frozen_rm", "lagged"):  # no re-score: the policy learned from the first scoring
+    if variant == "verifier_reward":  # the oracle's rewards are the verifier's grades of the logged responses
+        from helpers import length_parity_grade
+        for row in rollouts:
+            grades = [length_parity_grade("", text) if valid else None
+                      for text, valid in zip(row["responses"], row["valid"])]
+            assert row["rewards"] == row["policy_update"]["rewards"] == grades
+    if variant in ("frozen_rm", "lagged", "verifier_reward"):  # no re-score: the policy learned from the first
         assert all(row["policy_update"]["rewards"] == row["rewards"] for row in rollouts)
     for record in records:  # an RM step on its reward loss changes R: the policy learned from the re-score
         learned = record.get("rm/reward_loss", 0) > 0 or record.get("rm/bt_loss", 0) > 0
@@ -259,7 +268,7 @@ def test_every_strategy_and_algorithm_runs(variant, tiny_models, rl_data, tmp_pa
             assert record["rm/reward_loss"] == pytest.approx(verifier_pair_loss(rows), rel=1e-5)
     if variant in PROBED:
         assert all(0 <= r["rm_probe/accuracy"] <= 1 for r in records)
-    if variant == "frozen_rm":  # the probe measures the RM itself: unchanged when it is frozen
+    if variant in ("frozen_rm", "verifier_reward"):  # the probe measures the RM itself: unchanged when frozen
         assert records[0]["rm_probe/accuracy"] == records[1]["rm_probe/accuracy"]
     if variant == "temperature":
         # One optimizer step per rollout batch: its log-probs are the old ones, if both are taken at T = 0.7.

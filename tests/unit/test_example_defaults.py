@@ -28,7 +28,7 @@ SCHEMAS = {
     "testbed/stage3.yaml": Stage3Config, "testbed/full.yaml": TestbedConfig,
     "testbed/gold_testbed.yaml": TestbedConfig, "testbed/lagged.yaml": TestbedConfig,
     "testbed/decisive_regime1.yaml": TestbedConfig, "testbed/decisive_regime2.yaml": TestbedConfig,
-    "testbed/dose_response.yaml": TestbedConfig,
+    "testbed/dose_response.yaml": TestbedConfig, "testbed/large_lr.yaml": TestbedConfig,
     "cpu/real_smollm2/stage1_bt.yaml": Stage1Config, "cpu/real_smollm2/stage2_value.yaml": Stage2Config,
     "cpu/real_smollm2/stage3_save.yaml": Stage3Config,
     **{f"algorithms/{p.name}": Stage3Config for p in (EXAMPLES / "algorithms").glob("*.yaml")},

@@ -12,7 +12,9 @@ from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, register_s
 
 def test_the_paper_strategies_are_rows():
     assert list(STRATEGIES) == ["save", "save_no_curriculum", "frozen", "offline_bt", "mean_reward", "hl_bt", "prime",
-                                "r2m", "verifier_hl_bt"]  # the last is no paper's: the testbed's positive control
+                                "r2m", "verifier_hl_bt", "verifier_reward"]  # the last two are no paper's: the
+    # testbed's positive control and its oracle
+    assert STRATEGIES["verifier_reward"].rewards == "verifier" and STRATEGIES["verifier_reward"].update == "never"
     assert STRATEGIES["verifier_hl_bt"].verifier_grades and not STRATEGIES["hl_bt"].verifier_grades
     save = STRATEGIES["save"]
     assert (save.anchor, save.curriculum, save.value_head, save.update) == ("value_head", True, True, "before_policy")

@@ -151,3 +151,52 @@ def test_dose_response_readings_follow_the_preregistered_rules():
     per_seed["online_gold@0.001"] = seeds(0.0, 0.01, -0.01)
     readings = dose_response_readings(dose_response(per_seed, sweep, margin=0.02))
     assert "the testbed cannot see the effect SAVE claims" in readings[0]
+
+
+def _summaries(*values, proxy=0.7):
+    return [{"final_policy_gold": v, "rm_gain_final_policy_pairs": v, "rm_accuracy_initial_policy_pairs": v,
+             "gold_last5": v, "probe_drift_last5": v, "current_policy_gain_last5": v,
+             "proxy_accuracy_final_policy_pairs": p} for v, p in zip(values, proxy if isinstance(proxy, list)
+                                                                  else [proxy] * len(values))]
+
+
+def test_rule_b_gates_self_labelled_verdicts_on_the_control():
+    from megatron_save.testbed.report import compare_runs, comparison_readings
+
+    per_seed = {"frozen": _summaries(0, 0, 0), "online_gold": _summaries(0.0, 0.01, -0.01),
+                "save": _summaries(-0.10, -0.12, -0.11), "oracle": _summaries(0.30, 0.32, 0.31)}
+    comparisons = [("online_gold", "frozen"), ("save", "frozen"), ("save", "online_gold"), ("oracle", "frozen")]
+    readings = comparison_readings(compare_runs(per_seed, comparisons, margin=0.02))
+    assert readings[1].startswith("- `save - frozen`: final_policy_gold lower")  # the verdict is shown ...
+    assert readings[1].endswith("(not counted: the positive control does not pass).")  # ... and not counted
+    assert readings[2].endswith("(not counted: the positive control does not pass).")
+    assert readings[3].startswith("- `oracle - frozen`: final_policy_gold higher") and "not counted" not in readings[3]
+    per_seed["online_gold"] = _summaries(0.10, 0.12, 0.11)  # the control passes: SAVE's verdicts count
+    readings = comparison_readings(compare_runs(per_seed, comparisons, margin=0.02))
+    assert not any("not counted" in line for line in readings)
+
+
+def test_strata_split_seeds_by_the_frozen_runs_proxy_accuracy():
+    from megatron_save.testbed.report import stratified_comparisons, strata
+
+    per_seed = {"frozen": _summaries(0, 0, 0, 0, proxy=[0.3, 0.8, 0.45, 0.7]),
+                "save": _summaries(0.2, 0.0, 0.22, 0.01)}
+    groups = strata(per_seed, [10, 11, 12, 13], threshold=0.5)
+    assert groups == {"games the proxy": [0, 2], "others": [1, 3]}
+    stratified = stratified_comparisons(per_seed, [("save", "frozen")], groups, margin=0.02)
+    assert stratified["games the proxy"]["save - frozen"]["final_policy_gold"]["mean"] == pytest.approx(0.21)
+    assert stratified["others"]["save - frozen"]["final_policy_gold"]["mean"] == pytest.approx(0.005)
+
+
+def test_dose_response_readings_gate_self_labelled_runs():
+    from megatron_save.testbed.report import dose_response, dose_response_readings
+
+    per_seed = {"frozen": _summaries(0, 0, 0), "online_gold@0.001": _summaries(0.10, 0.12, 0.11),
+                "online_gold@1e-05": _summaries(0.01, -0.01, 0.0), "save@0.001": _summaries(-0.10, -0.12, -0.11),
+                "save@1e-05": _summaries(-0.10, -0.12, -0.11)}
+    sweep = {"online_gold": {1e-3: "online_gold@0.001", 1e-5: "online_gold@1e-05"},
+             "save": {1e-3: "save@0.001", 1e-5: "save@1e-05"}}
+    save_line = next(line for line in dose_response_readings(dose_response(per_seed, sweep, margin=0.02))
+                     if line.startswith("- `save - frozen`"))
+    assert "0.001: gold lower, rm_gain lower;" in save_line  # the control passes at 1e-3: counted
+    assert "1e-05: gold lower, rm_gain lower (not counted: the control does not pass)" in save_line

@@ -8,13 +8,13 @@ from omegaconf import MISSING
 
 from megatron_save.algorithms import ADVANTAGE_ESTIMATORS, OUTCOME_LABEL_RULES
 from megatron_save.checkpoint.train_checkpoint import distributed_optimizer_state_supported
-from megatron_save.config import ParallelConfig
+from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
 from megatron_save.rollout.vllm_engine import VLLMSettings, check_vllm_settings
 from megatron_save.trainers.offload import OffloadSettings
 from megatron_save.trainers.optimizer import OptimizerSettings
-from megatron_save.trainers.strategies import STRATEGIES, strategy_named
+from megatron_save.trainers.strategies import STRATEGIES, RMStrategy, strategy_named
 
 POLICY_LOSSES = ("ppo_clip", "gspo")
 # Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
@@ -23,7 +23,7 @@ RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "
                      "memory_check", "memory_margin_gib",
                      "parallel.timeout_minutes", "rollout.vllm.gpu_memory_utilization",
                      "rollout.vllm.kv_cache_memory_gib", "rollout.vllm.sleep_between_rollouts",
-                     "rollout.vllm.enforce_eager")
+                     "rollout.vllm.enforce_eager", "policy.recompute", "reward.recompute", "reward.prime.recompute")
 ROLLOUT_BACKENDS = ("transformers", "megatron", "vllm")
 
 
@@ -57,6 +57,8 @@ class PolicySettings:
     """Sequences per forward pass on one rank."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=2e-6, decay_style="constant"))
     """Optimizer of the policy (``value_head_lr`` is unused)."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the policy's update (its reference and its rollouts never recompute)."""
 
 
 PRIME_LABELS = (*OUTCOME_LABEL_RULES, "verifier")
@@ -92,6 +94,8 @@ class PrimeSettings:
     """Sequences per forward pass of the PRM and its reference."""
     optim: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-6, decay_style="constant"))
     """Optimizer of the PRM (PRIME: lr 1e-6; ``value_head_lr`` is unused)."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the PRM's update (its frozen reference never recomputes)."""
 
 
 @dataclass
@@ -102,7 +106,7 @@ class RewardSettings:
     """Reward-model checkpoint (stage 2 output for save / save_no_curriculum: it must carry a value head)."""
     strategy: str = "save"
     """A row of trainers/strategies.py: save, save_no_curriculum, frozen (plain RL), offline_bt, mean_reward, hl_bt,
-    verifier_hl_bt, r2m or prime."""
+    verifier_hl_bt, verifier_reward (the policy rewarded by reward.verifier: an oracle), r2m or prime."""
     initial_margin: float = 0.5
     """m0 of the curriculum filter (eq. 14)."""
     value_loss_weight: float = 1.0
@@ -124,7 +128,7 @@ class RewardSettings:
     """r2m: Omega, the floor of the weight on the reward model's own last-token state (R2M paper: 0.6-0.7)."""
     verifier: str | None = None
     """``module:function`` called as function(prompt_text, response_text) -> grade in [0, 1]: the labels of
-    reward.prime.labels=verifier and the pairs of the verifier_hl_bt strategy."""
+    reward.prime.labels=verifier, the pairs of the verifier_hl_bt strategy and the rewards of verifier_reward."""
     probe_data: str | None = None
     """Preference pairs (prompt / chosen / rejected) the reward model is measured on at every step, before its
     update: ``rm_probe/accuracy`` shows an online RM drifting from (or towards) a fixed reference."""
@@ -140,6 +144,9 @@ class RewardSettings:
         lr=1e-7, value_head_lr=1e-5, decay_style="constant"))
     """Optimizer: backbone + reward head at ``lr``, value head at ``value_head_lr`` (paper: 1e-7 and 1e-5); for
     r2m, the cross-attention and reward head at ``lr`` (R2M paper: 1e-6)."""
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
+    """Activation recompute of the reward model's update, for strategies that train its backbone (scoring never
+    recomputes)."""
 
 
 @dataclass
@@ -243,9 +250,11 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"reward.strategy={strategy.name} needs reward.offline_data (preference pairs)")
     if strategy.implicit_prm:
         _check_prime(cfg)
-    uses_verifier = strategy.verifier_grades or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier")
+    uses_verifier = (strategy.verifier_grades or strategy.rewards == "verifier"
+                     or (strategy.implicit_prm and cfg.reward.prime.labels == "verifier"))
     if uses_verifier != bool(cfg.reward.verifier):
-        raise ValueError(f"reward.verifier (module:function) is needed with reward.strategy=verifier_hl_bt or "
+        raise ValueError(f"reward.verifier (module:function) is needed with reward.strategy=verifier_hl_bt, "
+                         f"verifier_reward or "
                          f"reward.prime.labels=verifier, and only then (strategy={strategy.name!r}, prime.labels="
                          f"{cfg.reward.prime.labels!r}, verifier={cfg.reward.verifier!r})")
     if cfg.reward.verifier and ":" not in cfg.reward.verifier:
@@ -259,7 +268,22 @@ def check_stage3_config(cfg: Stage3Config) -> None:
         raise ValueError(f"keep_checkpoints={cfg.keep_checkpoints}: at least the latest checkpoint must be kept")
     if cfg.policy.mini_batches < 1:
         raise ValueError(f"policy.mini_batches={cfg.policy.mini_batches} must be >= 1")
+    _check_recompute(cfg, strategy)
     _check_run_checkpoints(cfg)
+
+
+def _check_recompute(cfg: Stage3Config, strategy: RMStrategy) -> None:
+    """Each recompute setting is valid, and set only on a model that trains (elsewhere it would do nothing: the
+    layout's layer counts are checked where the model is built)."""
+    trains = {"policy.recompute": (cfg.policy.recompute, not cfg.policy.frozen, "policy.frozen=true"),
+              "reward.recompute": (cfg.reward.recompute, strategy.trains_backbone,
+                                   f"reward.strategy={strategy.name} does not train the reward model's backbone"),
+              "reward.prime.recompute": (cfg.reward.prime.recompute, strategy.implicit_prm,
+                                         f"reward.strategy={strategy.name} has no implicit PRM")}
+    for name, (settings, trained, reason) in trains.items():
+        check_recompute(settings, name)
+        if settings.enabled and not trained:
+            raise ValueError(f"{name}.granularity={settings.granularity} does nothing: {reason}")
 
 
 def _check_run_checkpoints(cfg: Stage3Config) -> None:

@@ -22,6 +22,7 @@ from megatron_save.trainers.stage3.metrics import PolicyUpdateInputs, append_rol
 from megatron_save.trainers.stage3.prime import label_outcomes
 from megatron_save.trainers.stage3.r2m import score_with_r2m
 from megatron_save.trainers.stage3.run import Stage3Run
+from megatron_save.trainers.stage3.verifier import verifier_grades
 from megatron_save.trainers.strategies import RMStrategy
 
 ROLLOUT_LOG = "rollouts.jsonl"
@@ -59,6 +60,9 @@ def r2m_omega(cfg: Stage3Config, step: int) -> float:
 def score_rollouts(run: Stage3Run, cfg: Stage3Config, groups: RolloutGroups, step: int) -> GroupScores | None:
     """Collective: R (and V) of the step's responses by the strategy's reward source (with PRIME's outcome labels
     for its strategy); None when that source has nothing to score."""
+    if run.strategy.rewards == "verifier":  # the oracle: grades in [0, 1] as R, NaN on invalid slots, no V
+        grades = verifier_grades(run.verifier, groups, run.policy_tokenizer)
+        return GroupScores(grades.masked_fill(~groups.valid, float("nan")), None)
     if run.strategy.rewards == "r2m_head":
         return score_with_r2m(run.r2m_state, run.reward_model, run.policy, groups, r2m_omega(cfg, step),
                               pad_id_of(run.reward_tokenizer), pad_id_of(run.policy_tokenizer),
@@ -74,6 +78,8 @@ def scoring_passes(strategy: RMStrategy) -> dict[str, float]:
     hidden states and its head."""
     if strategy.rewards == "r2m_head":
         return passes("reward", forward=1) | passes("policy", forward=1) | passes("r2m_head", forward=1)
+    if strategy.rewards == "verifier":
+        return {}
     return passes("reward", forward=1)
 
 

@@ -15,6 +15,7 @@ from megatron_save.checkpoint import build_model_from_checkpoint, read_checkpoin
 from megatron_save.checkpoint.hf.gather import gather_hf_state
 from megatron_save.checkpoint.model_checkpoint import CheckpointMeta, HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import save_train_checkpoint
+from megatron_save.config import check_recompute
 from megatron_save.data.preference import PreferencePair, load_preference_pairs
 from megatron_save.data.prompts import Prompt, load_prompts
 from megatron_save.distributed import init_distributed
@@ -134,9 +135,15 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
                          "run stage 2 (python -m megatron_save stage2) on it first")
     shapes = [model_shape(policy_hf, f"policy.checkpoint={cfg.policy.checkpoint}"),
               model_shape(reward_hf, f"reward.checkpoint={cfg.reward.checkpoint}")]
+    recomputes = [("policy.recompute", cfg.policy.recompute, policy_hf),
+                  ("reward.recompute", cfg.reward.recompute, reward_hf)]
     if strategy.implicit_prm:
-        shapes.append(model_shape(read_checkpoint_meta(prm_checkpoint(cfg))[1],
-                                  f"reward.prime.checkpoint={prm_checkpoint(cfg)}"))
+        prm_hf = read_checkpoint_meta(prm_checkpoint(cfg))[1]
+        shapes.append(model_shape(prm_hf, f"reward.prime.checkpoint={prm_checkpoint(cfg)}"))
+        recomputes.append(("reward.prime.recompute", cfg.reward.prime.recompute, prm_hf))
+    for name, settings, hf_config in recomputes:
+        # The layout's layer counts, before any process group or model exists.
+        check_recompute(settings, name, hf_config.num_hidden_layers // cfg.parallel.pipeline_model_parallel_size)
     init_distributed(cfg.parallel, *shapes)
     policy_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.policy.checkpoint) / HF_SUBDIR)
     reward_tokenizer = AutoTokenizer.from_pretrained(Path(cfg.reward.checkpoint) / HF_SUBDIR)
@@ -144,13 +151,16 @@ def build_stage3_run(cfg: Stage3Config) -> Stage3Run:
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"{cfg.train_data}: {len(prompts)} usable prompts, fewer than prompts_per_step="
                          f"{cfg.prompts_per_step}")
-    policy, _, _ = build_model_from_checkpoint(cfg.policy.checkpoint)
+    policy, _, _ = build_model_from_checkpoint(cfg.policy.checkpoint, recompute=None if cfg.policy.frozen else
+                                               cfg.policy.recompute, recompute_name="policy.recompute")
     policy_state = None if cfg.policy.frozen else build_train_state(
         policy, cfg.policy.optim, cfg.total_steps * cfg.policy.mini_batches)
     reference = None
     if cfg.policy.kl_coef > 0 and not cfg.policy.frozen:
         reference = build_model_from_checkpoint(cfg.policy.checkpoint)[0].eval()
-    reward_model, _, _ = build_model_from_checkpoint(cfg.reward.checkpoint)
+    reward_model, _, _ = build_model_from_checkpoint(
+        cfg.reward.checkpoint, recompute=cfg.reward.recompute if strategy.trains_backbone else None,
+        recompute_name="reward.recompute")
     reward_state = build_train_state(reward_model, cfg.reward.optim, cfg.total_steps) if strategy.trains_backbone \
         else None
     offline_pairs = None
@@ -191,7 +201,8 @@ def _build_implicit_prm(cfg: Stage3Config, policy_hf: Any, policy_reference: Any
     if hf_config.vocab_size != policy_hf.vocab_size:
         raise ValueError(f"reward.prime.checkpoint={source} has a vocabulary of {hf_config.vocab_size}, the policy "
                          f"{policy_hf.vocab_size}: the PRM must share the policy's tokenizer")
-    prm, _, _ = build_model_from_checkpoint(source)
+    prm, _, _ = build_model_from_checkpoint(source, recompute=cfg.reward.prime.recompute,
+                                            recompute_name="reward.prime.recompute")
     state = build_train_state(prm, cfg.reward.prime.optim, cfg.total_steps)
     same_start = Path(source).resolve() == Path(cfg.policy.checkpoint).resolve()
     reference = policy_reference if same_start and policy_reference is not None else \
