@@ -434,29 +434,18 @@ def test_token_budget_bounds_a_micro_batch_by_its_tokens():
 @pytest.mark.parametrize("recompute", [Recompute("full"), Recompute("full", "uniform", 2), Recompute("full", "block", 1),
                                        Recompute("selective")], ids=str)
 @pytest.mark.parametrize("family, dtype", [("llama", "bf16"), ("qwen3", "fp32")])
-def test_recompute_saved_bytes_equal_megatron(family, dtype, recompute, world_of_one, monkeypatch):
-    """Megatron-Core's recompute set in the TransformerConfig of a model built here: the bytes its forward saves
-    for backward (measured as above) are the planner's ``saved`` (5% asked; the account is byte-exact)."""
-    import dataclasses
-
-    from megatron_save.models import builder
+def test_recompute_saved_bytes_equal_megatron(family, dtype, recompute, world_of_one):
+    """A model built with the package's recompute settings (Megatron-Core's TransformerConfig recompute_*): the
+    bytes its forward saves for backward (measured as above) are the planner's ``saved`` (5% asked; the account
+    is byte-exact)."""
+    from megatron_save.config import RecomputeSettings
+    from megatron_save.models.builder import build_model
     from megatron_save.models.policy import token_logprobs
 
-    settings = dict(recompute_granularity=recompute.granularity)
-    if recompute.granularity == "full":
-        settings.update(recompute_method=recompute.method, recompute_num_layers=recompute.num_layers)
-    else:
-        settings.update(recompute_modules=["core_attn"])
-    original = builder.gpt_args_from_hf
-
-    def with_recompute(*args, **kwargs):
-        built = original(*args, **kwargs)
-        return dataclasses.replace(built, config=dataclasses.replace(built.config, **settings))
-
-    monkeypatch.setattr(builder, "gpt_args_from_hf", with_recompute)
     config = tiny_hf_config(family)
     torch.manual_seed(0)
-    model = builder.build_model(config, "causal_lm", dtype=dtype, spec_backend="local")
+    settings = RecomputeSettings(recompute.granularity, recompute.method, recompute.num_layers)
+    model = build_model(config, "causal_lm", dtype=dtype, spec_backend="local", recompute=settings)
     assert model.decoder.config.recompute_granularity == recompute.granularity
     model.train()
     tokens = torch.randint(0, config.vocab_size, (BATCH, PROMPT + RESPONSE))
