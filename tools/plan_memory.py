@@ -6,8 +6,13 @@
 CONFIG is an HF config.json, a directory holding one, or a hub name. The reward config is a single-label
 *ForSequenceClassification or a causal LM (planned as converted with --as-reward-model: its lm_head replaced by
 the [1, hidden] reward head). The bytes model is megatron_save/planning/memory.py's (its docstring says what is
-counted and what is not). With --gpu-memory 80GB every layout of --gpus GPUs (default TP x PP x DP) that both
-models split is planned and those that fit are listed, smallest model-parallel size (TP x PP x EP) first; the
+counted and what is not). The output is a table of the peak of each phase of a stage-3 step (rollout, log-probs,
+RM scoring, RM update, policy update) with its parts, the all-resident total beside it, and the run's peak.
+
+With --gpu-memory 80GB every layout of --gpus GPUs (default TP x PP x DP) that both models split is searched
+together with recompute (--policy-recompute / --reward-recompute), token budgets and offload; for each parallel
+layout whose peak can fit, its cheapest settings are listed, the cheapest layout first (settings_cost in
+megatron_save/planning/memory.py says why that order); --fixed-settings varies the parallel layout only. The
 exit status is 1 when none fits. --comment prints the block the examples/scaling YAML headers hold.
 """
 
@@ -23,8 +28,8 @@ from pathlib import Path
 
 from megatron_save.planning import (MemoryLayout, architecture_from_hf, candidate_layouts, parse_bytes,
                                     plan_memory)
-
-GIB = 2**30
+from megatron_save.planning.memory import (GIB, KNOBS, RECOMPUTE_GRANULARITIES, STAGE3_SETTINGS, Recompute,
+                                           changed_settings, phase_table, search_fits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollout-batch", type=int, default=64,
                         help="sequences one rollout engine generates at once (rollout.max_batch_size)")
     parser.add_argument("--distributed-optimizer", action="store_true")
-    parser.add_argument("--recompute", action="store_true", help="full activation recompute (what-if)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="full activation recompute of both models (--policy-recompute full --reward-recompute full)")
+    parser.add_argument("--policy-recompute", type=recompute_arg, default=None, metavar="GRANULARITY[/METHOD/N]",
+                        help="policy.recompute: selective, full (uniform, 1 layer) or full/METHOD/NUM_LAYERS")
+    parser.add_argument("--reward-recompute", type=recompute_arg, default=None, metavar="GRANULARITY[/METHOD/N]",
+                        help="reward.recompute, as --policy-recompute")
+    parser.add_argument("--max-tokens-per-micro-batch", type=int, default=0,
+                        help="policy.max_tokens_per_micro_batch (0: fixed micro-batches of --micro-batch)")
+    parser.add_argument("--reward-max-tokens-per-micro-batch", type=int, default=0,
+                        help="reward.max_tokens_per_micro_batch (0: fixed micro-batches of --reward-micro-batch)")
     parser.add_argument("--offload-optimizer", action="store_true")
     parser.add_argument("--offload-gradients", action="store_true")
     parser.add_argument("--offload-reference", action="store_true")
@@ -56,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vllm-kv-cache-gib", type=float, default=None,
                         help="--rollout-backend vllm: the KV cache each engine reserves "
                              "(rollout.vllm.kv_cache_memory_gib; default: what --rollout-batch fills)")
+    parser.add_argument("--vllm-awake", action="store_true",
+                        help="--rollout-backend vllm with rollout.vllm.sleep_between_rollouts=false: its weights and "
+                             "KV cache stay on the GPU through the training phases")
     parser.add_argument("--value-head", action="store_true", help="the RM has a [1, hidden] value head")
     parser.add_argument("--spec", choices=("te", "local"), default="te",
                         help="layer implementation of the activation model (default te: GPU with Transformer Engine)")
@@ -66,8 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of --gpu-memory kept free for the CUDA context, NCCL buffers and "
                              "fragmentation (default 0.1)")
+    parser.add_argument("--margin-gib", type=float, default=None,
+                        help="GiB of --gpu-memory kept free instead of --headroom (the stages' memory_margin_gib)")
+    parser.add_argument("--fixed-settings", action="store_true",
+                        help="with --gpu-memory: vary the parallel layout only, not recompute, token budgets or "
+                             "offload")
     parser.add_argument("--comment", action="store_true", help="print the YAML comment block of this command")
     return parser
+
+
+def recompute_arg(text: str) -> Recompute:
+    """'selective', 'full' or 'full/block/2' -> Recompute; 'none' -> no recompute."""
+    granularity, *rest = text.split("/")
+    if granularity == "none" and not rest:
+        return Recompute()
+    if granularity not in RECOMPUTE_GRANULARITIES or len(rest) not in (0, 2) or (rest and granularity != "full"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected none, selective, full or full/METHOD/NUM_LAYERS")
+    if not rest:
+        return Recompute(granularity)
+    try:
+        return Recompute(granularity, rest[0], int(rest[1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: NUM_LAYERS must be an integer") from None
 
 
 def load_architecture(source: str, reward_model: bool):
@@ -99,7 +136,11 @@ def layout_of(args: argparse.Namespace) -> MemoryLayout:
         micro_batch=args.micro_batch,
         reward_micro_batch=args.reward_micro_batch if args.reward_micro_batch is not None else args.micro_batch,
         prompt_length=args.prompt_length, response_length=args.response_length, rollout_batch=args.rollout_batch,
-        distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
+        distributed_optimizer=args.distributed_optimizer,
+        policy_recompute=args.policy_recompute or Recompute("full" if args.recompute else None),
+        reward_recompute=args.reward_recompute or Recompute("full" if args.recompute else None),
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+        reward_max_tokens_per_micro_batch=args.reward_max_tokens_per_micro_batch, vllm_sleep=not args.vllm_awake,
         offload_optimizer=args.offload_optimizer, offload_gradients=args.offload_gradients,
         offload_reference=args.offload_reference, reference=not args.no_reference,
         reward_trained=not args.frozen_reward, value_head=args.value_head, rollout_backend=args.rollout_backend,
@@ -107,18 +148,13 @@ def layout_of(args: argparse.Namespace) -> MemoryLayout:
         spec=args.spec)
 
 
-def table_lines(plan) -> list[str]:
-    """The plan as aligned lines: one per part and the total, in GiB (2^30 bytes)."""
-    layout = plan.layout
-    lines = [f"per GPU of pipeline stage {plan.stage} (of {layout.pp}, the fullest), "
-             f"TP {layout.tp} x PP {layout.pp} x DP {layout.dp}" + (f", EP {layout.ep}" if layout.ep > 1 else "")
-             + ":"]
-    lines += [f"  {name:<26}{value / GIB:>9.2f} GiB" for name, value in plan.per_gpu_bytes.items()]
-    return lines
-
-
 def plan_json(plan) -> dict:
-    return {"per_gpu_bytes": dict(plan.per_gpu_bytes), "layout": {**asdict(plan.layout), "stage": plan.stage}}
+    """The plan as JSON: the all-resident parts (``per_gpu_bytes``), each phase, the peak and the layout."""
+    return {"per_gpu_bytes": dict(plan.per_gpu_bytes),
+            "phases": [{"name": p.name, "stage": p.stage, "parts": dict(p.parts), "total": p.total}
+                       for p in plan.phases],
+            "peak": {"phase": plan.peak_phase.name, "bytes": plan.peak},
+            "layout": {**asdict(plan.layout), "stage": plan.stage}}
 
 
 def run(argv: list[str]) -> tuple[int, list[str]]:
@@ -133,31 +169,40 @@ def run(argv: list[str]) -> tuple[int, list[str]]:
         except ValueError as error:
             return 2, [f"plan_memory: {error}"]
         if args.comment:
-            return 0, comment_block(argv, table_lines(plan))
-        return 0, [json.dumps(plan_json(plan), indent=1)] if args.json else table_lines(plan)
+            return 0, comment_block(argv, phase_table(plan))
+        return 0, [json.dumps(plan_json(plan), indent=1)] if args.json else phase_table(plan)
     try:
         capacity = parse_bytes(args.gpu_memory)
     except ValueError as error:
         return 2, [f"plan_memory: --gpu-memory: {error}"]
-    budget = int(capacity * (1 - args.headroom))
+    if args.margin_gib is None:
+        budget, kept = int(capacity * (1 - args.headroom)), f"{args.headroom:.0%} headroom"
+    else:
+        budget, kept = capacity - int(args.margin_gib * GIB), f"a {args.margin_gib:g} GiB margin"
     gpus = args.gpus or layout.tp * layout.pp * layout.dp
-    plans = [plan_memory(policy, reward, candidate) for candidate in candidate_layouts(policy, reward, gpus, layout)]
-    fitting = [plan for plan in plans if plan.total <= budget]
-    fitting.sort(key=lambda plan: (plan.layout.tp * plan.layout.pp * plan.layout.ep, plan.total))
+    layouts = candidate_layouts(policy, reward, gpus, layout)
+    knobs = () if args.fixed_settings else KNOBS
+    fitting = search_fits(lambda variant: plan_memory(policy, reward, variant), layouts, budget, knobs)
     if not fitting:
-        smallest = min(plans, key=lambda plan: plan.total, default=None)
-        best = (f"; the smallest needs {smallest.total / GIB:.2f} GiB per GPU (TP {smallest.layout.tp} x PP "
-                f"{smallest.layout.pp} x DP {smallest.layout.dp}, EP {smallest.layout.ep})") if smallest else ""
-        return 1, [f"plan_memory: no layout of {gpus} GPUs fits {args.gpu_memory} per GPU less "
-                   f"{args.headroom:.0%} headroom ({budget / GIB:.2f} GiB): {len(plans)} layouts tried{best}"]
+        plans = [plan_memory(policy, reward, candidate) for candidate in layouts]
+        smallest = min(plans, key=lambda plan: plan.peak, default=None)
+        best = (f"; the smallest peak is {smallest.peak / GIB:.2f} GiB per GPU (TP {smallest.layout.tp} x PP "
+                f"{smallest.layout.pp} x DP {smallest.layout.dp}, EP {smallest.layout.ep}, "
+                f"{smallest.peak_phase.name})") if smallest else ""
+        return 1, [f"plan_memory: no layout of {gpus} GPUs fits {args.gpu_memory} per GPU less {kept} "
+                   f"({budget / GIB:.2f} GiB): {len(layouts)} layouts tried"
+                   + (" with recompute, token budgets and offload" if knobs else "") + best]
     if args.json:
         return 0, [json.dumps({"gpu_memory_bytes": capacity, "budget_bytes": budget,
                                "layouts": [plan_json(plan) for plan in fitting]}, indent=1)]
-    lines = [f"layouts of {gpus} GPUs within {args.gpu_memory} per GPU less {args.headroom:.0%} headroom "
-             f"({budget / GIB:.2f} GiB), smallest model-parallel size first:",
-             f"  {'TP':>3} {'PP':>3} {'EP':>3} {'DP':>4} {'stage':>6} {'total GiB':>10}"]
-    lines += [f"  {p.layout.tp:>3} {p.layout.pp:>3} {p.layout.ep:>3} {p.layout.dp:>4} {p.stage:>6} "
-              f"{p.total / GIB:>10.2f}" for p in fitting]
+    lines = [f"layouts of {gpus} GPUs whose peak fits {args.gpu_memory} per GPU less {kept} "
+             f"({budget / GIB:.2f} GiB), each with its cheapest settings, cheapest first "
+             "(megatron_save/planning/memory.py settings_cost):",
+             f"  {'TP':>3} {'PP':>3} {'EP':>3} {'DP':>4} {'peak GiB':>9}  {'peak phase':<14} settings changed"]
+    names = {k: v for k, v in STAGE3_SETTINGS.items() if k not in ("tp", "pp", "ep")}
+    lines += [f"  {p.layout.tp:>3} {p.layout.pp:>3} {p.layout.ep:>3} {p.layout.dp:>4} {p.peak / GIB:>9.2f}  "
+              f"{p.peak_phase.name:<14} {' '.join(changed_settings(layout, p.layout, names)) or '-'}"
+              for p in fitting]
     return 0, lines
 
 

@@ -13,13 +13,19 @@ builds it (``megatron_save.models.builder``, ``megatron_save.trainers.optimizer.
 - Optimizer: Adam's exp_avg and exp_avg_sq in fp32, plus fp32 main copies of 16-bit weights; the distributed
   optimizer keeps only this rank's shard of each buffer. Adam's per-tensor ``step`` counters are not counted:
   torch's Adam keeps them on the host, Transformer Engine's and Apex's FusedAdam one per group.
-- Activations: the bytes saved for backward by one micro-batch, times the micro-batches in flight on a stage
-  under the 1F1B schedule (PP - stage). See ``layer_activation_bytes`` for the per-tensor account.
+- Activations: the bytes saved for backward by one micro-batch (``micro_batch`` sequences, or a token budget's
+  worth), times the micro-batches in flight on a stage under the 1F1B schedule (PP - stage), with Megatron-Core's
+  recompute where it is set. See ``layer_activation_bytes`` and ``stage_activations``.
+- Forwards without backward (log-probs, RM scoring): see ``forward_bytes``.
 - Rollout: the engine's own copy of the policy's weights and its KV cache (see ``rollout_bytes``).
 
-Every part is counted as resident at once: a conservative total, since activations, the KV cache and an update's
-optimizer state are not all live in the same phase. Not counted: the CUDA context, NCCL buffers, transient
-workspace (a layer's forward temporaries, the fp32 copies of the logits before the loss) and fragmentation.
+``plan_memory`` gives the peak of each phase of a step (``stage_phases``: rollout, log-probs, RM scoring, RM update,
+policy update), holding what ``trainers/offload.py`` leaves resident plus what the phase brings back; the run's
+peak is the largest. The all-resident total (every part at once, as if nothing were ever freed) stays beside it.
+``search_fits`` looks for the cheapest recompute / token-budget / offload settings and TP / PP / EP layouts that
+fit a budget (``settings_cost`` says what cheapest means). Not counted: the CUDA context, NCCL buffers, transient
+workspace of the updates and fragmentation (the launch check's ``memory_margin_gib``); sequence parallelism's split
+of the activations (the plan is an upper bound where it is on).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -110,6 +117,29 @@ def architecture_from_hf(config: Any, reward_model: bool, source: str = "") -> A
         dense_layers=dense_layers, source=source)
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Megatron-Core's activation recompute of one trained model (the numbers of ``RecomputeSettings``)."""
+
+    granularity: str | None = None
+    """None (every activation kept), full (whole layers recomputed in the backward) or selective (core attention
+    recomputed)."""
+    method: str = "uniform"
+    """full: uniform (chunks of ``num_layers`` layers, each keeping only its input) or block (the first
+    ``num_layers`` layers of each pipeline stage recomputed one by one, the rest keep everything)."""
+    num_layers: int = 1
+    """full: layers per chunk (uniform) or layers recomputed on each stage (block)."""
+
+    def __str__(self) -> str:
+        if self.granularity != "full":
+            return str(self.granularity or "none")
+        return f"full/{self.method}/{self.num_layers}"
+
+
 @dataclass(frozen=True)
 class MemoryLayout:
     """A stage-3 layout and the run settings that decide its memory (both models share TP / PP / DP)."""
@@ -138,9 +168,16 @@ class MemoryLayout:
     """Sequences one rollout engine generates at once (``rollout.max_batch_size``): its KV cache holds them."""
     distributed_optimizer: bool = False
     """Optimizer states and main weights sharded over data-parallel ranks (``optim.use_distributed_optimizer``)."""
-    recompute: bool = False
-    """Full activation recompute (Megatron's uniform method, one layer per checkpoint): a what-if, since this
-    stack does not set it."""
+    policy_recompute: Recompute = field(default_factory=lambda: Recompute())
+    """The policy's activation recompute (``policy.recompute``)."""
+    reward_recompute: Recompute = field(default_factory=lambda: Recompute())
+    """The reward model's activation recompute (``reward.recompute``)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a policy micro-batch, padding included (``policy.max_tokens_per_micro_batch``; 0: fixed
+    micro-batches of ``micro_batch`` sequences)."""
+    reward_max_tokens_per_micro_batch: int = 0
+    """Token budget of a reward-model micro-batch (``reward.max_tokens_per_micro_batch``; 0: fixed micro-batches
+    of ``reward_micro_batch`` sequences)."""
     offload_optimizer: bool = False
     """Adam moments and fp32 main copies on the host outside their model's update (``offload.optimizer``)."""
     offload_gradients: bool = False
@@ -155,6 +192,9 @@ class MemoryLayout:
     """The reward model carries a value head [1, h] (SAVE's does)."""
     rollout_backend: str = "transformers"
     """transformers, megatron or vllm (``rollout.backend``)."""
+    vllm_sleep: bool = True
+    """rollout.backend=vllm: the engine sleeps between rollouts (weights to host memory, KV cache freed;
+    ``rollout.vllm.sleep_between_rollouts``), so it holds nothing outside the rollout phase."""
     vllm_kv_cache_bytes: int | None = None
     """rollout.backend=vllm: the KV cache each engine reserves (``rollout.vllm.kv_cache_memory_gib``), whatever the
     rollout batch needs; None plans the cache the batch fills."""
@@ -170,21 +210,56 @@ class MemoryLayout:
         return self.prompt_length + self.response_length
 
 
-@dataclass
-class MemoryPlan:
-    """Per-GPU bytes of a layout: the parts of the pipeline stage whose GPUs hold the most."""
+PHASES = ("rollout", "logprobs", "rm_scoring", "rm_update", "policy_update")
+"""The phases of a stage-3 step in order: generation; the reference's and the old policy's log-probs; the reward
+model's scoring forward; its update; the policy's update."""
 
-    per_gpu_bytes: dict[str, int] = field(default_factory=dict)
-    """``<model>_<part>`` -> bytes on one GPU of that stage, and ``total``, their sum."""
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """Bytes one GPU holds at the peak of one phase of a step."""
+
+    name: str
+    """A name of ``PHASES`` (stage 3), or ``update`` / ``scoring`` for a stage that trains one model."""
+    parts: dict[str, int]
+    """``<model>_<part>`` -> bytes on one GPU of ``stage`` during this phase."""
     stage: int = 0
-    """The pipeline stage these bytes are of."""
-    layout: MemoryLayout = field(default_factory=MemoryLayout)
-    """What was planned."""
+    """The pipeline stage whose GPUs hold the most in this phase."""
 
     @property
     def total(self) -> int:
-        """The sum of the parts."""
+        """The phase's peak: the sum of its parts."""
+        return sum(self.parts.values())
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU bytes of a layout: each phase's peak, and every part counted resident at once."""
+
+    per_gpu_bytes: dict[str, int] = field(default_factory=dict)
+    """All-resident: ``<model>_<part>`` -> bytes on one GPU of the fullest stage, and ``total``, their sum (an
+    upper bound that ignores when each part is live)."""
+    stage: int = 0
+    """The pipeline stage the all-resident bytes are of."""
+    layout: MemoryLayout = field(default_factory=MemoryLayout)
+    """What was planned."""
+    phases: list[PhasePlan] = field(default_factory=list)
+    """Each phase's peak, in the order the step runs them."""
+
+    @property
+    def total(self) -> int:
+        """The all-resident total."""
         return self.per_gpu_bytes["total"]
+
+    @property
+    def peak_phase(self) -> PhasePlan:
+        """The phase that holds the most: the run's peak."""
+        return max(self.phases, key=lambda phase: phase.total)
+
+    @property
+    def peak(self) -> int:
+        """The run's peak bytes per GPU (the largest phase)."""
+        return self.peak_phase.total
 
 
 @dataclass
@@ -286,7 +361,8 @@ def trained_bytes(params: StageParams, layout: MemoryLayout) -> TrainedBytes:
     return TrainedBytes(weights, gradients, optimizer)
 
 
-def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout, batch: int) -> int:
+def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout, batch: float,
+                           selective: bool = False) -> int:
     """Bytes one layer saves for backward for ``batch`` sequences of ``layout.sequence`` tokens, on one GPU.
 
     Per token, with e the weights' dtype bytes and a = heads / TP, g = kv heads / TP, d = head_dim, f = ffn / TP:
@@ -307,6 +383,11 @@ def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout,
       probabilities; balanced routing is assumed (each rank's experts see as many token-expert pairs as its
       tokens send out).
     - RoPE saves cos and sin for q and k: 4 s d e bytes per layer.
+
+    ``selective`` (Megatron's selective recompute of core attention): the core attention's own tensors (q and K
+    expanded to a heads, V, the softmax probabilities, the causal mask; TE: its output's log-sum-exp) are not
+    kept; its checkpoint keeps its inputs instead: q and k after RoPE (e a d, e g d) and V, a view of the q/k/v
+    output (e (a + 2g) d, once) -- see ``core_attention_bytes`` for what the backward rematerialises.
     """
     e, s, h, d = DTYPE_BYTES[layout.dtype], layout.sequence, arch.hidden, arch.head_dim
     a, g = arch.heads // layout.tp, arch.kv_heads // layout.tp
@@ -322,17 +403,20 @@ def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout,
             # output, so in an fp32 model the k norm keeps the whole q/k/v output.
             qkv_storage_saved = e == FP32
             per_token += 4 * a * d + (4 * qkv if qkv_storage_saved else 4 * g * d)
-        per_token += 2 * e * a * d  # q, K expanded to a heads
-        # V: expanded to a heads with GQA; without it a view of the q/k/v output (once, if not saved already).
-        per_token += e * a * d if g < a else (0 if qkv_storage_saved else e * qkv)
-        per_token += s * a * (FP32 + (e if e < FP32 else 0))  # softmax probabilities
+        if selective:
+            per_token += e * a * d + e * g * d + (0 if qkv_storage_saved else e * qkv)  # checkpoint's q, k, V
+            per_layer += 4  # the checkpoint's int32 attention-mask type
+        else:
+            per_token += core_attention_bytes(arch, layout, 1, qkv_storage_saved) // s
+            per_layer += s * s  # causal mask (bool)
         per_token += e * a * d  # linear_proj's input
-        per_layer += s * s  # causal mask (bool)
     else:
         per_token += 2 * (e * h + FP32)  # normalised inputs and rstd of the two fused norm + linear
         # q/k norms: rstd, and q's input, a reshaped copy (k's is a view of the q/k/v output, counted below)
         per_token += 4 * (a + g) + e * a * d if arch.qk_norm else 0
-        per_token += e * a * d + e * g * d + e * qkv + e * a * d + 4 * a  # q, k, q/k/v output, out, lse
+        per_token += e * a * d + e * g * d + e * qkv + e * a * d  # q, k, q/k/v output, out
+        per_token += 0 if selective else 4 * a  # the softmax's log-sum-exp
+        per_layer += 4 if selective else 0  # the checkpoint's int32 attention-mask type
     swiglu = 3 if layout.fused_activation else 5
     if arch.is_moe_layer(layer):
         k, experts = arch.experts_per_token, arch.num_experts
@@ -346,37 +430,139 @@ def layer_activation_bytes(arch: Architecture, layer: int, layout: MemoryLayout,
         per_layer += 8 * experts + FP32  # tokens per expert (int64), the load-balancing loss
     else:
         per_token += swiglu * e * (arch.ffn // layout.tp)
-    return batch * s * per_token + per_layer
+    return int(batch * s * per_token) + per_layer
 
 
-def stage_activation_bytes(arch: Architecture, layout: MemoryLayout, stage: int, batch: int) -> int:
-    """Bytes saved for backward on one GPU of ``stage``: the micro-batches in flight under 1F1B (PP - stage) of
-    ``batch`` sequences each, with the embedding's token ids (first stage) and the head (last stage): the final
-    norm, the output layer's input and Megatron's vocab-parallel cross entropy (fp32 softmax [b, s - 1, V / TP],
-    target mask and ids), or the reward model's fp32 hidden states read by its scalar heads."""
+def core_attention_bytes(arch: Architecture, layout: MemoryLayout, batch: float,
+                         qkv_storage_saved: bool = False) -> int:
+    """What the local spec's unfused core attention saves for ``batch`` sequences: q and K expanded to a heads
+    (e a d each), V (expanded with GQA, else the q/k/v output it is a view of, unless the k norm keeps that
+    already), the fp32 softmax probabilities and their e-byte copy (4 a s + e a s per token) and the causal mask
+    (s^2 bools). Under selective recompute this is what the backward rematerialises, one layer at a time. The TE
+    spec's flash attention keeps no s^2 term: only its log-sum-exp (4 a per token)."""
+    e, s, d = DTYPE_BYTES[layout.dtype], layout.sequence, arch.head_dim
+    a, g = arch.heads // layout.tp, arch.kv_heads // layout.tp
+    if layout.spec != "local":
+        return int(batch * s * 4 * a)
+    per_token = 2 * e * a * d
+    per_token += e * a * d if g < a else (0 if qkv_storage_saved else e * (a + 2 * g) * d)
+    per_token += s * a * (FP32 + (e if e < FP32 else 0))
+    return int(batch * s * per_token)
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Activation bytes of one trained model on one GPU of a pipeline stage during its update."""
+
+    saved: int
+    """Saved for backward by the micro-batches in flight (with recompute: the checkpoints' inputs)."""
+    rematerialised: int
+    """What the backward recomputes and holds at once on top of ``saved`` (0 without recompute)."""
+
+    @property
+    def total(self) -> int:
+        """The update's activation peak."""
+        return self.saved + self.rematerialised
+
+
+def micro_batch_sequences(layout: MemoryLayout, batch: int, max_tokens: int) -> float:
+    """Full-length sequences a micro-batch's activations are bounded by: ``batch``, or with a token budget
+    ``max_tokens`` / sequence (a micro-batch's rows x its longest row is at most the budget, so its per-token
+    bytes are at most the budget's and its s^2 terms at most budget x sequence)."""
+    if not max_tokens:
+        return batch
+    if max_tokens < layout.sequence:
+        raise ValueError(f"a token budget of {max_tokens} per micro-batch is below one full-length sequence of "
+                         f"{layout.sequence} tokens (prompt {layout.prompt_length} + response "
+                         f"{layout.response_length}): a row longer than the budget cannot run")
+    return max_tokens / layout.sequence
+
+
+def recompute_problems(recompute: Recompute, layers_per_stage: int, name: str) -> list[str]:
+    """What keeps ``recompute`` from running on stages of ``layers_per_stage`` layers (``name``: the setting)."""
+    if recompute.granularity is None:
+        return []
+    if recompute.granularity not in RECOMPUTE_GRANULARITIES or recompute.method not in RECOMPUTE_METHODS:
+        return [f"{name}: granularity {recompute.granularity!r} / method {recompute.method!r}: choose from "
+                f"{RECOMPUTE_GRANULARITIES} / {RECOMPUTE_METHODS}"]
+    if recompute.granularity == "full" and not 1 <= recompute.num_layers <= layers_per_stage:
+        return [f"{name}: num_layers={recompute.num_layers} is not within the {layers_per_stage} layers of a stage"]
+    if recompute.granularity == "full" and recompute.method == "uniform" and layers_per_stage % recompute.num_layers:
+        return [f"{name}: num_layers={recompute.num_layers} does not divide the {layers_per_stage} layers of a stage"]
+    return []
+
+
+def stage_activations(arch: Architecture, layout: MemoryLayout, stage: int, batch: float,
+                      recompute: Recompute = Recompute()) -> ActivationBytes:
+    """Activation bytes on one GPU of ``stage``: the micro-batches in flight under 1F1B (PP - stage) of ``batch``
+    sequences each, with the embedding's token ids (first stage) and the head (last stage): the final norm, the
+    output layer's input and Megatron's vocab-parallel cross entropy (fp32 softmax [b, s - 1, V / TP], target
+    mask and ids), or the reward model's fp32 hidden states read by its scalar heads.
+
+    Recompute (Megatron-Core's ``transformer_block._checkpointed_forward``): full / uniform keeps the input of
+    each chunk of ``num_layers`` layers ([s, b, h], e bytes) and the rotary table it passes (fp32 [s, d], one
+    storage for all layers), and the backward rematerialises one chunk; full / block checkpoints the first
+    ``num_layers`` layers one by one and keeps the rest, rematerialising one layer; selective keeps core
+    attention's inputs and rematerialises one layer's core attention."""
     e, s, h = DTYPE_BYTES[layout.dtype], layout.sequence, arch.hidden
     tokens = batch * s
-    layers = stage_layers(arch, layout.pp, stage)
-    if layout.recompute:
-        per_micro_batch = len(layers) * tokens * e * h  # each layer's input, kept by its checkpoint
+    layers = list(stage_layers(arch, layout.pp, stage))
+    selective = recompute.granularity == "selective"
+    by_kind: dict[bool, int] = {}  # a layer's bytes depend on its index only through its kind (MoE or dense)
+    for layer in layers:
+        if arch.is_moe_layer(layer) not in by_kind:
+            by_kind[arch.is_moe_layer(layer)] = layer_activation_bytes(arch, layer, layout, batch, selective)
+    full = [by_kind[arch.is_moe_layer(layer)] for layer in layers]
+    rematerialised = 0
+    if recompute.granularity == "full":
+        n = recompute.num_layers
+        if recompute.method == "uniform":
+            chunks = -(-len(layers) // n)
+            per_micro_batch = chunks * int(tokens * e * h) + FP32 * s * arch.head_dim
+            rematerialised = max((sum(full[i:i + n]) for i in range(0, len(layers), n)), default=0)
+        else:
+            per_micro_batch = n * int(tokens * e * h) + FP32 * s * arch.head_dim + sum(full[n:])
+            rematerialised = max(full[:n], default=0)
     else:
-        per_micro_batch = sum(layer_activation_bytes(arch, layer, layout, batch) for layer in layers)
+        per_micro_batch = sum(full)
+        if selective and layers:
+            rematerialised = core_attention_bytes(arch, layout, batch) + (s * s if layout.spec == "local" else 0)
     if stage == 0:
-        per_micro_batch += tokens * 8  # int64 token ids
+        per_micro_batch += int(tokens * 8)  # int64 token ids
     if stage > 0:
-        per_micro_batch += tokens * e * h  # the received input tensor, kept by the schedule
+        per_micro_batch += int(tokens * e * h)  # the received input tensor, kept by the schedule
     if stage < layout.pp - 1:
-        per_micro_batch += tokens * e * h  # the output tensor sent on, kept until its gradient returns
+        per_micro_batch += int(tokens * e * h)  # the output tensor sent on, kept until its gradient returns
     if stage == layout.pp - 1:
-        per_micro_batch += tokens * ((8 * h + FP32) if layout.spec == "local" else (e * h + FP32))  # final norm
+        per_micro_batch += int(tokens * ((8 * h + FP32) if layout.spec == "local" else (e * h + FP32)))  # final norm
         if arch.reward_model:
             # fp32 hidden states; in bf16 also the reward head's fp32 copy (the value head reads a detached state)
-            per_micro_batch += tokens * FP32 * h + (FP32 * h if e < FP32 else 0)
+            per_micro_batch += int(tokens * FP32 * h) + (FP32 * h if e < FP32 else 0)
         else:
-            per_micro_batch += tokens * e * h + batch * (s - 1) * (FP32 * (arch.vocab // layout.tp) + 1 + 8)
-    # With recompute, backward rematerialises one layer at a time on top of the checkpoints.
-    rematerialised = max((layer_activation_bytes(arch, layer, layout, batch) for layer in layers), default=0)
-    return (layout.pp - stage) * per_micro_batch + (rematerialised if layout.recompute else 0)
+            per_micro_batch += int(tokens * e * h + batch * (s - 1) * (FP32 * (arch.vocab // layout.tp) + 1 + 8))
+    return ActivationBytes((layout.pp - stage) * per_micro_batch, rematerialised)
+
+
+def stage_activation_bytes(arch: Architecture, layout: MemoryLayout, stage: int, batch: float,
+                           recompute: Recompute = Recompute()) -> int:
+    """The update's activation peak on one GPU of ``stage`` (``stage_activations``: saved + rematerialised)."""
+    return stage_activations(arch, layout, stage, batch, recompute).total
+
+
+def forward_bytes(arch: Architecture, layout: MemoryLayout, stage: int, batch: float) -> int:
+    """The peak of a forward without backward (log-probs, RM scoring) for one micro-batch on ``stage``: the
+    [s, b, h] stream between layers, plus the larger of one layer's working set (bounded by what that layer
+    would save for backward, ``layer_activation_bytes``: its intermediates are freed as it runs) and, on the last
+    stage, the head's: the policy's logits [b, s, V / TP] (e bytes) with the four fp32 tensors that
+    ``models.policy``'s log-prob and entropy hold at once, or the reward model's fp32 final hidden states."""
+    e, tokens = DTYPE_BYTES[layout.dtype], batch * layout.sequence
+    kinds = {arch.is_moe_layer(layer): layer for layer in stage_layers(arch, layout.pp, stage)}
+    layer = max((layer_activation_bytes(arch, index, layout, batch) for index in kinds.values()), default=0)
+    head = 0
+    if stage == layout.pp - 1:
+        per_token = FP32 * arch.hidden if arch.reward_model else (arch.vocab // layout.tp) * (e + 4 * FP32)
+        head = int(tokens * per_token)
+    return int(tokens * e * arch.hidden) + max(layer, head)
 
 
 def rollout_bytes(policy: Architecture, layout: MemoryLayout, stage: int) -> tuple[int, int]:
@@ -406,30 +592,72 @@ def rollout_bytes(policy: Architecture, layout: MemoryLayout, stage: int) -> tup
     return 0, 2 * layers * (g // layout.tp) * d * kv_tokens * e
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """One model's bytes on one GPU of a pipeline stage."""
+
+    weights: int
+    """Its parameters (DDP's padded buffer for a trained model with the distributed optimizer)."""
+    gradients: int
+    """DDP's fp32 gradient buffers (0 when frozen)."""
+    optimizer: int
+    """Adam moments and fp32 main weights (0 when frozen)."""
+    activations: ActivationBytes
+    """Its update's activations (none when frozen)."""
+    forward: int
+    """What a forward without backward holds for one micro-batch (``forward_bytes``)."""
+
+
+@lru_cache(maxsize=4096)
+def _state_bytes(arch: Architecture, tp: int, pp: int, stage: int, ep: int, etp: int, value_head: bool,
+                 dp: int, dtype: str, distributed_optimizer: bool, trained: bool) -> TrainedBytes:
+    """trained_bytes (or the bare weights of a frozen model), cached: the layout search plans thousands of
+    variants of the same shapes."""
+    params = stage_params(arch, tp, pp, stage, ep, etp, value_head)
+    if not trained:
+        return TrainedBytes(params.total() * DTYPE_BYTES[dtype], 0, 0)
+    layout = MemoryLayout(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, dtype=dtype,
+                          distributed_optimizer=distributed_optimizer)
+    return trained_bytes(params, layout)
+
+
+def model_bytes(arch: Architecture, layout: MemoryLayout, stage: int, trained: bool, batch: int, max_tokens: int,
+                recompute: Recompute, value_head: bool = False) -> ModelBytes:
+    """The parts of one model on one GPU of ``stage``; ``batch`` sequences per micro-batch unless ``max_tokens``
+    sets a token budget."""
+    state = _state_bytes(arch, layout.tp, layout.pp, stage, layout.ep, layout.etp, value_head, layout.dp,
+                         layout.dtype, layout.distributed_optimizer, trained)
+    sequences = micro_batch_sequences(layout, batch, max_tokens)
+    activations = stage_activations(arch, layout, stage, sequences, recompute) if trained else ActivationBytes(0, 0)
+    return ModelBytes(state.weights, state.gradients, state.optimizer, activations,
+                      forward_bytes(arch, layout, stage, sequences))
+
+
+def _policy_and_reward(policy: Architecture, reward: Architecture, layout: MemoryLayout,
+                       stage: int) -> tuple[ModelBytes, ModelBytes, int]:
+    """(the policy's, the reward model's bytes, the reference's weights) on one GPU of ``stage``."""
+    p = model_bytes(policy, layout, stage, True, layout.micro_batch, layout.max_tokens_per_micro_batch,
+                    layout.policy_recompute)
+    r = model_bytes(reward, layout, stage, layout.reward_trained, layout.reward_micro_batch,
+                    layout.reward_max_tokens_per_micro_batch, layout.reward_recompute, layout.value_head)
+    reference = _state_bytes(policy, layout.tp, layout.pp, stage, layout.ep, layout.etp, False, layout.dp,
+                             layout.dtype, False, False).weights if layout.reference else 0
+    return p, r, reference
+
+
 def stage_bytes(policy: Architecture, reward: Architecture, layout: MemoryLayout, stage: int) -> dict[str, int]:
-    """The parts of one GPU of pipeline stage ``stage`` (without the total)."""
-    e = DTYPE_BYTES[layout.dtype]
-    shape = dict(tp=layout.tp, pp=layout.pp, stage=stage, ep=layout.ep, etp=layout.etp)
-    policy_params = stage_params(policy, **shape)
-    reward_params = stage_params(reward, **shape, value_head=layout.value_head)
+    """All-resident: the parts of one GPU of pipeline stage ``stage`` (without the total), every part counted at
+    once (what is offloaded leaves; the largest offloaded block comes back as ``offload_restored``)."""
+    p, r, reference = _policy_and_reward(policy, reward, layout, stage)
     parts, offloaded = {}, [0]
-    for name, params, trained, batch in (("policy", policy_params, True, layout.micro_batch),
-                                         ("reward", reward_params, layout.reward_trained, layout.reward_micro_batch)):
-        arch = policy if name == "policy" else reward
-        if trained:
-            state = trained_bytes(params, layout)
-            idle = (state.optimizer if layout.offload_optimizer else 0) + (
-                state.gradients if layout.offload_gradients else 0)
-            offloaded.append(idle)
-            parts[f"{name}_weights"] = state.weights
-            parts[f"{name}_gradients"] = 0 if layout.offload_gradients else state.gradients
-            parts[f"{name}_optimizer_states"] = 0 if layout.offload_optimizer else state.optimizer
-            parts[f"{name}_activations"] = stage_activation_bytes(arch, layout, stage, batch)
-        else:
-            parts.update({f"{name}_weights": params.total() * e, f"{name}_gradients": 0,
-                          f"{name}_optimizer_states": 0, f"{name}_activations": 0})
+    for name, model, trained in (("policy", p, True), ("reward", r, layout.reward_trained)):
+        offloaded.append((model.optimizer if layout.offload_optimizer else 0)
+                         + (model.gradients if layout.offload_gradients else 0))
+        parts[f"{name}_weights"] = model.weights
+        parts[f"{name}_gradients"] = 0 if layout.offload_gradients else model.gradients
+        parts[f"{name}_optimizer_states"] = 0 if layout.offload_optimizer else model.optimizer
+        parts[f"{name}_activations"] = model.activations.total
         if name == "policy":
-            reference = policy_params.total() * e if layout.reference else 0
             offloaded.append(reference if layout.offload_reference else 0)
             parts["reference_weights"] = 0 if layout.offload_reference else reference
     weights, kv_cache = rollout_bytes(policy, layout, stage)
@@ -441,6 +669,52 @@ def stage_bytes(policy: Architecture, reward: Architecture, layout: MemoryLayout
         # largest such block is on the GPU at the worst moment.
         parts["offload_restored"] = max(offloaded)
     return parts
+
+
+def stage_phases(policy: Architecture, reward: Architecture, layout: MemoryLayout, stage: int) -> list[PhasePlan]:
+    """The peak of each phase of a stage-3 step on one GPU of ``stage``, following ``trainers/offload.py``:
+    between phases every model's weights stay, and its gradient buffers and optimizer states unless
+    ``offload.gradients`` / ``offload.optimizer`` move them off; the reference's weights stay unless
+    ``offload.reference``. Each phase brings back what it uses (``IdleOffload.resident``):
+
+    - rollout: the engine's weights and KV cache (the transformers engine's copy stays between rollouts, vLLM's
+      sleeps unless ``vllm_sleep`` is off: then its weights and reserved cache stay too);
+    - logprobs: the reference's weights, one policy micro-batch's forward (reference and old log-probs);
+    - rm_scoring: one reward micro-batch's forward;
+    - rm_update (trained RM): its gradients, optimizer states and activations (with recompute what the backward
+      rematerialises on top);
+    - policy_update: the same for the policy.
+    """
+    p, r, reference = _policy_and_reward(policy, reward, layout, stage)
+    engine_weights, kv_cache = rollout_bytes(policy, layout, stage)
+    engine_stays = layout.rollout_backend == "transformers" or (layout.rollout_backend == "vllm" and
+                                                                not layout.vllm_sleep)
+    resident = {}
+    for name, model in (("policy", p), ("reward", r)):
+        resident[f"{name}_weights"] = model.weights
+        resident[f"{name}_gradients"] = 0 if layout.offload_gradients else model.gradients
+        resident[f"{name}_optimizer_states"] = 0 if layout.offload_optimizer else model.optimizer
+    resident["reference_weights"] = 0 if layout.offload_reference else reference
+    resident["rollout_weights"] = engine_weights if engine_stays else 0
+    resident["rollout_kv_cache"] = kv_cache if layout.rollout_backend == "vllm" and not layout.vllm_sleep else 0
+
+    def phase(name: str, **changes: int) -> PhasePlan:
+        return PhasePlan(name, {**resident, **changes}, stage)
+
+    phases = [phase("rollout", rollout_weights=engine_weights, rollout_kv_cache=kv_cache),
+              phase("logprobs", reference_weights=reference, policy_forward=p.forward),
+              phase("rm_scoring", reward_forward=r.forward)]
+    if layout.reward_trained:
+        phases.append(phase("rm_update", reward_gradients=r.gradients, reward_optimizer_states=r.optimizer,
+                            reward_activations=r.activations.saved, reward_recomputed=r.activations.rematerialised))
+    phases.append(phase("policy_update", policy_gradients=p.gradients, policy_optimizer_states=p.optimizer,
+                        policy_activations=p.activations.saved, policy_recomputed=p.activations.rematerialised))
+    return phases
+
+
+def fullest_phases(stages: list[list[PhasePlan]]) -> list[PhasePlan]:
+    """Each phase at the stage whose GPUs hold the most in it (``stages[i]``: stage i's phases)."""
+    return [max(column, key=lambda phase: phase.total) for column in zip(*stages)]
 
 
 def layout_problems(arch: Architecture, layout: MemoryLayout) -> list[str]:
@@ -467,19 +741,49 @@ def layout_problems(arch: Architecture, layout: MemoryLayout) -> list[str]:
 
 
 def plan_memory(policy: Architecture, reward: Architecture, layout: MemoryLayout) -> MemoryPlan:
-    """Per-GPU bytes of ``layout``: the parts of the pipeline stage whose total is largest (ValueError naming
-    every problem when the layout cannot split a model)."""
+    """Per-GPU bytes of ``layout``: each phase's peak (``stage_phases``) and the all-resident parts of the
+    pipeline stage whose total is largest (ValueError naming every problem when the layout cannot run)."""
     if layout.dtype not in DTYPE_BYTES or layout.rollout_backend not in ROLLOUT_BACKENDS or layout.spec not in SPECS:
         raise ValueError(f"dtype={layout.dtype!r}, rollout_backend={layout.rollout_backend!r}, spec={layout.spec!r}: "
                          f"choose from {sorted(DTYPE_BYTES)}, {ROLLOUT_BACKENDS}, {SPECS}")
     if policy.reward_model or not reward.reward_model:
         raise ValueError("the policy must be a causal LM and the reward model carry the scalar head")
     problems = layout_problems(policy, layout) + layout_problems(reward, layout)
+    problems += recompute_problems(layout.policy_recompute, policy.layers // layout.pp, "policy.recompute")
+    problems += recompute_problems(layout.reward_recompute, reward.layers // layout.pp, "reward.recompute")
     if problems:
         raise ValueError("; ".join(problems))
     stages = [stage_bytes(policy, reward, layout, stage) for stage in range(layout.pp)]
     stage = max(range(layout.pp), key=lambda i: sum(stages[i].values()))
-    return MemoryPlan({**stages[stage], "total": sum(stages[stage].values())}, stage, layout)
+    phases = fullest_phases([stage_phases(policy, reward, layout, i) for i in range(layout.pp)])
+    return MemoryPlan({**stages[stage], "total": sum(stages[stage].values())}, stage, layout, phases)
+
+
+def plan_training(model: Architecture, layout: MemoryLayout, backbone_trained: bool = True) -> MemoryPlan:
+    """Per-GPU bytes of a stage that trains one model (stage 1, stage 2, SFT), planned with ``layout``'s policy
+    fields (micro_batch, max_tokens_per_micro_batch, policy_recompute) and ``prompt_length`` + ``response_length``
+    as the longest sequence. ``backbone_trained`` false: stage 2, where only the value head learns (its
+    gradients and optimizer states are a few kilobytes; the backbone's forward keeps nothing for a backward)."""
+    problems = layout_problems(model, layout) + recompute_problems(layout.policy_recompute,
+                                                                   model.layers // layout.pp, "recompute")
+    if problems:
+        raise ValueError("; ".join(problems))
+    name = "reward" if model.reward_model else "policy"
+    stages = []
+    for stage in range(layout.pp):
+        m = model_bytes(model, layout, stage, backbone_trained, layout.micro_batch, layout.max_tokens_per_micro_batch,
+                        layout.policy_recompute, layout.value_head)
+        if backbone_trained:
+            parts = {f"{name}_weights": m.weights, f"{name}_gradients": m.gradients,
+                     f"{name}_optimizer_states": m.optimizer, f"{name}_activations": m.activations.saved,
+                     f"{name}_recomputed": m.activations.rematerialised}
+        else:
+            head = model.hidden * (1 + layout.value_head) if stage == layout.pp - 1 else 0
+            parts = {f"{name}_weights": m.weights, f"{name}_gradients": head * FP32,
+                     f"{name}_optimizer_states": head * 3 * FP32, f"{name}_forward": m.forward}
+        stages.append([PhasePlan("update", parts, stage)])
+    phases = fullest_phases(stages)
+    return MemoryPlan({**phases[0].parts, "total": phases[0].total}, phases[0].stage, layout, phases)
 
 
 def candidate_layouts(policy: Architecture, reward: Architecture, gpus: int, base: MemoryLayout,
@@ -500,6 +804,162 @@ def candidate_layouts(policy: Architecture, reward: Architecture, gpus: int, bas
                 if not layout_problems(policy, layout) + layout_problems(reward, layout):
                     found.append(layout)
     return sorted(found, key=lambda layout: (layout.tp * layout.pp * layout.ep, layout.tp, layout.pp, layout.ep))
+
+
+GIB = 2**30
+KNOBS = ("policy_recompute", "reward_recompute", "max_tokens_per_micro_batch", "reward_max_tokens_per_micro_batch",
+         "offload_gradients", "offload_reference", "offload_optimizer")
+"""The settings the search varies (MemoryLayout fields), besides the parallel layout."""
+STAGE3_SETTINGS = {"policy_recompute": "policy.recompute.granularity", "reward_recompute": "reward.recompute.granularity",
+                   "max_tokens_per_micro_batch": "policy.max_tokens_per_micro_batch",
+                   "reward_max_tokens_per_micro_batch": "reward.max_tokens_per_micro_batch",
+                   "offload_gradients": "offload.gradients", "offload_reference": "offload.reference",
+                   "offload_optimizer": "offload.optimizer", "tp": "parallel.tensor_model_parallel_size",
+                   "pp": "parallel.pipeline_model_parallel_size", "ep": "parallel.expert_model_parallel_size"}
+"""MemoryLayout field -> the stage-3 config setting it stands for, as a refusal names it."""
+TRAINING_SETTINGS = {"policy_recompute": "recompute.granularity",
+                     "max_tokens_per_micro_batch": "batch.max_tokens_per_micro_batch",
+                     "tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
+                     "ep": "parallel.expert_model_parallel_size"}
+"""The same for stage 1, stage 2 and SFT (one trained model, planned through the policy fields)."""
+
+
+def settings_cost(layout: MemoryLayout) -> tuple:
+    """Sort key of the search, cheapest first, by what each setting costs in step time:
+
+    1. full recompute, per model: it runs every layer's forward again in the backward, about a third more of
+       that model's update compute, the most of any setting;
+    2. the model-parallel size TP x PP x EP: every doubling adds communication to every layer (TP, EP) or
+       pipeline bubbles (PP), and halves the data-parallel replicas that share the rollouts;
+    3. offload.optimizer: 12 bytes a parameter cross PCIe both ways in every step;
+    4. selective recompute, per model: core attention's forward again, a few percent;
+    5. offload.gradients (the buffers are freed and zeroed again, no copy) and offload.reference (its weights
+       cross PCIe once a step);
+    6. token budgets: they only regroup the rows of a micro-batch (less padding, often faster); a larger budget
+       before a smaller one (fewer micro-batches).
+    """
+    recompute = (layout.policy_recompute.granularity, layout.reward_recompute.granularity)
+    budgets = [b for b in (layout.max_tokens_per_micro_batch, layout.reward_max_tokens_per_micro_batch) if b]
+    return (recompute.count("full"), layout.tp * layout.pp * layout.ep, layout.offload_optimizer,
+            recompute.count("selective"), layout.offload_gradients + layout.offload_reference, len(budgets),
+            -sum(budgets), layout.tp, layout.pp)
+
+
+def _budgets(layout: MemoryLayout, batch: int) -> list[int]:
+    """Token budgets worth trying for micro-batches of ``batch`` full-length sequences: none, then sequence x
+    2^k below batch x sequence (a budget of a whole micro-batch or more changes nothing)."""
+    found, budget = [0], layout.sequence
+    while budget < batch * layout.sequence:
+        found.append(budget)
+        budget *= 2
+    return found
+
+
+def setting_variants(base: MemoryLayout, knobs: tuple[str, ...] = KNOBS) -> list[MemoryLayout]:
+    """Every combination of ``knobs`` on ``base`` (recompute: none, selective, full / uniform / 1; budgets: see
+    ``_budgets``; offload: off, on), cheapest first by ``settings_cost``."""
+    choices = {
+        "policy_recompute": [Recompute(), Recompute("selective"), Recompute("full")],
+        "reward_recompute": [Recompute(), Recompute("selective"), Recompute("full")],
+        "max_tokens_per_micro_batch": _budgets(base, base.micro_batch),
+        "reward_max_tokens_per_micro_batch": _budgets(base, base.reward_micro_batch),
+        "offload_gradients": [False, True], "offload_reference": [False, True], "offload_optimizer": [False, True]}
+    variants = [base]
+    for knob in knobs:
+        variants = [replace(variant, **{knob: value}) for variant in variants for value in choices[knob]]
+    return sorted(set(variants), key=settings_cost)
+
+
+def search_fits(plan_of, layouts: list[MemoryLayout], budget: int, knobs: tuple[str, ...] = KNOBS,
+                per_layout: int = 1) -> list[MemoryPlan]:
+    """For each parallel layout of ``layouts``, the ``per_layout`` cheapest variants of ``knobs``
+    (``setting_variants``) whose peak is at most ``budget`` bytes; all of them cheapest first.
+    ``plan_of(layout)`` plans one (``plan_memory`` with the models bound, or ``plan_training``); a variant it
+    refuses (ValueError, e.g. a token budget below one sequence) is skipped."""
+    found = []
+    for layout in layouts:
+        fits = 0
+        for variant in setting_variants(layout, knobs):
+            try:
+                plan = plan_of(variant)
+            except ValueError:
+                continue
+            if plan.peak <= budget:
+                found.append(plan)
+                fits += 1
+                if fits == per_layout:
+                    break
+    return sorted(found, key=lambda plan: (settings_cost(plan.layout), plan.peak))
+
+
+def changed_settings(base: MemoryLayout, layout: MemoryLayout, names: dict[str, str]) -> list[str]:
+    """``layout``'s differences from ``base`` as ``setting=value``, by the config names of ``names``."""
+    changes = []
+    for field_name, setting in names.items():
+        old, new = getattr(base, field_name), getattr(layout, field_name)
+        if old == new:
+            continue
+        if isinstance(new, Recompute):
+            value = "null" if new.granularity is None else new.granularity
+            changes.append(f"{setting}={value}")
+            if new.granularity == "full":
+                prefix = setting.rsplit(".", 1)[0]
+                changes += [f"{prefix}.method={new.method}", f"{prefix}.num_layers={new.num_layers}"]
+        else:
+            changes.append(f"{setting}={str(new).lower() if isinstance(new, bool) else new}")
+    if "tp" in names and (base.tp, base.pp, base.ep) != (layout.tp, layout.pp, layout.ep):
+        changes.append(f"(data-parallel size {layout.dp})")
+    return changes
+
+
+def memory_refusal(plan: MemoryPlan, device_bytes: int, margin_bytes: int, fits: list[MemoryPlan],
+                   names: dict[str, str], limit: int = 3) -> str | None:
+    """Why ``plan`` cannot start on a device of ``device_bytes`` keeping ``margin_bytes`` free, or None when its
+    peak fits: the phase, its parts, and the first ``limit`` of ``fits`` (cheapest first) as settings to set."""
+    budget = device_bytes - margin_bytes
+    if plan.peak <= budget:
+        return None
+    phase = plan.peak_phase
+    parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in
+                      sorted(phase.parts.items(), key=lambda item: -item[1]) if value)
+    lines = [f"the {phase.name} phase needs {phase.total / GIB:.2f} GiB per GPU (pipeline stage {phase.stage}; "
+             f"GiB: {parts}), more than this device's {device_bytes / GIB:.2f} GiB less memory_margin_gib="
+             f"{margin_bytes / GIB:g} ({budget / GIB:.2f} GiB)."]
+    if fits:
+        lines.append("Cheapest settings that fit (cheapest first):")
+        for fit in fits[:limit]:
+            changes = changed_settings(plan.layout, fit.layout, names) or ["(none)"]
+            lines.append(f"  {' '.join(changes)}  -> peak {fit.peak / GIB:.2f} GiB ({fit.peak_phase.name})")
+    else:
+        lines.append("No recompute, token budget, offload or TP / PP setting the planner tried fits: use more GPUs.")
+    lines.append("Set memory_check=false to start anyway.")
+    return "\n".join(lines)
+
+
+def phase_table(plan: MemoryPlan) -> list[str]:
+    """The plan as aligned lines in GiB (2^30 bytes): a row per part, a column per phase and the all-resident
+    total, then the peak."""
+    layout = plan.layout
+    phases = plan.phases
+    all_resident = {k: v for k, v in plan.per_gpu_bytes.items() if k != "total"}
+    names = list(dict.fromkeys(name for phase in phases for name in phase.parts))
+    names += [name for name in all_resident if name not in names]
+    names = [name for name in names if any(p.parts.get(name) for p in phases) or all_resident.get(name)]
+    head = [f"per GPU, GiB; TP {layout.tp} x PP {layout.pp} x DP {layout.dp}"
+            + (f", EP {layout.ep}" if layout.ep > 1 else "") + f"; recompute policy {layout.policy_recompute}, "
+            f"reward {layout.reward_recompute}; token budgets {layout.max_tokens_per_micro_batch or '-'} / "
+            f"{layout.reward_max_tokens_per_micro_batch or '-'}:"]
+    width = max(13, *(len(phase.name) + 1 for phase in phases))
+    head.append(f"  {'':<26}" + "".join(f"{phase.name:>{width}}" for phase in phases) + f"{'all-resident':>14}")
+    rows = [f"  {name:<26}" + "".join(f"{phase.parts.get(name, 0) / GIB:>{width}.2f}" for phase in phases)
+            + f"{all_resident.get(name, 0) / GIB:>14.2f}" for name in names]
+    rows.append(f"  {'total':<26}" + "".join(f"{phase.total / GIB:>{width}.2f}" for phase in phases)
+                + f"{plan.total / GIB:>14.2f}")
+    if layout.pp > 1:  # each column is the stage that holds the most in that phase
+        head.append(f"  {'pipeline stage':<26}" + "".join(f"{phase.stage:>{width}}" for phase in phases)
+                    + f"{plan.stage:>14}")
+    where = "" if layout.pp == 1 else f" on pipeline stage {plan.peak_phase.stage}"
+    return head + rows + [f"peak: {plan.peak_phase.name}, {plan.peak / GIB:.2f} GiB{where}"]
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

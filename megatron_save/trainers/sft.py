@@ -32,6 +32,7 @@ from megatron_save.trainers.common import (
     start_from_checkpoint,
     write_json,
 )
+from megatron_save.trainers.memory_check import check_training_memory
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
 from megatron_save.utils.logging import get_logger
@@ -58,6 +59,13 @@ class SFTConfig:
     """Tensor / pipeline parallel layout."""
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     """Activation recompute of the model's training forwards (see docs/guides/recompute_and_token_budgets.md)."""
+    memory_check: bool = True
+    """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
+    device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
+    anyway. On CPU the plan is only logged."""
+    memory_margin_gib: float = 6.0
+    """GiB of each GPU the plan leaves free for what it does not count: the CUDA context, NCCL buffers, a
+    layer's forward workspace and fragmentation."""
 
 
 def response_loss_mask(demonstrations: list[Demonstration], width: int) -> torch.Tensor:
@@ -94,6 +102,7 @@ def held_out_loss(model, demonstrations: list[Demonstration], pad_id: int, micro
 
 def train_sft(cfg: SFTConfig) -> dict:
     check_settings(cfg)
+    check_training_memory(cfg, "SFT", sequences=cfg.batch.micro_batch_size)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, recompute=cfg.recompute)
     if meta.kind != "causal_lm":
         raise ValueError(f"{cfg.checkpoint}: holds a {meta.kind}; supervised fine-tuning needs a causal_lm")

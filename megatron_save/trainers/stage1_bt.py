@@ -32,6 +32,7 @@ from megatron_save.trainers.common import (
     write_json,
 )
 from megatron_save.trainers.losses import bt_pair_loss
+from megatron_save.trainers.memory_check import check_training_memory
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
 from megatron_save.utils.logging import get_logger
@@ -63,10 +64,18 @@ class Stage1Config:
     """Tensor / pipeline parallel layout."""
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     """Activation recompute of the reward model's training forwards (see docs/guides/recompute_and_token_budgets.md)."""
+    memory_check: bool = True
+    """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
+    device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
+    anyway. On CPU the plan is only logged."""
+    memory_margin_gib: float = 6.0
+    """GiB of each GPU the plan leaves free for what it does not count: the CUDA context, NCCL buffers, a
+    layer's forward workspace and fragmentation."""
 
 
 def train_stage1(cfg: Stage1Config) -> dict:
     check_settings(cfg)
+    check_training_memory(cfg, "stage 1", sequences=2 * cfg.batch.micro_batch_size)  # pairs: chosen + rejected
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, recompute=cfg.recompute)
     ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
     pad_id = pad_id_of(tokenizer)

@@ -32,6 +32,7 @@ from megatron_save.trainers.common import (
     write_json,
 )
 from megatron_save.trainers.losses import value_regression_loss
+from megatron_save.trainers.memory_check import check_training_memory
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state
 from megatron_save.trainers.step import train_step
 from megatron_save.utils.logging import get_logger
@@ -64,6 +65,13 @@ class Stage2Config:
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     """Activation recompute of the training forwards; it saves memory at PP > 1 only, where the frozen backbone
     still runs its backward (at PP = 1 only the value head keeps activations for one)."""
+    memory_check: bool = True
+    """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
+    device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
+    anyway. On CPU the plan is only logged."""
+    memory_margin_gib: float = 6.0
+    """GiB of each GPU the plan leaves free for what it does not count: the CUDA context, NCCL buffers, a
+    layer's forward workspace and fragmentation."""
 
 
 def mean_frozen_rewards(model, groups: list[ResponseGroup], micro_batch_size: int, pad_id: int) -> torch.Tensor:
@@ -113,6 +121,9 @@ def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, ind
 
 def train_stage2(cfg: Stage2Config) -> dict:
     check_settings(cfg)
+    # Only the value head learns; the scoring forward reads score_micro_batch_size responses at once.
+    check_training_memory(cfg, "stage 2", max(cfg.batch.micro_batch_size, cfg.score_micro_batch_size),
+                          backbone_trained=False)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, add_value_head=True,
                                                   recompute=cfg.recompute)
     ensure_output_dir(cfg.output_dir, resuming=False)

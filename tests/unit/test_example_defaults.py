@@ -23,6 +23,7 @@ SCHEMAS = {
     "rollout/vllm.yaml": Stage3Config,
     "scaling/stage3_8b.yaml": Stage3Config, "scaling/stage3_70b.yaml": Stage3Config,
     "scaling/stage3_qwen3_30b_a3b.yaml": Stage3Config, "scaling/stage3_qwen3_235b_a22b.yaml": Stage3Config,
+    "scaling/stage3_4b.yaml": Stage3Config,
     "testbed/sft.yaml": SFTConfig, "testbed/stage1_bt.yaml": Stage1Config, "testbed/stage2_value.yaml": Stage2Config,
     "testbed/stage3.yaml": Stage3Config, "testbed/full.yaml": TestbedConfig,
     "testbed/gold_testbed.yaml": TestbedConfig, "testbed/lagged.yaml": TestbedConfig,

@@ -13,7 +13,15 @@ really allocates in this package, measured on tiny models in one process:
 
 Parameter counts are checked against transformers' models of the same configs (Qwen3-MoE included), the TP / PP
 / EP division analytically, the scaling configs against their published sizes, and every examples/scaling YAML
-header against the planner's current output for the command written in it.
+header against the planner's current output for the command written in it, that command against the YAML's own
+settings, and its peak against 72 GiB.
+
+The per-phase plan: each phase holds what trainers/offload.py leaves resident plus what the phase brings back
+(hand-checked below); recompute's saved bytes against Megatron-Core's with recompute set in the TransformerConfig
+(full / uniform and block, selective; byte-exact here, the issue asks 5%); token budgets; the layout search; the
+launch check's refusal (device memory injected) and that every stage runs it before it builds a model. The plan
+against what each phase really holds at two layouts: tools/validate_memory_plan.py (run at a tiny size here; its
+SmolLM2-135M run is docs/perf/memory_plan_validation.txt).
 """
 
 from __future__ import annotations
@@ -32,8 +40,16 @@ import transformers
 from megatron_save.planning import MemoryLayout, architecture_from_hf, plan_memory
 from megatron_save.planning.memory import (
     FAMILY_FACTS,
+    GIB,
+    KNOBS,
+    Recompute,
     buffer_numel,
+    candidate_layouts,
+    micro_batch_sequences,
+    search_fits,
+    settings_cost,
     stage_activation_bytes,
+    stage_activations,
     stage_params,
     trained_bytes,
 )
@@ -230,7 +246,8 @@ def test_planned_bytes_equal_megatron_allocation(family, dtype, kind, distribute
 
 @pytest.mark.parametrize("name, billions", [
     ("Llama-3.1-70B-Instruct", 70.6), ("Llama-3.1-8B-Instruct", 8.03), ("Skywork-Reward-V2-Llama-3.1-8B", 7.50),
-    ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.1), ("Qwen3-4B", 4.02)])
+    ("Qwen3-30B-A3B", 30.5), ("Qwen3-235B-A22B", 235.1), ("Qwen3-4B", 4.02),
+    ("Skywork-Reward-V2-Llama-3.2-3B", 3.21)])
 def test_scaling_configs_have_their_published_sizes(name, billions):
     config = transformers.AutoConfig.from_pretrained(SCALING / "configs" / name)
     reward_model = config.architectures[0].endswith("ForSequenceClassification")
@@ -258,7 +275,11 @@ def test_cli_json_total_is_the_sum_of_its_parts(tiny_configs):
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"per_gpu_bytes", "layout"}
+    assert set(out) == {"per_gpu_bytes", "phases", "peak", "layout"}
+    assert [phase["name"] for phase in out["phases"]] == ["rollout", "logprobs", "rm_scoring", "rm_update",
+                                                          "policy_update"]
+    assert all(phase["total"] == sum(phase["parts"].values()) for phase in out["phases"])
+    assert out["peak"]["bytes"] == max(phase["total"] for phase in out["phases"])
     parts = out["per_gpu_bytes"]
     assert all(isinstance(value, int) for value in parts.values())
     assert parts.pop("total") == sum(parts.values())
@@ -304,3 +325,311 @@ def test_scaling_yaml_headers_are_the_planners_current_output(path, monkeypatch)
     status, block = tool.run([*argv, "--comment"])
     assert status == 0, block
     assert "\n".join(block) in text, f"{path.name}: regenerate its header with\n" + "\n".join(block)
+    # The per-phase table, and a peak that leaves 8 GiB of an 80 GB GPU free.
+    assert any("policy_update" in line and "rm_update" in line for line in block)
+    args = tool._parser().parse_args(argv)
+    policy, reward = tool.load_architecture(args.policy, False), tool.load_architecture(args.reward, True)
+    plan = plan_memory(policy, reward, tool.layout_of(args))
+    assert plan.peak <= 72 * GIB, f"{path.name}: peak {plan.peak / GIB:.2f} GiB ({plan.peak_phase.name})"
+    # The command plans what the overlay runs: the layout the launch check reads from the config files.
+    assert _overlay_layout(path, args) == tool.layout_of(args), path.name
+
+
+def _overlay_layout(path: Path, args) -> MemoryLayout:
+    """The launch check's MemoryLayout of examples/paper/stage3_save.yaml + the overlay ``path``, on the
+    command's TP x PP x DP GPUs. Merged without the schema's key check, so that the recompute and token-budget
+    keys load before their dataclass fields exist (the adapter reads them by name)."""
+    from omegaconf import OmegaConf
+
+    from megatron_save.trainers.memory_check import stage3_layout
+    from megatron_save.trainers.stage3 import Stage3Config
+
+    schema = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Stage3Config)))  # defaults, no key check
+    cfg = OmegaConf.merge(schema, OmegaConf.load(REPO / "examples" / "paper" / "stage3_save.yaml"),
+                          OmegaConf.load(path))
+    world = args.tp * args.pp * args.dp
+    return stage3_layout(cfg, world, args.dtype, args.value_head, args.spec, fused_activation=True)
+
+
+# -- the phases of a step ---------------------------------------------------------------------------------------
+
+def _tiny_pair():
+    return (architecture_from_hf(tiny_hf_config("llama"), False),
+            architecture_from_hf(tiny_hf_config("qwen3", reward_model=True), True))
+
+
+def _phase(plan, name):
+    return next(phase for phase in plan.phases if phase.name == name)
+
+
+def test_each_phase_holds_what_offload_leaves_and_what_it_brings_back():
+    policy, reward = _tiny_pair()
+    base = MemoryLayout(micro_batch=2, reward_micro_batch=4, distributed_optimizer=True, value_head=True,
+                        prompt_length=PROMPT, response_length=RESPONSE)
+    shape = dict(tp=1, pp=1, stage=0)
+    p = trained_bytes(stage_params(policy, **shape), base)
+    r = trained_bytes(stage_params(reward, **shape, value_head=True), base)
+    reference = stage_params(policy, **shape).total() * 2
+    kept = plan_memory(policy, reward, base)
+    assert [phase.name for phase in kept.phases] == ["rollout", "logprobs", "rm_scoring", "rm_update", "policy_update"]
+    assert kept.peak == max(phase.total for phase in kept.phases) <= kept.total
+    # Nothing offloaded: every phase holds both models' states and the reference.
+    for phase in kept.phases:
+        assert (phase.parts["policy_gradients"], phase.parts["reward_optimizer_states"]) == (p.gradients, r.optimizer)
+        assert phase.parts["reference_weights"] == reference
+    # The transformers engine keeps its copy; its KV cache lives during the rollout only.
+    assert all(phase.parts["rollout_weights"] > 0 for phase in kept.phases)
+    assert [phase.parts["rollout_kv_cache"] > 0 for phase in kept.phases] == [True, False, False, False, False]
+    assert _phase(kept, "rm_update").parts["reward_activations"] == stage_activation_bytes(reward, base, 0, 4)
+    off = plan_memory(policy, reward, replace(base, offload_gradients=True, offload_optimizer=True,
+                                               offload_reference=True))
+    for phase in off.phases:
+        own = {"rm_update": "reward", "policy_update": "policy"}.get(phase.name)
+        for name, state in (("policy", p), ("reward", r)):
+            assert phase.parts[f"{name}_gradients"] == (state.gradients if name == own else 0), phase
+            assert phase.parts[f"{name}_optimizer_states"] == (state.optimizer if name == own else 0), phase
+        assert phase.parts["reference_weights"] == (reference if phase.name == "logprobs" else 0)
+        assert phase.total < _phase(kept, phase.name).total
+    # vLLM sleeps between rollouts (nothing held outside the rollout) unless told to stay awake.
+    vllm = replace(base, rollout_backend="vllm")
+    asleep, awake = plan_memory(policy, reward, vllm), plan_memory(policy, reward, replace(vllm, vllm_sleep=False))
+    assert [phase.parts["rollout_weights"] > 0 for phase in asleep.phases] == [True, False, False, False, False]
+    assert all(phase.parts["rollout_weights"] > 0 and phase.parts["rollout_kv_cache"] > 0 for phase in awake.phases)
+    # A frozen RM (GRPO) has no update phase.
+    assert "rm_update" not in [phase.name for phase in plan_memory(policy, reward, replace(
+        base, reward_trained=False)).phases]
+
+
+def test_the_all_resident_total_is_the_previous_planners():
+    """The 8B example's old command: 205.67 GiB, the number issue 43 quotes from the headers before this change."""
+    tool = _tool()
+    configs = SCALING / "configs"
+    argv = ["--policy", str(configs / "Llama-3.1-8B-Instruct"), "--reward",
+            str(configs / "Skywork-Reward-V2-Llama-3.1-8B"), "--tp", "2", "--dp", "4", "--distributed-optimizer",
+            "--value-head", "--micro-batch", "2", "--reward-micro-batch", "16"]
+    args = tool._parser().parse_args(argv)
+    plan = plan_memory(tool.load_architecture(args.policy, False), tool.load_architecture(args.reward, True),
+                       tool.layout_of(args))
+    assert round(plan.total / GIB, 2) == 205.67
+    assert round(plan.per_gpu_bytes["reward_activations"] / GIB, 2) == 89.88
+    assert plan.peak_phase.name == "rm_update" and plan.peak < plan.total
+
+
+def test_token_budget_bounds_a_micro_batch_by_its_tokens():
+    policy, _ = _tiny_pair()
+    layout = MemoryLayout(prompt_length=PROMPT, response_length=RESPONSE)
+    assert micro_batch_sequences(layout, 8, 0) == 8
+    assert micro_batch_sequences(layout, 8, 3 * 32) == 3  # 96 tokens: three 32-token sequences
+    assert stage_activation_bytes(policy, replace(layout, max_tokens_per_micro_batch=64), 0,
+                                  micro_batch_sequences(layout, 8, 64)) == stage_activation_bytes(policy, layout, 0, 2)
+    with pytest.raises(ValueError, match="token budget of 31 per micro-batch is below one full-length sequence of 32"):
+        micro_batch_sequences(layout, 8, 31)
+    reward = architecture_from_hf(tiny_hf_config("qwen3", reward_model=True), True)
+    fixed = plan_memory(policy, reward, replace(layout, reward_micro_batch=16))
+    budget = plan_memory(policy, reward, replace(layout, reward_micro_batch=16, reward_max_tokens_per_micro_batch=64))
+    assert _phase(budget, "rm_update").parts["reward_activations"] < _phase(fixed, "rm_update").parts[
+        "reward_activations"]
+
+
+@pytest.mark.parametrize("recompute", [Recompute("full"), Recompute("full", "uniform", 2), Recompute("full", "block", 1),
+                                       Recompute("selective")], ids=str)
+@pytest.mark.parametrize("family, dtype", [("llama", "bf16"), ("qwen3", "fp32")])
+def test_recompute_saved_bytes_equal_megatron(family, dtype, recompute, world_of_one):
+    """A model built with the package's recompute settings (Megatron-Core's TransformerConfig recompute_*): the
+    bytes its forward saves for backward (measured as above) are the planner's ``saved`` (5% asked; the account
+    is byte-exact)."""
+    from megatron_save.config import RecomputeSettings
+    from megatron_save.models.builder import build_model
+    from megatron_save.models.policy import token_logprobs
+
+    config = tiny_hf_config(family)
+    torch.manual_seed(0)
+    settings = RecomputeSettings(recompute.granularity, recompute.method, recompute.num_layers)
+    model = build_model(config, "causal_lm", dtype=dtype, spec_backend="local", recompute=settings)
+    assert model.decoder.config.recompute_granularity == recompute.granularity
+    model.train()
+    tokens = torch.randint(0, config.vocab_size, (BATCH, PROMPT + RESPONSE))
+    measured, _ = _saved_activation_bytes(
+        model, tokens, lambda logits: -token_logprobs(logits[:, :-1], tokens[:, 1:]).sum())
+    arch = architecture_from_hf(config, reward_model=False)
+    layout = MemoryLayout(dtype=dtype, spec="local", fused_activation=False, prompt_length=PROMPT,
+                          response_length=RESPONSE)
+    planned = stage_activations(arch, layout, 0, BATCH, recompute)
+    assert abs(planned.saved - measured) <= 0.05 * measured, (planned, measured)
+    assert planned.saved < stage_activation_bytes(arch, layout, 0, BATCH)  # recompute keeps less
+    assert planned.rematerialised > 0
+
+
+# -- the layout search ------------------------------------------------------------------------------------------
+
+def test_search_lists_cheapest_fits_first():
+    policy, reward = _tiny_pair()
+    base = MemoryLayout(micro_batch=4, reward_micro_batch=8, distributed_optimizer=True, value_head=True,
+                        prompt_length=PROMPT, response_length=RESPONSE)
+    plan_of = lambda layout: plan_memory(policy, reward, layout)  # noqa: E731
+    layouts = candidate_layouts(policy, reward, 4, base)
+    budget = int(plan_of(base).peak * 0.6)  # the base settings do not fit at TP=1, other settings do
+    fits = search_fits(plan_of, layouts, budget, KNOBS)
+    assert fits and all(fit.peak <= budget for fit in fits)
+    assert [settings_cost(f.layout) for f in fits] == sorted(settings_cost(f.layout) for f in fits)
+    assert any(fit.layout.tp == 1 and fit.layout.pp == 1 for fit in fits)
+    assert search_fits(plan_of, layouts, 1000, KNOBS) == []
+    # Full recompute costs more than any offload or model-parallel change; token budgets cost least.
+    assert settings_cost(replace(base, policy_recompute=Recompute("full"))) > settings_cost(
+        replace(base, tp=4, offload_optimizer=True, offload_gradients=True, offload_reference=True))
+    assert settings_cost(replace(base, max_tokens_per_micro_batch=64)) < settings_cost(
+        replace(base, reward_recompute=Recompute("selective")))
+
+
+def test_cli_finds_layouts_that_fit_8b_on_8_gpus():
+    configs = SCALING / "configs"
+    status, lines = _tool().run([
+        "--policy", str(configs / "Llama-3.1-8B-Instruct"), "--reward", str(configs / "Skywork-Reward-V2-Llama-3.1-8B"),
+        "--tp", "2", "--dp", "4", "--distributed-optimizer", "--value-head", "--micro-batch", "2",
+        "--reward-micro-batch", "16", "--gpus", "8", "--gpu-memory", "80GiB", "--margin-gib", "8"])
+    assert status == 0, lines
+    rows = [line.split() for line in lines[2:]]
+    assert rows and all(float(row[4]) <= 72 for row in rows)
+    assert rows[0][:4] == ["2", "1", "1", "4"] and "offload.gradients=true" in lines[2], lines
+    status, lines = _tool().run([
+        "--policy", str(configs / "Llama-3.1-8B-Instruct"), "--reward", str(configs / "Skywork-Reward-V2-Llama-3.1-8B"),
+        "--tp", "2", "--dp", "4", "--micro-batch", "2", "--reward-micro-batch", "16", "--gpus", "8",
+        "--gpu-memory", "80GiB", "--margin-gib", "8", "--fixed-settings"])
+    assert status == 1 and "no layout of 8 GPUs fits 80GiB per GPU less a 8 GiB margin" in lines[0], lines
+
+
+# -- the launch check -------------------------------------------------------------------------------------------
+
+def _capture(name: str):
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger(name).addHandler(handler)
+    return records, handler
+
+
+def test_launch_check_refuses_naming_the_phase_and_settings_that_fit():
+    from megatron_save.planning.memory import STAGE3_SETTINGS
+    from megatron_save.trainers.memory_check import MemoryPlanError, check_plan
+
+    policy, reward = _tiny_pair()
+    base = MemoryLayout(micro_batch=4, reward_micro_batch=8, distributed_optimizer=True, value_head=True,
+                        prompt_length=PROMPT, response_length=RESPONSE)
+    plan_of = lambda layout: plan_memory(policy, reward, layout)  # noqa: E731
+    plan = plan_of(base)
+    margin_gib = 2**-10
+    device = int(plan.peak * 0.7) + int(margin_gib * GIB)  # the peak exceeds the device less its margin
+    check = lambda device, enabled=True: check_plan(  # noqa: E731
+        plan, plan_of, KNOBS, STAGE3_SETTINGS, device, margin_gib, enabled, [base], "stage 3")
+    with pytest.raises(MemoryPlanError) as refusal:
+        check(device)
+    message = str(refusal.value)
+    phase = plan.peak_phase
+    assert f"the {phase.name} phase needs {phase.total / GIB:.2f} GiB per GPU" in message
+    assert all(name in message for name, value in phase.parts.items() if value)
+    assert "Cheapest settings that fit" in message and "memory_check=false" in message
+    fits = search_fits(plan_of, [base], device - int(margin_gib * GIB), KNOBS)
+    first = [line for line in message.splitlines() if line.startswith("  ")][0]
+    assert first.endswith(f"-> peak {fits[0].peak / GIB:.2f} GiB ({fits[0].peak_phase.name})"), message
+    assert any(setting in first for setting in ("max_tokens_per_micro_batch=", "offload.", "recompute."))
+    check(plan.peak + int(margin_gib * GIB))  # fits exactly: no refusal
+    records, handler = _capture("megatron_save.trainers.memory_check")
+    try:
+        check(device, enabled=False)  # memory_check=false: a warning, no refusal
+        check(None)  # CPU: the plan is logged, nothing checked
+    finally:
+        import logging
+
+        logging.getLogger("megatron_save.trainers.memory_check").removeHandler(handler)
+    assert any("starting anyway (memory_check=false)" in record for record in records)
+    assert any("policy_update" in record and "all-resident" in record for record in records)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "sft", "stage3"])
+def test_every_stage_checks_its_plan_before_it_builds_a_model(stage, tiny_models, rl_data, tmp_path, monkeypatch):
+    """Each stage's entry plans its memory from its checkpoints and refuses before any model exists (a device of
+    a few MiB injected through memory_check.device_memory; on CPU it is None and the plan is only logged)."""
+    from megatron_save.trainers import memory_check
+    from megatron_save.trainers.common import DataSettings
+    from megatron_save.trainers.memory_check import MemoryPlanError
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the memory check")
+
+    monkeypatch.setattr(memory_check, "device_memory", lambda: 6 * GIB + 2**20)  # 1 MiB above the 6 GiB margin
+    if stage == "stage3":
+        from megatron_save.trainers.stage3 import Stage3Config, loop
+        from megatron_save.trainers.stage3.config import PolicySettings, RewardSettings
+
+        monkeypatch.setattr(loop, "build_stage3_run", built)
+        cfg = Stage3Config(output_dir=str(tmp_path / "out"), train_data=str(rl_data["prompts"]),
+                           policy=PolicySettings(checkpoint=str(tiny_models["llama-lm"]["mg"])),
+                           reward=RewardSettings(checkpoint=str(tiny_models["llama-rmv"]["mg"])))
+        entry = loop.train_stage3
+    else:
+        module = {"stage1": "megatron_save.trainers.stage1_bt", "stage2": "megatron_save.trainers.stage2_value",
+                  "sft": "megatron_save.trainers.sft"}[stage]
+        import importlib
+
+        trainer = importlib.import_module(module)
+        monkeypatch.setattr(trainer, "start_from_checkpoint", built)
+        config_class = {"stage1": "Stage1Config", "stage2": "Stage2Config", "sft": "SFTConfig"}[stage]
+        checkpoint = tiny_models["llama-lm" if stage == "sft" else "llama-rm"]["mg"]
+        cfg = getattr(trainer, config_class)(checkpoint=str(checkpoint), output_dir=str(tmp_path / "out"),
+                                             data=DataSettings(train_data=str(rl_data["pairs"])))
+        entry = {"stage1": "train_stage1", "stage2": "train_stage2", "sft": "train_sft"}[stage]
+        entry = getattr(trainer, entry)
+    with pytest.raises(MemoryPlanError, match=r"phase needs .* GiB per GPU"):
+        entry(cfg)
+    cfg.memory_check = False  # the override: the check passes and the (stubbed) build is reached
+    with pytest.raises(AssertionError, match="a model was built before the memory check"):
+        entry(cfg)
+    cfg.memory_check = True
+    monkeypatch.setattr(memory_check, "device_memory", lambda: None)  # CPU: the plan is logged, not checked
+    records, handler = _capture("megatron_save.trainers.memory_check")
+    try:
+        with pytest.raises(AssertionError, match="a model was built before the memory check"):
+            entry(cfg)
+    finally:
+        import logging
+
+        logging.getLogger("megatron_save.trainers.memory_check").removeHandler(handler)
+    assert any("planned memory per GPU" in record and "peak:" in record for record in records), records
+
+
+def test_validation_tool_agrees_within_ten_percent(tmp_path):
+    """tools/validate_memory_plan.py at its tiny size: every phase of both layouts within 10% (the committed
+    artifact is its SmolLM2-135M run)."""
+    from helpers import torchrun_tool
+
+    out = tmp_path / "validation.txt"
+    torchrun_tool("validate_memory_plan.py", 1, "--size", "tiny", "--dtype", "bf16", "--out", str(out), timeout=900)
+    torchrun_tool("validate_memory_plan.py", 2, "--size", "tiny", "--dtype", "bf16", "--out", str(out), "--append",
+                  timeout=900)
+    text = out.read_text()
+    assert text.count(" stage ") == 15, text  # TP1 PP1: 1 rank, TP1 PP2: 2 ranks; 5 phases each
+    assert "over 2 layout(s)" in text and "PASS" in text.splitlines()[-1], text
+    committed = (REPO / "docs" / "perf" / "memory_plan_validation.txt").read_text()
+    assert committed.count("--size 135m") == 2 and "over 2 layout(s)" in committed
+    assert committed.splitlines()[-1].endswith("PASS")
+
+
+def test_scaling_guide_quotes_committed_artifacts():
+    """docs/guides/scaling.md's 8B table is the overlay's header, each peak it quotes is its overlay's, and the
+    numbers of the 8B run without fitting settings are docs/perf/plan_memory_8b.txt's."""
+    import re
+
+    guide = (REPO / "docs" / "guides" / "scaling.md").read_text()
+    header = (SCALING / "stage3_8b.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(header) if line.startswith("# per GPU, GiB"))
+    end = next(i for i, line in enumerate(header) if line.startswith("# peak:"))
+    assert "\n".join(line[2:] for line in header[start:end + 1]) in guide
+    quoted = re.findall(r"`(stage3_\w+\.yaml)`[^`]*? (\d+\.\d+)\s+GiB", guide)
+    assert len(quoted) == 4, quoted
+    for name, peak in quoted:
+        assert re.search(rf"^# peak: \w+, {re.escape(peak)} GiB", (SCALING / name).read_text(), re.M), name
+    record = (REPO / "docs" / "perf" / "plan_memory_8b.txt").read_text()
+    assert "peak: rm_update, 177.43 GiB" in record and "reward_activations" in record and " 89.88 " in record
+    assert "177.43 GiB" in guide and "89.88 GiB" in guide

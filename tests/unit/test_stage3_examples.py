@@ -19,6 +19,7 @@ COMBINATIONS = [
     ["paper/stage3_save.yaml", "scaling/stage3_70b.yaml"],
     ["paper/stage3_save.yaml", "scaling/stage3_qwen3_30b_a3b.yaml"],
     ["paper/stage3_save.yaml", "scaling/stage3_qwen3_235b_a22b.yaml"],
+    ["paper/stage3_save.yaml", "scaling/stage3_4b.yaml"],
 ]
 
 

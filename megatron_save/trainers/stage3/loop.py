@@ -24,6 +24,7 @@ from megatron_save.checkpoint.run_checkpoint import (
 from megatron_save.checkpoint.model_checkpoint import checkpoint_verification
 from megatron_save.data.batching import pad_id_of
 from megatron_save.trainers.common import check_settings, ensure_output_dir, progress, run_from_command_line
+from megatron_save.trainers.memory_check import check_stage3_memory
 from megatron_save.trainers.stage3.batches import policy_rows
 from megatron_save.trainers.stage3.config import RESUMABLE_CHANGES, Stage3Config, check_stage3_config
 from megatron_save.trainers.stage3.groups import (
@@ -67,6 +68,7 @@ logger = get_logger("trainers.stage3")
 def train_stage3(cfg: Stage3Config) -> Path:
     check_stage3_config(cfg)
     check_settings(cfg)
+    check_stage3_memory(cfg)
     settings = asdict(cfg)
     latest = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if latest is not None:
