@@ -76,7 +76,7 @@ def alternate(fns: dict[str, callable], rounds: int) -> dict[str, list[float]]:
     return samples
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="llama")
     parser.add_argument("--layers", type=int, default=4)
@@ -96,7 +96,11 @@ def main() -> None:
                         "fixed policy micro-batch holds)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     from megatron_save.config import ParallelConfig
     from megatron_save.data.token_budget import partition_by_tokens, min_micro_batches

@@ -270,13 +270,17 @@ def compare(layout: MemoryLayout, stage: int, measured: dict, size: str) -> list
 VERDICT = re.compile(r"^  largest difference at this layout: ([0-9.]+)%$", re.M)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="135m")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the models' dtype")
     parser.add_argument("--out", type=Path, required=True, help="the report (written by rank 0)")
     parser.add_argument("--append", action="store_true", help="add this layout to the report's layouts")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     command = f"torchrun --nproc-per-node {world} tools/validate_memory_plan.py " + " ".join(sys.argv[1:])

@@ -43,18 +43,14 @@ class MemoryPlanError(RuntimeError):
 
 
 def recompute_of(settings: Any) -> Recompute:
-    """The planner's Recompute of a model's settings block (``policy``, ``reward`` or a stage config): its
-    ``recompute`` block when the config has one, else none."""
-    block = getattr(settings, "recompute", None)
-    if block is None:
-        return Recompute()
-    return Recompute(getattr(block, "granularity", None), getattr(block, "method", None) or "uniform",
-                     int(getattr(block, "num_layers", None) or 1))
+    """The planner's Recompute of a model's settings block (``policy``, ``reward`` or a stage config)."""
+    block = settings.recompute
+    return Recompute(block.granularity, block.method, block.num_layers)
 
 
 def token_budget_of(settings: Any) -> int:
-    """A settings block's ``max_tokens_per_micro_batch`` (0, fixed micro-batches, when the config has none)."""
-    return int(getattr(settings, "max_tokens_per_micro_batch", 0) or 0)
+    """A settings block's ``max_tokens_per_micro_batch`` (0: fixed micro-batches)."""
+    return settings.max_tokens_per_micro_batch
 
 
 def world_size() -> int:

@@ -327,7 +327,7 @@ def test_scaling_yaml_headers_are_the_planners_current_output(path, monkeypatch)
     assert "\n".join(block) in text, f"{path.name}: regenerate its header with\n" + "\n".join(block)
     # The per-phase table, and a peak that leaves 8 GiB of an 80 GB GPU free.
     assert any("policy_update" in line and "rm_update" in line for line in block)
-    args = tool._parser().parse_args(argv)
+    args = tool.build_parser().parse_args(argv)
     policy, reward = tool.load_architecture(args.policy, False), tool.load_architecture(args.reward, True)
     plan = plan_memory(policy, reward, tool.layout_of(args))
     assert plan.peak <= 72 * GIB, f"{path.name}: peak {plan.peak / GIB:.2f} GiB ({plan.peak_phase.name})"
@@ -407,7 +407,7 @@ def test_the_all_resident_total_is_the_previous_planners():
     argv = ["--policy", str(configs / "Llama-3.1-8B-Instruct"), "--reward",
             str(configs / "Skywork-Reward-V2-Llama-3.1-8B"), "--tp", "2", "--dp", "4", "--distributed-optimizer",
             "--value-head", "--micro-batch", "2", "--reward-micro-batch", "16"]
-    args = tool._parser().parse_args(argv)
+    args = tool.build_parser().parse_args(argv)
     plan = plan_memory(tool.load_architecture(args.policy, False), tool.load_architecture(args.reward, True),
                        tool.layout_of(args))
     assert round(plan.total / GIB, 2) == 205.67
