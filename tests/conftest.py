@@ -70,13 +70,16 @@ def world_of_one():
 
 def pytest_collection_modifyitems(config, items):
     """The tiers that need another environment skip, with the reason, where it is missing: ``gpu`` without CUDA,
-    ``vllm`` where vLLM does not import."""
+    ``vllm`` where vLLM does not import, ``slurm`` without a running Slurm cluster."""
     import importlib.util
 
     import torch
 
+    from helpers import slurm_missing
+
     missing = {"gpu": None if torch.cuda.is_available() else "needs a CUDA GPU (the GPU tier)",
-               "vllm": None if importlib.util.find_spec("vllm") else "needs real vLLM (.ci/vllm_tier.sh builds it)"}
+               "vllm": None if importlib.util.find_spec("vllm") else "needs real vLLM (.ci/vllm_tier.sh builds it)",
+               "slurm": slurm_missing() if any("slurm" in item.keywords for item in items) else None}
     for item in items:
         for marker, reason in missing.items():
             if reason and marker in item.keywords:

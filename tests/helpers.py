@@ -118,3 +118,21 @@ def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     side = (VALUE_HEAD_FILE,) if (model_dir / VALUE_HEAD_FILE).exists() else ()
     reader = SafetensorsReader(model_dir, side_files=side)
     return {name: reader.get(name) for name in sorted(reader.names())}
+
+
+def slurm_missing() -> str | None:
+    """Why Slurm tests cannot run here (None when they can): sbatch absent, or no cluster answering sinfo with an
+    idle or mixed node (.ci/slurm_leg.sh starts one on this machine)."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        return "needs Slurm: sbatch is not on PATH (.ci/slurm_leg.sh installs slurm-wlm and starts a cluster)"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"needs a running Slurm cluster: sinfo failed ({error})"
+    states = result.stdout.split()
+    if result.returncode != 0 or not any(s.rstrip("*") in ("idle", "mixed", "allocated") for s in states):
+        return (f"needs a running Slurm cluster (.ci/slurm_leg.sh starts one): sinfo said "
+                f"{(result.stderr or result.stdout).strip()[:200]!r}")
+    return None

@@ -62,7 +62,7 @@ class Fit:
 def fit_layout(policy, reward, gpus: int, capacity: int, study: StudyConfig) -> Fit:
     """The one call into the memory planner: the first layout of ``gpus`` GPUs, smallest model-parallel size first,
     whose per-GPU bytes fit ``capacity`` for every strategy, trying plain settings, then the distributed optimizer,
-    then offloading the optimizer, gradients and reference. When none fits, the plainest smallest layout, marked."""
+    then offloading the optimizer, gradients and reference. When none fits, the one that needs least, marked."""
     shape = study.run_shape
     base = MemoryLayout(dtype=shape.dtype, spec=shape.spec, fused_activation=shape.spec == "te",
                         micro_batch=shape.micro_batch, reward_micro_batch=shape.reward_micro_batch,
@@ -71,18 +71,20 @@ def fit_layout(policy, reward, gpus: int, capacity: int, study: StudyConfig) -> 
     ladder = [{}, dict(distributed_optimizer=True),
               dict(distributed_optimizer=True, offload_optimizer=True, offload_gradients=True, offload_reference=True)]
     trained = {s: s != "frozen" for s in study.recipe.strategies}
-    first = None
+    least = None
     for settings in ladder:
         for layout in candidate_layouts(policy, reward, gpus, replace(base, **settings)):
             planned = {s: plan_memory(policy, reward, replace(layout, reward_trained=t)).total
                        for s, t in trained.items()}
-            ours = Layout(tp=layout.tp, pp=layout.pp, **settings)
-            first = first or Fit(ours, planned, capacity, False)
-            if max(planned.values()) <= capacity:
-                return Fit(ours, planned, capacity, True)
-    if first is None:
+            fit = Fit(Layout(tp=layout.tp, pp=layout.pp, ep=layout.ep, **settings), planned, capacity,
+                      max(planned.values()) <= capacity)
+            if fit.fits:
+                return fit
+            if least is None or max(planned.values()) < max(least.planned_bytes.values()):
+                least = fit
+    if least is None:
         raise SystemExit(f"scaling_study: no TP x PP layout of {gpus} GPUs splits {policy.source}")
-    return first
+    return least
 
 
 def backbone_config(backbone):
@@ -95,7 +97,7 @@ def backbone_config(backbone):
 
     from megatron_save.checkpoint.convert import resolve_hf_dir
 
-    return AutoConfig.from_pretrained(resolve_hf_dir(backbone.hf))
+    return AutoConfig.from_pretrained(backbone.config or resolve_hf_dir(backbone.hf))
 
 
 def parameter_counts(arch) -> tuple[int, int]:
@@ -140,7 +142,7 @@ def absolute(study: StudyConfig) -> StudyConfig:
     for name in ("stage1_configs", "stage2_configs", "stage3_configs"):
         setattr(recipe, name, [resolve(p) for p in getattr(recipe, name)])
     for backbone in study.backbones:
-        backbone.hf = resolve(backbone.hf)
+        backbone.hf, backbone.config = resolve(backbone.hf), resolve(backbone.config)
     return study
 
 
@@ -166,6 +168,7 @@ def print_plan(study: StudyConfig, plan: dict, jobs: list[Job]) -> None:
         fits = "fits" if entry["fits"] else "DOES NOT FIT"
         print(f"{name}: {entry['params_total'] / 1e6:.1f}M params ({entry['params_active'] / 1e6:.1f}M active), "
               f"{entry['gpus']} GPUs as TP {layout['tp']} x PP {layout['pp']} x DP {entry['dp']}"
+              f"{' (EP ' + str(layout['ep']) + ')' if layout['ep'] > 1 else ''}"
               f"{' + ' + ', '.join(settings) if settings else ''}; planned GiB per GPU: {planned} "
               f"(of {entry['capacity_gib']:.1f}: {fits})")
     for job in jobs:
@@ -311,7 +314,8 @@ def cell_row(study: StudyConfig, plan: dict, job: Job) -> dict:
     layout = entry["layout"]
     row = {"backbone": cell.backbone, "strategy": cell.strategy, "seed": cell.seed,
            "params_total": entry["params_total"], "params_active": entry["params_active"], "gpus": entry["gpus"],
-           "layout": f"TP{layout['tp']} PP{layout['pp']} DP{entry['dp']}",
+           "layout": f"TP{layout['tp']} PP{layout['pp']} DP{entry['dp']}" + (f" EP{layout['ep']}" if layout["ep"] > 1
+                                                                            else ""),
            "peak_gib_planned": entry["planned_gib"][cell.strategy]}
     if job.done:
         row["status"] = "done"

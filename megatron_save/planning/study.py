@@ -33,6 +33,9 @@ class BackboneSpec:
     """Row label and directory name (letters, digits, ``-``, ``_``, ``.``)."""
     hf: str | None = None
     """Hugging Face directory or hub name of a causal LM (the policy; the reward model starts from it too)."""
+    config: str | None = None
+    """HF config (a directory holding config.json) the planner reads instead of ``hf``'s: for a hub name on a
+    machine without hub access (planning before the cluster)."""
     shape: dict[str, int] | None = None
     """Instead of ``hf``: transformers config numbers of a random model (hidden_size, num_hidden_layers, ...)."""
     family: str = "llama"
@@ -88,6 +91,8 @@ class ClusterSpec:
     """GPUs (on CPU: processes) per node."""
     memory_per_gpu: str = "80GB"
     """Memory of one GPU, for the planner ('80GB', '141GB', '16GiB')."""
+    request_gpus: bool = True
+    """Ask Slurm for the GPUs (#SBATCH --gpus-per-node) of the jobs that train or score; false on a CPU cluster."""
     partition: str | None = None
     """Slurm partition (#SBATCH --partition); None: the cluster's default."""
     time: str = "24:00:00"
@@ -200,15 +205,24 @@ class Layout:
     """The parallel layout and memory settings a backbone runs with (from the memory planner)."""
 
     tp: int = 1
+    """Tensor-parallel size of every stage."""
     pp: int = 1
+    """Pipeline-parallel size of every stage."""
+    ep: int = 1
+    """Expert-parallel size (MoE backbones)."""
     distributed_optimizer: bool = False
+    """Optimizer states sharded over data-parallel ranks."""
     offload_optimizer: bool = False
+    """Stage 3: optimizer states on the host outside their update (offload.optimizer)."""
     offload_gradients: bool = False
+    """Stage 3: gradient buffers on the host outside their update (offload.gradients)."""
     offload_reference: bool = False
+    """Stage 3: the reference model on the host outside its forward (offload.reference)."""
 
     def overrides(self, stage: str) -> list[str]:
         """The key=value settings that apply this layout to a ``stage`` launch."""
         out = [f"parallel.tensor_model_parallel_size={self.tp}", f"parallel.pipeline_model_parallel_size={self.pp}"]
+        out += [f"parallel.expert_model_parallel_size={self.ep}"] if self.ep > 1 else []
         if self.distributed_optimizer:
             out += ["policy.optim.use_distributed_optimizer=true", "reward.optim.use_distributed_optimizer=true"] \
                 if stage == "stage3" else ["optim.use_distributed_optimizer=true"]
@@ -370,10 +384,13 @@ def step_command(study: StudyConfig, step: Step, slurm: bool) -> str:
 def sbatch_script(study: StudyConfig, job: Job, repo: Path) -> str:
     """The job as an sbatch script: its resources, then each step, then the ``DONE`` marker."""
     cluster = study.cluster
-    nodes = cluster.nodes if any(s.kind == "trainer" for s in job.steps) else 1
+    trains = any(s.kind == "trainer" for s in job.steps)
+    nodes = cluster.nodes if trains else 1
     lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job.name}", f"#SBATCH --nodes={nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cluster.time}",
              f"#SBATCH --output={job.directory}/slurm-%j.out"]
+    if cluster.request_gpus and trains:
+        lines.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
     if cluster.partition:
         lines.append(f"#SBATCH --partition={cluster.partition}")
     if cluster.cpus_per_task:
