@@ -2,11 +2,13 @@
 fixed RM) and =save, at several model sizes and response lengths, in alternating rounds.
 
     python tools/cost_vs_size.py --out docs/scaling/cost [--sizes h256,h384,h576x15,smollm2-135m] \
-        [--lengths 16,64] [--rounds 3] [--steps 2] [--work DIR]
+        [--lengths 8,32] [--rounds 3] [--steps 2] [--work DIR]
     python tools/cost_vs_size.py --out docs/scaling/cost --summarize   # rewrite the tables from launches.jsonl
 
 Each size is a random Llama-family policy and reward model (with a value head) of that shape and SmolLM2's
-vocabulary (49152, tied embeddings), made with megatron_save.testing and converted once. One round runs, for every
+vocabulary (49152, tied embeddings), made with megatron_save.testing and converted once, with a character
+tokenizer widened to the vocabulary (each id one character), so that every sampled token decodes to text the
+reward model reads back token for token. One round runs, for every
 (size, length) cell, a frozen and a save launch of tools/bench_stage3.py's kind (one process, TP 1, the CPU example
 config), which of the two goes first alternating by round, so a slow spell of the shared machine hits both sides
 of a pair. Rounds are the outer loop: after round 1 every cell has a measurement, and each launch is appended to
@@ -60,6 +62,28 @@ def shape_overrides(size: str) -> dict:
             "max_position_embeddings": 16384}
 
 
+def wide_tokenizer(vocab_size: int):
+    """The tiny character tokenizer with one more single-character token per id up to ``vocab_size`` (CJK
+    ideographs): every id the random policy samples decodes to one character that the reward model's tokenizer
+    reads back as the same single id, so responses are never empty and the RM sees as many tokens as the policy
+    made (the plain tiny tokenizer decodes ids past its ~100 characters to nothing: empty, invalid responses)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_save.testing import tiny_tokenizer
+
+    base = tiny_tokenizer()
+    vocab = dict(base.get_vocab())
+    extra = (chr(c) for c in [*range(0x4E00, 0xA000), *range(0x20000, 0x2A6E0)])
+    while len(vocab) < vocab_size:
+        vocab.setdefault(next(extra), len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=base.unk_token))
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=base.pad_token, bos_token=base.bos_token,
+                                   eos_token=base.eos_token, unk_token=base.unk_token,
+                                   chat_template=base.chat_template)
+
+
 def make_models(size: str, work: Path) -> tuple[Path, Path]:
     """Megatron checkpoints of a random policy and a random RM with a value head of ``size`` (made once)."""
     from megatron_save.checkpoint.convert import convert_hf_to_megatron
@@ -69,8 +93,10 @@ def make_models(size: str, work: Path) -> tuple[Path, Path]:
     for role, reward_model, seed in (("policy", False, 1), ("reward", True, 2)):
         target = work / size / f"{role}_megatron"
         if not (target / "megatron_save.json").exists():
+            shape = shape_overrides(size)
             hf = save_tiny_hf_model("llama", work / size / f"{role}_hf", reward_model=reward_model, seed=seed,
-                                    value_head=reward_model, **shape_overrides(size))
+                                    value_head=reward_model, **shape)
+            wide_tokenizer(shape["vocab_size"]).save_pretrained(hf)
             convert_hf_to_megatron(hf, target)
         out[role] = target
     return out["policy"], out["reward"]
@@ -241,7 +267,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder of launches.jsonl and results.md / .json")
     parser.add_argument("--sizes", default="h256,h384,h576x15,smollm2-135m",
                         help=f"comma-separated, from {', '.join(SIZES)}")
-    parser.add_argument("--lengths", default="16,64", help="comma-separated rollout.sampling.max_new_tokens")
+    parser.add_argument("--lengths", default="8,32", help="comma-separated rollout.sampling.max_new_tokens")
     parser.add_argument("--rounds", type=int, default=3, help="frozen / save pairs per cell")
     parser.add_argument("--steps", type=int, default=2, help="steps per launch (the first is warm-up)")
     parser.add_argument("--work", type=Path, default=Path("outputs/cost_vs_size"),
