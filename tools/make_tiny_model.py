@@ -2,9 +2,7 @@
 
     python tools/make_tiny_model.py --family llama --out /tmp/tiny-llama [--reward-model [--value-head]] [--seed 0]
 
---scale 0.5b gives the same family at Qwen2.5-0.5B's shape (for GPU checks; about 2 GB in fp32). --set KEY=N
-(repeatable) sets one config number on top, e.g. --set hidden_size=128 --set num_hidden_layers=2 (the scaling
-study's shape backbones).
+--scale 0.5b gives the same family at Qwen2.5-0.5B's shape (for GPU checks; about 2 GB in fp32).
 """
 
 import argparse
@@ -20,19 +18,11 @@ def main() -> None:
     parser.add_argument("--value-head", action="store_true", help="reward model with a random value head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", choices=sorted(SCALES), default="tiny", help="model shape (default tiny)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=N",
-                        help="a config number on top of the scale's (hidden_size=128, vocab_size=49152, ...)")
     args = parser.parse_args()
-    shape = dict(SCALES[args.scale])
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if not key or not value.lstrip("-").isdigit():
-            parser.error(f"--set {item}: expected KEY=INTEGER, e.g. hidden_size=128")
-        shape[key] = int(value)
     if args.value_head and not args.reward_model:
         parser.error("--value-head needs --reward-model")
     out = save_tiny_hf_model(args.family, args.out, reward_model=args.reward_model, seed=args.seed,
-                             value_head=args.value_head, **shape)
+                             value_head=args.value_head, **SCALES[args.scale])
     kind = "reward model" if args.reward_model else "causal LM"
     print(f"wrote {args.scale} {args.family} {kind} to {out}")
 

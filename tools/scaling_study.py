@@ -4,6 +4,7 @@ results come back as one table and plots against model size.
     python tools/scaling_study.py plan STUDY.yaml [key=value ...]
     python tools/scaling_study.py run STUDY.yaml [--wait] [key=value ...]
     python tools/scaling_study.py collect STUDY.yaml [key=value ...]
+    python tools/scaling_study.py make-backbone --out DIR (--hf MODEL | --family F --set KEY=N ...) [--value-head]
 
 The study file is megatron_save/planning/study.py's StudyConfig (backbones, recipe, cluster, run_shape,
 launcher); examples/scaling/study_qwen3.yaml is one for a cluster, tests/e2e/test_scaling_study.py runs tiny ones.
@@ -17,6 +18,9 @@ run: local runs the jobs one after another on this machine; slurm writes one sba
   skipped, so a repeated run continues a study; a Slurm job still queued or running from an earlier run is waited
   on, not submitted again. --wait (slurm) returns once every submitted job has ended; the exit status is 1 when a
   job failed (local: when any job failed).
+make-backbone: what a prepare job runs, in one process: DIR/hf (a random model of the shape, with the tiny
+  character tokenizer), then DIR/policy and DIR/reward_init (--as-reward-model; --value-head adds a zero value
+  head), as tools/make_tiny_model.py and tools/convert_hf_to_megatron.py would.
 collect: OUTPUT_DIR/results.md, results.json (with provenance) and plots/<metric>.png against the parameter count:
   one row per cell, a failed or missing cell shown as such.
 """
@@ -437,7 +441,37 @@ def collect(study: StudyConfig, plan: dict, jobs: list[Job]) -> int:
     return 0
 
 
+def make_backbone(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scaling_study.py make-backbone")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--hf", help="HF causal LM directory or hub name")
+    parser.add_argument("--family", default="llama")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=N", help="a config number of the shape")
+    parser.add_argument("--value-head", action="store_true")
+    args = parser.parse_args(argv)
+    from megatron_save.checkpoint.convert import convert_hf_to_megatron
+
+    if args.hf is None:
+        from megatron_save.testing import save_tiny_hf_model
+
+        shape = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if not key or not value.lstrip("-").isdigit():
+                parser.error(f"--set {item}: expected KEY=INTEGER, e.g. hidden_size=128")
+            shape[key] = int(value)
+        source = save_tiny_hf_model(args.family, args.out / "hf", **shape)
+    else:
+        source = args.hf
+    convert_hf_to_megatron(source, args.out / "policy")
+    convert_hf_to_megatron(source, args.out / "reward_init", as_reward_model=True, add_value_head=args.value_head)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["make-backbone"]:
+        return make_backbone(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("plan", "run", "collect"))
     parser.add_argument("study", help="the study YAML")

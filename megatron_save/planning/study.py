@@ -2,8 +2,8 @@
 
 A study runs one recipe (stages 1-3, strategies such as ``frozen`` and ``save``, seeds) on a ladder of backbones.
 Per backbone there are three kinds of job, each with its own directory and a ``DONE`` marker written when all its
-commands succeeded: ``prepare`` (the models: a tiny one made from its shape, or a Hugging Face one, converted into
-the policy and the reward model to start from), ``rm`` (stages 1 and 2 on the reward model and its benchmark
+commands succeeded: ``prepare`` (the models: a random one made from its shape, or a Hugging Face one, converted
+into the policy and the reward model to start from, BackbonePaths' layout), ``rm`` (stages 1 and 2 on the reward model and its benchmark
 score), and one ``cell`` per (strategy, seed) (stage 3, then the benchmark score of the reward model it leaves).
 ``tools/scaling_study.py`` plans, runs and collects them; this module only builds the objects and the commands,
 so what ``plan`` prints is what ``run`` runs.
@@ -39,7 +39,7 @@ class BackboneSpec:
     shape: dict[str, int] | None = None
     """Instead of ``hf``: transformers config numbers of a random model (hidden_size, num_hidden_layers, ...)."""
     family: str = "llama"
-    """Family of a ``shape`` backbone (tools/make_tiny_model.py's --family)."""
+    """Family of a ``shape`` backbone (megatron_save.testing's tiny families: llama, qwen2, qwen3, qwen3_moe)."""
 
 
 @dataclass
@@ -310,19 +310,13 @@ def jobs_of(study: StudyConfig, layouts: dict[str, Layout]) -> list[Job]:
     jobs = []
     for backbone in study.backbones:
         paths, layout = backbone_paths(study, backbone.name), layouts[backbone.name]
-        prepare = []
-        if backbone.shape is not None:
-            shape = [f"--set={key}={value}" for key, value in sorted(backbone.shape.items())]
-            prepare.append(Step("python", ("tools/make_tiny_model.py", "--family", backbone.family, "--out",
-                                           str(paths.hf), *shape)))
-            source = str(paths.hf)
-        else:
-            source = backbone.hf
-        prepare.append(Step("python", ("tools/convert_hf_to_megatron.py", "--hf-dir", source, "--out",
-                                       str(paths.policy))))
-        value_head = () if "stage2" in recipe.stages else ("--add-value-head",)
-        prepare.append(Step("python", ("tools/convert_hf_to_megatron.py", "--hf-dir", source, "--out",
-                                       str(paths.reward_init), "--as-reward-model", *value_head)))
+        # One process makes (a shape backbone) and converts the models: the policy, and the reward model to start
+        # from (with a zero value head when stage 2 does not fit one).
+        source = ("--hf", backbone.hf) if backbone.shape is None else (
+            "--family", backbone.family, *(f"--set={key}={value}" for key, value in sorted(backbone.shape.items())))
+        value_head = () if "stage2" in recipe.stages else ("--value-head",)
+        prepare = [Step("python", ("tools/scaling_study.py", "make-backbone", "--out", str(paths.root / "models"),
+                                   *source, *value_head))]
         jobs.append(Job(f"{backbone.name}.prepare", paths.root / "models", prepare, []))
 
         rm_steps, reward = [], paths.reward_init

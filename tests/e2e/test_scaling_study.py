@@ -60,7 +60,7 @@ def tiny_study(root, widths: dict[str, int], strategies: list[str], launcher: st
 
 def study_tool(command: str, path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "tools/scaling_study.py", command, str(path), *args], cwd=REPO,
-                            env=cpu_process_env(), capture_output=True, text=True, timeout=1800)
+                            env=cpu_process_env(), capture_output=True, text=True, timeout=5400)
     if check and result.returncode != 0:
         raise AssertionError(f"scaling_study {command} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
@@ -135,7 +135,7 @@ def test_cost_vs_size_tool(tmp_path):
     out = tmp_path / "cost"
     result = subprocess.run([sys.executable, "tools/cost_vs_size.py", "--out", str(out), "--sizes", "tiny",
                              "--lengths", "4", "--rounds", "1", "--work", str(tmp_path / "work")], cwd=REPO,
-                            env=cpu_process_env(), capture_output=True, text=True, timeout=1800)
+                            env=cpu_process_env(), capture_output=True, text=True, timeout=5400)
     assert result.returncode == 0, result.stderr[-4000:]
     launches = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
     assert sorted(e["strategy"] for e in launches) == ["frozen", "save"]

@@ -58,11 +58,11 @@ def test_jobs_chain_prepare_rm_and_cells(tmp_path):
     by = {j.name: j for j in jobs}
     assert by["a.rm"].after == ["a.prepare"] and by["b.save_seed2"].after == ["b.rm"]
     out = Path(study.output_dir)
-    # A shape backbone is made, then converted twice; a HF one only converted.
-    assert [s.argv[0] for s in by["a.prepare"].steps] == ["tools/make_tiny_model.py"] + \
-        ["tools/convert_hf_to_megatron.py"] * 2
-    assert "--set=hidden_size=64" in by["a.prepare"].steps[0].argv
-    assert by["b.prepare"].steps[0].argv[:3] == ("tools/convert_hf_to_megatron.py", "--hf-dir", "org/model")
+    # One process makes a shape backbone (or takes the HF one) and converts it twice.
+    assert by["a.prepare"].steps[0].argv == (
+        "tools/scaling_study.py", "make-backbone", "--out", str(out / "a" / "models"), "--family", "llama",
+        "--set=hidden_size=64", "--set=intermediate_size=96", "--set=num_hidden_layers=4")
+    assert by["b.prepare"].steps[0].argv[-2:] == ("--hf", "org/model")
     stage3 = by["b.save_seed2"].steps[0].argv
     assert stage3[0] == "stage3" and f"reward.checkpoint={out / 'b' / 'stage2'}" in stage3
     assert {"reward.strategy=save", "seed=2", "parallel.pipeline_model_parallel_size=2",
