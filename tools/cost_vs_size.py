@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -136,8 +137,10 @@ def run_study(args: argparse.Namespace) -> None:
                                    f"rollout.sampling.n={GROUP}", f"rollout.sampling.max_new_tokens={length}",
                                    f"reward.max_length={PROMPT_LENGTH + length + 32}"])
                     print(f"round {round_index + 1}/{args.rounds} {size} length {length}: {strategy}", flush=True)
+                    run_dir = args.work / "runs" / f"{size}_{length}_{strategy}_{round_index}"
+                    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted launch's leftovers: a run refuses them
                     load_before, start = os.getloadavg(), time.time()
-                    records = launch(bench, strategy, args.work / "runs" / f"{size}_{length}_{strategy}_{round_index}")
+                    records = launch(bench, strategy, run_dir)
                     entry = {"size": size, "length": length, "strategy": strategy, "round": round_index,
                              "wall_s": time.time() - start, "load_before": load_before,
                              "load_after": os.getloadavg(), "records": records}
