@@ -76,21 +76,23 @@ def te(world_of_one):
 
 def pytest_collection_modifyitems(config, items):
     """The tiers that need another environment skip, with the reason, where it is missing: ``gpu`` without CUDA,
-    ``vllm`` where vLLM does not import, and a test that takes a fixture needing Transformer Engine on a GPU without
-    it (helpers.tier_skip_reason). Decided here, at collection, so no fixture of a skipped test runs."""
+    ``vllm`` where vLLM does not import, ``slurm`` without a running Slurm cluster, and a test that takes a fixture
+    needing Transformer Engine on a GPU without it (helpers.tier_skip_reason). Decided here, at collection, so no
+    fixture of a skipped test runs."""
     import importlib.util
 
     import torch
-    from helpers import tier_skip_reason
+    from helpers import slurm_missing, tier_skip_reason
 
     from megatron_save.models.spec import transformer_engine_missing
 
     cuda = torch.cuda.is_available()
     te_missing = transformer_engine_missing() if cuda else None
     vllm_missing = None if importlib.util.find_spec("vllm") else "needs real vLLM (.ci/vllm_tier.sh builds it)"
+    slurm = slurm_missing() if any("slurm" in item.keywords for item in items) else None
     for item in items:
         reason = tier_skip_reason({mark.name for mark in item.iter_markers()}, set(getattr(item, "fixturenames", ())),
-                                  cuda, te_missing, vllm_missing)
+                                  cuda, te_missing, vllm_missing, slurm)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
 

@@ -36,14 +36,16 @@ fixture, is skipped at collection where TE is missing, before any fixture conver
 
 
 def tier_skip_reason(markers: set[str], fixtures: set[str], cuda: bool, te_missing: str | None,
-                     vllm_missing: str | None) -> str | None:
+                     vllm_missing: str | None, slurm_missing: str | None = None) -> str | None:
     """Why a test with these markers and this fixture closure cannot run here (None: it can): ``gpu`` without CUDA,
-    ``vllm`` where vLLM is missing, and on a GPU a TE fixture where Transformer Engine is (``te_missing``, the
-    reason from megatron_save.models.spec.transformer_engine_missing)."""
+    ``vllm`` where vLLM is missing, ``slurm`` without a running Slurm cluster, and on a GPU a TE fixture where
+    Transformer Engine is (``te_missing``, the reason from megatron_save.models.spec.transformer_engine_missing)."""
     if "gpu" in markers and not cuda:
         return "needs a CUDA GPU (the GPU tier)"
     if "vllm" in markers and vllm_missing:
         return vllm_missing
+    if "slurm" in markers and slurm_missing:
+        return slurm_missing
     if cuda and te_missing and fixtures & TE_FIXTURES:
         return f"needs Transformer Engine ({', '.join(sorted(fixtures & TE_FIXTURES))}): {te_missing}"
     return None
@@ -138,3 +140,21 @@ def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     side = (VALUE_HEAD_FILE,) if (model_dir / VALUE_HEAD_FILE).exists() else ()
     reader = SafetensorsReader(model_dir, side_files=side)
     return {name: reader.get(name) for name in sorted(reader.names())}
+
+
+def slurm_missing() -> str | None:
+    """Why Slurm tests cannot run here (None when they can): sbatch absent, or no cluster answering sinfo with an
+    idle or mixed node (.ci/slurm_leg.sh starts one on this machine)."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        return "needs Slurm: sbatch is not on PATH (.ci/slurm_leg.sh installs slurm-wlm and starts a cluster)"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"needs a running Slurm cluster: sinfo failed ({error})"
+    states = result.stdout.split()
+    if result.returncode != 0 or not any(s.rstrip("*") in ("idle", "mixed", "allocated") for s in states):
+        return (f"needs a running Slurm cluster (.ci/slurm_leg.sh starts one): sinfo said "
+                f"{(result.stderr or result.stdout).strip()[:200]!r}")
+    return None

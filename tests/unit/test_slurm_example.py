@@ -37,7 +37,8 @@ def test_sbatch_launches_a_checked_stage3_config(tmp_path):
         (tmp_path / name).write_text(text)
         (tmp_path / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHONWARNINGS": "ignore",
-           "SLURM_JOB_NODELIST": "gpu-node-[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242"}
+           "SLURM_JOB_NODELIST": "gpu-node-[01-02]", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
+           "SLURM_JOB_ID": "4242"}
     result = subprocess.run(["bash", "examples/slurm/stage3_save.sbatch", "examples/paper/stage3_save.yaml",
                              "examples/scaling/stage3_8b.yaml", f"output_dir={tmp_path / 'run'}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
