@@ -265,7 +265,7 @@ def summarize(args: argparse.Namespace) -> None:
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="folder of launches.jsonl and results.md / .json")
     parser.add_argument("--sizes", default="h256,h384,h576x15,smollm2-135m",
@@ -276,7 +276,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("outputs/cost_vs_size"),
                         help="models, data and run folders (reused: models are made once)")
     parser.add_argument("--summarize", action="store_true", help="only rewrite results.md / .json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.sizes = args.sizes.split(",")
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown:

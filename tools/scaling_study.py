@@ -468,16 +468,20 @@ def make_backbone(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["make-backbone"]:
-        return make_backbone(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("plan", "run", "collect"))
     parser.add_argument("study", help="the study YAML")
     parser.add_argument("--wait", action="store_true", help="slurm: return once every submitted job has ended")
     parser.add_argument("overrides", nargs="*", help="key=value settings on top of the study file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["make-backbone"]:
+        return make_backbone(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         study = absolute(load_study(args.study, args.overrides))
     except ValueError as error:
