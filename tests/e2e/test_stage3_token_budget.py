@@ -1,7 +1,8 @@
 """A tiny stage-3 SAVE run at TP=2 with token-budget micro-batches (reward.max_tokens_per_micro_batch below one
 group's tokens, so every group spans micro-batches of the RM update; policy.max_tokens_per_micro_batch too) logs
 the same losses, rewards and filter statistics (metrics.jsonl) as the run with fixed micro-batches: both runs in
-one 2-process launch. And tools/bench_token_budget.py at a tiny size."""
+one 2-process launch, and so does the same budget run with full activation recompute of the policy and the reward
+model. And tools/bench_token_budget.py at a tiny size."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def two_runs(tiny_models, rl_data, tmp_path_factory):
     # Every row fits the budget; every group (4 rows of at least its prompt) exceeds it: groups span micro-batches.
     assert 4 * shortest_prompt > budget, (budget, shortest_prompt)
     budgets = (f"reward.max_tokens_per_micro_batch={budget}", f"policy.max_tokens_per_micro_batch={budget}")
-    runs = {"fixed": STEPS, "budget": STEPS + budgets}
+    # Issue 43's "done when": the budget together with full recompute of both trained models logs the same, too.
+    recompute = ("policy.recompute.granularity=full", "reward.recompute.granularity=full")
+    runs = {"fixed": STEPS, "budget": STEPS + budgets, "budget_recompute": STEPS + budgets + recompute}
     arguments = []
     for name, overrides in runs.items():
         settings = stage3_overrides(root / name, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"],
@@ -49,13 +52,14 @@ def two_runs(tiny_models, rl_data, tmp_path_factory):
     return {name: root / name for name in runs}
 
 
-def test_a_token_budget_run_logs_the_same_losses_and_rewards(two_runs):
-    fixed, budget = read_metrics(two_runs["fixed"]), read_metrics(two_runs["budget"])
+@pytest.mark.parametrize("run", ["budget", "budget_recompute"])
+def test_a_token_budget_run_logs_the_same_losses_and_rewards(two_runs, run):
+    fixed, budget = read_metrics(two_runs["fixed"]), read_metrics(two_runs[run])
     assert [r["step"] for r in budget] == [r["step"] for r in fixed] == [1, 2]
     logs = {name: [json.loads(line) for line in (path / "rollouts.jsonl").read_text().splitlines()]
             for name, path in two_runs.items()}
-    assert len(logs["budget"]) == len(logs["fixed"]) == 8
-    for reference, row in zip(logs["fixed"], logs["budget"]):
+    assert len(logs[run]) == len(logs["fixed"]) == 8
+    for reference, row in zip(logs["fixed"], logs[run]):
         assert row["responses"] == reference["responses"]
         assert [r is None for r in row["rewards"]] == [r is None for r in reference["rewards"]]  # invalid slots
         assert [r for r in row["rewards"] if r is not None] == pytest.approx(
