@@ -153,7 +153,7 @@ def main() -> None:
         return update.metrics["rm/reward_loss"]
 
     def policy_update(name: str):
-        mini_batches, _ = policy_mini_batches(policy, None, rows, policy_settings[name], 0, temperature=1.0)
+        mini_batches, _, _ = policy_mini_batches(policy, None, rows, policy_settings[name], 0, temperature=1.0)
         return update_policy(policy_state, mini_batches, policy_settings[name], float(args.max_length),
                              temperature=1.0)["policy/pg_loss"]
 

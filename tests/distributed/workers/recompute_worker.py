@@ -98,7 +98,7 @@ def policy_part(args, tokenizer, groups, recompute):
     advantages = token_advantages("grpo", rewards, groups.valid, groups.response_lengths)
     rows = policy_rows(groups.policy_prompt_ids, groups.policy_response_ids, groups.valid, advantages)
     counter = ForwardCounter(policy)
-    mini_batches, _ = policy_mini_batches(policy, reference, rows, settings, pad_id=0, temperature=0.7)
+    mini_batches, _, _ = policy_mini_batches(policy, reference, rows, settings, pad_id=0, temperature=0.7)
     counter.counting = True
     metrics = update_policy(state, mini_batches, settings, norm_constant=8.0, temperature=0.7)
     counter.counting = False

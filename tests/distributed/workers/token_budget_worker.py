@@ -135,7 +135,7 @@ def policy_case(args, tokenizer, mini_batches: int) -> dict:
         policy, _, _ = build_model_from_checkpoint(args.policy)
         reference, _, _ = build_model_from_checkpoint(args.policy)
         state = build_train_state(policy, settings.optim, total_steps=mini_batches)
-        batches, pre = policy_mini_batches(policy, reference, rows, settings, pad_id=0, temperature=0.7)
+        batches, pre, _ = policy_mini_batches(policy, reference, rows, settings, pad_id=0, temperature=0.7)
         metrics = update_policy(state, batches, settings, norm_constant=8.0, temperature=0.7)
         results[name] = {**pre, **metrics, "micro_batches": [len(m) for m in batches],
                          "widths": sorted({m.input_ids.shape[1] for part in batches for m in part})}
