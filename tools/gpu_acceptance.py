@@ -6,7 +6,8 @@
 
 First the GPU test tier, ``python -m pytest -m gpu tests`` (tests/gpu and every test marked ``gpu``: TE spec parity
 and a bf16 training step, weight sync from a TE-spec model, the fused SwiGLU and TE norms, CUDA RNG in run
-checkpoints, distributed-optimizer resume, offload moving real tensors, the SAVE step against GRPO) within its own
+checkpoints, distributed-optimizer resume, offload moving real tensors, the memory plan per phase against
+max_memory_allocated, the SAVE step against GRPO) within its own
 budget (8 minutes by default, 0 leaves it out); its pass / fail / skip lines and the measurements its tests print
 go into the report. Then sections, each a child process with its own time limit inside the sections' budget (8
 minutes by default), so one failure or hang does not hide the rest: the environment (torch, CUDA, Transformer
@@ -61,6 +62,7 @@ GPU_TIER_ESTIMATE_S = {
     # and tiny_moe_models, 2) count once, with the first file that takes them (pytest runs files in name order).
     "tests/gpu/test_gpu_checkpoints.py": 70.0,  # tiny_models' conversions; RNG round trip, 7 optimizer steps
     "tests/gpu/test_gpu_kernels.py": 30.0,  # 4 tests: kernel calls on random tensors, one tiny model through both paths
+    "tests/gpu/test_gpu_memory_plan.py": 45.0,  # 1 test: two layouts of 135M-parameter policy, reference, RM, engine
     "tests/gpu/test_gpu_offload.py": 25.0,  # 1 test: one tiny model's weights and states moved out and back
     "tests/gpu/test_gpu_save_cost.py": 180.0,  # 2 stage-3 launches (torchrun, 3 steps each) and the hooked step
     "tests/gpu/test_gpu_te_spec.py": 120.0,  # tiny_moe_models' conversions; 12 tests: 7 parity reports, SFT x2

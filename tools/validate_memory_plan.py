@@ -24,6 +24,12 @@ What each rank measures, phase by phase, moving state as ``trainers/offload.py``
   ``forward_backward`` runs 4 micro-batches through Megatron's schedule (1F1B under PP).
 
 Each rank compares its phases with the planner's phases of its own pipeline stage; rank 0 writes the table.
+
+On a GPU (``measure_layout`` follows ``compute_device()``; tests/gpu/test_gpu_memory_plan.py runs it there) the
+forwards' and updates' own bytes are ``torch.cuda.max_memory_allocated()`` over them less what was allocated when
+they began (the planner's forward and activation parts are what a phase adds to the state it keeps), and each phase
+also records its whole peak: ``max_memory_allocated`` over the phase less what the process held before the layout
+was built, which the planner's phase total must match as well.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import re
 import sys
 import weakref
 from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.data.batching import TokenBatch  # noqa: E402
-from megatron_save.distributed import init_distributed  # noqa: E402
+from megatron_save.distributed import compute_device, init_distributed  # noqa: E402
 from megatron_save.models.builder import build_model  # noqa: E402
 from megatron_save.models.forward import score_sequences  # noqa: E402
 from megatron_save.models.policy import sequence_logprobs, token_logprobs  # noqa: E402
@@ -153,6 +161,49 @@ class _Held:
             self.tracker.live -= self.tracker.sizes.pop(self.ptr)
 
 
+@dataclass
+class SectionPeak:
+    """What one section of a phase adds at its peak (``own``), and on CUDA the device's whole peak over it."""
+
+    own: int = 0
+    """Bytes the section allocated on top of what it found, at its peak."""
+    whole: int = 0
+    """``torch.cuda.max_memory_allocated()`` over the section (0 on CPU, which has no allocator statistics)."""
+
+
+@contextmanager
+def section_peak(device: torch.device, saved_excluding: set[int] | None = None):
+    """Measures the body's own peak bytes: on CUDA the allocator's peak over the body less what was allocated when
+    it began; on CPU the storages operators allocate (AllocationPeak), or with ``saved_excluding`` (a backward's
+    parameters) the bytes autograd saves for backward (SavedPeak)."""
+    result = SectionPeak()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        yield result
+        torch.cuda.synchronize()
+        result.whole = torch.cuda.max_memory_allocated()
+        result.own = result.whole - before
+    elif saved_excluding is None:
+        with AllocationPeak() as tracker:
+            yield result
+        result.own = tracker.peak
+    else:
+        tracker = SavedPeak(saved_excluding)
+        with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+            yield result
+        result.own = tracker.peak
+
+
+def device_allocated(device: torch.device) -> int:
+    """Bytes the CUDA allocator holds for tensors now (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
 def storages_bytes(tensors) -> int:
     """Bytes of the distinct storages of ``tensors``."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
@@ -183,11 +234,15 @@ def resident(run: dict) -> dict[str, int]:
 
 
 def measure_layout(pp: int, offloaded: bool, size: str, dtype: str
-                   ) -> tuple[MemoryLayout, int, dict[str, dict[str, int]]]:
+                   ) -> tuple[MemoryLayout, int, dict[str, dict[str, int]], dict[str, int]]:
+    """The layout planned, this rank's pipeline stage, its measured parts per phase, and on CUDA each phase's whole
+    peak (``max_memory_allocated`` less what the process held before the layout was built; empty on CPU)."""
     from megatron.core import parallel_state
     import transformers
 
     init_distributed(ParallelConfig(pipeline_model_parallel_size=pp))
+    device = compute_device()
+    baseline = device_allocated(device)  # what earlier work in this process (another layout, a test) still holds
     _, prompt, response, mbs, rmbs, rollout_batch = SIZES[size]
     policy_hf, reward_hf = hf_configs(size)
     torch.manual_seed(0)
@@ -196,15 +251,16 @@ def measure_layout(pp: int, offloaded: bool, size: str, dtype: str
     reward = build_train_state(build_model(reward_hf, "reward_model", dtype, "local", value_head=True), settings, 10)
     reference = build_model(policy_hf, "causal_lm", dtype, "local").eval()
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    engine = (transformers.AutoModelForCausalLM.from_config(policy_hf, dtype=DTYPES[dtype]).eval()
+    engine = (transformers.AutoModelForCausalLM.from_config(policy_hf, dtype=DTYPES[dtype]).to(device).eval()
               if stage == 0 else None)
     sequence = prompt + response
-    ids = lambda rows: torch.randint(1, policy_hf.vocab_size, (rows, sequence))  # noqa: E731
+    ids = lambda rows: torch.randint(1, policy_hf.vocab_size, (rows, sequence), device=device)  # noqa: E731
+    mask = lambda rows: torch.ones(rows, sequence, dtype=torch.bool, device=device)  # noqa: E731
     policy_loss = lambda batch, logits: (  # noqa: E731
         -token_logprobs(logits[:, :-1], batch.input_ids[:, 1:]).mean(), {})
     reward_loss = lambda batch, scores: (scores.float().mean(), {})  # noqa: E731
-    batches = {"policy": [TokenBatch(ids(mbs), torch.ones(mbs, sequence, dtype=torch.bool)) for _ in range(4)],
-               "reward": [TokenBatch(ids(rmbs), torch.ones(rmbs, sequence, dtype=torch.bool)) for _ in range(4)]}
+    batches = {"policy": [TokenBatch(ids(mbs), mask(mbs)) for _ in range(4)],
+               "reward": [TokenBatch(ids(rmbs), mask(rmbs)) for _ in range(4)]}
     for name, state, loss in (("policy", policy, policy_loss), ("reward", reward, reward_loss)):
         forward_backward(state, batches[name][:pp], loss)  # warm-up step: Adam's states exist from here on
         optimizer_step(state)
@@ -212,50 +268,62 @@ def measure_layout(pp: int, offloaded: bool, size: str, dtype: str
     offload = IdleOffload(offload_settings, {"policy": policy, "reward": reward}, reference)
     offload.offload_all()
     run = dict(policy=policy, reward=reward, reference=reference, engine=engine, offload=offload)
-    measured = {}
+    measured, whole = {}, {}
+
+    def phase_whole(phase: str, *sections: SectionPeak) -> None:
+        """A phase's whole peak on CUDA: its fullest section, or what it holds when it does no work."""
+        if device.type == "cuda":
+            whole[phase] = max([device_allocated(device), *(s.whole for s in sections)]) - baseline
 
     parts = resident(run)
-    if engine is not None:
-        with torch.no_grad():
-            cache = engine(ids(rollout_batch), use_cache=True).past_key_values
-        parts["rollout_kv_cache"] = storages_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
-        del cache
+    # On CPU nothing of the engine's forward but its cache is compared: no tracker slows it down.
+    with section_peak(device) if device.type == "cuda" else nullcontext(SectionPeak()) as rollout:
+        if engine is not None:
+            with torch.no_grad():  # a generating engine computes the logits of the last token only
+                cache = engine(ids(rollout_batch), use_cache=True, logits_to_keep=1).past_key_values
+            kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            parts["rollout_kv_cache"] = storages_bytes(kv)
     measured["rollout"] = parts
+    phase_whole("rollout", rollout)
+    cache = kv = None
 
     with offload.resident(REFERENCE):
         parts = resident(run)
         rows = ids(mbs)
         peaks = []
         for model in (policy.module, reference):
-            with torch.no_grad(), AllocationPeak() as tracker:
+            with torch.no_grad(), section_peak(device) as peak:
                 sequence_logprobs(model, rows, mbs)
-            peaks.append(tracker.peak)
-        measured["logprobs"] = {**parts, "policy_forward": max(peaks)}
+            peaks.append(peak)
+        measured["logprobs"] = {**parts, "policy_forward": max(peak.own for peak in peaks)}
+        phase_whole("logprobs", *peaks)
 
     parts = resident(run)
-    with torch.no_grad(), AllocationPeak() as tracker:
-        score_sequences(reward.module, ids(rmbs), torch.ones(rmbs, sequence, dtype=torch.bool), rmbs)
-    measured["rm_scoring"] = {**parts, "reward_forward": tracker.peak}
+    with torch.no_grad(), section_peak(device) as peak:
+        score_sequences(reward.module, ids(rmbs), mask(rmbs), rmbs)
+    measured["rm_scoring"] = {**parts, "reward_forward": peak.own}
+    phase_whole("rm_scoring", peak)
 
     for phase, name, state, loss in (("rm_update", "reward", reward, reward_loss),
                                      ("policy_update", "policy", policy, policy_loss)):
         with offload.resident(name):
             parts = resident(run)
             excluded = {p.untyped_storage().data_ptr() for p in state.module.parameters()}
-            tracker = SavedPeak(excluded)
-            with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+            with section_peak(device, excluded) as peak:
                 forward_backward(state, batches[name], loss)
-            measured[phase] = {**parts, f"{name}_activations": tracker.peak}
+            measured[phase] = {**parts, f"{name}_activations": peak.own}
+            phase_whole(phase, peak)
 
     layout = MemoryLayout(pp=pp, dp=dist.get_world_size() // pp, dtype=dtype, micro_batch=mbs, reward_micro_batch=rmbs,
                           prompt_length=prompt, response_length=response, rollout_batch=rollout_batch,
                           distributed_optimizer=True, offload_optimizer=offloaded, offload_gradients=offloaded,
                           offload_reference=offloaded, value_head=True, spec="local", fused_activation=False)
-    return layout, stage, measured
+    return layout, stage, measured, whole
 
 
-def compare(layout: MemoryLayout, stage: int, measured: dict, size: str) -> list[tuple]:
-    """(phase, predicted bytes, measured bytes, worst part, its predicted, its measured) per phase."""
+def compare(layout: MemoryLayout, stage: int, measured: dict, size: str, whole: dict | None = None) -> list[tuple]:
+    """(phase, predicted bytes, measured bytes, worst part, its predicted, its measured, the phase's whole peak on
+    CUDA or 0) per phase."""
     policy_hf, reward_hf = hf_configs(size)
     policy, reward = architecture_from_hf(policy_hf, False), architecture_from_hf(reward_hf, True)
     rows = []
@@ -263,7 +331,8 @@ def compare(layout: MemoryLayout, stage: int, measured: dict, size: str) -> list
         got = measured[phase.name]
         names = set(got) | {k for k, v in phase.parts.items() if v}
         worst = max(names, key=lambda k: abs(phase.parts.get(k, 0) - got.get(k, 0)))
-        rows.append((phase.name, phase.total, sum(got.values()), worst, phase.parts.get(worst, 0), got.get(worst, 0)))
+        rows.append((phase.name, phase.total, sum(got.values()), worst, phase.parts.get(worst, 0), got.get(worst, 0),
+                     (whole or {}).get(phase.name, 0)))
     return rows
 
 
@@ -288,8 +357,8 @@ def main() -> None:
     if world not in LAYOUTS:
         raise SystemExit(f"validate_memory_plan: run it with 1 or 2 processes, not {world}")
     title, pp, offloaded = LAYOUTS[world]
-    layout, stage, measured = measure_layout(pp, offloaded, args.size, args.dtype)
-    rows = compare(layout, stage, measured, args.size)
+    layout, stage, measured, whole = measure_layout(pp, offloaded, args.size, args.dtype)
+    rows = compare(layout, stage, measured, args.size, whole)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (dist.get_rank(), stage, rows))
     if dist.get_rank() != 0:
@@ -306,11 +375,15 @@ def main() -> None:
              "differs most, predicted / measured"]
     worst = 0.0
     for rank, stage, rows in sorted(gathered):
-        for phase, predicted, got, part, part_predicted, part_got in rows:
+        for phase, predicted, got, part, part_predicted, part_got, peak in rows:
             error = (predicted - got) / got
             worst = max(worst, abs(error))
-            lines.append(f"  rank {rank} stage {stage} {phase:<14}{predicted / MIB:>10.2f}{got / MIB:>10.2f}"
-                         f"{error:>+9.2%}   {part} {part_predicted / MIB:.2f} / {part_got / MIB:.2f}")
+            line = (f"  rank {rank} stage {stage} {phase:<14}{predicted / MIB:>10.2f}{got / MIB:>10.2f}"
+                    f"{error:>+9.2%}   {part} {part_predicted / MIB:.2f} / {part_got / MIB:.2f}")
+            if peak:  # CUDA: the phase's max_memory_allocated counts in the verdict too
+                worst = max(worst, abs((predicted - peak) / peak))
+                line += f"; max_memory_allocated {peak / MIB:.2f} ({(predicted - peak) / peak:+.2%})"
+            lines.append(line)
     lines.append(f"  largest difference at this layout: {worst:.2%}")
     previous = args.out.read_text().rsplit("\n\nlargest phase difference", 1)[0] if args.append else ""
     sections = ([previous] if previous else []) + ["\n".join(lines)]
