@@ -60,6 +60,10 @@ class TokenBatch:
 class PairBatch(TokenBatch):
     """Preference pairs: row 2i is the chosen and row 2i+1 the rejected conversation of pair i."""
 
+    loss_scale: float = 1.0
+    """Of a token-budget micro-batch: its share of the global batch x micro-batches x data-parallel ranks (1 for
+    fixed micro-batches): turns its mean loss into its part of the global mean after Megatron's averaging."""
+
 
 @dataclass
 class PromptTargetBatch(TokenBatch):
@@ -67,6 +71,9 @@ class PromptTargetBatch(TokenBatch):
 
     targets: torch.Tensor
     """[N] fp32 regression target of V(x): the mean frozen-RM reward of the prompt's responses."""
+    loss_scale: float = 1.0
+    """Of a token-budget micro-batch: its share of the global batch x micro-batches x data-parallel ranks (1 for
+    fixed micro-batches): turns its mean loss into its part of the global mean after Megatron's averaging."""
 
 
 @dataclass
@@ -121,6 +128,9 @@ class DemonstrationBatch(TokenBatch):
 
     loss_mask: torch.Tensor
     """[N, S - 1] bool, True where token t + 1 is a response token (shifted frame, as in PolicyBatch)."""
+    loss_scale: float = 1.0
+    """Of a token-budget micro-batch: its share of the global batch x micro-batches x data-parallel ranks (1 for
+    fixed micro-batches): turns its mean loss into its part of the global mean after Megatron's averaging."""
 
 
 @dataclass

@@ -103,3 +103,18 @@ def partition_by_tokens(lengths: list[int], budget: int, count: int, setting: st
         runs[widest : widest + 1] = [run[: len(run) // 2], run[len(run) // 2 :]]
     runs += [[] for _ in range(count - len(runs))]
     return [sorted(order[p] for p in run) for run in runs]
+
+
+def rank_partition(lengths_per_rank: list[list[int]], rank: int, budget: int, setting: str) -> list[list[int]]:
+    """Rank ``rank``'s rows in token-budget micro-batches, as many as every other rank has
+    (``agreed_micro_batches``): indices into ``lengths_per_rank[rank]``, empty micro-batches last."""
+    count = agreed_micro_batches(lengths_per_rank, budget, setting)
+    return partition_by_tokens(lengths_per_rank[rank], budget, count, setting)
+
+
+def share_scales(weights: list[float], total: float, ranks: int) -> list[float]:
+    """Loss scale of each of a rank's micro-batches: its share of the global batch (``weights[m]`` of ``total``:
+    examples, or tokens) times micro-batches x data-parallel ranks, so that a micro-batch mean times its scale,
+    averaged by Megatron over micro-batches and DDP over ranks, sums to the global batch's mean (0 for a
+    ``total`` of 0)."""
+    return [weight / total * len(weights) * ranks if total else 0.0 for weight in weights]

@@ -25,7 +25,8 @@ from megatron_save.checkpoint.model_checkpoint import (
 from megatron_save.algorithms import pairwise_accuracy
 from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute, load_config, merge_config
 from megatron_save.config.describe import format_settings
-from megatron_save.data.batching import PairBatch, length_grouped_batches
+from megatron_save.data.batching import B, PairBatch, length_grouped_batches
+from megatron_save.data.token_budget import rank_partition, share_scales
 from megatron_save.data.preference import PreferencePair
 from megatron_save.distributed import ParallelLayoutError, init_distributed, shutdown_distributed
 from megatron_save.models.forward import score_token_sequences
@@ -60,12 +61,16 @@ class BatchSettings:
     micro_batch_size: int = 2
     """Examples per forward pass on one rank (gradient accumulation makes up the rest)."""
     max_tokens_per_micro_batch: int = 0
-    """Token-budget micro-batches (rows x the micro-batch's longest row at most this) are implemented in stage 3
-    only (policy.* and reward.*): stages 1, 2 and SFT refuse a value other than 0 (fixed micro-batches)."""
+    """When > 0, token-budget micro-batches replace micro_batch_size: each holds rows x its own longest row at most
+    this many tokens (a preference pair's two rows together), as many on every data-parallel rank; 0: fixed."""
     epochs: int = 1
     """Passes over the training data."""
     seed: int = 1234
     """Seed of the data order."""
+
+
+BATCH_BUDGET = "batch.max_tokens_per_micro_batch"
+"""The setting that token-budget errors of stages 1, 2 and SFT name."""
 
 
 def start_from_checkpoint(checkpoint: str, parallel: ParallelConfig, add_value_head: bool = False,
@@ -118,24 +123,70 @@ def ensure_output_dir(path: str, resuming: bool) -> None:
     dist.barrier()
 
 
-def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]:
-    """This rank's contiguous share of a global batch of example indices."""
-    ranks, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    if settings.global_batch_size % (ranks * settings.micro_batch_size):
+def data_parallel_shares(indices: list[int], settings: BatchSettings) -> list[list[int]]:
+    """Every data-parallel rank's contiguous share of a global batch of example indices ([r]: rank r's), known on
+    every rank (what token-budget micro-batches agree their count from)."""
+    ranks = parallel_state.get_data_parallel_world_size()
+    if settings.max_tokens_per_micro_batch:
+        if settings.global_batch_size % ranks:
+            raise ValueError(f"global_batch_size={settings.global_batch_size} is not a multiple of data-parallel "
+                             f"size {ranks}")
+    elif settings.global_batch_size % (ranks * settings.micro_batch_size):
         raise ValueError(
             f"global_batch_size={settings.global_batch_size} is not a multiple of data-parallel size {ranks} x "
             f"micro_batch_size={settings.micro_batch_size}"
         )
     share = len(indices) // ranks
-    return indices[rank * share : (rank + 1) * share]
+    return [indices[rank * share : (rank + 1) * share] for rank in range(ranks)]
+
+
+def data_parallel_part(indices: list[int], settings: BatchSettings) -> list[int]:
+    """This rank's contiguous share of a global batch of example indices."""
+    return data_parallel_shares(indices, settings)[parallel_state.get_data_parallel_rank()]
+
+
+def budget_micro_batches(batch: B, rows_per_example: int, lengths_per_rank: list[list[int]],
+                         weights_per_rank: list[list[float]], budget: int, setting: str) -> list[B]:
+    """This rank's examples (``batch``: rows_per_example consecutive rows each) in token-budget micro-batches, each
+    padded to its own longest row, as many as on every other data-parallel rank, each with the loss scale
+    (``share_scales``) that turns its mean loss into its part of the global batch's mean.
+
+    ``lengths_per_rank[r][k]``: the tokens example k of rank r counts against the budget (every row of it at its
+    longest); ``weights_per_rank[r][k]``: its weight in the global mean (1 for a mean over examples, its loss
+    tokens for a token mean). A micro-batch left empty (fewer examples than micro-batches) repeats the first
+    example with scale 0, so that every rank runs the same schedule."""
+    rank, ranks = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    parts = rank_partition(lengths_per_rank, rank, budget, setting)
+    weights = weights_per_rank[rank]
+    scales = share_scales([sum(weights[k] for k in part) for part in parts],
+                          sum(sum(w) for w in weights_per_rank), ranks)
+    micro_batches = []
+    for part, scale in zip(parts, scales):
+        rows = [k * rows_per_example + j for k in (part or [0]) for j in range(rows_per_example)]
+        width = int(batch.attention_mask[rows].sum(dim=1).max())
+        micro_batches.append(dataclasses.replace(batch.select(rows, width), loss_scale=scale if part else 0.0))
+    return micro_batches
 
 
 def pair_micro_batches(pairs: list[PreferencePair], indices: list[int], settings: BatchSettings,
                        pad_id: int) -> list[PairBatch]:
-    """This rank's micro-batches of a global batch, all padded to the global batch's longest sequence."""
+    """This rank's micro-batches of a global batch: ``micro_batch_size`` pairs each, padded to the global batch's
+    longest sequence, or with ``max_tokens_per_micro_batch`` token-budget micro-batches (a pair's two rows in one,
+    counted at the micro-batch's longest row) with loss scales that keep the mean over the global batch's pairs."""
     length = max(pairs[i].length for i in indices)
-    rows = [ids for i in data_parallel_part(indices, settings) for ids in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
-    return PairBatch(*pad_rows(rows, pad_id, length)).split(2 * settings.micro_batch_size)
+    shares = data_parallel_shares(indices, settings)
+    mine = shares[parallel_state.get_data_parallel_rank()]
+    rows = [ids for i in mine for ids in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
+    batch = PairBatch(*pad_rows(rows, pad_id, length))
+    budget = settings.max_tokens_per_micro_batch
+    if not budget:
+        return batch.split(2 * settings.micro_batch_size)
+    if 2 * length > budget:
+        longest = max(indices, key=lambda i: pairs[i].length)
+        raise ValueError(f"{BATCH_BUDGET}={budget} is smaller than pair {longest} (chosen + rejected at its longer "
+                         f"row of {length} tokens: {2 * length}); raise it to at least {2 * length}")
+    return budget_micro_batches(batch, 2, [[2 * pairs[i].length for i in share] for share in shares],
+                                [[1.0] * len(share) for share in shares], budget, BATCH_BUDGET)
 
 
 def epoch_batches(lengths: list[int], settings: BatchSettings, source: str, unit: str) -> list[list[int]]:
@@ -238,10 +289,9 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
         name, value = f"{prefix}{item.name}", getattr(cfg, item.name)
         if dataclasses.is_dataclass(value):
             check_settings(value, f"{name}.")
-        if isinstance(value, BatchSettings) and value.max_tokens_per_micro_batch:
-            raise ValueError(f"{name}.max_tokens_per_micro_batch={value.max_tokens_per_micro_batch}: token-budget "
-                             "micro-batches are implemented in stage 3 only (policy.max_tokens_per_micro_batch, "
-                             f"reward.max_tokens_per_micro_batch); set it to 0 and size {name}.micro_batch_size")
+        if isinstance(value, BatchSettings) and value.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"{name}.max_tokens_per_micro_batch={value.max_tokens_per_micro_batch}: must be >= 0 "
+                             "(0: fixed micro-batches of micro_batch_size)")
         if isinstance(value, OptimizerSettings):
             if value.lr < 0 or value.value_head_lr < 0 or value.warmup_steps < 0:
                 raise ValueError(f"{name}: lr={value.lr}, value_head_lr={value.value_head_lr} and warmup_steps="

@@ -34,7 +34,8 @@ def bt_pair_loss(batch: PairBatch, scores: torch.Tensor) -> tuple[torch.Tensor, 
     rewards = at_last_token(scores, batch.attention_mask)[:, 0]  # [2b]
     chosen, rejected = rewards[0::2], rewards[1::2]  # [b], [b]
     loss = bt_loss(chosen, rejected)
-    return loss, {"loss": loss, "accuracy": pairwise_accuracy(chosen, rejected)}
+    scale = batch.loss_scale  # a token-budget micro-batch's share (1 for fixed ones); the metrics average alike
+    return scale * loss, {"loss": scale * loss, "accuracy": scale * pairwise_accuracy(chosen, rejected)}
 
 
 def value_regression_loss(
@@ -47,6 +48,7 @@ def value_regression_loss(
     loss = value_anchor_loss(values, targets, torch.ones_like(targets, dtype=torch.bool))
     # The reward head's output joins with weight zero so that every pipeline stage has a gradient to pass back
     # (the value head reads a detached state); the backbone's learning rate is zero in stage 2.
+    loss = batch.loss_scale * loss  # a token-budget micro-batch's share (1 for fixed ones)
     return loss + 0.0 * rewards.sum(), {"loss": loss}
 
 

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core import parallel_state
 from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
@@ -20,10 +21,12 @@ from megatron_save.data.batching import DemonstrationBatch, pad_id_of
 from megatron_save.data.demonstrations import Demonstration, load_demonstrations
 from megatron_save.models.policy import sequence_logprobs, token_logprobs
 from megatron_save.trainers.common import (
+    BATCH_BUDGET,
     BatchSettings,
     DataSettings,
+    budget_micro_batches,
     check_settings,
-    data_parallel_part,
+    data_parallel_shares,
     ensure_output_dir,
     epoch_batches,
     load_examples,
@@ -87,8 +90,27 @@ def sft_loss(batch: DemonstrationBatch, logits: torch.Tensor) -> tuple[torch.Ten
     """Mean negative log-likelihood of the micro-batch's response tokens. logits: [b, S, V / TP]."""
     logp = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])  # [b, S - 1]
     mask = batch.loss_mask.float()
-    loss = -(logp * mask).sum() / mask.sum().clamp(min=1.0)
+    # A token-budget micro-batch's scale makes its token mean its share of the global batch's token mean.
+    loss = batch.loss_scale * -(logp * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {"loss": loss}
+
+
+def demonstration_micro_batches(demonstrations: list[Demonstration], indices: list[int], settings: BatchSettings,
+                                pad_id: int) -> list[DemonstrationBatch]:
+    """This rank's micro-batches of a global batch: ``micro_batch_size`` rows each, padded to the global batch's
+    longest row (the loss: the mean over micro-batches of each one's response-token mean), or with
+    ``max_tokens_per_micro_batch`` token-budget micro-batches whose loss scales make the loss the global batch's
+    response-token mean (what the fixed micro-batches give when they hold equal response tokens)."""
+    width = max(len(demonstrations[i].ids) for i in indices)
+    shares = data_parallel_shares(indices, settings)
+    batch = demonstration_batch([demonstrations[i] for i in shares[parallel_state.get_data_parallel_rank()]],
+                                pad_id, width)
+    if not settings.max_tokens_per_micro_batch:
+        return batch.split(settings.micro_batch_size)
+    return budget_micro_batches(
+        batch, 1, [[len(demonstrations[i].ids) for i in share] for share in shares],
+        [[float(len(demonstrations[i].ids) - demonstrations[i].prompt_length) for i in share] for share in shares],
+        settings.max_tokens_per_micro_batch, BATCH_BUDGET)
 
 
 def held_out_loss(model, demonstrations: list[Demonstration], pad_id: int, micro_batch_size: int) -> float:
@@ -118,9 +140,7 @@ def train_sft(cfg: SFTConfig) -> dict:
                 len(batches), history["eval_loss"][0][1])
     bar = progress(len(batches), "SFT")
     for step, indices in enumerate(batches, start=1):
-        width = max(len(train[i].ids) for i in indices)
-        mine = [train[i] for i in data_parallel_part(indices, cfg.batch)]
-        micro_batches = demonstration_batch(mine, pad_id, width).split(cfg.batch.micro_batch_size)
+        micro_batches = demonstration_micro_batches(train, indices, cfg.batch, pad_id)
         metrics = train_step(state, micro_batches, sft_loss, ("loss",))
         history["train"].append({"step": step, **metrics})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")

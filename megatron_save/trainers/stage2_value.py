@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core import parallel_state
 from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
@@ -19,10 +20,12 @@ from megatron_save.data.batching import PromptTargetBatch, pad_id_of
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
 from megatron_save.models.forward import score_token_sequences
 from megatron_save.trainers.common import (
+    BATCH_BUDGET,
     BatchSettings,
     DataSettings,
+    budget_micro_batches,
     check_settings,
-    data_parallel_part,
+    data_parallel_shares,
     ensure_output_dir,
     epoch_batches,
     load_examples,
@@ -112,11 +115,19 @@ def value_report(model, groups: list[ResponseGroup], targets: torch.Tensor, micr
 
 def prompt_micro_batches(groups: list[ResponseGroup], targets: torch.Tensor, indices: list[int],
                          settings: BatchSettings, pad_id: int) -> list[PromptTargetBatch]:
-    """This rank's micro-batches of prompts, padded to the global batch's longest prompt."""
+    """This rank's micro-batches of prompts: ``micro_batch_size`` each, padded to the global batch's longest prompt,
+    or with ``max_tokens_per_micro_batch`` token-budget micro-batches with loss scales that keep the mean over the
+    global batch's prompts."""
     length = max(len(groups[i].prompt_ids) for i in indices)
-    mine = data_parallel_part(indices, settings)
+    shares = data_parallel_shares(indices, settings)
+    mine = shares[parallel_state.get_data_parallel_rank()]
     input_ids, mask = pad_rows([groups[i].prompt_ids for i in mine], pad_id, length)
-    return PromptTargetBatch(input_ids, mask, targets[mine]).split(settings.micro_batch_size)
+    batch = PromptTargetBatch(input_ids, mask, targets[mine])
+    if not settings.max_tokens_per_micro_batch:
+        return batch.split(settings.micro_batch_size)
+    return budget_micro_batches(batch, 1, [[len(groups[i].prompt_ids) for i in share] for share in shares],
+                                [[1.0] * len(share) for share in shares], settings.max_tokens_per_micro_batch,
+                                BATCH_BUDGET)
 
 
 def train_stage2(cfg: Stage2Config) -> dict:

@@ -13,6 +13,8 @@ from megatron_save.data.token_budget import (
     micro_batch_tokens,
     min_micro_batches,
     partition_by_tokens,
+    rank_partition,
+    share_scales,
 )
 
 SETTING = "reward.max_tokens_per_micro_batch"
@@ -104,10 +106,10 @@ def test_budget_settings_are_checked_naming_the_setting():
     class Stage1Like:
         batch: BatchSettings = dataclasses.field(default_factory=lambda: BatchSettings(max_tokens_per_micro_batch=64))
 
-    with pytest.raises(ValueError, match=r"batch.max_tokens_per_micro_batch=64: token-budget micro-batches are "
-                                         r"implemented in stage 3 only"):
-        check_settings(Stage1Like())
+    check_settings(Stage1Like())  # stages 1, 2 and SFT take a budget
     check_settings(Stage1Like(BatchSettings()))  # 0: fixed micro-batches
+    with pytest.raises(ValueError, match=r"batch.max_tokens_per_micro_batch=-1: must be >= 0"):
+        check_settings(Stage1Like(BatchSettings(max_tokens_per_micro_batch=-1)))
     cfg = Stage3Config()
     cfg.reward.max_tokens_per_micro_batch = 512
     cfg.policy.max_tokens_per_micro_batch = 512
@@ -120,3 +122,43 @@ def test_budget_settings_are_checked_naming_the_setting():
     with pytest.raises(ValueError, match=r"reward.max_tokens_per_micro_batch=512 is not supported with "
                                          r"reward.strategy=offline_bt"):
         check_stage3_config(cfg)
+
+
+def test_share_scales_make_megatrons_mean_the_global_mean():
+    # 2 ranks; rank 0's micro-batches hold 3 and 1 examples, rank 1's 2 and 2 (8 in all).
+    assert share_scales([3, 1], 8, 2) == [3 / 8 * 2 * 2, 1 / 8 * 2 * 2]
+    assert share_scales([0, 0], 0, 2) == [0.0, 0.0]
+    # Independent transcription: micro-batch means times scales, averaged over micro-batches then ranks (Megatron,
+    # DDP), equal the mean over every example.
+    rng = random.Random(0)
+    losses = [[[rng.random() for _ in range(n)] for n in sizes] for sizes in ([3, 1], [2, 2])]
+    megatron = sum(sum(scale * sum(micro) / len(micro)
+                       for scale, micro in zip(share_scales([len(m) for m in rank], 8, 2), rank)) / len(rank)
+                   for rank in losses) / 2
+    assert megatron == pytest.approx(sum(x for rank in losses for micro in rank for x in micro) / 8, rel=1e-12)
+
+
+def test_rank_partition_agrees_the_count_over_ranks():
+    lengths = [[10, 10, 10, 10], [40, 40, 40, 40]]  # rank 0 alone would need 1 micro-batch of 40 tokens
+    assert rank_partition(lengths, 1, 80, SETTING) == [[0, 1], [2, 3]]
+    assert len(rank_partition(lengths, 0, 80, SETTING)) == 2
+
+
+def test_pair_micro_batches_keep_a_pair_together_and_the_mean_over_pairs(monkeypatch):
+    from megatron_save.data.preference import PreferencePair
+    from megatron_save.trainers import common
+
+    monkeypatch.setattr(common.parallel_state, "get_data_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(common.parallel_state, "get_data_parallel_rank", lambda: 0)
+    lengths = [(3, 5), (2, 2), (2, 1), (6, 4), (1, 1), (1, 2), (2, 3), (1, 1)]  # (chosen, rejected) tokens
+    pairs = [PreferencePair(list(range(1, c + 1)), list(range(1, r + 1))) for c, r in lengths]
+    settings = common.BatchSettings(global_batch_size=8, max_tokens_per_micro_batch=12)
+    micro_batches = common.pair_micro_batches(pairs, list(range(8)), settings, 0)
+    # Rank 0 holds pairs 0-3 (pair tokens 10, 4, 4, 12), rank 1 pairs 4-7 (2, 4, 6, 2): rank 0 needs 3.
+    assert [m.input_ids.shape for m in micro_batches] == [(2, 6), (2, 5), (4, 2)]
+    assert [m.loss_scale for m in micro_batches] == pytest.approx([1 / 8 * 6, 1 / 8 * 6, 2 / 8 * 6])
+    assert micro_batches[2].attention_mask.sum(dim=1).tolist() == [2, 2, 2, 1]  # chosen, rejected of pairs 1, 2
+    with pytest.raises(ValueError, match=r"batch.max_tokens_per_micro_batch=11 is smaller than pair 3 \(chosen \+ "
+                                         r"rejected at its longer row of 6 tokens: 12\)"):
+        common.pair_micro_batches(pairs, list(range(8)), common.BatchSettings(
+            global_batch_size=8, max_tokens_per_micro_batch=11), 0)

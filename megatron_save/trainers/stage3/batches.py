@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_save.data.batching import ResponseGroupBatch, ScoredRowBatch
-from megatron_save.data.token_budget import agreed_micro_batches, partition_by_tokens
+from megatron_save.data.token_budget import agreed_micro_batches, partition_by_tokens, share_scales
 from megatron_save.trainers.stage3.groups import RolloutGroups
 from megatron_save.utils.tensors import pad_rows
 
@@ -245,8 +245,7 @@ def policy_budget_scales(layout: list[list[list[int]]], rank: int, parts: list[l
     for part, micro_batches in zip(layout, parts):
         total = sum(weight(i) for share in part for i in share)
         mine = part[rank]
-        factor = len(micro_batches) * ranks
-        scales.append([((sum(weight(mine[k - offset]) for k in micro) if token_mean else len(micro)) / total
-                        if total else 0.0) * factor for micro in micro_batches])
+        scales.append(share_scales([sum(weight(mine[k - offset]) for k in micro) if token_mean else len(micro)
+                                    for micro in micro_batches], total, ranks))
         offset += len(mine)
     return scales
