@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from megatron_save.planning.study import StudyConfig
 from megatron_save.testbed.pipeline import TestbedConfig
 from megatron_save.trainers.sample_responses import SampleResponsesConfig
 from megatron_save.trainers.sft import SFTConfig
@@ -23,7 +24,7 @@ SCHEMAS = {
     "rollout/vllm.yaml": Stage3Config,
     "scaling/stage3_8b.yaml": Stage3Config, "scaling/stage3_70b.yaml": Stage3Config,
     "scaling/stage3_qwen3_30b_a3b.yaml": Stage3Config, "scaling/stage3_qwen3_235b_a22b.yaml": Stage3Config,
-    "scaling/stage3_4b.yaml": Stage3Config,
+    "scaling/stage3_4b.yaml": Stage3Config, "scaling/study_qwen3.yaml": StudyConfig,
     "testbed/sft.yaml": SFTConfig, "testbed/stage1_bt.yaml": Stage1Config, "testbed/stage2_value.yaml": Stage2Config,
     "testbed/stage3.yaml": Stage3Config, "testbed/full.yaml": TestbedConfig,
     "testbed/gold_testbed.yaml": TestbedConfig, "testbed/lagged.yaml": TestbedConfig,
