@@ -92,18 +92,70 @@ def inference_mode_only_inside() -> Iterator[None]:
             mode.unset_active()
 
 
+def behaviour_logprobs(last_token_logits: torch.Tensor, sampled: torch.Tensor, temperature: float,
+                       top_k: int) -> torch.Tensor:
+    """Log-probs of the sampled tokens under the distribution they were drawn from: the logits divided by the
+    temperature, cut to the ``top_k`` largest where set (as Megatron's sampler cuts them).
+
+    last_token_logits: [B, V]; sampled: [B] token ids; returns [B] float32."""
+    scaled = last_token_logits.float() / temperature  # [B, V]
+    if top_k > 0:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1).gather(-1, sampled.long()[:, None])[:, 0]
+
+
+def _recording_controller(base: type) -> type:
+    """Megatron's text-generation controller, also recording each sampled token's behaviour log-prob.
+
+    megatron-core's own ``return_log_probs`` gives log-softmax of the raw logits (temperature 1, no top-k) and
+    leaves out the EOS a response stopped at; the log-probs rollout correction needs are those of the
+    distribution each token was sampled from, EOS included. ``sample_from_logits`` (one call per decoding step
+    of the static batch, the same arguments from 0.16 to 0.19) sees the logits and returns the sampled tokens;
+    ``generate_all_output_tokens_static_batch`` runs one batch, whose rows are its requests in order."""
+
+    class RecordingController(base):
+        recording: bool = False
+
+        def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None,
+                               generation_started=None, *args, **kwargs):
+            sampled = super().sample_from_logits(last_token_logits, sampling_params, vocab_size,
+                                                 generation_started, *args, **kwargs)
+            if self.recording:
+                greedy = sampling_params.top_k == 1
+                logprobs = behaviour_logprobs(last_token_logits, sampled, 1.0 if greedy else
+                                              sampling_params.temperature, 0 if greedy else sampling_params.top_k)
+                self.steps.append((logprobs.cpu(), generation_started.cpu()))  # [B], [B] bool
+            return sampled
+
+        def generate_all_output_tokens_static_batch(self, active_requests, *args, **kwargs):
+            self.steps = []
+            done = super().generate_all_output_tokens_static_batch(active_requests, *args, **kwargs)
+            if self.recording:
+                logprobs = torch.stack([lp for lp, _ in self.steps])  # [steps, B]
+                started = torch.stack([s for _, s in self.steps])  # [steps, B]
+                for row, request in enumerate(active_requests.values()):
+                    # A row samples its k-th token at the k-th step where it has started generating.
+                    self.behaviour[request.request_id] = logprobs[started[:, row], row].tolist()
+            self.steps = []
+            return done
+
+    return RecordingController
+
+
 class MegatronRolloutEngine:
     """Collective engine: every rank of a model-parallel group calls ``generate`` with the same prompts.
 
     ``policy`` is this rank's stage of the Megatron policy (unwrapped); sampling reads its current parameters,
-    so ``update_weights`` has nothing to do. Behaviour log-probs are not returned (the trainer recomputes the
-    policy's own log-probs before each update).
+    so ``update_weights`` has nothing to do. With ``return_logprobs``, each sampled token's behaviour log-prob
+    (temperature and top-k applied, as sampled) comes back from the sampling forward itself.
     """
 
     collective = True
     shares_policy_weights = True
 
-    def __init__(self, policy: Any, tokenizer: Any, max_sequence_length: int, max_batch_size: int):
+    def __init__(self, policy: Any, tokenizer: Any, max_sequence_length: int, max_batch_size: int,
+                 return_logprobs: bool = False):
         from megatron.core.inference.contexts import StaticInferenceContext
         from megatron.core.inference.engines import StaticInferenceEngine
         from megatron.core.inference.text_generation_controllers.text_generation_controller import (
@@ -112,8 +164,11 @@ class MegatronRolloutEngine:
 
         context = StaticInferenceContext(max_batch_size, max_sequence_length)
         self.tokenizer = tokenizer
-        self.controller = TextGenerationController(
+        self.return_logprobs = return_logprobs
+        self.controller = _recording_controller(TextGenerationController)(
             _wrap_for_inference(policy, context, max_sequence_length, max_batch_size), _TokenizerAdapter(tokenizer))
+        self.controller.recording = return_logprobs
+        self.controller.behaviour = {}
         with warnings.catch_warnings(), inference_mode_only_inside():
             warnings.simplefilter("ignore")  # the legacy static engine announces its deprecation on every build
             self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
@@ -125,6 +180,10 @@ class MegatronRolloutEngine:
         from megatron.core.inference.sampling_params import SamplingParams
 
         check_megatron_sampling(sampling)
+        if self.return_logprobs and sampling.top_p < 1.0:
+            raise ValueError(f"rollout.backend=megatron reports behaviour log-probs with temperature and top_k, not "
+                             f"top_p (rollout.sampling.top_p={sampling.top_p}); set top_p=1.0 or use "
+                             "rollout.backend=transformers or vllm")
         longest = max(len(p) for p in prompt_ids) + sampling.max_new_tokens
         if longest > self.max_sequence_length:
             raise ValueError(f"a prompt of {longest - sampling.max_new_tokens} tokens + max_new_tokens="
@@ -142,17 +201,23 @@ class MegatronRolloutEngine:
                     for i, p in enumerate(rows)]
         # The engine reseeds torch's global generator on every call: keep that inside a fork.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        self.controller.behaviour = {}
         with torch.random.fork_rng(devices=devices), inference_mode_only_inside():
             done = self.engine.generate(inference_requests=requests)
-        responses, truncated = [], []
+        responses, truncated, logprobs = [], [], []
         for request in done:
             tokens = request.generated_tokens.tolist()[: request.generated_length]
             # The engine leaves the EOS it stopped at out of the generated tokens: put it back, as other backends
             # return a stopped response up to and including its stop token.
             stopped = request.generated_length < sampling.max_new_tokens
-            responses.append(tokens + [self.tokenizer.eos_token_id] if stopped else tokens)
+            response = tokens + [self.tokenizer.eos_token_id] if stopped else tokens
+            responses.append(response)
             truncated.append(not stopped)
-        return Rollouts.from_rows(prompt_ids, sampling.n, responses, truncated)
+            if self.return_logprobs:
+                logprobs.append(self.controller.behaviour[request.request_id][: len(response)])
+        self.controller.behaviour = {}
+        return Rollouts.from_rows(prompt_ids, sampling.n, responses, truncated,
+                                  logprobs if self.return_logprobs else None)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to load: the engine samples from the training model's own parameters."""

@@ -143,3 +143,17 @@ def test_gmpo_rejection_sampling_and_dynamic_sampling_at_tp2_dp2(tiny_models, rl
     assert 0.1 < record["rollout_correction/rejected_token_fraction"] < 0.9
     assert math.isfinite(record["policy/pg_loss"])
     check_recorded_advantages(rollouts, "grpo")
+
+
+def test_token_tis_with_megatron_rollouts_at_tp2(tiny_models, rl_data, tmp_path):
+    """rollout.backend=megatron reports its behaviour log-probs from its own sampling steps at TP=2: the IS
+    weights follow them, and the logged mismatch is that of incremental decoding against the trainer's forward
+    (small, not zero)."""
+    out = tmp_path / "megatron"
+    run_stage3(2, out, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
+               "total_steps=1", *COMMON, "rollout.backend=megatron", "policy.rollout_correction.is_level=token",
+               "policy.rollout_correction.is_threshold=1.0")
+    (record,), rollouts = read_metrics(out), _rollouts(out)
+    _check_rollout_correction(rollouts, record, is_threshold=1.0, rs_bounds=None)
+    assert 0.1 < record["rollout_correction/truncated_token_fraction"] < 0.9
+    assert math.isfinite(record["policy/pg_loss"])

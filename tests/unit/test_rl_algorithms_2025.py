@@ -205,11 +205,13 @@ def test_bad_issue_39_settings_are_refused_by_name(override, message):
         check_stage3_config(cfg)
 
 
-def test_megatron_rollouts_refuse_rollout_correction():
+def test_megatron_rollouts_refuse_rollout_correction_with_top_p_only():
     from megatron_save.config import load_config
     from megatron_save.trainers.stage3.config import Stage3Config, check_stage3_config
 
-    cfg = load_config(Stage3Config, CPU_CONFIG,
-                      ["rollout.backend=megatron", "policy.rollout_correction.log_mismatch=true"])
-    with pytest.raises(ValueError, match="rollout.backend=megatron does not report"):
+    settings = ["rollout.backend=megatron", "policy.rollout_correction.log_mismatch=true"]
+    check_stage3_config(load_config(Stage3Config, CPU_CONFIG, [*settings, "rollout.sampling.top_k=5"]))
+    cfg = load_config(Stage3Config, CPU_CONFIG, [*settings, "rollout.sampling.top_p=0.9"])
+    with pytest.raises(ValueError, match=r"rollout.backend=megatron reports them with temperature and top_k, not "
+                                         r"top_p \(rollout.sampling.top_p=0.9\)"):
         check_stage3_config(cfg)

@@ -146,6 +146,55 @@ def test_megatron_engine_greedy_rollouts_match_the_transformers_engine(policies,
             assert truncated == (not stopped) and (stopped or len(response) == 10)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
+def test_megatron_engine_behaviour_logprobs_are_the_sampling_distributions(temperature, top_k, policies,
+                                                                           world_of_one):
+    """Each sampled token's behaviour log-prob, EOS included, is the transformers model's own under the
+    temperature, cut to top_k where set; at temperature 1 also megatron-core's own return_log_probs (which
+    leaves the EOS out)."""
+    from megatron.core.inference.inference_request import InferenceRequest
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    from megatron_save.rollout.megatron_engine import MegatronRolloutEngine
+
+    a, _, root = policies
+    if not (root / "a_megatron").exists():
+        convert_hf_to_megatron(a, root / "a_megatron")
+    policy, _, _ = build_model_from_checkpoint(root / "a_megatron")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(a)
+    engine = MegatronRolloutEngine(policy, tokenizer, max_sequence_length=64, max_batch_size=4, return_logprobs=True)
+    prompts = [encode_prompt(tokenizer, text) for text in ("hello", "a longer prompt here", "hi")]
+    sampling = SamplingSettings(n=3, temperature=temperature, top_k=top_k, max_new_tokens=12, seed=11)
+    rollouts = engine.generate(prompts, sampling)
+    if top_k == 0:
+        assert any(not t for flags in rollouts.truncated for t in flags)  # some responses stop at EOS
+    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    for prompt, responses, logprobs in zip(prompts, rollouts.response_ids, rollouts.logprobs):
+        for response, behaviour in zip(responses, logprobs):
+            assert len(behaviour) == len(response)
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1] / temperature
+            table = _top_k_logprobs(logits, top_k) if top_k else torch.log_softmax(logits, dim=-1)
+            expected = table.gather(-1, torch.tensor(response)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(behaviour), expected, atol=1e-4)
+    if temperature == 1.0 and top_k == 0:
+        # megatron-core's own log-probs of the same samples (the same seed draws the same tokens).
+        params = SamplingParams(temperature=1.0, top_k=0, top_p=0.0, num_tokens_to_generate=12,
+                                termination_id=tokenizer.eos_token_id, return_log_probs=True)
+        engine.controller.sampling_rng.manual_seed(11)
+        engine.engine.random_seed = 11
+        rows = [p for p in prompts for _ in range(3)]
+        requests = [InferenceRequest(request_id=str(i), prompt="", sampling_params=params, prompt_tokens=list(p))
+                    for i, p in enumerate(rows)]
+        with torch.random.fork_rng():
+            done = engine.engine.generate(inference_requests=requests)
+        flat = [(r, lp) for group, lps in zip(rollouts.response_ids, rollouts.logprobs) for r, lp in zip(group, lps)]
+        for request, (response, behaviour) in zip(done, flat):
+            assert request.generated_tokens.tolist()[: request.generated_length] == response[: request.generated_length]
+            assert torch.allclose(torch.tensor(request.generated_log_probs[: request.generated_length]),
+                                  torch.tensor(behaviour[: request.generated_length]), atol=1e-5)
+
+
 def test_megatron_engine_refuses_sampling_it_cannot_honour():
     from megatron_save.rollout.megatron_engine import check_megatron_sampling
 

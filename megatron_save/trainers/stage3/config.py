@@ -380,9 +380,11 @@ def _check_algorithms(cfg: Stage3Config, strategy: RMStrategy) -> None:
     if correction.is_threshold <= 0 or not 0 < correction.rs_low <= 1 <= correction.rs_high:
         raise ValueError(f"policy.rollout_correction: is_threshold={correction.is_threshold} must be > 0 and "
                          f"rs_low={correction.rs_low} <= 1 <= rs_high={correction.rs_high} (rs_low > 0)")
-    if correction.enabled and cfg.rollout.backend == "megatron":
-        raise ValueError("policy.rollout_correction needs the rollout engine's behaviour log-probs, which "
-                         "rollout.backend=megatron does not report; use rollout.backend=transformers or vllm")
+    if correction.enabled and cfg.rollout.backend == "megatron" and cfg.rollout.sampling.top_p < 1.0:
+        raise ValueError("policy.rollout_correction needs the rollout engine's behaviour log-probs: "
+                         "rollout.backend=megatron reports them with temperature and top_k, not top_p "
+                         f"(rollout.sampling.top_p={cfg.rollout.sampling.top_p}); set top_p=1.0 or use "
+                         "rollout.backend=transformers or vllm")
     dynamic = cfg.rollout.dynamic_sampling
     if dynamic.enabled:
         if dynamic.max_generation_batches < 1:

@@ -98,7 +98,8 @@ class Stage3Run:
 
 def _megatron_engine(cfg: Stage3Config, policy: Any, tokenizer: Any, meta: CheckpointMeta, longest: int
                      ) -> RolloutEngine:
-    return MegatronRolloutEngine(policy, tokenizer, longest, cfg.rollout.max_batch_size)
+    return MegatronRolloutEngine(policy, tokenizer, longest, cfg.rollout.max_batch_size,
+                                 return_logprobs=cfg.policy.rollout_correction.enabled)
 
 
 def _vllm_engine(cfg: Stage3Config, policy: Any, tokenizer: Any, meta: CheckpointMeta, longest: int
