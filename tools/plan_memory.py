@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of --gpu-memory kept free for the CUDA context, NCCL buffers and "
                              "fragmentation (default 0.1)")
     parser.add_argument("--margin-gib", type=float, default=None,
-                        help="GiB of --gpu-memory kept free instead of --headroom (the stages' memory_margin_gib)")
+                        help="GiB of --gpu-memory kept free instead of --headroom (the stages' memory_check.margin_gib)")
     parser.add_argument("--fixed-settings", action="store_true",
                         help="with --gpu-memory: vary the parallel layout only, not recompute, token budgets or "
                              "offload")

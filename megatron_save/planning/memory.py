@@ -24,7 +24,7 @@ policy update), holding what ``trainers/offload.py`` leaves resident plus what t
 peak is the largest. The all-resident total (every part at once, as if nothing were ever freed) stays beside it.
 ``search_fits`` looks for the cheapest recompute / token-budget / offload settings and TP / PP / EP layouts that
 fit a budget (``settings_cost`` says what cheapest means). Not counted: the CUDA context, NCCL buffers, transient
-workspace of the updates and fragmentation (the launch check's ``memory_margin_gib``); sequence parallelism's split
+workspace of the updates and fragmentation (the launch check's ``memory_check.margin_gib``); sequence parallelism's split
 of the activations (the plan is an upper bound where it is on).
 """
 
@@ -923,7 +923,7 @@ def memory_refusal(plan: MemoryPlan, device_bytes: int, margin_bytes: int, fits:
     parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in
                       sorted(phase.parts.items(), key=lambda item: -item[1]) if value)
     lines = [f"the {phase.name} phase needs {phase.total / GIB:.2f} GiB per GPU (pipeline stage {phase.stage}; "
-             f"GiB: {parts}), more than this device's {device_bytes / GIB:.2f} GiB less memory_margin_gib="
+             f"GiB: {parts}), more than this device's {device_bytes / GIB:.2f} GiB less memory_check.margin_gib="
              f"{margin_bytes / GIB:g} ({budget / GIB:.2f} GiB)."]
     if fits:
         lines.append("Cheapest settings that fit (cheapest first):")
@@ -932,7 +932,7 @@ def memory_refusal(plan: MemoryPlan, device_bytes: int, margin_bytes: int, fits:
             lines.append(f"  {' '.join(changes)}  -> peak {fit.peak / GIB:.2f} GiB ({fit.peak_phase.name})")
     else:
         lines.append("No recompute, token budget, offload or TP / PP setting the planner tried fits: use more GPUs.")
-    lines.append("Set memory_check=false to start anyway.")
+    lines.append("Set memory_check.enabled=false to start anyway.")
     return "\n".join(lines)
 
 

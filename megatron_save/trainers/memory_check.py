@@ -1,6 +1,6 @@
 """The launch check: every stage plans its per-GPU memory (megatron_save/planning/memory.py) before it builds a
 model, logs the plan, and on a GPU refuses a run whose peak phase exceeds the device's memory less
-``memory_margin_gib``, naming the phase, its parts and the cheapest settings the planner found that fit.
+``memory_check.margin_gib``, naming the phase, its parts and the cheapest settings the planner found that fit.
 
 The configs are read here and only here (``stage3_layout``, ``training_layout``): the planner itself knows
 nothing of them.
@@ -119,7 +119,7 @@ def check_plan(plan: MemoryPlan, plan_of: Callable[[MemoryLayout], MemoryPlan], 
     ``device_bytes`` less ``margin_gib``, naming the cheapest fitting variants among ``candidates`` (parallel
     layouts) x ``knobs`` (``plan_of`` plans one)."""
     if margin_gib < 0:
-        raise ValueError(f"memory_margin_gib={margin_gib} must be >= 0")
+        raise ValueError(f"memory_check.margin_gib={margin_gib} must be >= 0")
     logger.info("%s: planned memory per GPU (megatron_save/planning/memory.py)\n%s", what,
                 "\n".join(phase_table(plan)))
     if device_bytes is None:
@@ -129,8 +129,9 @@ def check_plan(plan: MemoryPlan, plan_of: Callable[[MemoryLayout], MemoryPlan], 
     if plan.peak <= device_bytes - margin:
         return
     if not enabled:
-        logger.warning("%s: the planned peak %.2f GiB exceeds this GPU's %.2f GiB less memory_margin_gib=%g; "
-                       "starting anyway (memory_check=false)", what, plan.peak / GIB, device_bytes / GIB, margin_gib)
+        logger.warning("%s: the planned peak %.2f GiB exceeds this GPU's %.2f GiB less memory_check.margin_gib=%g;"
+                       " starting anyway (memory_check.enabled=false)", what, plan.peak / GIB, device_bytes / GIB,
+                       margin_gib)
         return
     fits = search_fits(plan_of, candidates, device_bytes - margin, knobs)
     raise MemoryPlanError(f"{what}: " + memory_refusal(plan, device_bytes, margin, fits, names))
@@ -163,7 +164,7 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
         return None
     gpus = layout.tp * layout.pp * layout.dp
     check_plan(plan, plan_of, KNOBS, STAGE3_SETTINGS, device_memory() if device_bytes is None else device_bytes,
-               cfg.memory_margin_gib, cfg.memory_check, candidate_layouts(policy, reward, gpus, layout), "stage 3")
+               cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(policy, reward, gpus, layout), "stage 3")
     return plan
 
 
@@ -184,5 +185,5 @@ def check_training_memory(cfg: Any, what: str, sequences: int, backbone_trained:
     gpus = layout.tp * layout.pp * layout.dp
     knobs = ("policy_recompute", "max_tokens_per_micro_batch") if backbone_trained else ()
     check_plan(plan, plan_of, knobs, TRAINING_SETTINGS, device_memory() if device_bytes is None else device_bytes,
-               cfg.memory_margin_gib, cfg.memory_check, candidate_layouts(model, model, gpus, layout), what)
+               cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(model, model, gpus, layout), what)
     return plan

@@ -14,7 +14,7 @@ from omegaconf import MISSING
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
 from megatron_save.checkpoint.train_checkpoint import load_train_checkpoint, save_train_checkpoint
-from megatron_save.config import ParallelConfig, RecomputeSettings
+from megatron_save.config import MemoryCheckSettings, ParallelConfig, RecomputeSettings
 from megatron_save.data.batching import pad_id_of
 from megatron_save.data.preference import load_preference_pairs
 from megatron_save.trainers.common import (
@@ -64,13 +64,8 @@ class Stage1Config:
     """Tensor / pipeline parallel layout."""
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     """Activation recompute of the reward model's training forwards (see docs/guides/recompute_and_token_budgets.md)."""
-    memory_check: bool = True
-    """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
-    device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
-    anyway. On CPU the plan is only logged."""
-    memory_margin_gib: float = 6.0
-    """GiB of each GPU the plan leaves free for what it does not count: the CUDA context, NCCL buffers, a
-    layer's forward workspace and fragmentation."""
+    memory_check: MemoryCheckSettings = field(default_factory=MemoryCheckSettings)
+    """The planned per-GPU peak against the device before any model is built (docs/guides/scaling.md)."""
 
 
 def train_stage1(cfg: Stage1Config) -> dict:

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from megatron_save.checkpoint import save_model_checkpoint
 from megatron_save.checkpoint.model_checkpoint import HF_SUBDIR
-from megatron_save.config import ParallelConfig, RecomputeSettings
+from megatron_save.config import MemoryCheckSettings, ParallelConfig, RecomputeSettings
 from megatron_save.data.batching import PromptTargetBatch, pad_id_of
 from megatron_save.data.response_groups import ResponseGroup, load_response_groups
 from megatron_save.models.forward import score_token_sequences
@@ -68,13 +68,8 @@ class Stage2Config:
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     """Activation recompute of the training forwards; it saves memory at PP > 1 only, where the frozen backbone
     still runs its backward (at PP = 1 only the value head keeps activations for one)."""
-    memory_check: bool = True
-    """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
-    device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
-    anyway. On CPU the plan is only logged."""
-    memory_margin_gib: float = 6.0
-    """GiB of each GPU the plan leaves free for what it does not count: the CUDA context, NCCL buffers, a
-    layer's forward workspace and fragmentation."""
+    memory_check: MemoryCheckSettings = field(default_factory=MemoryCheckSettings)
+    """The planned per-GPU peak against the device before any model is built (docs/guides/scaling.md)."""
 
 
 def mean_frozen_rewards(model, groups: list[ResponseGroup], micro_batch_size: int, pad_id: int) -> torch.Tensor:

@@ -529,7 +529,7 @@ def test_launch_check_refuses_naming_the_phase_and_settings_that_fit():
     phase = plan.peak_phase
     assert f"the {phase.name} phase needs {phase.total / GIB:.2f} GiB per GPU" in message
     assert all(name in message for name, value in phase.parts.items() if value)
-    assert "Cheapest settings that fit" in message and "memory_check=false" in message
+    assert "Cheapest settings that fit" in message and "memory_check.enabled=false" in message
     fits = search_fits(plan_of, [base], device - int(margin_gib * GIB), KNOBS)
     first = [line for line in message.splitlines() if line.startswith("  ")][0]
     assert first.endswith(f"-> peak {fits[0].peak / GIB:.2f} GiB ({fits[0].peak_phase.name})"), message
@@ -537,13 +537,13 @@ def test_launch_check_refuses_naming_the_phase_and_settings_that_fit():
     check(plan.peak + int(margin_gib * GIB))  # fits exactly: no refusal
     records, handler = _capture("megatron_save.trainers.memory_check")
     try:
-        check(device, enabled=False)  # memory_check=false: a warning, no refusal
+        check(device, enabled=False)  # memory_check.enabled=false: a warning, no refusal
         check(None)  # CPU: the plan is logged, nothing checked
     finally:
         import logging
 
         logging.getLogger("megatron_save.trainers.memory_check").removeHandler(handler)
-    assert any("starting anyway (memory_check=false)" in record for record in records)
+    assert any("starting anyway (memory_check.enabled=false)" in record for record in records)
     assert any("policy_update" in record and "all-resident" in record for record in records)
 
 
@@ -583,10 +583,10 @@ def test_every_stage_checks_its_plan_before_it_builds_a_model(stage, tiny_models
         entry = getattr(trainer, entry)
     with pytest.raises(MemoryPlanError, match=r"phase needs .* GiB per GPU"):
         entry(cfg)
-    cfg.memory_check = False  # the override: the check passes and the (stubbed) build is reached
+    cfg.memory_check.enabled = False  # the override: the check passes and the (stubbed) build is reached
     with pytest.raises(AssertionError, match="a model was built before the memory check"):
         entry(cfg)
-    cfg.memory_check = True
+    cfg.memory_check.enabled = True
     monkeypatch.setattr(memory_check, "device_memory", lambda: None)  # CPU: the plan is logged, not checked
     records, handler = _capture("megatron_save.trainers.memory_check")
     try:

@@ -9,7 +9,7 @@ from omegaconf import MISSING
 from megatron_save.algorithms import ADVANTAGE_ESTIMATORS, OUTCOME_LABEL_RULES
 from megatron_save.algorithms.rollout_correction import IS_LEVELS, RS_LEVELS
 from megatron_save.checkpoint.train_checkpoint import distributed_optimizer_state_supported
-from megatron_save.config import ParallelConfig, RecomputeSettings, check_recompute
+from megatron_save.config import MemoryCheckSettings, ParallelConfig, RecomputeSettings, check_recompute
 from megatron_save.rollout.engine import SamplingSettings
 from megatron_save.rollout.megatron_engine import check_megatron_sampling
 from megatron_save.rollout.vllm_engine import VLLMSettings, check_vllm_settings
@@ -21,7 +21,7 @@ POLICY_LOSSES = ("ppo_clip", "gspo", "cispo", "gmpo")
 # Settings a resumed launch may change: they do not change what the run computes (offload moves tensors only).
 RESUMABLE_CHANGES = ("output_dir", "exit_after_steps", "resume", "save_every", "save_final_checkpoint",
                      "keep_checkpoints", "log_every", "rollout_log", "tensorboard", "wandb_project", "offload",
-                     "memory_check", "memory_margin_gib",
+                     "memory_check",
                      "parallel.timeout_minutes", "rollout.vllm.gpu_memory_utilization",
                      "rollout.vllm.kv_cache_memory_gib", "rollout.vllm.sleep_between_rollouts",
                      "rollout.vllm.enforce_eager", "policy.recompute", "reward.recompute", "reward.prime.recompute")
@@ -293,13 +293,8 @@ class Stage3Config:
     """Tensor / pipeline layout shared by the policy, its reference and the reward model."""
     offload: OffloadSettings = field(default_factory=OffloadSettings)
     """Optimizer states, gradient buffers and reference weights moved off the GPU while idle."""
-    memory_check: bool = True
-    """On a GPU, refuse to start when the planned per-GPU peak (megatron_save/planning/memory.py) exceeds the
-    device's memory less memory_margin_gib (the refusal names the phase and settings that fit); false starts
-    anyway. On CPU the plan is only logged."""
-    memory_margin_gib: float = 6.0
-    """GiB of each GPU the plan leaves free for what it does not count: the CUDA context, NCCL buffers, a
-    layer's forward workspace and fragmentation."""
+    memory_check: MemoryCheckSettings = field(default_factory=MemoryCheckSettings)
+    """The planned per-GPU peak against the device before any model is built (docs/guides/scaling.md)."""
 
 
 def check_stage3_config(cfg: Stage3Config) -> None:
