@@ -65,8 +65,7 @@ def ppo_clip_policy_loss(
     logp, old_logp, mask [N, T]; advantages [N, T], or [N] broadcast over tokens. ``norm_constant``: the constant
     of seq-mean-token-sum-norm (Dr.GRPO uses the generation budget; default T).
     """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logp)
+    advantages = _per_token(advantages, logp)  # [N, T]
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [N, T]
     unclipped = -advantages * ratio
@@ -83,7 +82,7 @@ def ppo_clip_policy_loss(
     return PolicyLossOutput(
         loss=aggregate(token_losses, mask, aggregation, norm_constant),
         clip_fraction=(was_clipped & mask).sum() / real,
-        approx_kl=(-log_ratio).masked_fill(~mask, 0.0).sum().detach() / real,
+        approx_kl=_approx_kl(log_ratio, mask),
     )
 
 
@@ -104,8 +103,7 @@ def gspo_policy_loss(
     (positions outside ``mask``, such as a prompt's, may hold anything).
     """
     tokens = mask.sum(dim=1).clamp(min=1)  # [N]
-    if advantages.dim() == 2:
-        advantages = advantages.masked_fill(~mask, 0.0).sum(dim=1) / tokens  # [N]
+    advantages = _per_sequence(advantages, mask)  # [N]
     logp = logp.masked_fill(~mask, 0.0)  # padding may hold anything; keep it out of values and gradients
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
     sequence_log_ratio = log_ratio.sum(dim=1) / tokens  # [N]
@@ -120,7 +118,7 @@ def gspo_policy_loss(
     return PolicyLossOutput(
         loss=aggregate(token_losses, mask, "seq-mean-token-mean"),
         clip_fraction=sequence_clipped.float().mean(),
-        approx_kl=(-log_ratio).sum().detach() / mask.sum().clamp(min=1),
+        approx_kl=_approx_kl(log_ratio, mask),
     )
 
 
@@ -141,8 +139,7 @@ def cispo_policy_loss(
 
     logp, old_logp, mask [N, T]; advantages [N, T], or [N] broadcast over tokens; aggregated as asked.
     """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logp)
+    advantages = _per_token(advantages, logp)  # [N, T]
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
     ratio = torch.exp(log_ratio.detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [N, T]
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -151,7 +148,7 @@ def cispo_policy_loss(
     return PolicyLossOutput(
         loss=aggregate(token_losses, mask, aggregation, norm_constant),
         clip_fraction=((clipped_ratio != ratio) & mask).sum() / real,
-        approx_kl=(-log_ratio).detach().sum() / real,
+        approx_kl=_approx_kl(log_ratio, mask),
     )
 
 
@@ -173,8 +170,7 @@ def gmpo_policy_loss(
     ``is_weights`` [N, T] enter as each response's geometric mean of its tokens' weights (as verl does).
     """
     tokens = mask.sum(dim=1).clamp(min=1)  # [N]
-    if advantages.dim() == 2:
-        advantages = advantages.masked_fill(~mask, 0.0).sum(dim=1) / tokens  # [N]
+    advantages = _per_sequence(advantages, mask)  # [N]
     logp = logp.masked_fill(~mask, 0.0)
     log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)  # [N, T]
     sign = torch.sign(advantages)[:, None]  # [N, 1]
@@ -190,8 +186,25 @@ def gmpo_policy_loss(
     return PolicyLossOutput(
         loss=sequence_losses.mean(),
         clip_fraction=was_clipped.sum() / real,
-        approx_kl=(-log_ratio).detach().sum() / real,
+        approx_kl=_approx_kl(log_ratio, mask),
     )
+
+
+def _per_token(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Advantages [N] broadcast over each response's tokens, or [N, T] as they are -> [N, T]."""
+    return advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+
+
+def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Advantages [N, T] reduced to each response's mean over its real tokens, or [N] as they are -> [N]."""
+    if advantages.dim() == 1:
+        return advantages
+    return advantages.masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def _approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi) estimated on the real tokens (k1: the mean of -log r), for logging. [N, T] -> []."""
+    return (-log_ratio).masked_fill(~mask, 0.0).sum().detach() / mask.sum().clamp(min=1)
 
 
 def _weighted(token_losses: torch.Tensor, is_weights: torch.Tensor | None) -> torch.Tensor:

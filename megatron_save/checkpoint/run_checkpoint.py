@@ -166,19 +166,15 @@ def predates_manifests(checkpoint: Path) -> tuple[bool, str]:
     state records no format_version and none of its training checkpoints records the megatron-core that wrote it
     (megatron-save recorded that only after it wrote manifests)."""
     state = checkpoint / RUN_STATE_FILE
-    try:
-        version = json.loads(state.read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError):
-        return False, f"{state} is unreadable"
-    if version is not None:
-        return False, f"{state} records format_version {version}"
-    for train_state in sorted(checkpoint.glob(f"*/{TRAIN_STATE_FILE}")):
+    records = [(state, "format_version")] + [(path, "megatron_core")
+                                            for path in sorted(checkpoint.glob(f"*/{TRAIN_STATE_FILE}"))]
+    for path, key in records:
         try:
-            core = json.loads(train_state.read_text()).get("megatron_core")
+            value = json.loads(path.read_text()).get(key)
         except (OSError, ValueError, AttributeError):
-            return False, f"{train_state} is unreadable"
-        if core is not None:
-            return False, f"{train_state} records megatron_core {core}"
+            return False, f"{path} is unreadable"
+        if value is not None:
+            return False, f"{path} records {key} {value}"
     return True, f"{state} records no format_version"
 
 
