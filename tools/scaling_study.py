@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from megatron_save.planning import MemoryLayout, architecture_from_hf, candidate_layouts, parse_bytes, plan_memory
-from megatron_save.planning.memory import stage_params
+from megatron_save.planning.memory import (STAGE3_SETTINGS, MemoryPlan, Recompute, changed_settings, search_fits,
+                                          stage_params)
 from megatron_save.planning.study import (DONE, BackbonePaths, Job, Layout, StudyConfig, backbone_paths, cells_of,
                                           jobs_of, load_study, sbatch_script, step_command)
 from megatron_save.utils.provenance import current_provenance
@@ -64,31 +65,56 @@ class Fit:
 
 
 def fit_layout(policy, reward, gpus: int, capacity: int, study: StudyConfig) -> Fit:
-    """The one call into the memory planner: the first layout of ``gpus`` GPUs, smallest model-parallel size first,
-    whose per-GPU bytes fit ``capacity`` for every strategy, trying plain settings, then the distributed optimizer,
-    then offloading the optimizer, gradients and reference. When none fits, the one that needs least, marked."""
+    """The one call into the memory planner: the cheapest settings of ``gpus`` GPUs whose per-GPU peak (the
+    fullest phase, megatron_save/planning/memory.py) fits ``capacity`` for every strategy: the planner's search
+    over layouts, recompute, token budgets and offload (``search_fits``, cheapest in step time first), without
+    and then with the distributed optimizer. When none fits, the layout with every memory setting on that needs
+    least, marked."""
     shape = study.run_shape
     base = MemoryLayout(dtype=shape.dtype, spec=shape.spec, fused_activation=shape.spec == "te",
                         micro_batch=shape.micro_batch, reward_micro_batch=shape.reward_micro_batch,
                         prompt_length=shape.prompt_length, response_length=shape.response_length,
                         rollout_batch=shape.rollout_batch, value_head=True)
-    ladder = [{}, dict(distributed_optimizer=True),
-              dict(distributed_optimizer=True, offload_optimizer=True, offload_gradients=True, offload_reference=True)]
     trained = {s: s != "frozen" for s in study.recipe.strategies}
+
+    def peaks(layout: MemoryLayout) -> dict[str, int]:
+        return {s: plan_memory(policy, reward, replace(layout, reward_trained=t)).peak for s, t in trained.items()}
+
+    def plan_of(layout: MemoryLayout) -> MemoryPlan:
+        # The search reads one plan a variant: the strategy that needs most.
+        return max((plan_memory(policy, reward, replace(layout, reward_trained=t)) for t in set(trained.values())),
+                   key=lambda plan: plan.peak)
+
     least = None
-    for settings in ladder:
-        for layout in candidate_layouts(policy, reward, gpus, replace(base, **settings)):
-            planned = {s: plan_memory(policy, reward, replace(layout, reward_trained=t)).total
-                       for s, t in trained.items()}
-            fit = Fit(Layout(tp=layout.tp, pp=layout.pp, ep=layout.ep, **settings), planned, capacity,
-                      max(planned.values()) <= capacity)
-            if fit.fits:
-                return fit
+    for distributed in (False, True):
+        start = replace(base, distributed_optimizer=distributed)
+        layouts = candidate_layouts(policy, reward, gpus, start)
+        if not layouts:
+            raise SystemExit(f"scaling_study: no TP x PP layout of {gpus} GPUs splits {policy.source}")
+        fits = search_fits(plan_of, layouts, capacity)
+        if fits:
+            return _fit(start, fits[0].layout, peaks(fits[0].layout), capacity)
+        for layout in layouts:
+            squeezed = replace(layout, policy_recompute=Recompute("full"), reward_recompute=Recompute("full"),
+                               max_tokens_per_micro_batch=layout.sequence,
+                               reward_max_tokens_per_micro_batch=layout.sequence, offload_optimizer=True,
+                               offload_gradients=True, offload_reference=True)
+            try:
+                planned = peaks(squeezed)
+            except ValueError:
+                continue
             if least is None or max(planned.values()) < max(least.planned_bytes.values()):
-                least = fit
+                least = _fit(start, squeezed, planned, capacity)
     if least is None:
-        raise SystemExit(f"scaling_study: no TP x PP layout of {gpus} GPUs splits {policy.source}")
+        raise SystemExit(f"scaling_study: the planner splits no layout of {gpus} GPUs for {policy.source}")
     return least
+
+
+def _fit(base: MemoryLayout, layout: MemoryLayout, planned: dict[str, int], capacity: int) -> Fit:
+    settings = [change for change in changed_settings(base, layout, STAGE3_SETTINGS)
+                if not change.startswith(("parallel.", "("))]
+    return Fit(Layout(tp=layout.tp, pp=layout.pp, ep=layout.ep, distributed_optimizer=layout.distributed_optimizer,
+                      stage3=settings), planned, capacity, max(planned.values()) <= capacity)
 
 
 def backbone_config(backbone):

@@ -212,12 +212,9 @@ class Layout:
     """Expert-parallel size (MoE backbones)."""
     distributed_optimizer: bool = False
     """Optimizer states sharded over data-parallel ranks."""
-    offload_optimizer: bool = False
-    """Stage 3: optimizer states on the host outside their update (offload.optimizer)."""
-    offload_gradients: bool = False
-    """Stage 3: gradient buffers on the host outside their update (offload.gradients)."""
-    offload_reference: bool = False
-    """Stage 3: the reference model on the host outside its forward (offload.reference)."""
+    stage3: list[str] = field(default_factory=list)
+    """Stage 3's further key=value settings the planner chose (recompute, token budgets, offload), as its
+    refusals name them."""
 
     def overrides(self, stage: str) -> list[str]:
         """The key=value settings that apply this layout to a ``stage`` launch."""
@@ -226,11 +223,7 @@ class Layout:
         if self.distributed_optimizer:
             out += ["policy.optim.use_distributed_optimizer=true", "reward.optim.use_distributed_optimizer=true"] \
                 if stage == "stage3" else ["optim.use_distributed_optimizer=true"]
-        if stage == "stage3":
-            out += [f"offload.{part}=true" for part, on in (("optimizer", self.offload_optimizer),
-                                                              ("gradients", self.offload_gradients),
-                                                              ("reference", self.offload_reference)) if on]
-        return out
+        return out + (list(self.stage3) if stage == "stage3" else [])
 
 
 @dataclass(frozen=True)

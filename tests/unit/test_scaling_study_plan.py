@@ -113,11 +113,17 @@ def test_planner_adapter_picks_the_smallest_layout_that_fits(tmp_path):
     from megatron_save.planning import MemoryLayout, plan_memory
 
     base = MemoryLayout(micro_batch=4, reward_micro_batch=16, value_head=True)
-    tp2 = plan_memory(policy, reward, MemoryLayout(**{**base.__dict__, "tp": 2, "dp": 2})).total
-    squeezed = scaling_study.fit_layout(policy, reward, 4, tp2 + 1, study)
-    assert squeezed.fits and (squeezed.layout.tp, squeezed.layout.pp) == (2, 1)
+    tp1, tp2 = (plan_memory(policy, reward, MemoryLayout(**{**base.__dict__, "tp": tp, "dp": 4 // tp})).peak
+                for tp in (1, 2))
+    assert tp2 < tp1
+    # Below what TP 1 needs as it is: the cheapest fitting settings (selective recompute or a token budget comes
+    # before a larger model-parallel size), applied to the stage-3 launch.
+    squeezed = scaling_study.fit_layout(policy, reward, 4, tp1 - 1, study)
+    assert squeezed.fits and max(squeezed.planned_bytes.values()) <= tp1 - 1 and squeezed.layout.stage3
+    assert set(squeezed.layout.stage3) <= set(squeezed.layout.overrides("stage3"))
     hopeless = scaling_study.fit_layout(policy, reward, 4, 1000, study)
-    assert not hopeless.fits and hopeless.layout.offload_optimizer  # the least it can need, marked
+    assert not hopeless.fits  # the least it can need, marked
+    assert {"offload.optimizer=true", "policy.recompute.granularity=full"} <= set(hopeless.layout.stage3)
 
 
 def test_paired_difference_interval():
