@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     args.sizes = args.sizes.split(",")
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown:

@@ -184,7 +184,12 @@ def run(argv: list[str]) -> tuple[int, list[str]]:
     knobs = () if args.fixed_settings else KNOBS
     fitting = search_fits(lambda variant: plan_memory(policy, reward, variant), layouts, budget, knobs)
     if not fitting:
-        plans = [plan_memory(policy, reward, candidate) for candidate in layouts]
+        plans = []
+        for candidate in layouts:
+            try:
+                plans.append(plan_memory(policy, reward, candidate))
+            except ValueError:  # a setting this layout cannot take (search_fits skips it too)
+                continue
         smallest = min(plans, key=lambda plan: plan.peak, default=None)
         best = (f"; the smallest peak is {smallest.peak / GIB:.2f} GiB per GPU (TP {smallest.layout.tp} x PP "
                 f"{smallest.layout.pp} x DP {smallest.layout.dp}, EP {smallest.layout.ep}, "

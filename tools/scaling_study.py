@@ -43,6 +43,7 @@ from megatron_save.planning.memory import (STAGE3_SETTINGS, MemoryPlan, Recomput
                                           stage_params)
 from megatron_save.planning.study import (DONE, BackbonePaths, Job, Layout, StudyConfig, backbone_paths, cells_of,
                                           jobs_of, load_study, sbatch_script, step_command)
+from megatron_save.trainers.strategies import strategy_named
 from megatron_save.utils.provenance import current_provenance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +65,11 @@ class Fit:
     fits: bool
 
 
+def trains_reward_model(strategy: str) -> bool:
+    """Whether stage 3 with ``reward.strategy=strategy`` trains the reward model (and writes run/reward_model)."""
+    return strategy_named(strategy).trains_backbone
+
+
 def fit_layout(policy, reward, gpus: int, capacity: int, study: StudyConfig) -> Fit:
     """The one call into the memory planner: the cheapest settings of ``gpus`` GPUs whose per-GPU peak (the
     fullest phase, megatron_save/planning/memory.py) fits ``capacity`` for every strategy: the planner's search
@@ -75,7 +81,7 @@ def fit_layout(policy, reward, gpus: int, capacity: int, study: StudyConfig) -> 
                         micro_batch=shape.micro_batch, reward_micro_batch=shape.reward_micro_batch,
                         prompt_length=shape.prompt_length, response_length=shape.response_length,
                         rollout_batch=shape.rollout_batch, value_head=True)
-    trained = {s: s != "frozen" for s in study.recipe.strategies}
+    trained = {s: trains_reward_model(s) for s in study.recipe.strategies}
 
     def peaks(layout: MemoryLayout) -> dict[str, int]:
         return {s: plan_memory(policy, reward, replace(layout, reward_trained=t)).peak for s, t in trained.items()}
@@ -178,7 +184,7 @@ def absolute(study: StudyConfig) -> StudyConfig:
 
 def command_plan(study: StudyConfig) -> tuple[dict, list[Job]]:
     plan = plan_study(study)
-    jobs = jobs_of(study, layouts_of(plan))
+    jobs = jobs_of(study, layouts_of(plan), trains_reward_model)
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     slurm = study.launcher == "slurm"
@@ -367,7 +373,8 @@ def cell_row(study: StudyConfig, plan: dict, job: Job) -> dict:
         row["reward"] = last.get("filter/reward_mean")
         row["kl"] = last.get("policy/kl_to_reference")
         row["response_length"] = last.get("rollout/response_length")
-    rm_eval = job.directory / "rm_eval" if cell.strategy != "frozen" else backbone_paths(study, cell.backbone).rm_eval
+    trained = trains_reward_model(cell.strategy)
+    rm_eval = job.directory / "rm_eval" if trained else backbone_paths(study, cell.backbone).rm_eval
     row["rm_accuracy"] = benchmark_score(rm_eval, study.recipe.benchmark) if row["status"] == "done" else None
     return row
 

@@ -43,12 +43,12 @@ def run_model(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor) -> t
 
 
 @contextmanager
-def varying_lengths(config: Any, lengths: list[int]) -> Iterator[None]:
-    """For one pipeline-schedule call over micro-batches of these sequence ``lengths``: when they differ under
-    pipeline parallelism, Megatron-Core's ``variable_seq_lengths`` (ModelParallelConfig: the stages' p2p then
-    sends each activation's shape before it) instead of one ``seq_length`` for every micro-batch; restored after.
-    A no-op without PP or with one length."""
-    if len(set(lengths)) < 2 or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+def varying_lengths(config: Any, shapes: list[tuple[int, int]]) -> Iterator[None]:
+    """For one pipeline-schedule call over micro-batches of these (rows, sequence length) ``shapes``: when they
+    differ under pipeline parallelism, Megatron-Core's ``variable_seq_lengths`` (ModelParallelConfig: the stages'
+    p2p then sends each activation's shape before it) instead of one (``seq_length``, ``micro_batch_size``) for
+    every micro-batch; restored after. A no-op without PP or with one shape."""
+    if len(set(shapes)) < 2 or parallel_state.get_pipeline_model_parallel_world_size() == 1:
         yield
         return
     if not hasattr(config, "variable_seq_lengths"):
@@ -102,7 +102,7 @@ def forward_micro_batches(
     ``postprocess(tokens, output)``) on the last pipeline stage, None on other stages."""
     model.eval()
     lengths = [sequence_parallel_length(m.shape[1], model.config) for m in micro_batches]
-    with varying_lengths(model.config, lengths):
+    with varying_lengths(model.config, [(m.shape[0], n) for m, n in zip(micro_batches, lengths)]):
         outputs = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, postprocess),
             data_iterator=iter(micro_batches),

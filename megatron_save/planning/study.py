@@ -12,6 +12,7 @@ so what ``plan`` prints is what ``run`` runs.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,14 +217,17 @@ class Layout:
     """Stage 3's further key=value settings the planner chose (recompute, token budgets, offload), as its
     refusals name them."""
 
-    def overrides(self, stage: str) -> list[str]:
-        """The key=value settings that apply this layout to a ``stage`` launch."""
+    def overrides(self, stage: str, trains_reward_model: bool = True) -> list[str]:
+        """The key=value settings that apply this layout to a ``stage`` launch (stage 3: the reward model's own
+        settings only where its strategy trains it; a frozen reward model refuses them)."""
         out = [f"parallel.tensor_model_parallel_size={self.tp}", f"parallel.pipeline_model_parallel_size={self.pp}"]
         out += [f"parallel.expert_model_parallel_size={self.ep}"] if self.ep > 1 else []
         if self.distributed_optimizer:
             out += ["policy.optim.use_distributed_optimizer=true", "reward.optim.use_distributed_optimizer=true"] \
                 if stage == "stage3" else ["optim.use_distributed_optimizer=true"]
-        return out + (list(self.stage3) if stage == "stage3" else [])
+        if stage != "stage3":
+            return out
+        return out + [s for s in self.stage3 if trains_reward_model or not s.startswith("reward.")]
 
 
 @dataclass(frozen=True)
@@ -297,8 +301,9 @@ def _eval_step(study: StudyConfig, checkpoint: Path, out: Path, layout: Layout) 
     return [Step("eval", argv)]
 
 
-def jobs_of(study: StudyConfig, layouts: dict[str, Layout]) -> list[Job]:
-    """Every job of the study in dependency order; ``layouts`` gives each backbone's layout."""
+def jobs_of(study: StudyConfig, layouts: dict[str, Layout], trains_reward_model: Callable[[str], bool]) -> list[Job]:
+    """Every job of the study in dependency order; ``layouts`` gives each backbone's layout,
+    ``trains_reward_model(strategy)`` whether a stage-3 strategy trains (and writes) a reward model."""
     recipe = study.recipe
     jobs = []
     for backbone in study.backbones:
@@ -336,8 +341,9 @@ def jobs_of(study: StudyConfig, layouts: dict[str, Layout]) -> list[Job]:
             steps = [Step("trainer", ("stage3", *recipe.stage3_configs, f"output_dir={out / 'run'}", *data,
                                       f"policy.checkpoint={paths.policy}", f"reward.checkpoint={reward}",
                                       f"reward.strategy={cell.strategy}", f"seed={cell.seed}",
-                                      *layout.overrides("stage3"), *recipe.stage3_overrides))]
-            if cell.strategy != "frozen":
+                                      *layout.overrides("stage3", trains_reward_model(cell.strategy)),
+                                      *recipe.stage3_overrides))]
+            if trains_reward_model(cell.strategy):
                 steps += _eval_step(study, out / "run" / "reward_model", out / "rm_eval", layout)
             jobs.append(Job(f"{backbone.name}.{cell.name}", out, steps, [rm_job.name], cell))
     return jobs

@@ -122,6 +122,8 @@ def _recording_controller(base: type) -> type:
             sampled = super().sample_from_logits(last_token_logits, sampling_params, vocab_size,
                                                  generation_started, *args, **kwargs)
             if self.recording:
+                # Greedy decoding draws from a point mass; its tokens get the policy's own temperature-1
+                # log-probs, which is what the trainer takes as pi_old for a greedy run.
                 greedy = sampling_params.top_k == 1
                 logprobs = behaviour_logprobs(last_token_logits, sampled, 1.0 if greedy else
                                               sampling_params.temperature, 0 if greedy else sampling_params.top_k)

@@ -334,9 +334,6 @@ def write_plots(curves: dict[str, list[dict[str, dict[int, float]]]], report_dir
     return paths
 
 
-# A sweep: run -> RM learning rate -> the name of that run at that learning rate.
-
-
 def dose_response(per_seed: dict[str, list[dict[str, float]]], sweep: Sweep, margin: float,
                   reference: str = "frozen") -> dict[str, dict[str, dict[str, dict]]]:
     """run -> RM learning rate -> COMPARED metric -> the paired difference run@lr - reference over seeds (mean, 95%

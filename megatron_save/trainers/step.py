@@ -61,7 +61,8 @@ def forward_backward(state: TrainState, micro_batches: list[TokenBatch], loss_fn
         state.model.zero_grad_buffer()
         state.optimizer.zero_grad()
     lengths = [sequence_parallel_length(m.input_ids.shape[1], state.model.config) for m in micro_batches]
-    with varying_lengths(state.model.config, lengths), torch.set_grad_enabled(not forward_only):
+    shapes = [(m.input_ids.shape[0], n) for m, n in zip(micro_batches, lengths)]
+    with varying_lengths(state.model.config, shapes), torch.set_grad_enabled(not forward_only):
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, loss_fn),
             data_iterator=iter(micro_batches),

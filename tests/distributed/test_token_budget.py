@@ -73,6 +73,12 @@ def test_rm_scoring_with_a_budget_matches_fixed_micro_batches(budget_results, la
     assert result["budget"]["values"] == pytest.approx(result["fixed"]["values"], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_micro_batches_of_one_length_and_different_rows_in_one_pipeline_call(budget_results, layout):
+    """Rows 3 and 1 at one length: the same scores as each micro-batch alone (fp32: the same kernels)."""
+    assert budget_results[f"{layout}-shapes"]["max_abs_diff"] < 1e-5
+
+
 def test_breaking_the_gradient_cache_changes_the_step(tiny_models, tmp_path):
     """Gradients of each half group from that half alone (a per-micro-batch loss): the logged loss is unchanged
     but the gradient norm and the weights move away from the fixed micro-batches' step."""

@@ -145,3 +145,9 @@ def test_cost_vs_size_tool(tmp_path):
     assert cell["step_time_ratio"]["median"] == pytest.approx(save / grpo)
     assert cell["planned_ratio"] > 1 and "rm_update" in "".join(cell["strategies"]["save"]["phase_s"])
     assert "| tiny |" in (out / "results.md").read_text()
+
+
+def test_cost_vs_size_names_a_bad_size(tmp_path):
+    result = subprocess.run([sys.executable, "tools/cost_vs_size.py", "--out", str(tmp_path), "--sizes", "h256,h7"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "--sizes h7: choose from" in result.stderr

@@ -215,3 +215,15 @@ def test_megatron_rollouts_refuse_rollout_correction_with_top_p_only():
     with pytest.raises(ValueError, match=r"rollout.backend=megatron reports them with temperature and top_k, not "
                                          r"top_p \(rollout.sampling.top_p=0.9\)"):
         check_stage3_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["policy.loss=cispo", "policy.dual_clip=3.0"], r"policy.dual_clip=3.0 applies to policy.loss=ppo_clip only"),
+    (["memory_check.margin_gib=-1"], r"memory_check.margin_gib=-1.0 must be >= 0"),
+])
+def test_settings_that_would_be_ignored_or_fail_late_are_refused_first(overrides, message):
+    from megatron_save.config import load_config
+    from megatron_save.trainers.stage3.config import Stage3Config, check_stage3_config
+
+    with pytest.raises(ValueError, match=message):
+        check_stage3_config(load_config(Stage3Config, CPU_CONFIG, overrides))

@@ -51,7 +51,8 @@ def test_study_file_problems_are_named(tmp_path):
 
 def test_jobs_chain_prepare_rm_and_cells(tmp_path):
     study = small_study(tmp_path)
-    jobs = jobs_of(study, {"a": Layout(tp=2), "b": Layout(pp=2, distributed_optimizer=True)})
+    jobs = jobs_of(study, {"a": Layout(tp=2), "b": Layout(pp=2, distributed_optimizer=True)},
+                   scaling_study.trains_reward_model)
     names = [j.name for j in jobs]
     assert names == ["a.prepare", "a.rm", "a.frozen_seed1", "a.frozen_seed2", "a.save_seed1", "a.save_seed2",
                      "b.prepare", "b.rm", "b.frozen_seed1", "b.frozen_seed2", "b.save_seed1", "b.save_seed2"]
@@ -78,7 +79,7 @@ def test_jobs_chain_prepare_rm_and_cells(tmp_path):
 
 def test_sbatch_scripts_single_and_multi_node(tmp_path):
     study = small_study(tmp_path, cluster=ClusterSpec(nodes=1, gpus_per_node=4, partition="gpu"))
-    jobs = {j.name: j for j in jobs_of(study, {"a": Layout(), "b": Layout()})}
+    jobs = {j.name: j for j in jobs_of(study, {"a": Layout(), "b": Layout()}, scaling_study.trains_reward_model)}
     single = sbatch_script(study, jobs["a.save_seed1"], REPO)
     assert "#SBATCH --nodes=1" in single and "#SBATCH --gpus-per-node=4" in single
     assert "#SBATCH --partition=gpu" in single and "srun" not in single
@@ -124,6 +125,20 @@ def test_planner_adapter_picks_the_smallest_layout_that_fits(tmp_path):
     hopeless = scaling_study.fit_layout(policy, reward, 4, 1000, study)
     assert not hopeless.fits  # the least it can need, marked
     assert {"offload.optimizer=true", "policy.recompute.granularity=full"} <= set(hopeless.layout.stage3)
+
+
+def test_reward_model_settings_reach_only_the_cells_that_train_it(tmp_path):
+    """A planned reward.* setting (recompute, token budget) goes to save's stage 3, not to frozen's, whose
+    untrained reward model would refuse it; verifier_reward trains none either, and writes no RM to evaluate."""
+    study = small_study(tmp_path)
+    layout = Layout(stage3=["reward.recompute.granularity=selective", "offload.optimizer=true"])
+    jobs = jobs_of(study, {"a": layout, "b": layout}, scaling_study.trains_reward_model)
+    stage3 = {j.cell.strategy: j.steps[0].argv for j in jobs if j.cell is not None}
+    assert "reward.recompute.granularity=selective" in stage3["save"]
+    assert "reward.recompute.granularity=selective" not in stage3["frozen"]
+    assert "offload.optimizer=true" in stage3["frozen"]
+    assert [scaling_study.trains_reward_model(s) for s in ("save", "frozen", "verifier_reward", "prime")] == [
+        True, False, False, False]
 
 
 def test_paired_difference_interval():

@@ -71,7 +71,8 @@ class PolicySettings:
     detached IS weight x advantage x log-prob: clipped tokens keep their gradient) or gmpo (geometric mean of the
     token ratios, clipped in log space)."""
     aggregation: str = "token-mean"
-    """ppo_clip loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    """ppo_clip and cispo loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean,
+    seq-mean-token-sum-norm (gspo and gmpo are sequence means by definition)."""
     clip_low: float = 0.2
     """Lower clip range: ratios below 1 - clip_low are clipped (GSPO's paper uses 3e-4; CISPO's paper sets it
     large, no lower bound); for gmpo the log-ratio's: below -clip_low (GMPO's paper: 0.4)."""
@@ -306,6 +307,11 @@ def check_stage3_config(cfg: Stage3Config) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.policy.dual_clip is not None and cfg.policy.loss != "ppo_clip":
+        raise ValueError(f"policy.dual_clip={cfg.policy.dual_clip} applies to policy.loss=ppo_clip only, not "
+                         f"{cfg.policy.loss}; set it to null")
+    if cfg.memory_check.margin_gib < 0:
+        raise ValueError(f"memory_check.margin_gib={cfg.memory_check.margin_gib} must be >= 0")
     if cfg.rollout.backend == "megatron":
         check_megatron_sampling(cfg.rollout.sampling)
     if cfg.rollout.backend == "vllm":

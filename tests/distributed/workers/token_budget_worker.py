@@ -32,6 +32,7 @@ from megatron_save.checkpoint import build_model_from_checkpoint  # noqa: E402
 from megatron_save.config import ParallelConfig  # noqa: E402
 from megatron_save.data.token_budget import micro_batch_tokens  # noqa: E402
 from megatron_save.distributed import init_distributed, set_model_parallel, shutdown_distributed  # noqa: E402
+from megatron_save.models.forward import forward_micro_batches  # noqa: E402
 from megatron_save.trainers import losses  # noqa: E402
 from megatron_save.trainers.optimizer import OptimizerSettings, build_train_state  # noqa: E402
 from megatron_save.trainers.stage3 import reward_phase  # noqa: E402
@@ -111,6 +112,21 @@ def scoring_case(args, tokenizer) -> dict:
     return results
 
 
+def shapes_case(args) -> dict:
+    """Micro-batches of one length and different rows (as a budget's last, smaller bin) in one pipeline call,
+    against each alone: under PP the stages must exchange each activation's shape, not only when lengths differ."""
+    model, _, _ = build_model_from_checkpoint(args.reward)
+    ids = torch.randint(1, 100, (4, 10), generator=torch.Generator().manual_seed(5))
+    parts = [ids[:3], ids[3:]]
+    together = forward_micro_batches(model, parts)
+    alone = [forward_micro_batches(model, [part]) for part in parts]
+    diff = torch.zeros(())
+    if together is not None:  # the last pipeline stage
+        diff = max((t - a[0]).abs().max() for t, a in zip(together, alone))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return {"max_abs_diff": diff.item()}
+
+
 def _dp_size() -> int:
     from megatron.core import parallel_state
     return parallel_state.get_data_parallel_world_size()
@@ -179,6 +195,7 @@ def main() -> None:
             results[f"{layout}-{case}"] = rm_case(args, tokenizer, kind, threshold)
         if not args.break_cache:
             results[f"{layout}-scoring"] = scoring_case(args, tokenizer)
+            results[f"{layout}-shapes"] = shapes_case(args)
             results[f"{layout}-grpo"] = policy_case(args, tokenizer, mini_batches=2)
             results[f"{layout}-grpo_one_step"] = policy_case(args, tokenizer, mini_batches=1)
     if dist.get_rank() == 0:
