@@ -135,7 +135,9 @@ def run_study(args: argparse.Namespace) -> None:
                         prompts=str(prompts_file(args.work)), steps=args.steps,
                         overrides=["parallel.tensor_model_parallel_size=1", f"prompts_per_step={PROMPTS_PER_STEP}",
                                    f"rollout.sampling.n={GROUP}", f"rollout.sampling.max_new_tokens={length}",
-                                   f"reward.max_length={PROMPT_LENGTH + length + 32}"])
+                                   f"reward.max_length={PROMPT_LENGTH + length + 32}",
+                                   # no checkpoints: not what is measured, and a run's would fill the disk
+                                   "save_every=0", "save_final_checkpoint=false"])
                     print(f"round {round_index + 1}/{args.rounds} {size} length {length}: {strategy}", flush=True)
                     run_dir = args.work / "runs" / f"{size}_{length}_{strategy}_{round_index}"
                     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted launch's leftovers: a run refuses them
@@ -146,6 +148,7 @@ def run_study(args: argparse.Namespace) -> None:
                              "load_after": os.getloadavg(), "records": records}
                     with log.open("a") as f:
                         f.write(json.dumps(entry) + "\n")
+                    shutil.rmtree(run_dir, ignore_errors=True)  # its records are in launches.jsonl now
                     summarize(args)
 
 

@@ -145,6 +145,7 @@ def test_cost_vs_size_tool(tmp_path):
     assert cell["step_time_ratio"]["median"] == pytest.approx(save / grpo)
     assert cell["planned_ratio"] > 1 and "rm_update" in "".join(cell["strategies"]["save"]["phase_s"])
     assert "| tiny |" in (out / "results.md").read_text()
+    assert not any((tmp_path / "work" / "runs").iterdir())  # each run's directory goes once its records are kept
 
 
 def test_cost_vs_size_names_a_bad_size(tmp_path):

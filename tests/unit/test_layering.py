@@ -339,3 +339,10 @@ def test_stale_import_checker():
         "megatron_save.trainers.sft (line 1): megatron_save.trainers.optimizer has no 'make'",
         "megatron_save.trainers.sft (line 2): no module megatron_save.data.batching",
     ]
+
+
+def test_test_modules_have_unique_names():
+    """Test directories are not packages, so pytest imports each test file by its basename: two files of one name
+    collide ("import file mismatch") whenever one process collects both, as `pytest -m gpu tests` does."""
+    names = [path.name for path in (Path(__file__).resolve().parents[1]).rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
