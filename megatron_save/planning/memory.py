@@ -175,6 +175,9 @@ class MemoryLayout:
     max_tokens_per_micro_batch: int = 0
     """Token budget of a policy micro-batch, padding included (``policy.max_tokens_per_micro_batch``; 0: fixed
     micro-batches of ``micro_batch`` sequences)."""
+    rows_per_example: int = 1
+    """Rows a token-budget micro-batch keeps together (stage 1: a chosen / rejected pair): the smallest budget is
+    this many full-length sequences."""
     reward_max_tokens_per_micro_batch: int = 0
     """Token budget of a reward-model micro-batch (``reward.max_tokens_per_micro_batch``; 0: fixed micro-batches
     of ``reward_micro_batch`` sequences)."""
@@ -475,6 +478,9 @@ def micro_batch_sequences(layout: MemoryLayout, batch: int, max_tokens: int) -> 
         raise ValueError(f"a token budget of {max_tokens} per micro-batch is below one full-length sequence of "
                          f"{layout.sequence} tokens (prompt {layout.prompt_length} + response "
                          f"{layout.response_length}): a row longer than the budget cannot run")
+    if max_tokens < layout.rows_per_example * layout.sequence:
+        raise ValueError(f"a token budget of {max_tokens} per micro-batch is below {layout.rows_per_example} "
+                         f"full-length sequences of {layout.sequence} tokens, the rows an example keeps together")
     return max_tokens / layout.sequence
 
 
@@ -846,9 +852,9 @@ def settings_cost(layout: MemoryLayout) -> tuple:
 
 
 def _budgets(layout: MemoryLayout, batch: int) -> list[int]:
-    """Token budgets worth trying for micro-batches of ``batch`` full-length sequences: none, then sequence x
-    2^k below batch x sequence (a budget of a whole micro-batch or more changes nothing)."""
-    found, budget = [0], layout.sequence
+    """Token budgets worth trying for micro-batches of ``batch`` full-length sequences: none, then the rows of an
+    example x sequence x 2^k below batch x sequence (a budget of a whole micro-batch or more changes nothing)."""
+    found, budget = [0], layout.rows_per_example * layout.sequence
     while budget < batch * layout.sequence:
         found.append(budget)
         budget *= 2

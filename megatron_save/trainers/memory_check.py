@@ -88,15 +88,15 @@ def stage3_layout(cfg: Any, world: int, dtype: str, value_head: bool, spec: str,
 
 
 def training_layout(cfg: Any, world: int, dtype: str, sequences: int, value_head: bool, spec: str,
-                    fused_activation: bool) -> MemoryLayout:
+                    fused_activation: bool, rows_per_example: int = 1) -> MemoryLayout:
     """The MemoryLayout of a stage 1 / stage 2 / SFT config: one model, planned through the policy fields, with
-    ``sequences`` per micro-batch of ``data.max_length`` tokens."""
+    ``sequences`` per micro-batch of ``data.max_length`` tokens, ``rows_per_example`` of them kept together."""
     batch = cfg.batch
     return MemoryLayout(
         **_parallel(cfg, world), dtype=dtype, micro_batch=sequences, prompt_length=cfg.data.max_length,
         response_length=0, distributed_optimizer=cfg.optim.use_distributed_optimizer,
         policy_recompute=recompute_of(cfg), max_tokens_per_micro_batch=token_budget_of(batch),
-        value_head=value_head, spec=spec, fused_activation=fused_activation)
+        value_head=value_head, spec=spec, fused_activation=fused_activation, rows_per_example=rows_per_example)
 
 
 def device_memory() -> int | None:
@@ -169,14 +169,14 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
 
 
 def check_training_memory(cfg: Any, what: str, sequences: int, backbone_trained: bool = True,
-                          device_bytes: int | None = None) -> MemoryPlan | None:
-    """Plans a stage 1 / stage 2 / SFT config (``sequences`` per micro-batch of ``data.max_length`` tokens) and
-    checks it as ``check_stage3_memory`` does."""
+                          device_bytes: int | None = None, rows_per_example: int = 1) -> MemoryPlan | None:
+    """Plans a stage 1 / stage 2 / SFT config (``sequences`` per micro-batch of ``data.max_length`` tokens,
+    ``rows_per_example`` of them kept together by a token budget) and checks it as ``check_stage3_memory`` does."""
     spec, fused = _machine()
     try:
         model, meta = _architecture(cfg.checkpoint, "checkpoint")
         value_head = meta.value_head or not backbone_trained  # stage 2 adds the value head
-        layout = training_layout(cfg, world_size(), meta.dtype, sequences, value_head, spec, fused)
+        layout = training_layout(cfg, world_size(), meta.dtype, sequences, value_head, spec, fused, rows_per_example)
         plan_of = lambda variant: plan_training(model, variant, backbone_trained)  # noqa: E731
         plan = plan_of(layout)
     except ValueError as error:

@@ -70,7 +70,8 @@ class Stage1Config:
 
 def train_stage1(cfg: Stage1Config) -> dict:
     check_settings(cfg)
-    check_training_memory(cfg, "stage 1", sequences=2 * cfg.batch.micro_batch_size)  # pairs: chosen + rejected
+    # pairs: chosen + rejected, kept together by a token budget
+    check_training_memory(cfg, "stage 1", sequences=2 * cfg.batch.micro_batch_size, rows_per_example=2)
     model, meta, tokenizer = start_from_checkpoint(cfg.checkpoint, cfg.parallel, recompute=cfg.recompute)
     ensure_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None)
     pad_id = pad_id_of(tokenizer)

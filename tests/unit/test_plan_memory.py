@@ -47,6 +47,7 @@ from megatron_save.planning.memory import (
     candidate_layouts,
     micro_batch_sequences,
     search_fits,
+    setting_variants,
     settings_cost,
     stage_activation_bytes,
     stage_activations,
@@ -424,6 +425,13 @@ def test_token_budget_bounds_a_micro_batch_by_its_tokens():
                                   micro_batch_sequences(layout, 8, 64)) == stage_activation_bytes(policy, layout, 0, 2)
     with pytest.raises(ValueError, match="token budget of 31 per micro-batch is below one full-length sequence of 32"):
         micro_batch_sequences(layout, 8, 31)
+    # Stage 1 keeps a pair together: its smallest budget, and the smallest the search suggests, is two sequences.
+    pairs = replace(layout, rows_per_example=2)
+    with pytest.raises(ValueError, match="below 2 full-length sequences of 32 tokens"):
+        micro_batch_sequences(pairs, 8, 32)
+    assert micro_batch_sequences(pairs, 8, 64) == 2
+    assert {v.max_tokens_per_micro_batch for v in setting_variants(replace(pairs, micro_batch=8),
+                                                                   ("max_tokens_per_micro_batch",))} == {0, 64, 128}
     reward = architecture_from_hf(tiny_hf_config("qwen3", reward_model=True), True)
     fixed = plan_memory(policy, reward, replace(layout, reward_micro_batch=16))
     budget = plan_memory(policy, reward, replace(layout, reward_micro_batch=16, reward_max_tokens_per_micro_batch=64))
