@@ -164,9 +164,9 @@ def predates_manifests(ckpt_dir: str | Path) -> tuple[bool, str]:
     try:
         meta = json.loads(meta_path.read_text())
         version, core = meta.get("format_version", 1), meta.get("megatron_core")
-    except (OSError, ValueError, AttributeError):
+        old = version < 2 and core is None
+    except (OSError, ValueError, AttributeError, TypeError):
         return False, f"{meta_path} is unreadable"
-    old = version < 2 and core is None
     return old, f"{meta_path} records format_version {version}" + (f" and megatron_core {core}" if core else "")
 
 
@@ -184,8 +184,8 @@ def verify_collectively(root: str | Path, mode: str | None = None) -> None:
     error = [None]
     key = None
     if dist.get_rank() == 0:
-        key = (str(Path(root).resolve()), mode, tree_fingerprint(Path(root), CHECKPOINT_PARTS))
         try:
+            key = (str(Path(root).resolve()), mode, tree_fingerprint(Path(root), CHECKPOINT_PARTS))
             if key not in _verified:
                 old, record = predates_manifests(root)
                 if missing_manifest(Path(root), old, record):
@@ -196,6 +196,8 @@ def verify_collectively(root: str | Path, mode: str | None = None) -> None:
                 _verified.add(key)
         except CorruptCheckpointError as caught:
             error = [str(caught)]
+        except OSError as caught:  # every rank must hear of it, or the others wait in the broadcast
+            error = [f"{root}: cannot be read ({caught})"]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise CorruptCheckpointError(error[0])

@@ -168,8 +168,9 @@ def missing_manifest(root: Path, predates_manifests: bool, record: str) -> bool:
     if manifest.exists():
         return False
     if not predates_manifests:
-        raise CorruptCheckpointError(f"{manifest}: missing, though {record}, a format written with a manifest; the "
-                                     "checkpoint cannot be verified (restore the file, or re-create the checkpoint)")
+        raise CorruptCheckpointError(f"{manifest}: missing, though {record} (only a format older than manifests "
+                                     "loads without one); the checkpoint cannot be verified (restore the file, or "
+                                     "re-create the checkpoint)")
     return True
 
 
