@@ -162,6 +162,9 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
     except ValueError as error:
         _unplannable("stage 3", error)
         return None
+    if strategy_named(cfg.reward.strategy).implicit_prm:
+        logger.warning("stage 3: the memory plan leaves out PRIME's trained PRM (reward.prime): its weights, "
+                       "gradients, optimizer states and activations come on top of the planned peak")
     gpus = layout.tp * layout.pp * layout.dp
     check_plan(plan, plan_of, KNOBS, STAGE3_SETTINGS, device_memory() if device_bytes is None else device_bytes,
                cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(policy, reward, gpus, layout), "stage 3")
