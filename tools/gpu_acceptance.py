@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the test tier's outcomes and summary.
 KEPT_LINES = re.compile(r"(OK|MISMATCH)$|^(time|memory|passes)/|^metric |^hooked rows|SAVE / GRPO|wrote|"
                         r"held-out accuracy|"
-                        r"after \d+ steps|Traceback|Error|^per GPU of|^\s+total\s|"
+                        r"after \d+ steps|Traceback|Error|^per GPU|^\s+total\s|^peak: |"
                         r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |^(=+ )?\d+ (passed|failed|skipped|errors?)\b")
 GPU_TIER = "GPU test tier (python -m pytest -m gpu tests)"
 TIER_BUDGET_S = 480.0

@@ -47,7 +47,9 @@ def test_acceptance_runs_on_cpu_and_writes_the_report(tmp_path):
     assert re.search(r"local spec, \d+ sequences .*: OK$", text, flags=re.MULTILINE), text
     assert re.search(r"^passes/reward_forward\s+1\.0000\s+2\.0000", text, flags=re.MULTILINE), text
     assert "step time: SAVE / GRPO" in text and "held-out accuracy after" in text
-    assert re.search(r"^\s+total\s+[\d.]+ GiB$", text, flags=re.MULTILINE), text
+    # The planner's per-phase table: its total row and the peak phase.
+    assert re.search(r"^\s+total(\s+[\d.]+){6}$", text, flags=re.MULTILINE), text
+    assert re.search(r"^peak: \w+, [\d.]+ GiB$", text, flags=re.MULTILINE), text
 
 
 def test_check_parity_refuses_the_te_spec_without_cuda(tmp_path):
