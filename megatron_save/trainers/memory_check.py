@@ -167,7 +167,8 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
                        "gradients, optimizer states and activations come on top of the planned peak")
     gpus = layout.tp * layout.pp * layout.dp
     check_plan(plan, plan_of, KNOBS, STAGE3_SETTINGS, device_memory() if device_bytes is None else device_bytes,
-               cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(policy, reward, gpus, layout), "stage 3")
+               cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(policy, reward, gpus, layout),
+               "stage 3")
     return plan
 
 
@@ -188,5 +189,6 @@ def check_training_memory(cfg: Any, what: str, sequences: int, backbone_trained:
     gpus = layout.tp * layout.pp * layout.dp
     knobs = ("policy_recompute", "max_tokens_per_micro_batch") if backbone_trained else ()
     check_plan(plan, plan_of, knobs, TRAINING_SETTINGS, device_memory() if device_bytes is None else device_bytes,
-               cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(model, model, gpus, layout), what)
+               cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(model, model, gpus, layout),
+               what)
     return plan
