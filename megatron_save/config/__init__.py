@@ -5,4 +5,5 @@ from megatron_save.config.memory_check import MemoryCheckSettings
 from megatron_save.config.parallel import ParallelConfig
 from megatron_save.config.recompute import RecomputeSettings, check_recompute
 
-__all__ = ["ConfigError", "MemoryCheckSettings", "ParallelConfig", "RecomputeSettings", "check_recompute", "load_config", "merge_config"]
+__all__ = ["ConfigError", "MemoryCheckSettings", "ParallelConfig", "RecomputeSettings",
+           "check_recompute", "load_config", "merge_config"]
