@@ -116,9 +116,12 @@ def fit_layout(policy, reward, gpus: int, capacity: int, study: StudyConfig) -> 
     return least
 
 
+# The stage-3 settings the search may change besides the parallel layout (Layout carries TP, PP and EP itself).
+MEMORY_SETTINGS = {name: setting for name, setting in STAGE3_SETTINGS.items() if name not in ("tp", "pp", "ep")}
+
+
 def _fit(base: MemoryLayout, layout: MemoryLayout, planned: dict[str, int], capacity: int) -> Fit:
-    settings = [change for change in changed_settings(base, layout, STAGE3_SETTINGS)
-                if not change.startswith(("parallel.", "("))]
+    settings = changed_settings(base, layout, MEMORY_SETTINGS)
     return Fit(Layout(tp=layout.tp, pp=layout.pp, ep=layout.ep, distributed_optimizer=layout.distributed_optimizer,
                       stage3=settings), planned, capacity, max(planned.values()) <= capacity)
 
