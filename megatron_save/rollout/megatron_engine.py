@@ -31,8 +31,14 @@ class _TokenizerAdapter:
         return []
 
 
-def check_megatron_sampling(sampling: SamplingSettings) -> None:
-    """Refuses sampling settings the static engine cannot honour, naming them."""
+def check_megatron_sampling(sampling: SamplingSettings, behaviour_logprobs: bool = False) -> None:
+    """Refuses sampling settings the static engine cannot honour, naming them (with ``behaviour_logprobs``, also
+    those whose behaviour log-probs it does not report)."""
+    if behaviour_logprobs and sampling.top_p < 1.0:
+        raise ValueError("policy.rollout_correction needs the rollout engine's behaviour log-probs: "
+                         "rollout.backend=megatron reports them with temperature and top_k, not top_p "
+                         f"(rollout.sampling.top_p={sampling.top_p}); set top_p=1.0 or use "
+                         "rollout.backend=transformers or vllm")
     if sampling.top_k > 0 and sampling.top_p < 1.0:
         raise ValueError(f"rollout.backend=megatron: Megatron-Core samples with top_k or top_p, not both "
                          f"(rollout.sampling.top_k={sampling.top_k}, top_p={sampling.top_p}); set top_k=0 or "
@@ -181,11 +187,7 @@ class MegatronRolloutEngine:
         from megatron.core.inference.inference_request import InferenceRequest
         from megatron.core.inference.sampling_params import SamplingParams
 
-        check_megatron_sampling(sampling)
-        if self.return_logprobs and sampling.top_p < 1.0:
-            raise ValueError(f"rollout.backend=megatron reports behaviour log-probs with temperature and top_k, not "
-                             f"top_p (rollout.sampling.top_p={sampling.top_p}); set top_p=1.0 or use "
-                             "rollout.backend=transformers or vllm")
+        check_megatron_sampling(sampling, self.return_logprobs)
         longest = max(len(p) for p in prompt_ids) + sampling.max_new_tokens
         if longest > self.max_sequence_length:
             raise ValueError(f"a prompt of {longest - sampling.max_new_tokens} tokens + max_new_tokens="

@@ -313,7 +313,7 @@ def check_stage3_config(cfg: Stage3Config) -> None:
     if cfg.memory_check.margin_gib < 0:
         raise ValueError(f"memory_check.margin_gib={cfg.memory_check.margin_gib} must be >= 0")
     if cfg.rollout.backend == "megatron":
-        check_megatron_sampling(cfg.rollout.sampling)
+        check_megatron_sampling(cfg.rollout.sampling, cfg.policy.rollout_correction.enabled)
     if cfg.rollout.backend == "vllm":
         check_vllm_settings(cfg.rollout.vllm, cfg.rollout.sampling, cfg.parallel.tensor_model_parallel_size)
     strategy = strategy_named(cfg.reward.strategy)
@@ -381,11 +381,6 @@ def _check_algorithms(cfg: Stage3Config, strategy: RMStrategy) -> None:
     if correction.is_threshold <= 0 or not 0 < correction.rs_low <= 1 <= correction.rs_high:
         raise ValueError(f"policy.rollout_correction: is_threshold={correction.is_threshold} must be > 0 and "
                          f"rs_low={correction.rs_low} <= 1 <= rs_high={correction.rs_high} (rs_low > 0)")
-    if correction.enabled and cfg.rollout.backend == "megatron" and cfg.rollout.sampling.top_p < 1.0:
-        raise ValueError("policy.rollout_correction needs the rollout engine's behaviour log-probs: "
-                         "rollout.backend=megatron reports them with temperature and top_k, not top_p "
-                         f"(rollout.sampling.top_p={cfg.rollout.sampling.top_p}); set top_p=1.0 or use "
-                         "rollout.backend=transformers or vllm")
     dynamic = cfg.rollout.dynamic_sampling
     if dynamic.enabled:
         if dynamic.max_generation_batches < 1:
