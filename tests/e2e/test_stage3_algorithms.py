@@ -63,19 +63,28 @@ def _check_rollout_correction(rows: list[dict], record: dict, is_threshold: floa
     assert record["rollout_correction/rejected_token_fraction"] == pytest.approx(1 - kept_tokens / len(diffs))
 
 
-def _check_dynamic_sampling(rows: list[dict], record: dict, prompts: list[str], next_batch: int) -> int:
-    """One step's generation batches (the stream's next ones), kept groups (spread in the verifier's grade, the
-    first prompts_per_step) and dynamic_sampling/* metrics, recomputed from its rows; returns the stream's next
-    batch."""
+def _verifier_metric(row: dict) -> list[float]:
+    return [length_parity_grade(_user_text(row["prompt"]), text)
+            for text, valid in zip(row["responses"], row["valid"]) if valid]
+
+
+def _reward_metric(row: dict) -> list[float]:
+    """The logged scores (before any RM update; no overlong buffer in that run, so the policy's reward)."""
+    return [r for r, valid in zip(row["rewards"], row["valid"]) if valid]
+
+
+def _check_dynamic_sampling(rows: list[dict], record: dict, prompts: list[str], next_batch: int,
+                            metric=_verifier_metric) -> int:
+    """One step's generation batches (the stream's next ones), kept groups (spread in the metric, the first
+    prompts_per_step) and dynamic_sampling/* metrics, recomputed from its rows; returns the stream's next batch."""
     batches = int(record["dynamic_sampling/generation_batches"])
     assert len(rows) == batches * PROMPTS_PER_STEP
     assert [_user_text(row["prompt"]) for row in rows] == [
         p for k in range(batches) for p in _prompt_stream(prompts, next_batch + k)]
     spread = []
     for row in rows:
-        grades = [length_parity_grade(_user_text(row["prompt"]), text)
-                  for text, valid in zip(row["responses"], row["valid"]) if valid]
-        spread.append(len(grades) >= 2 and max(grades) > min(grades))
+        values = metric(row)
+        spread.append(len(values) >= 2 and max(values) > min(values))
     expected_kept = [s and sum(spread[: b + 1]) <= PROMPTS_PER_STEP for b, s in enumerate(spread)]
     assert [row["policy_update"]["group_kept"] for row in rows] == expected_kept
     assert all(not any(row["policy_update"]["kept"]) for row, kept in zip(rows, expected_kept) if not kept)
@@ -143,6 +152,23 @@ def test_gmpo_rejection_sampling_and_dynamic_sampling_at_tp2_dp2(tiny_models, rl
     assert 0.1 < record["rollout_correction/rejected_token_fraction"] < 0.9
     assert math.isfinite(record["policy/pg_loss"])
     check_recorded_advantages(rollouts, "grpo")
+
+
+def test_dynamic_sampling_by_reward_scores_each_group_once(tiny_models, rl_data, tmp_path, world_of_one):
+    """metric=reward with a frozen RM: the filter's scores are the step's scores (one RM forward, not two), and the
+    kept groups are those with spread in the logged scores. In this process at TP=1."""
+    from helpers import run_stage3_in_process
+
+    out = tmp_path / "frozen"
+    run_stage3_in_process(out, tiny_models["llama-lm"]["mg"], tiny_models["llama-rmv"]["mg"], rl_data["prompts"],
+                          "total_steps=1", *COMMON, "reward.strategy=frozen", "parallel.tensor_model_parallel_size=1",
+                          "rollout.dynamic_sampling.enabled=true", "rollout.dynamic_sampling.metric=reward",
+                          "rollout.dynamic_sampling.max_generation_batches=2")
+    (record,), rollouts = read_metrics(out), _rollouts(out)
+    _check_dynamic_sampling(rollouts, record, _prompts(rl_data), 1, metric=_reward_metric)
+    assert record["passes/reward_forward"] == 1.0 and "passes/reward_backward" not in record
+    assert "time/score_s" not in record  # no second scoring phase
+    assert record["dynamic_sampling/groups_kept"] > 0 and math.isfinite(record["policy/pg_loss"])
 
 
 def test_token_tis_with_megatron_rollouts_at_tp2(tiny_models, rl_data, tmp_path):

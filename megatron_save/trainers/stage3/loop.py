@@ -145,18 +145,21 @@ def rl_step(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> 
         with timer.phase("probe"):
             add_metrics(metrics, probe_metrics(run, cfg))
     threshold = filter_threshold(strategy, step, cfg.total_steps, cfg.reward.initial_margin)
+    scored_by_sampling = policy_groups is not None and sample.scores is not None
     update = None
     if strategy.scores_in_update and groups.valid.any():
         update = update_on_rollouts(run, cfg, groups, threshold, timer)
         scores = update.scores
         add_metrics(metrics, passes("reward", forward=update.forwards, backward=update.backwards))
+    elif scored_by_sampling:
+        scores = sample.scores  # dynamic sampling scored them with the same reward model (its passes counted)
     else:
         with timer.phase("score"):
             scores = score_rollouts(run, cfg, groups, step)
     if scores is None or not groups.valid.any():
         count_skip(counters, "steps_skipped_no_valid_response", step, "no valid response to score; step skipped")
         return finish_step(metrics, timer, counters)
-    if update is None:
+    if update is None and not scored_by_sampling:
         add_metrics(metrics, scoring_passes(run.strategy))
     if non_finite_scores(scores, groups.valid):
         count_skip(counters, "steps_skipped_non_finite_scores", step, "non-finite rewards; step skipped")

@@ -75,7 +75,10 @@ class DynamicSample:
     metric: torch.Tensor
     """[B, G] the metric the filter read (the policy's reward, or the verifier's grade)."""
     metrics: dict[str, float]
-    """dynamic_sampling/* of the step."""
+    """dynamic_sampling/* of the step (with the scoring's passes when the metric is the reward)."""
+    scores: GroupScores | None
+    """metric=reward: the scores of every group by the reward source as it stood before the step, which a strategy
+    that does not score inside its update uses as the step's scores (not scored twice); None for metric=verifier."""
 
 
 def sample_dynamic(run: Stage3Run, cfg: Stage3Config, step: int, counters: Counter) -> DynamicSample:
@@ -84,14 +87,15 @@ def sample_dynamic(run: Stage3Run, cfg: Stage3Config, step: int, counters: Count
     step + (extra batches of the earlier steps) + k of the stream; the metric is the verifier's grade or the
     policy's reward: the reward model's score as it stands before the step's update plus the overlong penalty."""
     settings = cfg.rollout.dynamic_sampling
-    parts, metric_parts, kept = [], [], 0
+    parts, metric_parts, score_parts, kept = [], [], [], 0
     first = step + counters[EXTRA_BATCHES]
     while kept < cfg.prompts_per_step and len(parts) < settings.max_generation_batches:
         groups = _generation_batch(run, cfg, first + len(parts))
         if settings.metric == "verifier":
             metric = verifier_grades(run.verifier, groups, run.policy_tokenizer)
         else:
-            metric = score_rollouts(run, cfg, groups, step).rewards + policy_reward_penalty(cfg, groups)
+            score_parts.append(score_rollouts(run, cfg, groups, step))
+            metric = score_parts[-1].rewards + policy_reward_penalty(cfg, groups)
         parts.append(groups)
         metric_parts.append(metric)
         kept += int(groups_with_spread(metric, groups.valid).sum())
@@ -103,9 +107,18 @@ def sample_dynamic(run: Stage3Run, cfg: Stage3Config, step: int, counters: Count
                "dynamic_sampling/groups_kept": float(policy_groups.sum()),
                "dynamic_sampling/dropped_fraction": 1.0 - spread.float().mean().item(),
                "dynamic_sampling/cap_reached": float(kept < cfg.prompts_per_step)}
-    if settings.metric == "reward":
-        metrics |= passes("reward", forward=1)
-    return DynamicSample(groups, policy_groups, metric, metrics)
+    scores = concat_scores(score_parts) if score_parts else None
+    if scores is not None:
+        metrics |= scoring_passes(run.strategy)
+    return DynamicSample(groups, policy_groups, metric, metrics, scores)
+
+
+def concat_scores(parts: list[GroupScores]) -> GroupScores:
+    """Several generation batches' scores, in order, as one (dynamic sampling: strategies without R2M's states or
+    PRIME's labels, which it refuses)."""
+    values = [p.values for p in parts]
+    return GroupScores(torch.cat([p.rewards for p in parts]),  # [B, G]
+                       None if any(v is None for v in values) else torch.cat(values))  # [B]
 
 
 def policy_reward_penalty(cfg: Stage3Config, groups: RolloutGroups) -> torch.Tensor:
