@@ -768,18 +768,21 @@ def plan_memory(policy: Architecture, reward: Architecture, layout: MemoryLayout
 def plan_training(model: Architecture, layout: MemoryLayout, backbone_trained: bool = True) -> MemoryPlan:
     """Per-GPU bytes of a stage that trains one model (stage 1, stage 2, SFT), planned with ``layout``'s policy
     fields (micro_batch, max_tokens_per_micro_batch, policy_recompute) and ``prompt_length`` + ``response_length``
-    as the longest sequence. ``backbone_trained`` false: stage 2, where only the value head learns (its
-    gradients and optimizer states are a few kilobytes; the backbone's forward keeps nothing for a backward)."""
+    as the longest sequence. ``backbone_trained`` false: stage 2, where only the value head learns; at PP = 1 the
+    backbone is frozen (the head's gradients and optimizer states are a few kilobytes, the backbone's forward keeps
+    nothing for a backward); at PP > 1 it trains at a learning rate of zero (Megatron's schedule sends gradients
+    between stages), so it is planned as trained: gradients, optimizer states and activations."""
     problems = layout_problems(model, layout) + recompute_problems(layout.policy_recompute,
                                                                    model.layers // layout.pp, "recompute")
     if problems:
         raise ValueError("; ".join(problems))
     name = "reward" if model.reward_model else "policy"
+    trained = backbone_trained or layout.pp > 1  # as build_train_state trains it
     stages = []
     for stage in range(layout.pp):
-        m = model_bytes(model, layout, stage, backbone_trained, layout.micro_batch, layout.max_tokens_per_micro_batch,
+        m = model_bytes(model, layout, stage, trained, layout.micro_batch, layout.max_tokens_per_micro_batch,
                         layout.policy_recompute, layout.value_head)
-        if backbone_trained:
+        if trained:
             parts = {f"{name}_weights": m.weights, f"{name}_gradients": m.gradients,
                      f"{name}_optimizer_states": m.optimizer, f"{name}_activations": m.activations.saved,
                      f"{name}_recomputed": m.activations.rematerialised}

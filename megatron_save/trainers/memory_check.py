@@ -187,7 +187,7 @@ def check_training_memory(cfg: Any, what: str, sequences: int, backbone_trained:
         _unplannable(what, error)
         return None
     gpus = layout.tp * layout.pp * layout.dp
-    knobs = ("policy_recompute", "max_tokens_per_micro_batch") if backbone_trained else ()
+    knobs = ("policy_recompute", "max_tokens_per_micro_batch")  # stage 2's backbone trains at PP > 1 (at LR 0)
     check_plan(plan, plan_of, knobs, TRAINING_SETTINGS, device_memory() if device_bytes is None else device_bytes,
                cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(model, model, gpus, layout),
                what)

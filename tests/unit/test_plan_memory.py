@@ -46,6 +46,7 @@ from megatron_save.planning.memory import (
     buffer_numel,
     candidate_layouts,
     micro_batch_sequences,
+    plan_training,
     search_fits,
     setting_variants,
     settings_cost,
@@ -414,6 +415,23 @@ def test_the_all_resident_total_is_the_previous_planners():
     assert round(plan.total / GIB, 2) == 205.67
     assert round(plan.per_gpu_bytes["reward_activations"] / GIB, 2) == 89.88
     assert plan.peak_phase.name == "rm_update" and plan.peak < plan.total
+
+
+def test_stage2_plans_the_backbone_as_trained_at_pp_above_one():
+    """Stage 2 trains only the value head: at PP = 1 the backbone is frozen (no gradients, optimizer states or saved
+    activations but the head's); at PP > 1 build_train_state keeps it trainable at a learning rate of zero, so the
+    plan is the trained model's."""
+    _, reward = _tiny_pair()
+    layout = MemoryLayout(prompt_length=PROMPT, response_length=RESPONSE, value_head=True, micro_batch=4)
+    head = reward.hidden * 2 * 4  # the value head's fp32 weights and bias
+    frozen = plan_training(reward, layout, backbone_trained=False).per_gpu_bytes
+    assert frozen["reward_gradients"] == head and frozen["reward_optimizer_states"] == 3 * head
+    assert "reward_activations" not in frozen and frozen["reward_forward"] > 0
+    for stages in (2, 4):
+        piped = replace(layout, pp=stages)
+        assert plan_training(reward, piped, backbone_trained=False).per_gpu_bytes == plan_training(
+            reward, piped, backbone_trained=True).per_gpu_bytes
+        assert plan_training(reward, piped, backbone_trained=False).per_gpu_bytes["reward_activations"] > 0
 
 
 def test_token_budget_bounds_a_micro_batch_by_its_tokens():
