@@ -152,3 +152,26 @@ def test_cost_vs_size_names_a_bad_size(tmp_path):
     result = subprocess.run([sys.executable, "tools/cost_vs_size.py", "--out", str(tmp_path), "--sizes", "h256,h7"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "--sizes h7: choose from" in result.stderr
+
+
+def test_committed_cost_study_is_what_the_docs_quote():
+    """docs/scaling/cost: results.json recomputes from launches.jsonl (median of each round's SAVE / GRPO ratio of
+    mean step times), and the step-time medians the scaling-studies guide lists per size are its cells'."""
+    cost = REPO / "docs" / "scaling" / "cost"
+    launches = [json.loads(line) for line in (cost / "launches.jsonl").read_text().splitlines()]
+    cells = {(c["size"], c["length"]): c for c in json.loads((cost / "results.json").read_text())["cells"]}
+    assert len(launches) == 64 and len(cells) == 8
+    for (size, length), cell in cells.items():
+        pairs = {}
+        for entry in launches:
+            if (entry["size"], entry["length"]) == (size, length):
+                pairs.setdefault(entry["round"], {})[entry["strategy"]] = statistics.fmean(
+                    r["time/step_s"] for r in entry["records"])
+        ratios = [p["save"] / p["frozen"] for p in pairs.values()]
+        assert len(ratios) == cell["rounds_paired"] == 4
+        assert cell["step_time_ratio"]["median"] == pytest.approx(statistics.median(ratios))
+    guide = (REPO / "docs" / "guides" / "scaling_studies.md").read_text()
+    sizes = ["h256", "h384", "h576x15", "smollm2-135m"]
+    for length in (32, 8):
+        quoted = ", ".join(f"{cells[(size, length)]['step_time_ratio']['median']:.2f}" for size in sizes)
+        assert f"at {length} response tokens: {quoted};" in guide or f"at {length} response tokens: {quoted}." in guide
