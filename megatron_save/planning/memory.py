@@ -571,6 +571,13 @@ def forward_bytes(arch: Architecture, layout: MemoryLayout, stage: int, batch: f
     return int(tokens * e * arch.hidden) + max(layer, head)
 
 
+def r2m_feedback_bytes(policy: Architecture, sequences: int, tokens: int) -> int:
+    """R2M's feedback (trainers/stage3/r2m.py), which the phase plan leaves out: the policy's last-layer hidden
+    states of ``sequences`` responses of up to ``tokens`` tokens, fp32 [N, S, H], held on every rank for its head's
+    forward and update."""
+    return sequences * tokens * policy.hidden * FP32
+
+
 def rollout_bytes(policy: Architecture, layout: MemoryLayout, stage: int) -> tuple[int, int]:
     """(the engine's weights, its KV cache) on the most loaded GPU of ``stage``; KV holds keys and values of
     every layer the engine runs: 2 x layers x kv heads x head_dim x (prompt + response) x rollout_batch x e.

@@ -30,6 +30,7 @@ from megatron_save.planning.memory import (
     phase_table,
     plan_memory,
     plan_training,
+    r2m_feedback_bytes,
     search_fits,
 )
 from megatron_save.trainers.strategies import strategy_named
@@ -165,6 +166,11 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
     if strategy_named(cfg.reward.strategy).implicit_prm:
         logger.warning("stage 3: the memory plan leaves out PRIME's trained PRM (reward.prime): its weights, "
                        "gradients, optimizer states and activations come on top of the planned peak")
+    if strategy_named(cfg.reward.strategy).rewards == "r2m_head":
+        responses, tokens = cfg.prompts_per_step * cfg.rollout.sampling.n, layout.prompt_length + layout.response_length
+        logger.warning("stage 3: the memory plan leaves out R2M's feedback, the policy's fp32 hidden states of the "
+                       "step's %d responses x %d tokens: %.2f GiB on every GPU on top of the planned peak", responses,
+                       tokens, r2m_feedback_bytes(policy, responses, tokens) / GIB)
     gpus = layout.tp * layout.pp * layout.dp
     check_plan(plan, plan_of, KNOBS, STAGE3_SETTINGS, device_memory() if device_bytes is None else device_bytes,
                cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(policy, reward, gpus, layout),

@@ -625,6 +625,36 @@ def test_every_stage_checks_its_plan_before_it_builds_a_model(stage, tiny_models
     assert any("planned memory per GPU" in record and "peak:" in record for record in records), records
 
 
+def test_stage3_check_names_what_r2m_adds_beyond_the_plan(tiny_models, rl_data, tmp_path):
+    """R2M's feedback states (every response's fp32 policy hidden states, on every rank) are outside the phase plan:
+    the stage-3 check says so with their size, for R2M only."""
+    import logging
+
+    from megatron_save.trainers.memory_check import check_stage3_memory
+    from megatron_save.trainers.stage3 import Stage3Config
+    from megatron_save.trainers.stage3.config import PolicySettings, RewardSettings
+
+    logged = {}
+    for strategy in ("r2m", "save"):
+        cfg = Stage3Config(output_dir=str(tmp_path / "out"), train_data=str(rl_data["prompts"]),
+                           policy=PolicySettings(checkpoint=str(tiny_models["llama-lm"]["mg"])),
+                           reward=RewardSettings(checkpoint=str(tiny_models["llama-rmv"]["mg"]), strategy=strategy),
+                           prompts_per_step=512, max_prompt_length=4096)  # GiBs of feedback even at hidden 64
+        cfg.rollout.sampling.n = 16
+        records, handler = _capture("megatron_save.trainers.memory_check")
+        try:
+            check_stage3_memory(cfg, device_bytes=None)
+        finally:
+            logging.getLogger("megatron_save.trainers.memory_check").removeHandler(handler)
+        logged[strategy] = [r for r in records if "R2M's feedback" in r]
+    responses = cfg.prompts_per_step * cfg.rollout.sampling.n
+    tokens = cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
+    hidden = json.loads((tiny_models["llama-lm"]["hf"] / "config.json").read_text())["hidden_size"]
+    assert logged["save"] == [] and len(logged["r2m"]) == 1 and responses * tokens * hidden * 4 > GIB
+    assert f"{responses} responses x {tokens} tokens: {responses * tokens * hidden * 4 / GIB:.2f} GiB" in \
+        logged["r2m"][0]
+
+
 def test_validation_tool_agrees_within_ten_percent(tmp_path):
     """tools/validate_memory_plan.py at its tiny size: every phase of both layouts within 10% (the committed
     artifact is its SmolLM2-135M run)."""
