@@ -9,6 +9,7 @@ nothing of them.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -169,8 +170,9 @@ def check_stage3_memory(cfg: Any, device_bytes: int | None = None) -> MemoryPlan
     if strategy_named(cfg.reward.strategy).rewards == "r2m_head":
         responses, tokens = cfg.prompts_per_step * cfg.rollout.sampling.n, layout.prompt_length + layout.response_length
         logger.warning("stage 3: the memory plan leaves out R2M's feedback, the policy's fp32 hidden states of the "
-                       "step's %d responses x %d tokens: %.2f GiB on every GPU on top of the planned peak", responses,
-                       tokens, r2m_feedback_bytes(policy, responses, tokens) / GIB)
+                       "step's %d responses x %d tokens: at least %.2f GiB on every GPU on top of the planned peak "
+                       "(twice that while they are gathered)", responses, tokens,
+                       r2m_feedback_bytes(policy, responses, tokens) / GIB)
     gpus = layout.tp * layout.pp * layout.dp
     check_plan(plan, plan_of, KNOBS, STAGE3_SETTINGS, device_memory() if device_bytes is None else device_bytes,
                cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(policy, reward, gpus, layout),
@@ -187,13 +189,16 @@ def check_training_memory(cfg: Any, what: str, sequences: int, backbone_trained:
         model, meta = _architecture(cfg.checkpoint, "checkpoint")
         value_head = meta.value_head or not backbone_trained  # stage 2 adds the value head
         layout = training_layout(cfg, world_size(), meta.dtype, sequences, value_head, spec, fused, rows_per_example)
+        if not backbone_trained:  # stage 2's scoring forward reads score_micro_batch_size sequences, budget or not
+            layout = replace(layout, max_tokens_per_micro_batch=0)
         plan_of = lambda variant: plan_training(model, variant, backbone_trained)  # noqa: E731
         plan = plan_of(layout)
     except ValueError as error:
         _unplannable(what, error)
         return None
     gpus = layout.tp * layout.pp * layout.dp
-    knobs = ("policy_recompute", "max_tokens_per_micro_batch")  # stage 2's backbone trains at PP > 1 (at LR 0)
+    # Stage 2: recompute only (its backbone trains at LR 0 at PP > 1; a token budget leaves its scoring as it is).
+    knobs = ("policy_recompute", "max_tokens_per_micro_batch") if backbone_trained else ("policy_recompute",)
     check_plan(plan, plan_of, knobs, TRAINING_SETTINGS, device_memory() if device_bytes is None else device_bytes,
                cfg.memory_check.margin_gib, cfg.memory_check.enabled, candidate_layouts(model, model, gpus, layout),
                what)

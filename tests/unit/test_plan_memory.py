@@ -651,7 +651,7 @@ def test_stage3_check_names_what_r2m_adds_beyond_the_plan(tiny_models, rl_data, 
     tokens = cfg.max_prompt_length + cfg.rollout.sampling.max_new_tokens
     hidden = json.loads((tiny_models["llama-lm"]["hf"] / "config.json").read_text())["hidden_size"]
     assert logged["save"] == [] and len(logged["r2m"]) == 1 and responses * tokens * hidden * 4 > GIB
-    assert f"{responses} responses x {tokens} tokens: {responses * tokens * hidden * 4 / GIB:.2f} GiB" in \
+    assert f"{responses} responses x {tokens} tokens: at least {responses * tokens * hidden * 4 / GIB:.2f} GiB" in \
         logged["r2m"][0]
 
 

@@ -27,8 +27,9 @@ class PolicyFeedback:
     """(prompt, response) index of each row."""
     reward_states: torch.Tensor
     """[N, Dm] the frozen reward model's last-layer state where it reads each conversation's reward."""
-    policy_hidden: torch.Tensor
-    """[N, S, Dp] the policy's last-layer hidden states over prompt + response (all but the last token)."""
+    policy_hidden: torch.Tensor | None
+    """[N, S, Dp] the policy's last-layer hidden states over prompt + response (all but the last token); None only
+    while they are recomputed after the policy update."""
     policy_mask: torch.Tensor
     """[N, S] bool, real positions of policy_hidden."""
 
@@ -128,6 +129,7 @@ def score_with_r2m(state: TrainState, reward_model: Any, policy: Any, groups: Ro
 def update_r2m_after_policy(state: TrainState, policy: Any, groups: RolloutGroups, feedback: PolicyFeedback,
                             omega: float, alpha: float, policy_pad: int, micro_batch_size: int) -> dict[str, float]:
     """Collective: GREBT on the updated policy's hidden states of the step's responses."""
+    feedback.policy_hidden = None  # the old states go before the new ones are gathered, not after
     feedback.policy_hidden, feedback.policy_mask = policy_hidden_states(policy, groups, feedback.slots, policy_pad,
                                                                         micro_batch_size)
     return update_r2m_head(state, feedback, groups.valid, omega, alpha)
